@@ -1,0 +1,1 @@
+"""aerosynth annotation stage."""

@@ -1,0 +1,1 @@
+"""aerosynth detection stage."""
