@@ -1,0 +1,270 @@
+"""Domains: named imagery with a ground sample distance and optional labels, and their loaders.
+
+Three loaders cover the formats users bring:
+
+* :func:`yolo_folder_domain` — ``images/`` + ``labels/`` (YOLO txt) + optional ``groups.json``;
+* :func:`coco_domain` — a COCO json and its image folder;
+* :func:`geotiff_domain` — GeoTIFF rasters (any CRS) with GeoJSON labels (boxes, polygons or
+  vehicle-centre points, in any CRS) beside them as ``<raster stem>.geojson``.
+
+Loaders check pairing and labels up front (no pixel is decoded) so that a bad file is
+reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+
+from data.detections import Detections
+from data.errors import InputError
+from data.geo import geojson_to_detections, read_geojson
+from data.imageio import IMAGE_SUFFIXES, image_size, read_rgb
+from data.rasters import read_raster
+
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass
+class DomainImage:
+    """One image of a domain and where its labels come from.
+
+    Attributes:
+        image_id: unique name in the domain (file stem).
+        path: the image or raster file.
+        group: video clip / sequence / scene; splits are made by group.
+        label_path: YOLO txt or GeoJSON file, or ``None``.
+        coco_annotations: COCO annotation dicts (COCO domains), or ``None``.
+    """
+
+    image_id: str
+    path: Path
+    group: str
+    label_path: Path | None = None
+    coco_annotations: list[dict] | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_path is not None or self.coco_annotations is not None
+
+
+@dataclass
+class LoadedImage:
+    """Pixels, boxes and georeference of one domain image."""
+
+    rgb: np.ndarray
+    valid: np.ndarray | None
+    detections: Detections | None
+    transform: Affine | None
+    crs: object | None
+    gsd: float | None
+
+
+@dataclass
+class Domain:
+    """Named imagery with a ground sample distance and optional labels.
+
+    Attributes:
+        name: domain name used in prompts and manifests (letters, digits, ``_``, ``-``).
+        images: its images.
+        gsd: metres per pixel of plain images; ``None`` to take it from each raster's transform.
+        class_names: label classes.
+        bands: 1-based band selection for rasters with other than three bands.
+        point_box_m: side in metres of the box made from a point label.
+        missing_labels: what an image without a label file means: ``"error"`` or ``"negative"``.
+    """
+
+    name: str
+    images: list[DomainImage]
+    gsd: float | None = None
+    class_names: list[str] = field(default_factory=lambda: ["vehicle"])
+    bands: list[int] | None = None
+    point_box_m: float = 5.3
+    missing_labels: str = "error"
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise InputError("domain.name", f"{self.name!r} must be letters, digits, '_' or '-'")
+        if not self.images:
+            raise InputError(self.name, "empty domain: no images found")
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted({im.group for im in self.images})
+
+    def load(self, item: DomainImage) -> LoadedImage:
+        """Decode one image and its labels (validated against the image size)."""
+        if item.path.suffix.lower() in RASTER_SUFFIXES:
+            raster = read_raster(item.path, self.bands)
+            rgb, valid, transform, crs, gsd = raster.rgb, raster.valid, raster.transform, raster.crs, raster.gsd
+        else:
+            rgb, valid, transform, crs, gsd = read_rgb(item.path), None, None, None, None
+        gsd = self.gsd if self.gsd is not None else gsd
+        h, w = rgb.shape[:2]
+        dets: Detections | None = None
+        if item.coco_annotations is not None:
+            dets = Detections.from_coco(item.coco_annotations, category_to_class=None).validate(str(item.path), w, h)
+        elif item.label_path is not None and item.label_path.suffix.lower() in (".geojson", ".json"):
+            if gsd is None:
+                raise InputError(item.path, "no ground sample distance: give the domain a gsd")
+            if transform is None or crs is None:
+                raise InputError(item.path, "raster has no CRS/transform: cannot place GeoJSON labels on it")
+            dets = geojson_to_detections(
+                read_geojson(item.label_path), str(item.label_path), transform, crs, w, h, gsd, self.point_box_m
+            )
+        elif item.label_path is not None:
+            dets = read_yolo_labels(item.label_path, w, h)
+        elif self.missing_labels == "negative":
+            dets = Detections.empty()
+        return LoadedImage(rgb, valid, dets, transform, crs, gsd)
+
+
+def read_yolo_labels(path: Path, width: int, height: int) -> Detections:
+    """Read a YOLO label file (a zero-byte file is a negative image)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise InputError(path, "label file is not text") from None
+    return Detections.from_yolo(text, width, height, where=str(path))
+
+
+def read_groups(path: Path) -> dict[str, str]:
+    """``groups.json``: image file name -> group."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"unreadable groups file ({exc.__class__.__name__})") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        raise InputError(path, "groups.json must map image file names to group names")
+    return doc
+
+
+def _images_in(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(folder, "folder not found")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+
+
+def yolo_folder_domain(
+    root: str | Path,
+    name: str | None = None,
+    gsd: float | None = None,
+    missing_labels: str = "error",
+    class_names: list[str] | None = None,
+) -> Domain:
+    """A folder with ``images/``, ``labels/`` (YOLO txt) and optional ``groups.json``.
+
+    Args:
+        root: the folder.
+        name: domain name (default: the folder name).
+        gsd: metres per pixel of the images.
+        missing_labels: ``"error"`` (default) or ``"negative"``: an image without a label
+            file is a tile with no vehicle.
+        class_names: class names (default ``["vehicle"]``).
+
+    Raises:
+        InputError: missing folders, a label file without image, an image without label file
+            (unless negatives are allowed), no images.
+    """
+    root = Path(root)
+    images = _images_in(root / "images", IMAGE_SUFFIXES)
+    labels_dir = root / "labels"
+    label_files = {p.stem: p for p in labels_dir.glob("*.txt")} if labels_dir.is_dir() else {}
+    stems = [p.stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise InputError(root / "images", "two images share a file stem")
+    orphans = sorted(set(label_files) - set(stems))
+    if orphans:
+        raise InputError(label_files[orphans[0]], "label file without image")
+    groups = read_groups(root / "groups.json") if (root / "groups.json").is_file() else {}
+    items = []
+    for p in images:
+        lab = label_files.get(p.stem)
+        if lab is None and missing_labels != "negative":
+            raise InputError(p, "image without label file (set missing_labels='negative' if it has no vehicle)")
+        items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
+    return Domain(name or root.name, items, gsd=gsd, class_names=class_names or ["vehicle"], missing_labels=missing_labels)
+
+
+def coco_domain(
+    coco_json: str | Path, image_dir: str | Path | None = None, name: str | None = None, gsd: float | None = None
+) -> Domain:
+    """A COCO json and its images (``file_name`` relative to ``image_dir``, default the json's folder).
+
+    Groups come from an image's ``group`` field when present, else its file stem.
+    """
+    coco_json = Path(coco_json)
+    try:
+        doc = json.loads(coco_json.read_text())
+        images = doc["images"]
+        anns = doc.get("annotations", [])
+        cats = sorted(doc.get("categories", [{"id": 1, "name": "vehicle"}]), key=lambda c: c["id"])
+    except FileNotFoundError:
+        raise InputError(coco_json, "file not found") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(coco_json, f"not a COCO json ({exc.__class__.__name__}: {exc})") from None
+    image_dir = Path(image_dir) if image_dir is not None else coco_json.parent
+    cat_to_class = {c["id"]: i for i, c in enumerate(cats)}
+    by_image: dict[int, list[dict]] = {}
+    for a in anns:
+        if a.get("category_id") not in cat_to_class:
+            raise InputError(coco_json, f"annotation {a.get('id')} has unknown category {a.get('category_id')}")
+        bbox = a.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise InputError(coco_json, f"annotation {a.get('id')} has a malformed bbox")
+        a = dict(a, category_id=cat_to_class[a["category_id"]] + 1)
+        by_image.setdefault(a["image_id"], []).append(a)
+    ids = {im["id"] for im in images}
+    stray = [a for i, lst in by_image.items() if i not in ids for a in lst]
+    if stray:
+        raise InputError(coco_json, f"annotation {stray[0].get('id')} refers to a missing image")
+    items = []
+    for im in images:
+        path = image_dir / im["file_name"]
+        if not path.is_file():
+            raise InputError(path, "image listed in the COCO json not found")
+        items.append(DomainImage(path.stem, path, str(im.get("group", path.stem)), None, by_image.get(im["id"], [])))
+    return Domain(name or coco_json.stem, items, gsd=gsd, class_names=[c["name"] for c in cats])
+
+
+def geotiff_domain(
+    folder: str | Path,
+    name: str | None = None,
+    bands: list[int] | None = None,
+    point_box_m: float = 5.3,
+    missing_labels: str = "negative",
+    gsd: float | None = None,
+) -> Domain:
+    """GeoTIFF rasters in a folder, each with an optional ``<stem>.geojson`` of labels.
+
+    The GSD comes from each raster's transform unless ``gsd`` is given. Groups come from
+    ``groups.json`` when present, else each raster is its own group.
+    """
+    folder = Path(folder)
+    rasters = _images_in(folder, RASTER_SUFFIXES)
+    groups = read_groups(folder / "groups.json") if (folder / "groups.json").is_file() else {}
+    stems = {p.stem for p in rasters}
+    for lab in folder.glob("*.geojson"):
+        if lab.stem not in stems:
+            raise InputError(lab, "label file without raster")
+    items = []
+    for p in rasters:
+        lab = p.with_suffix(".geojson")
+        if not lab.is_file():
+            if missing_labels != "negative":
+                raise InputError(p, "raster without label file")
+            lab = None
+        items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
+    return Domain(name or folder.name, items, gsd=gsd, bands=bands, point_box_m=point_box_m, missing_labels=missing_labels)
+
+
+def check_image_headers(domain: Domain) -> None:
+    """Read every image header once (cheap): corrupt or oversized files fail before work starts."""
+    for item in domain.images:
+        if item.path.suffix.lower() not in RASTER_SUFFIXES:
+            image_size(item.path)
