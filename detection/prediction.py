@@ -1,0 +1,87 @@
+"""Run a trained YOLO detector on images and return :class:`~data.detections.Detections`.
+
+Images are RGB (``(H, W, 3)`` uint8 arrays or files); ultralytics wants BGR arrays, the
+conversion happens here. A model is loaded once per path (and file modification time).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data.detections import Detections
+from data.errors import InputError
+from data.imageio import read_rgb
+from data.offline import apply_offline_settings
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, mtime: float):  # mtime in the key: a rewritten file is reloaded
+    apply_offline_settings()
+    from ultralytics import YOLO
+
+    return YOLO(path, task="detect")
+
+
+def load_model(model_path: str | Path):
+    """The ultralytics model of a local ``.pt`` (cached).
+
+    Raises:
+        InputError: the file does not exist.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise InputError(path, "model weights not found")
+    return _load(str(path.resolve()), path.stat().st_mtime)
+
+
+def _as_bgr(image: str | Path | np.ndarray) -> np.ndarray:
+    rgb = read_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InputError("images", f"expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def predict(
+    model_path: str | Path,
+    images: Sequence[str | Path | np.ndarray],
+    conf: float = 0.001,
+    imgsz: int = 128,
+    max_det: int = 100,
+    iou: float = 0.7,
+    device: str = "cpu",
+    batch: int = 32,
+) -> list[Detections]:
+    """Detections for each image, in pixels of that image, with confidences.
+
+    Args:
+        model_path: a ``.pt`` written by :func:`detection.training.train_detector` (or any local YOLO checkpoint).
+        images: RGB arrays or image files.
+        conf: lowest confidence kept (0.001 for AP evaluation).
+        imgsz: inference size.
+        max_det: most detections per image.
+        iou: NMS IoU threshold.
+        device: ``"cpu"`` or a CUDA device.
+        batch: images per forward pass.
+    """
+    model = load_model(model_path)
+    out: list[Detections] = []
+    images = list(images)
+    for start in range(0, len(images), batch):
+        chunk = [_as_bgr(im) for im in images[start : start + batch]]
+        results = model.predict(
+            chunk, conf=conf, imgsz=imgsz, max_det=max_det, iou=iou, device=device, verbose=False, save=False
+        )
+        for r in results:
+            b = r.boxes
+            out.append(
+                Detections(
+                    b.xyxy.cpu().numpy().astype(np.float64),
+                    b.conf.cpu().numpy().astype(np.float64),
+                    b.cls.cpu().numpy().astype(np.int64),
+                )
+            )
+    return out
