@@ -107,7 +107,9 @@ def _geojson_features(dets: Detections, transform: Affine, props: list[dict]) ->
         x1, y1, x2, y2 = dets.xyxy[i]
         corners = [(x1, y2), (x2, y2), (x2, y1), (x1, y1), (x1, y2)]
         ring = [list(transform * (float(x), float(y))) for x, y in corners]
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props[i]})
+        features.append(
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props[i]}
+        )
     return features  # pragma: no cover
 
 
@@ -232,7 +234,11 @@ def export_dataset(
             transform = synthetic_transform(index, len(items), w, h, gsd)
             georef[item.name] = [float(v) for v in transform[:6]]
             props = [
-                {"image": item.name, "status": item.status[i], "pixel_xyxy": [float(v) for v in item.detections.xyxy[i]]}
+                {
+                    "image": item.name,
+                    "status": item.status[i],
+                    "pixel_xyxy": [float(v) for v in item.detections.xyxy[i]],
+                }
                 for i in range(len(item.detections))
             ]
             features.extend(_geojson_features(item.detections, transform, props))

@@ -34,8 +34,10 @@ def draw_scene(
         w, h = (int(v) for v in rng.integers(car_px[0], car_px[1] + 1, size=2))
         x1, y1 = int(rng.integers(1, size - w - 1)), int(rng.integers(1, size - h - 1))
         cand = [x1, y1, x1 + w, y1 + h]
-        if any(not (cand[2] + 2 <= b[0] or b[2] + 2 <= cand[0] or cand[3] + 2 <= b[1] or b[3] + 2 <= cand[1])
-               for b in boxes):
+        if any(
+            not (cand[2] + 2 <= b[0] or b[2] + 2 <= cand[0] or cand[3] + 2 <= b[1] or b[3] + 2 <= cand[1])
+            for b in boxes
+        ):
             continue
         colour = rng.integers(150, 256, size=3) if rng.random() < 0.5 else rng.integers(0, 60, size=3)
         img[y1 : y1 + h, x1 : x1 + w] = colour.astype(np.uint8)
@@ -147,6 +149,13 @@ def write_fake_root(root: str | Path, count: int = 12, size: int = 64, seed: int
     write_fake_split(root / "source-train", "madison_drone", count, seed, weak=False, size=size)
     write_fake_split(root / "source-val", "madison_drone", max(count // 2, 4), seed + 1, weak=False, size=size)
     for k, split in enumerate(("target-train", "target-test")):
-        write_fake_split(root / split, "kit_munich_aerial", count, seed + 2 + k, weak=True, size=size,
-                         labels_dir=root / "evaluation" / split)
+        write_fake_split(
+            root / split,
+            "kit_munich_aerial",
+            count,
+            seed + 2 + k,
+            weak=True,
+            size=size,
+            labels_dir=root / "evaluation" / split,
+        )
     return root

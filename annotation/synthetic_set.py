@@ -174,8 +174,13 @@ class SyntheticSet:
         for shard in shards:
             h.update(shard.name.encode())
             h.update(shard.read_bytes())
-        return {"path": str(self.root.resolve()), "set": self.info.set, "count": self.info.count,
-                "shards": len(shards), "sha256": h.hexdigest()}
+        return {
+            "path": str(self.root.resolve()),
+            "set": self.info.set,
+            "count": self.info.count,
+            "shards": len(shards),
+            "sha256": h.hexdigest(),
+        }
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:

@@ -83,11 +83,14 @@ def test_fixed_boxes_are_clipped_and_nms_merges_neighbours() -> None:
 
 def test_split_peaks_separates_touching_vehicles() -> None:
     yy, xx = np.mgrid[0:64, 0:64]
-    heat = np.maximum(np.exp(-((xx - 22) ** 2 + (yy - 32) ** 2) / 30.0), np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / 30.0))
+    heat = np.maximum(
+        np.exp(-((xx - 22) ** 2 + (yy - 32) ** 2) / 30.0), np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / 30.0)
+    )
     joined = boxes_from_heatmap(heat, HeatmapBoxConfig(threshold_mode="fixed", threshold=0.3))
     assert len(joined) == 1
-    split = boxes_from_heatmap(heat, HeatmapBoxConfig(threshold_mode="fixed", threshold=0.3, split_peaks=True,
-                                                      peak_min_distance_px=4))
+    split = boxes_from_heatmap(
+        heat, HeatmapBoxConfig(threshold_mode="fixed", threshold=0.3, split_peaks=True, peak_min_distance_px=4)
+    )
     assert len(split) == 2
     centres = sorted(split.centers[:, 0])
     assert centres[0] < 27 < centres[1]
