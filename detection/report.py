@@ -1,0 +1,272 @@
+"""The report of a run: how far each adapted detector closes the gap to the oracle.
+
+:func:`write_report` writes into one folder::
+
+    report.md              AP50 table (source-only, adapted variants, oracle) with gap closure,
+                           AP50:95, P/R/F1 at the F1-optimal threshold, the figures, the manifests
+    report.json            the same numbers (and PR curves) for machines
+    pr_curves.png          PR curves at IoU 0.5, one per variant (first seed)
+    predictions_grid.png   target-test tiles: truth in red, predictions in green, one column per variant
+
+Gap closure of an adapted variant is ``(AP50_adapted - AP50_source) / (AP50_oracle - AP50_source)``,
+computed for each seed of the adapted variant against the seed means of source-only and oracle;
+with several seeds the table shows mean +- sample standard deviation (ddof 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
+from data.detections import Detections
+from data.errors import InputError
+from data.imageio import write_png
+from data.tileset import LabelledTileSplit
+from detection.evaluation import EvaluationResult
+
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+PR_PNG = "pr_curves.png"
+GRID_PNG = "predictions_grid.png"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (0 for one value) and count."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+        if v.size == 0:
+            return cls(float("nan"), float("nan"), 0)
+        return cls(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size))
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "n/a"
+        if self.n == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+    def to_dict(self) -> dict:
+        return {"mean": None if self.n == 0 else self.mean, "std": None if self.n == 0 else self.std, "n": self.n}
+
+
+def gap_closure(adapted: Sequence[float], source_only: Sequence[float], oracle: Sequence[float]) -> Stat:
+    """Gap closure per adapted seed against the means of source-only and oracle (``n/a`` if oracle <= source)."""
+    s, o = Stat.of(source_only), Stat.of(oracle)
+    if s.n == 0 or o.n == 0 or o.mean - s.mean <= 1e-12:
+        return Stat.of([])
+    return Stat.of([(a - s.mean) / (o.mean - s.mean) for a in adapted])
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _order(names: Sequence[str], source_only: str, oracle: str) -> list[str]:
+    middle = [n for n in names if n not in (source_only, oracle)]
+    return [n for n in [source_only] if n in names] + middle + [n for n in [oracle] if n in names]
+
+
+def summarise(
+    variants: Mapping[str, Sequence[EvaluationResult]], source_only: str = "source-only", oracle: str = "oracle"
+) -> list[dict]:
+    """One row per variant: role, AP50, AP50:95, P, R, F1 (mean/std over seeds) and gap closure."""
+    src = [r.ap50 for r in variants.get(source_only, [])]
+    orc = [r.ap50 for r in variants.get(oracle, [])]
+    rows = []
+    for name in _order(list(variants), source_only, oracle):
+        res = list(variants[name])
+        if not res:
+            raise InputError(f"variants[{name}]", "no evaluation result")
+        role = "source-only" if name == source_only else "oracle" if name == oracle else "adapted"
+        row = {
+            "variant": name,
+            "role": role,
+            "seeds": len(res),
+            "ap50": Stat.of([r.ap50 for r in res]),
+            "ap50_95": Stat.of([r.ap50_95 for r in res]),
+            "precision": Stat.of([r.precision for r in res]),
+            "recall": Stat.of([r.recall for r in res]),
+            "f1": Stat.of([r.f1 for r in res]),
+            "gap_closure": gap_closure([r.ap50 for r in res], src, orc) if role == "adapted" else None,
+        }
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------- figures
+def plot_pr_curves(variants: Mapping[str, Sequence[EvaluationResult]], out_png: str | Path) -> Path:
+    """PR curves at IoU 0.5 of every variant (its first seed) in one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    for name, res in variants.items():
+        if not res:
+            continue
+        c = res[0].pr_curve
+        r = np.concatenate([[0.0], c.recall]) if len(c.recall) else np.zeros(1)
+        p = np.concatenate([[1.0], c.precision]) if len(c.precision) else np.ones(1)
+        ax.plot(r, p, label=f"{name} (AP50 {res[0].ap50:.3f})", linewidth=1.5)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("PR curves, IoU 0.5")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    with atomic_output_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out_png)
+
+
+def _draw(img: np.ndarray, dets: Detections, colour: tuple[int, int, int], scale: int) -> None:
+    for x1, y1, x2, y2 in dets.xyxy:
+        p1 = (int(round(x1 * scale)), int(round(y1 * scale)))
+        p2 = (int(round(x2 * scale)) - 1, int(round(y2 * scale)) - 1)
+        cv2.rectangle(img, p1, p2, colour, 1)
+
+
+def write_prediction_grid(
+    split: LabelledTileSplit,
+    predictions: Mapping[str, Sequence[Detections]],
+    out_png: str | Path,
+    thresholds: Mapping[str, float] | None = None,
+    tiles: int = 8,
+    scale: int = 2,
+) -> Path:
+    """A grid of tiles (rows) by variants (columns): truth in red, predictions above threshold in green.
+
+    Args:
+        split: the labelled split the predictions belong to (``split.tiles`` order).
+        predictions: per variant, one :class:`Detections` per tile.
+        out_png: the PNG to write.
+        thresholds: per variant the lowest confidence drawn (default 0.25).
+        tiles: number of rows: tiles with vehicles first, then empty ones.
+        scale: pixel zoom.
+    """
+    thresholds = dict(thresholds or {})
+    with_cars = [i for i, t in enumerate(split.tiles) if len(split.labels(t.tile_id))]
+    empty = [i for i in range(len(split.tiles)) if i not in set(with_cars)]
+    n_cars = min(len(with_cars), max(tiles - min(len(empty), max(tiles // 4, 1)), 0))
+    rows = with_cars[:n_cars] + empty[: tiles - n_cars]
+    names = list(predictions)
+    for name in names:
+        if len(predictions[name]) != len(split.tiles):
+            raise InputError(f"predictions[{name}]", f"{len(predictions[name])} entries for {len(split.tiles)} tiles")
+    size = split.info.tile_size * scale
+    pad = 4
+    head = 18  # a header row with the variant names (OpenCV's built-in Hershey font: nothing to fetch)
+    grid = np.full((head + len(rows) * (size + pad), max(len(names), 1) * (size + pad), 3), 255, np.uint8)
+    for c, name in enumerate(names):
+        cv2.putText(grid, name[:24], (c * (size + pad) + 2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    for r, i in enumerate(rows):
+        tile = split.tiles[i]
+        img = split.image(tile.tile_id)
+        img = cv2.resize(img, (img.shape[1] * scale, img.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+        truth = split.labels(tile.tile_id)
+        for c, name in enumerate(names or [""]):
+            cell = np.ascontiguousarray(img.copy())
+            _draw(cell, truth, (255, 0, 0), scale)
+            if name:
+                _draw(cell, predictions[name][i].filter_confidence(thresholds.get(name, 0.25)), (0, 255, 0), scale)
+            h, w = cell.shape[:2]
+            y = head + r * (size + pad)
+            grid[y : y + h, c * (size + pad) : c * (size + pad) + w] = cell
+    return write_png(out_png, grid)
+
+
+# ------------------------------------------------------------------- report
+def write_report(
+    out_dir: str | Path,
+    variants: Mapping[str, Sequence[EvaluationResult]],
+    source_only: str = "source-only",
+    oracle: str = "oracle",
+    split: LabelledTileSplit | None = None,
+    predictions: Mapping[str, Sequence[Detections]] | None = None,
+    manifests: Sequence[str | Path] = (),
+    title: str = "aerosynth: detection on the target domain",
+    grid_tiles: int = 8,
+) -> Path:
+    """Write ``report.md``, ``report.json`` and the figures; return the markdown path.
+
+    Args:
+        out_dir: report folder.
+        variants: evaluation results per variant name, one per seed.
+        source_only: name of the source-only baseline in ``variants``.
+        oracle: name of the oracle (trained on target labels) in ``variants``.
+        split: the evaluated split (for the prediction grid).
+        predictions: per variant, detections per tile of ``split`` (one seed) for the grid.
+        manifests: config and data manifests behind the run, listed with their sha256.
+        title: first heading.
+        grid_tiles: rows of the prediction grid.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarise(variants, source_only, oracle)
+    plot_pr_curves({r["variant"]: variants[r["variant"]] for r in rows}, out_dir / PR_PNG)
+    grid = None
+    if split is not None and predictions:
+        thr = {n: variants[n][0].threshold for n in predictions if variants.get(n)}
+        grid = write_prediction_grid(split, predictions, out_dir / GRID_PNG, thr, grid_tiles)
+    listed = [{"path": str(Path(m)), "sha256": _sha256(Path(m))} for m in manifests]
+
+    lines = [f"# {title}", ""]
+    if split is not None:
+        lines += [f"Evaluated on split `{split.name}` ({len(split)} tiles, domain `{split.info.domain}`).", ""]
+    lines += [
+        "AP50 and AP50:95 are COCO (pycocotools, maxDets 100, ignore regions as iscrowd); P/R/F1 at the",
+        "F1-optimal confidence, IoU 0.5. Gap closure = (adapted - source-only) / (oracle - source-only).",
+        "",
+        "| variant | role | seeds | AP50 | AP50:95 | precision | recall | F1 | gap closure |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = "" if r["gap_closure"] is None else r["gap_closure"].fmt()
+        lines.append(
+            f"| {r['variant']} | {r['role']} | {r['seeds']} | {r['ap50'].fmt()} | {r['ap50_95'].fmt()} | "
+            f"{r['precision'].fmt()} | {r['recall'].fmt()} | {r['f1'].fmt()} | {gap} |"
+        )
+    lines += ["", f"![PR curves]({PR_PNG})", ""]
+    if grid is not None:
+        lines += [f"![predictions (green) and truth (red)]({GRID_PNG})", ""]
+    lines += ["## Manifests", ""]
+    lines += [f"- `{m['path']}` sha256 `{m['sha256'] or 'missing'}`" for m in listed] or ["- none given"]
+    md = atomic_write_text(out_dir / REPORT_MD, "\n".join(lines) + "\n")
+
+    def row_json(r: dict) -> dict:
+        out = {k: (v.to_dict() if isinstance(v, Stat) else v) for k, v in r.items()}
+        out["per_seed"] = [res.to_dict() for res in variants[r["variant"]]]
+        return out
+
+    atomic_write_json(
+        out_dir / REPORT_JSON,
+        {
+            "title": title,
+            "split": None if split is None else {"name": split.name, "tiles": len(split), "domain": split.info.domain},
+            "source_only": source_only,
+            "oracle": oracle,
+            "variants": [row_json(r) for r in rows],
+            "figures": {"pr_curves": PR_PNG, "predictions_grid": None if grid is None else GRID_PNG},
+            "manifests": listed,
+        },
+    )
+    return md
