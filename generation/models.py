@@ -348,7 +348,9 @@ def build_ldm(
         torch.manual_seed(spec.seed)
         codec = load_codec(autoencoder_dir, spec.autoencoder_kl)
         if spec.image_size % codec.factor:
-            raise InputError("image_size", f"{spec.image_size} is not a multiple of the autoencoder factor {codec.factor}")
+            raise InputError(
+                "image_size", f"{spec.image_size} is not a multiple of the autoencoder factor {codec.factor}"
+            )
         tokenizer = build_tokenizer(spec.domains, spec.max_length)
         text_cfg = CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -497,3 +499,26 @@ def load_ldm(model_dir: str | Path) -> LDM:
     if doc.get("autoencoder_dir") == "autoencoder":
         ldm.autoencoder_dir = None
     return ldm
+
+
+# ----------------------------------------------------------------------------- noise schedule
+#: Stable Diffusion v1's training noise schedule, used by the presets.
+NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+
+def noise_schedule(ldm: LDM) -> dict:
+    """The model's training noise schedule (the SD folder's own for a pretrained model)."""
+    if ldm.spec.preset == "pretrained" and ldm.spec.pretrained_dir:
+        path = Path(ldm.spec.pretrained_dir) / "scheduler" / "scheduler_config.json"
+        try:
+            doc = json.loads(path.read_text())
+            return {k: doc[k] for k in NOISE_SCHEDULE if k in doc} | {"steps_offset": doc.get("steps_offset", 1)}
+        except (OSError, ValueError):
+            raise InputError(path, "unreadable scheduler config") from None
+    return dict(NOISE_SCHEDULE)
