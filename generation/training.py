@@ -1,0 +1,741 @@
+"""Training stages of the latent diffusion model.
+
+* stage ``0``: train the ``AutoencoderKL`` from config on tiles; report PSNR on held-out tiles.
+* stage ``A``: fine-tune the UNet (autoencoder and text encoder frozen) on a balanced mix of
+  domains and of tiles with/without vehicles; prompts ``an aerial view image with cars in D``
+  or, for tiles flagged empty, ``an aerial view image in D``.
+* stage ``B``: learned tokens ([V1] before "cars", one background token per domain) and the
+  UNet, on tiles with vehicles, with ``L = L_LDM + l_obj L_obj + l_bg L_bg`` over every
+  cross-attention layer (see :mod:`generation.attention`).
+* stage ``C``: tokens frozen, the UNet fine-tuned further with the same losses.
+
+Each stage writes ``OUT/`` with ``model/`` (or ``autoencoder/`` for stage 0), ``losses.csv``,
+``stage.json`` and ``checkpoints/last.pt`` (written atomically every ``checkpoint_every`` steps
+and on SIGINT/SIGTERM). ``resume=True`` continues from the checkpoint; on CPU the result is
+bit-identical to an uninterrupted run with the same seed (RNG states, data order position,
+optimizer and EMA are in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
+from data.errors import InputError
+from data.tileset import open_split
+from generation.attention import AttentionStore, attention_losses, capturing
+from generation.models import (
+    LDM,
+    KLCodec,
+    build_ldm,
+    load_codec,
+    load_ldm,
+    noise_schedule,
+    resolve_spec,
+    save_kl_autoencoder,
+    token_positions,
+)
+from generation.vocab import DEFAULT_DOMAINS, VEHICLE_TOKEN, background_token
+
+STAGES = ("0", "A", "B", "C")
+CHECKPOINT = "checkpoints/last.pt"
+LOSSES_CSV = "losses.csv"
+STAGE_FILE = "stage.json"
+LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "lr")
+
+
+@dataclass
+class StageConfig:
+    """Settings shared by every stage.
+
+    Attributes:
+        preset: model preset (``tiny``, ``cpu``) when no ``init_model`` is given.
+        steps: optimizer steps.
+        batch_size: tiles per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        learning_rate: UNet (or autoencoder) learning rate.
+        token_learning_rate: learned-token learning rate (stage B).
+        weight_decay: AdamW weight decay of the UNet.
+        min_snr_gamma: min-SNR loss weighting ``min(snr, gamma) / snr``; ``None`` switches it off.
+        lora_rank: 0 trains the full UNet, otherwise LoRA adapters of that rank (peft).
+        ema_decay: keep an exponential moving average of the trained weights and export it.
+        checkpoint_every: steps between checkpoints.
+        seed: seed of data order and noise.
+        lambda_obj: weight of L_obj (stages B, C).
+        lambda_bg: weight of L_bg (stages B, C).
+        init_model: the previous stage's ``model/`` folder (required for B and C).
+        autoencoder_dir: TAEF2 weights folder or stage-0 output (new models only).
+        domains: domains of the model (default: the splits' plus aerial-v1's).
+        max_tiles_per_split: use at most this many tiles of each split (evenly spaced).
+        holdout_every: stage 0 holds out every n-th tile for the PSNR report.
+        progress: show a progress bar.
+    """
+
+    preset: str = "tiny"
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    token_learning_rate: float = 5e-3
+    weight_decay: float = 1e-2
+    min_snr_gamma: float | None = 5.0
+    lora_rank: int = 0
+    ema_decay: float | None = None
+    checkpoint_every: int = 100
+    seed: int = 0
+    lambda_obj: float = 1.0
+    lambda_bg: float = 1.0
+    init_model: Path | None = None
+    autoencoder_dir: Path | None = None
+    domains: list[str] | None = None
+    max_tiles_per_split: int | None = None
+    holdout_every: int = 10
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        """The fields that must not change between a checkpoint and its resumption."""
+        skip = {"steps", "checkpoint_every", "progress"}
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+
+
+@dataclass
+class Stage0Config(StageConfig):
+    """Stage 0: the autoencoder."""
+
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class StageAConfig(StageConfig):
+    """Stage A: UNet fine-tuning with plain prompts."""
+
+
+@dataclass
+class StageBConfig(StageConfig):
+    """Stage B: learned tokens + UNet with the attention losses."""
+
+
+@dataclass
+class StageCConfig(StageConfig):
+    """Stage C: UNet with the attention losses, tokens frozen."""
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class TileSet:
+    """Tiles of the training splits in memory.
+
+    Attributes:
+        images: ``(N, 3, S, S)`` float in ``[-1, 1]``.
+        domains: domain of each tile.
+        has_vehicle: weak flag of each tile.
+        names: ``split/tile_id`` of each tile.
+    """
+
+    images: torch.Tensor
+    domains: list[str]
+    has_vehicle: list[bool]
+    names: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        h = hashlib.sha256("\n".join(self.names).encode())
+        h.update(str(tuple(self.images.shape)).encode())
+        return h.hexdigest()[:16]
+
+
+def load_tiles(splits: Sequence[Path], image_size: int, max_per_split: int | None = None) -> TileSet:
+    """Read the tiles of splits (resized to ``image_size``), with their domain and weak flag.
+
+    Raises:
+        InputError: a split is not a tile split, or no tile is found.
+    """
+    images: list[np.ndarray] = []
+    domains: list[str] = []
+    flags: list[bool] = []
+    names: list[str] = []
+    for split_dir in splits:
+        split = open_split(Path(split_dir))
+        records = sorted(split.tiles, key=lambda r: r.tile_id)
+        if max_per_split is not None and len(records) > max_per_split:
+            picks = np.linspace(0, len(records) - 1, max_per_split).round().astype(int)
+            records = [records[i] for i in picks]
+        for rec in records:
+            rgb = split.image(rec.tile_id)
+            if rgb.shape[0] != image_size or rgb.shape[1] != image_size:
+                rgb = cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_AREA)
+            images.append(rgb)
+            domains.append(split.info.domain)
+            flags.append(bool(rec.has_vehicle))
+            names.append(f"{split.name}/{rec.tile_id}")
+    if not images:
+        raise InputError(",".join(str(s) for s in splits), "no tiles in the training splits")
+    arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return TileSet(arr, domains, flags, names)
+
+
+class BalancedSampler:
+    """Draws tile indices: a group (domain x vehicle flag) uniformly, then a tile of it uniformly.
+
+    Its whole state is one numpy generator state, saved in checkpoints.
+    """
+
+    def __init__(self, groups: dict[tuple[str, bool], list[int]], seed: int) -> None:
+        self.keys = sorted(k for k, v in groups.items() if v)
+        if not self.keys:
+            raise InputError("train_splits", "no tile fits this stage (stages B and C need tiles with vehicles)")
+        self.groups = {k: groups[k] for k in self.keys}
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int) -> list[int]:
+        out = []
+        for _ in range(size):
+            key = self.keys[int(self.rng.integers(len(self.keys)))]
+            members = self.groups[key]
+            out.append(members[int(self.rng.integers(len(members)))])
+        return out
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+# ----------------------------------------------------------------------------- helpers
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def raise_if_set(self) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("training interrupted (checkpoint written)")
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+
+class EMA:
+    """Exponential moving average of named parameters."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for n, p in params.items():
+            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(LOSS_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in LOSS_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_output_path(path, ".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, stage: str, fingerprint: dict) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step")
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise InputError(
+            path, f"corrupt or unreadable checkpoint ({type(exc).__name__}); delete it to start over"
+        ) from None
+    if state.get("stage") != stage:
+        raise InputError(path, f"checkpoint of stage {state.get('stage')!r}, not {stage!r}")
+    old = state.get("fingerprint", {})
+    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if diff:
+        raise InputError(path, f"checkpoint was written with a different config ({', '.join(diff)}); use resume=False")
+    return state
+
+
+def _rng_state(sampler: BalancedSampler, noise: torch.Generator) -> dict:
+    return {"sampler": sampler.state(), "noise": noise.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict, sampler: BalancedSampler, noise: torch.Generator) -> None:
+    sampler.set_state(state["sampler"])
+    noise.set_state(state["noise"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class _Job:
+    """One stage's moving parts, handed to the common optimisation loop."""
+
+    stage: str
+    config: StageConfig
+    out_dir: Path
+    modules: dict[str, torch.nn.Module]
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    sampler: BalancedSampler
+    noise: torch.Generator
+    micro_step: Callable[[list[int]], dict[str, torch.Tensor]]
+    after_step: Callable[[], None] = lambda: None
+
+
+def _optimise(job: _Job, resume: bool, on_step: Callable[[int, dict], None] | None) -> EMA | None:
+    """The shared loop: micro-batches, accumulation, clipping, EMA, checkpoints, CSV, progress, signals."""
+    cfg = job.config
+    ckpt_path = job.out_dir / CHECKPOINT
+    ema = EMA(job.trainable, cfg.ema_decay) if cfg.ema_decay else None
+    rows: list[dict] = []
+    step = 0
+    if resume and ckpt_path.is_file():
+        state = _load_checkpoint(ckpt_path, job.stage, cfg.fingerprint())
+        for name, module in job.modules.items():
+            module.load_state_dict(state["modules"][name])
+        job.optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.shadow = state["ema"]
+        _set_rng_state(state["rng"], job.sampler, job.noise)
+        rows = list(state["rows"])
+        step = int(state["step"])
+
+    def checkpoint() -> None:
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "stage": job.stage,
+                "fingerprint": cfg.fingerprint(),
+                "step": step,
+                "modules": {n: m.state_dict() for n, m in job.modules.items()},
+                "optimizer": job.optimizer.state_dict(),
+                "ema": None if ema is None else ema.shadow,
+                "rng": _rng_state(job.sampler, job.noise),
+                "rows": rows,
+            },
+        )
+        _write_csv(job.out_dir / LOSSES_CSV, rows)
+
+    params = list(job.trainable.values())
+    bar = _progress(cfg.steps, step, cfg.progress, f"stage {job.stage}")
+    start, start_step = time.perf_counter(), step
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.steps:
+                job.optimizer.zero_grad(set_to_none=True)
+                totals: dict[str, float] = {}
+                for _ in range(cfg.grad_accum):
+                    losses = job.micro_step(job.sampler.batch(cfg.batch_size))
+                    (losses["loss"] / cfg.grad_accum).backward()
+                    for k, v in losses.items():
+                        totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                if not np.isfinite(totals["loss"]):
+                    raise FloatingPointError(f"stage {job.stage}: loss is {totals['loss']} at step {step}")
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                job.optimizer.step()
+                job.after_step()
+                if ema is not None:
+                    ema.update(job.trainable)
+                step += 1
+                row = {"step": step, **{k: f"{v:.6g}" for k, v in totals.items()}}
+                row["lr"] = f"{job.optimizer.param_groups[0]['lr']:.3g}"
+                rows.append(row)
+                rate = (step - start_step) / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{totals['loss']:.4f}", steps_s=f"{rate:.2f}")
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, totals)
+                if stop.signum is not None or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    checkpoint()
+                stop.raise_if_set()
+    finally:
+        bar.close()
+    return ema
+
+
+def _ema_swapped(job: _Job, ema: EMA | None) -> Iterator[None]:
+    """Context in which the trainable parameters hold their EMA values."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swap() -> Iterator[None]:
+        if ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in job.trainable.items()}
+        with torch.no_grad():
+            for n, p in job.trainable.items():
+                p.copy_(ema.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in job.trainable.items():
+                    p.copy_(saved[n])
+
+    return swap()
+
+
+def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+
+
+# ----------------------------------------------------------------------------- stage 0
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in ``[-1, 1]`` (as 8-bit range ``[0, 1]``)."""
+    mse = float(((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+@torch.no_grad()
+def reconstruction_psnr(codec, images: torch.Tensor, batch: int = 16) -> float:
+    """Mean PSNR of ``decode(encode(x))`` over images in ``[-1, 1]``."""
+    values = []
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch]
+        values.append(psnr(codec.decode(codec.encode(x)), x))
+    return float(np.mean(values))
+
+
+def _stage0(config: Stage0Config, splits: Sequence[Path], out_dir: Path, resume: bool, on_step) -> Path:
+    spec = resolve_spec(config.preset, config.domains)
+    tiles = load_tiles(splits, spec.image_size, config.max_tiles_per_split)
+    n = len(tiles.names)
+    held = [i for i in range(n) if config.holdout_every and i % config.holdout_every == config.holdout_every - 1]
+    train = [i for i in range(n) if i not in set(held)] or list(range(n))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        codec = load_codec(None, spec.autoencoder_kl)
+    assert isinstance(codec, KLCodec)
+    vae = codec.module.train().requires_grad_(True)
+    trainable = dict(vae.named_parameters())
+    optimizer = _adamw([{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": 0.0}])
+    sampler = BalancedSampler({("all", True): train}, config.seed)
+    noise = torch.Generator().manual_seed(config.seed + 1)
+
+    def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
+        x = tiles.images[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=noise)
+        rec = vae.decode(z).sample
+        l_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        l_kl = post.kl().mean() / x[0].numel()
+        return {"loss": l_rec + config.kl_weight * l_kl, "loss_ldm": l_rec}
+
+    job = _Job("0", config, out_dir, {"autoencoder": vae}, trainable, optimizer, sampler, noise, micro_step)
+    ema = _optimise(job, resume, on_step)
+    with _ema_swapped(job, ema):
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            latents = torch.cat(
+                [vae.encode(tiles.images[train[i : i + 16]]).latent_dist.mode() for i in range(0, len(train), 16)]
+            )
+        codec.scaling = float(1.0 / max(latents.std().item(), 1e-6))
+        held_images = tiles.images[held] if held else tiles.images[train]
+        metrics = {
+            "psnr_heldout_db": reconstruction_psnr(codec, held_images),
+            "heldout_tiles": len(held),
+            "train_tiles": len(train),
+            "latent_scaling": codec.scaling,
+        }
+        target = out_dir / "autoencoder"
+        save_kl_autoencoder(codec, target, metrics)
+    atomic_write_json(
+        out_dir / STAGE_FILE, {"stage": "0", "config": config.fingerprint(), "steps": config.steps, "metrics": metrics}
+    )
+    return target
+
+
+# ----------------------------------------------------------------------------- stages A, B, C
+def _lora_targets() -> list[str]:
+    return ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _merged_unet_state(unet: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """UNet weights with LoRA adapters merged into plain diffusers names."""
+    if not lora:
+        return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    twin = copy.deepcopy(unet)
+    for module in twin.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    out = {}
+    for key, value in twin.state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value.detach().clone()
+    return out
+
+
+def _prepare_model(stage: str, config: StageConfig, split_domains: Sequence[str]) -> LDM:
+    if stage in ("B", "C") and config.init_model is None:
+        raise InputError("init_model", f"stage {stage} starts from the previous stage's model folder")
+    if config.init_model is not None:
+        ldm = load_ldm(config.init_model)
+    else:
+        domains = config.domains or sorted(set(DEFAULT_DOMAINS) | set(split_domains))
+        ldm = build_ldm(config.preset, config.autoencoder_dir, domains)
+    for domain in split_domains:
+        ldm.check_domain(domain)
+    return ldm
+
+
+def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path) -> torch.Tensor:
+    key = f"{tiles.digest()}-{ldm.codec.kind}-{ldm.codec.scaling:.6g}-{ldm.autoencoder_dir}"
+    if cache.is_file():
+        try:
+            doc = torch.load(cache, map_location="cpu", weights_only=True)
+            if doc.get("key") == key:
+                return doc["latents"]
+        except Exception:  # a damaged cache is rebuilt
+            pass
+    with torch.no_grad():
+        latents = torch.cat([ldm.codec.encode(tiles.images[i : i + 16]) for i in range(0, len(tiles.names), 16)])
+    with atomic_output_path(cache, ".pt") as tmp:
+        torch.save({"key": key, "latents": latents}, tmp)
+    return latents
+
+
+def _diffusion_stage(
+    stage: str, config: StageConfig, splits: Sequence[Path], out_dir: Path, resume: bool, on_step
+) -> Path:
+    split_domains = sorted({open_split(Path(s)).info.domain for s in splits})
+    ldm = _prepare_model(stage, config, split_domains)
+    tiles = load_tiles(splits, ldm.spec.image_size, config.max_tiles_per_split)
+    latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt")
+    del tiles.images
+    learned = stage in ("B", "C")
+    n = len(tiles.names)
+    if learned:
+        groups = {
+            (d, True): [i for i in range(n) if tiles.domains[i] == d and tiles.has_vehicle[i]] for d in split_domains
+        }
+    else:
+        groups = {
+            (d, f): [i for i in range(n) if tiles.domains[i] == d and tiles.has_vehicle[i] == f]
+            for d in split_domains
+            for f in (False, True)
+        }
+    sampler = BalancedSampler(groups, config.seed)
+    noise = torch.Generator().manual_seed(config.seed + 1)
+
+    prompts = [ldm.prompt(tiles.domains[i], tiles.has_vehicle[i] or learned, learned) for i in range(n)]
+    ids = ldm.token_ids(prompts)
+    cars_id, v1_id = ldm.token_id("cars"), ldm.token_id(VEHICLE_TOKEN)
+    bg_ids = {d: ldm.token_id(background_token(d)) for d in split_domains}
+    positions = torch.cat(
+        [token_positions(ids[i : i + 1], [cars_id, v1_id, bg_ids[tiles.domains[i]]]) for i in range(n)]
+    )
+
+    unet, text_encoder = ldm.unet, ldm.text_encoder
+    lora = config.lora_rank > 0
+    if lora:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=_lora_targets(),
+            )
+        )
+        unet.requires_grad_(False)
+        for name, p in unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        unet.requires_grad_(True)
+    unet.train()
+    trainable = {f"unet.{n_}": p for n_, p in unet.named_parameters() if p.requires_grad}
+    groups_opt = [{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": config.weight_decay}]
+    embedding = text_encoder.get_input_embeddings().weight
+    train_tokens = stage == "B"
+    token_rows = [v1_id] + [bg_ids[d] for d in split_domains]
+    frozen_rows = torch.ones(embedding.shape[0], dtype=torch.bool)
+    frozen_rows[token_rows] = False
+    embedding_init = embedding.detach().clone()
+    if train_tokens:
+        embedding.requires_grad_(True)
+        trainable["text_encoder.token_embedding"] = embedding
+        groups_opt.append({"params": [embedding], "lr": config.token_learning_rate, "weight_decay": 0.0})
+    optimizer = _adamw(groups_opt)
+
+    schedule = DDPMScheduler(**noise_schedule(ldm))
+    alphas = schedule.alphas_cumprod
+    cached_text: dict[int, torch.Tensor] = {}
+    latent_hw = tuple(latents.shape[-2:])
+
+    def text_embeddings(idx: list[int]) -> torch.Tensor:
+        if train_tokens:
+            return text_encoder(ids[idx])[0]
+        with torch.no_grad():
+            for i in idx:
+                if i not in cached_text:
+                    cached_text[i] = text_encoder(ids[i : i + 1])[0][0]
+        return torch.stack([cached_text[i] for i in idx])
+
+    def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
+        x0 = latents[idx]
+        eps = torch.randn(x0.shape, generator=noise)
+        t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=noise)
+        noisy = schedule.add_noise(x0, eps, t)
+        cond = text_embeddings(idx)
+        if learned:
+            store = AttentionStore(positions[idx], latent_hw, keep_layer_maps=True)
+            with capturing(unet, store):
+                pred = unet(noisy, t, cond).sample
+            l_obj, l_bg = attention_losses(store)
+        else:
+            pred = unet(noisy, t, cond).sample
+            l_obj = l_bg = torch.zeros(())
+        per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            snr = alphas[t] / (1 - alphas[t])
+            per_sample = per_sample * torch.clamp(snr, max=config.min_snr_gamma) / snr
+        l_ldm = per_sample.mean()
+        loss = l_ldm + config.lambda_obj * l_obj + config.lambda_bg * l_bg if learned else l_ldm
+        return {"loss": loss, "loss_ldm": l_ldm, "loss_obj": l_obj, "loss_bg": l_bg}
+
+    def after_step() -> None:
+        if train_tokens:
+            with torch.no_grad():
+                embedding[frozen_rows] = embedding_init[frozen_rows]
+
+    modules: dict[str, torch.nn.Module] = {"unet": unet}
+    if train_tokens:
+        modules["text_encoder"] = text_encoder
+    job = _Job(stage, config, out_dir, modules, trainable, optimizer, sampler, noise, micro_step, after_step)
+    ema = _optimise(job, resume, on_step)
+    with _ema_swapped(job, ema):
+        unet_state = _merged_unet_state(unet, lora)
+        embedding.requires_grad_(False)
+        unet.eval()
+        if lora:
+            ldm.unet = build_ldm(ldm.spec, ldm.autoencoder_dir).unet
+        target = out_dir / "model"
+        from generation.models import save_ldm
+
+        save_ldm(ldm, target, unet_state=unet_state)
+    moved = float((embedding.detach()[token_rows] - embedding_init[token_rows]).norm())
+    metrics = {"tiles": n, "token_embedding_change": moved, "final_loss": job_last_loss(out_dir)}
+    atomic_write_json(
+        out_dir / STAGE_FILE,
+        {"stage": stage, "config": config.fingerprint(), "steps": config.steps, "metrics": metrics},
+    )
+    return target
+
+
+def job_last_loss(out_dir: Path) -> float | None:
+    """The last logged loss of a stage folder (``None`` when nothing is logged)."""
+    path = out_dir / LOSSES_CSV
+    if not path.is_file():
+        return None
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    return float(rows[-1]["loss"]) if rows else None
+
+
+# ----------------------------------------------------------------------------- public entry
+def train_stage(
+    stage: str,
+    config: StageConfig,
+    train_splits: Sequence[Path],
+    out_dir: Path,
+    resume: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Run one training stage.
+
+    Args:
+        stage: ``"0"``, ``"A"``, ``"B"`` or ``"C"``.
+        config: its settings (``init_model`` is the previous stage's returned folder).
+        train_splits: tile split folders (``data.tileset`` layout); domain and weak flag come
+            from each split's ``tiles.json``.
+        out_dir: the stage's output folder.
+        resume: continue from ``out_dir/checkpoints/last.pt`` when present; ``False`` starts over.
+        on_step: called after every optimizer step with the step number and its losses.
+
+    Returns:
+        The trained model folder (``out_dir/model``; ``out_dir/autoencoder`` for stage 0),
+        loadable with :func:`generation.models.load_ldm` (or as ``autoencoder_dir``).
+
+    Raises:
+        InputError: unknown stage, bad splits, missing ``init_model``, corrupt checkpoint.
+        KeyboardInterrupt: after SIGINT, once the checkpoint is written (SIGTERM: SystemExit).
+    """
+    stage = str(stage).upper()
+    if stage not in STAGES:
+        raise InputError("stage", f"unknown training stage {stage!r}; choose one of {list(STAGES)}")
+    if not train_splits:
+        raise InputError("train_splits", "no training split given")
+    if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1 or config.checkpoint_every < 1:
+        raise InputError("config", "steps, batch_size, grad_accum and checkpoint_every must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    done = out_dir / STAGE_FILE
+    result = out_dir / ("autoencoder" if stage == "0" else "model")
+    if resume and done.is_file() and result.is_dir():
+        doc = json.loads(done.read_text())
+        if doc.get("config") == config.fingerprint() and doc.get("steps") == config.steps:
+            return result
+    done.unlink(missing_ok=True)
+    if stage == "0":
+        return _stage0(
+            config if isinstance(config, Stage0Config) else Stage0Config(**asdict(config)),
+            train_splits,
+            out_dir,
+            resume,
+            on_step,
+        )
+    return _diffusion_stage(stage, config, train_splits, out_dir, resume, on_step)
