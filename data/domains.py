@@ -110,10 +110,10 @@ class Domain:
         if item.coco_annotations is not None:
             dets = Detections.from_coco(item.coco_annotations, category_to_class=None).validate(str(item.path), w, h)
         elif item.label_path is not None and item.label_path.suffix.lower() in (".geojson", ".json"):
-            if gsd is None:
-                raise InputError(item.path, "no ground sample distance: give the domain a gsd")
             if transform is None or crs is None:
                 raise InputError(item.path, "raster has no CRS/transform: cannot place GeoJSON labels on it")
+            if gsd is None:
+                raise InputError(item.path, "no ground sample distance: give the domain a gsd")
             dets = geojson_to_detections(
                 read_geojson(item.label_path), str(item.label_path), transform, crs, w, h, gsd, self.point_box_m
             )

@@ -88,7 +88,6 @@ def _scale_for(split: SplitSpec, gsd: float | None, target_gsd: float, where: Pa
 def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: Progress | None = None) -> dict:
     """Write one split under ``out_root`` and return its counts."""
     items = _select(split)
-    check_image_headers(split.domain)
     split_dir = out_root / split.name
     labels_dir = out_root / EVALUATION_DIR / split.name if split.weak else split_dir
     records: list[TileRecord] = []
@@ -118,7 +117,7 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
                 continue
             tile_id = f"{item.image_id}_{tile.x0}_{tile.y0}"
             write_png(split_dir / "images" / f"{tile_id}.png", tile.pixels)
-            tt = transform * Affine.translation(tile.x0, tile.y0) if transform is not None else None
+            tt = transform @ Affine.translation(tile.x0, tile.y0) if transform is not None else None
             records.append(
                 TileRecord(
                     tile_id=tile_id,
@@ -178,6 +177,10 @@ def prepare_dataset(spec: PrepareSpec, out_dir: str | Path, overwrite: bool = Fa
     names = [s.name for s in spec.splits]
     if len(set(names)) != len(names):
         raise InputError("splits", "two splits share a name")
+    for split in spec.splits:  # fail fast: every selection and image header before any work
+        _select(split)
+    for domain in {id(s.domain): s.domain for s in spec.splits}.values():
+        check_image_headers(domain)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         splits = {}
         for split in spec.splits:

@@ -36,7 +36,7 @@ def resample_labels(detections: Detections, old_size: tuple[int, int], new_size:
 
 def resample_transform(transform: Affine, old_size: tuple[int, int], new_size: tuple[int, int]) -> Affine:
     """The transform of the resampled image (same footprint, new pixel size)."""
-    return transform * Affine.scale(old_size[0] / new_size[0], old_size[1] / new_size[1])
+    return transform @ Affine.scale(old_size[0] / new_size[0], old_size[1] / new_size[1])
 
 
 def tile_offsets(length: int, tile: int, mode: str) -> list[int]:
