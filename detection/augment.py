@@ -189,11 +189,16 @@ class Augmenter:
 
     def __init__(self, config: AugmentConfig | None = None, seed: int | None = None) -> None:
         self.config = config or AugmentConfig()
-        self._geometric = A.Compose(
-            self.config.geometric(),
-            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["idx"], clip=True),
-            additional_targets={"heatmap": "image"},
-            seed=seed,
+        geometric = self.config.geometric()
+        self._geometric = (
+            None
+            if not geometric
+            else A.Compose(
+                geometric,
+                bbox_params=A.BboxParams(format="pascal_voc", label_fields=["idx"], clip=True),
+                additional_targets={"heatmap": "image"},
+                seed=seed,
+            )
         )
         self._photometric = A.Compose(self.config.photometric(), seed=None if seed is None else seed + 1)
 
@@ -214,7 +219,7 @@ class Augmenter:
             if heatmap.shape[:2] != image.shape[:2]:
                 raise ValueError(f"heat map {heatmap.shape[:2]} and image {image.shape[:2]} differ in size")
             kwargs["heatmap"] = heatmap
-        out = self._geometric(**kwargs)
+        out = kwargs if self._geometric is None else self._geometric(**kwargs)
         idx = np.asarray(out["idx"], dtype=np.int64)
         moved = boxes[idx] if len(idx) else Detections.empty(boxes.confidence is not None)
         moved = Detections(np.asarray(out["bboxes"], np.float64).reshape(-1, 4), moved.confidence, moved.class_id)
