@@ -1,0 +1,188 @@
+"""Training data mixing and a short offline YOLO training run that writes a usable model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.atomic import atomic_write_json, atomic_write_text
+from data.errors import InputError
+from data.imageio import write_png
+from detection.augment import AugmentConfig
+from detection.datasets import DatasetSpec, build_yolo_view, list_samples, mix_counts, resample
+from detection.toydata import toy_scene, write_toy_split
+from detection.training import DetectorTrainConfig, resolve_model, train_detector
+
+torch.set_num_threads(2)
+
+
+def _synthetic_set(root: Path, n: int, with_vehicles: bool = True, size: int = 64) -> Path:
+    """A synthetic set as generation writes it (images, heat maps, labels from annotation)."""
+    for i in range(n):
+        img, dets = toy_scene(size, size, 2 if with_vehicles else 0, seed=1000 + i)
+        heat = np.zeros_like(img)
+        for x1, y1, x2, y2 in dets.xyxy.astype(int):
+            heat[y1:y2, x1:x2] = (255, 200, 180)
+        write_png(root / "images" / f"{i:06d}.png", img)
+        write_png(root / "heatmaps" / f"{i:06d}.png", heat)
+        if with_vehicles:
+            atomic_write_text(root / "labels" / f"{i:06d}.txt", dets.to_yolo(size, size))
+    atomic_write_json(
+        root / "synthetic.json",
+        {
+            "set": "target_cars" if with_vehicles else "target_empty",
+            "domain": "toy",
+            "with_vehicles": with_vehicles,
+            "prompt": "",
+            "count": n,
+            "base_seed": 1000,
+            "image_size": size,
+            "gsd": 0.125,
+            "heatmap_channels": ["cars", "V1", "255-background"],
+        },
+    )
+    return root
+
+
+def test_mix_counts_and_resampling():
+    assert mix_counts([10, 4], [None, None]) == [10, 4]
+    assert mix_counts([10, 4], [0.5, 0.5]) == [7, 7]
+    assert mix_counts([10, 4], [0.75, 0.25], total=20) == [15, 5]
+    with pytest.raises(InputError, match="every training dataset"):
+        mix_counts([10, 4], [0.5, None])
+    with pytest.raises(InputError, match="sum to"):
+        mix_counts([10, 4], [0.5, 0.4])
+    items = list(range(4))
+    a = resample(items, 10, np.random.default_rng(1))
+    assert sorted(a) == sorted(items * 2 + a[8:]) and len(a) == 10 and a[:8] == items * 2
+    assert a == resample(items, 10, np.random.default_rng(1))
+    assert len(resample(items, 3, np.random.default_rng(0))) == 3
+
+
+def test_yolo_view_mixes_real_and_synthetic_deterministically(tmp_path):
+    real = write_toy_split(tmp_path / "source-train", 10, tile_size=64)
+    syn = _synthetic_set(tmp_path / "syn", 6)
+    val = write_toy_split(tmp_path / "source-val", 3, seed=9, tile_size=64, name="source-val")
+    train = [DatasetSpec(real, fraction=0.75), DatasetSpec(syn, fraction=0.25)]
+    view = build_yolo_view(tmp_path / "v1", train, DatasetSpec(val), seed=3, total=16)
+    assert view.counts == {"source-train": 12, "syn": 4} and view.val_count == 3
+    imgs = sorted((tmp_path / "v1" / "train" / "images").iterdir())
+    assert len(imgs) == 16 and all(p.is_symlink() for p in imgs)
+    assert len(list((tmp_path / "v1" / "train" / "labels").iterdir())) == 16
+    again = build_yolo_view(tmp_path / "v2", train, DatasetSpec(val), seed=3, total=16)
+    assert [os.readlink(p) for p in imgs] == [
+        os.readlink(p) for p in sorted((tmp_path / "v2" / "train" / "images").iterdir())
+    ]
+    assert again.counts == view.counts
+    # labels of a symlinked image are those of its source
+    first = next(p for p in imgs if p.name.startswith("syn_"))
+    src = Path(os.readlink(first))
+    assert (tmp_path / "v1/train/labels" / f"{first.stem}.txt").read_text() == (
+        syn / "labels" / f"{src.stem}.txt"
+    ).read_text()
+    doc = json.loads((tmp_path / "v1" / "view.json").read_text())
+    assert doc["counts"] == view.counts and doc["seed"] == 3
+
+
+def test_dataset_inputs_are_checked(tmp_path):
+    weak = write_toy_split(
+        tmp_path / "target-train", 3, weak=True, name="target-train", labels_dir=tmp_path / "evaluation/target-train"
+    )
+    with pytest.raises(InputError, match="weak split"):
+        list_samples(DatasetSpec(weak))
+    oracle = list_samples(DatasetSpec(weak, labels_dir=tmp_path / "evaluation/target-train/labels"))
+    assert len(oracle) == 3 and len(oracle[0].detections) == 1
+    empty = _synthetic_set(tmp_path / "empty", 2, with_vehicles=False)
+    assert [len(s.detections) for s in list_samples(DatasetSpec(empty))] == [0, 0]
+    syn = _synthetic_set(tmp_path / "syn", 2)
+    (syn / "labels" / "000001.txt").unlink()
+    with pytest.raises(InputError, match="label file missing"):
+        list_samples(DatasetSpec(syn))
+    assert len(list_samples(DatasetSpec(syn, missing_labels_are_empty=True))[1].detections) == 0
+    with pytest.raises(InputError, match="not found"):
+        list_samples(DatasetSpec(tmp_path / "nope"))
+    with pytest.raises(InputError, match="fraction"):
+        DatasetSpec(syn, fraction=1.5)
+
+
+def test_model_names_never_download(tmp_path):
+    assert resolve_model("yolov8n.yaml") == "yolov8n.yaml"
+    with pytest.raises(InputError, match="not found"):
+        resolve_model("yolov8n.pt")
+    with pytest.raises(InputError, match="neither"):
+        resolve_model("no_such_model.yaml")
+    with pytest.raises(InputError, match="expected"):
+        resolve_model("model.onnx")
+
+
+def test_heatmaps_need_heatmap_mode_and_val_is_never_target_labels(tmp_path):
+    syn = _synthetic_set(tmp_path / "syn", 2)
+    heat = DatasetSpec(syn, image_dir="heatmaps")
+    with pytest.raises(InputError, match="heatmap=True"):
+        train_detector(DetectorTrainConfig(epochs=1), [heat], heat, tmp_path / "out")
+    write_toy_split(tmp_path / "target-test", 2, weak=True, name="target-test", labels_dir=tmp_path / "evaluation/tt")
+    val = DatasetSpec(tmp_path / "target-test", labels_dir=tmp_path / "evaluation/tt/labels")
+    with pytest.raises(InputError, match="target evaluation labels"):
+        train_detector(DetectorTrainConfig(epochs=1), [DatasetSpec(syn)], val, tmp_path / "out")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection or DNS lookup fails the test."""
+    attempts: list[str] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(repr(args[:2]))
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monkeypatch, no_network):
+    from detection.prediction import predict
+
+    data = tmp_path / "data"
+    real = write_toy_split(data / "source-train", 12, tile_size=64)
+    syn = _synthetic_set(data / "syn", 6)
+    val = write_toy_split(data / "source-val", 4, seed=7, tile_size=64, name="source-val")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert os.environ.get("YOLO_OFFLINE") == "1"
+    config = DetectorTrainConfig(epochs=2, imgsz=64, batch=6, seed=1, patience=5)
+    weights = train_detector(
+        config, [DatasetSpec(real, fraction=0.5), DatasetSpec(syn, fraction=0.5)], DatasetSpec(val), tmp_path / "out"
+    )
+    assert weights == tmp_path / "out" / "detector.pt" and weights.is_file()
+    assert no_network == []
+    assert list(work.iterdir()) == []  # nothing downloaded or written into the working directory
+    manifest = json.loads((tmp_path / "out" / "detector.json").read_text())
+    assert manifest["mix_counts"] == {"source-train": 9, "syn": 9}
+    assert manifest["epochs_run"] == 2 and manifest["config"]["seed"] == 1
+    images = sorted((val / "images").iterdir())
+    dets = predict(weights, images, conf=0.0001, imgsz=64)
+    assert len(dets) == len(images)
+    assert all(d.confidence is not None and d.xyxy.shape[1] == 4 for d in dets)
+    assert all(len(d) <= 100 for d in dets)
+    assert no_network == []
+
+
+def test_heatmap_detector_trains_on_heatmap_images(tmp_path, no_network):
+    syn = _synthetic_set(tmp_path / "syn", 6)
+    spec = DatasetSpec(syn, image_dir="heatmaps")
+    config = DetectorTrainConfig(epochs=1, imgsz=64, batch=6, augment=AugmentConfig.for_heatmaps())
+    weights = train_detector(config, [spec], spec, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "detector.json").read_text())
+    assert weights.is_file() and manifest["config"]["augment"]["heatmap"] is True
+    linked = sorted((tmp_path / "out" / "view" / "train" / "images").iterdir())
+    assert all(Path(os.readlink(p)).parent.name == "heatmaps" for p in linked)
+    assert no_network == []
