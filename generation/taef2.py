@@ -105,7 +105,7 @@ class TAEF2(nn.Module):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 part.load_state_dict(state, strict=True)
-            except (RuntimeError, OSError, ValueError) as exc:
+            except Exception as exc:  # torch.load raises many types for a damaged file
                 raise InputError(path, f"not a TAEF2 state dict ({str(exc).splitlines()[0][:120]})") from None
         model.eval().requires_grad_(False)
         return model
