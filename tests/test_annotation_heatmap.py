@@ -171,6 +171,25 @@ def test_annotate_direct_exports_loadable_dataset(tmp_path) -> None:
     geo = json.loads((out / "boxes.geojson").read_text())
     assert len(geo["features"]) == summary["boxes"]
     assert geo["crs"]["properties"]["name"].endswith("3857")
+    # polygons are the pixel boxes through the image's synthetic transform (EPSG:3857, pixel = GSD)
+    georef = json.loads((out / "georef.json").read_text())
+    assert georef["crs"] == "EPSG:3857" and georef["gsd"] == 0.25
+    feat = geo["features"][0]
+    a, b, c, d, e, f = georef["transforms"][feat["properties"]["image"]]
+    x1, y1, x2, y2 = feat["properties"]["pixel_xyxy"]
+    ring = np.array(feat["geometry"]["coordinates"][0])
+    assert (a, b, d, e) == (0.25, 0.0, 0.0, -0.25)
+    np.testing.assert_allclose(ring.min(axis=0), [a * x1 + c, e * y2 + f])
+    np.testing.assert_allclose(ring.max(axis=0), [a * x2 + c, e * y1 + f])
+    origins = {(t[2], t[5]) for t in georef["transforms"].values()}
+    assert len(origins) == 9  # images do not overlap on the map
+
+    from data.imageio import read_rgb
+
+    preview = read_rgb(out / "preview.png")
+    assert preview.shape[0] >= 128 and preview.shape[1] == 4 * (2 * 128 + 8)
+    assert (preview == [0, 255, 0]).all(axis=2).any()  # boxes drawn in green
+
     manifest = json.loads((out / "manifest.json").read_text())
     assert "preview.png" in manifest["files"] and "data.yaml" in manifest["files"]
     assert [i["set"] for i in manifest["inputs"]] == ["target_cars", "target_empty"]

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from annotation.fake_data import write_fake_split
+from annotation.fake_data import write_fake_split, write_fake_synthetic_set
 from annotation.heatmap_boxes import HeatmapBoxConfig
-from annotation.map_quality import evaluate_map_quality, normalise_map
+from annotation.map_quality import evaluate_map_quality, evaluate_translation_set, normalise_map
 from annotation.metrics import (
     f1_optimal_threshold,
     match_all,
@@ -126,3 +126,15 @@ def test_map_quality_refuses_weak_split_and_bad_maps(tmp_path) -> None:
         evaluate_map_quality(weak, _colour_deviation_map)
     with pytest.raises(InputError, match="NaN"):
         normalise_map(np.full((4, 4), np.nan))
+
+
+def test_translation_set_quality(tmp_path) -> None:
+    tr = write_fake_synthetic_set(tmp_path / "tr", "translation", "madison_drone", 6, seed=7)
+    cfg = HeatmapBoxConfig(threshold_mode="fixed", threshold=0.5)
+    report = evaluate_translation_set(tr, tmp_path / "q.json", cfg, sweep_thresholds=(0.5,))
+    # the blob of each carried-over box gives a box of IoU >= 0.5 with it
+    assert report["scores"]["recall"] == 1.0 and report["scores"]["precision"] == 1.0
+    assert json.loads((tmp_path / "q.json").read_text())["images"] == 6
+    cars = write_fake_synthetic_set(tmp_path / "c", "target_cars", "kit_munich_aerial", 1, seed=7)
+    with pytest.raises(InputError, match="translation"):
+        evaluate_translation_set(cars)
