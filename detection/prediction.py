@@ -85,3 +85,30 @@ def predict(
                 )
             )
     return out
+
+
+def predict_split(
+    model_path: str | Path,
+    split,
+    conf: float = 0.001,
+    imgsz: int | None = None,
+    max_det: int = 100,
+    device: str = "cpu",
+) -> list[Detections]:
+    """Detections for every tile of a split, in ``split.tiles`` order (what :mod:`detection.evaluation` takes).
+
+    Args:
+        model_path: detector weights.
+        split: an opened split (``data.tileset.open_split`` / ``open_evaluation_split``) or its folder.
+        conf: lowest confidence kept.
+        imgsz: inference size; the split's tile size when ``None``.
+        max_det: most detections per tile.
+        device: inference device.
+    """
+    if isinstance(split, (str, Path)):
+        from data.tileset import open_split
+
+        split = open_split(split)
+    size = imgsz or split.info.tile_size
+    paths = [split.image_path(t.tile_id) for t in split.tiles]
+    return predict(model_path, paths, conf=conf, imgsz=size, max_det=max_det, device=device)

@@ -148,7 +148,9 @@ def no_network(monkeypatch):
 
 
 def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monkeypatch, no_network):
-    from detection.prediction import predict
+    from data.tileset import open_evaluation_split
+    from detection.evaluation import evaluate_split
+    from detection.prediction import predict, predict_split
 
     data = tmp_path / "data"
     real = write_toy_split(data / "source-train", 12, tile_size=64)
@@ -173,7 +175,19 @@ def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monke
     assert len(dets) == len(images)
     assert all(d.confidence is not None and d.xyxy.shape[1] == 4 for d in dets)
     assert all(len(d) <= 100 for d in dets)
-    assert no_network == []
+    # the same through the split helper, evaluated with COCO metrics
+    split = open_evaluation_split(data, "source-val")
+    result = evaluate_split(split, predict_split(weights, split, conf=0.0001))
+    assert 0.0 <= result.ap50 <= 1.0 and result.n_ground_truth > 0
+    # fine-tuning from the local .pt the run wrote
+    tuned = train_detector(
+        DetectorTrainConfig(model=str(weights), epochs=1, imgsz=64, batch=6),
+        [DatasetSpec(real)],
+        DatasetSpec(val),
+        tmp_path / "tuned",
+    )
+    assert len(predict(tuned, images[:1], imgsz=64)) == 1
+    assert no_network == [] and list(work.iterdir()) == []
 
 
 def test_heatmap_detector_trains_on_heatmap_images(tmp_path, no_network):
