@@ -94,7 +94,9 @@ def test_unet_capture_keeps_outputs_and_memory_fixed():
     assert store.running.shape == first.shape == (2, 3, 8, 8)  # fixed size however many steps
     assert store.count == 4 * 4  # 4 cross-attention layers (8x8 down, 4x4 mid, 2 x 8x8 up) x 4 calls
     assert torch.allclose(store.mean_maps(), first / 4, atol=1e-6)
-    assert all(".attn2." not in n or type(p).__name__ != "CaptureAttnProcessor" for n, p in ldm.unet.attn_processors.items())
+    assert all(
+        ".attn2." not in n or type(p).__name__ != "CaptureAttnProcessor" for n, p in ldm.unet.attn_processors.items()
+    )
 
 
 def test_training_capture_keeps_graph_for_losses():

@@ -20,8 +20,13 @@ torch.set_num_threads(1)
 
 
 def test_tokenizer_is_deterministic_and_keeps_learned_tokens_whole():
-    a, b = build_tokenizer(["kit_munich_aerial", "madison_drone"]), build_tokenizer(["madison_drone", "kit_munich_aerial"])
-    text = f"an aerial view image with {VEHICLE_TOKEN} cars in {background_token('kit_munich_aerial')} kit munich aerial"
+    a, b = (
+        build_tokenizer(["kit_munich_aerial", "madison_drone"]),
+        build_tokenizer(["madison_drone", "kit_munich_aerial"]),
+    )
+    text = (
+        f"an aerial view image with {VEHICLE_TOKEN} cars in {background_token('kit_munich_aerial')} kit munich aerial"
+    )
     assert a(text).input_ids == b(text).input_ids
     tokens = a.convert_ids_to_tokens(a(text).input_ids)
     assert tokens[6] == VEHICLE_TOKEN and tokens[7] == "cars</w>" and tokens[9] == "<bg-kit_munich_aerial>"
