@@ -309,6 +309,12 @@ def run_relay(
     src_names = list(source_set.names)
     src_preds = _predict(config, fs_weights, [source_set.image_path(n) for n in src_names])
     pseudo = {n: d.filter_confidence(tau_s) for n, d in zip(src_names, src_preds, strict=True)}
+    if not any(len(d) for d in pseudo.values()):
+        raise InputError(
+            synthetic_source_set,
+            f"F_S found no vehicle at or above tau_S={tau_s:g} on the synthetic source set: "
+            "nothing to train F_A on (train F_S longer or check the set)",
+        )
     size = source_set.info.image_size
     for n in src_names:
         atomic_write_text(work / "pseudo_labels" / f"{n}.txt", pseudo[n].to_yolo(size, size, with_confidence=True))
