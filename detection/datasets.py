@@ -96,6 +96,20 @@ def _synthetic_without_vehicles(root: Path) -> bool:
         raise InputError(meta, "malformed synthetic set header") from None
 
 
+def dataset_gsd(spec: DatasetSpec) -> float | None:
+    """Ground sampling distance (m/px) a dataset declares (``tiles.json`` or ``synthetic.json``), if any."""
+    if (spec.path / TILES_FILE).is_file():
+        return float(read_tiles_file(spec.path)[0].gsd)
+    meta = spec.path / SYNTHETIC_FILE
+    if meta.is_file():
+        try:
+            gsd = json.loads(meta.read_text()).get("gsd")
+        except ValueError:
+            raise InputError(meta, "malformed synthetic set header") from None
+        return None if gsd is None else float(gsd)
+    return None
+
+
 def list_samples(spec: DatasetSpec) -> list[Sample]:
     """Every image of a dataset with its boxes, sorted by file name.
 

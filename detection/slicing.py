@@ -15,6 +15,7 @@ convention of the raster's affine transform).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -161,6 +162,18 @@ def _resample(rgb: np.ndarray, valid: np.ndarray, factor: float) -> tuple[np.nda
     return out, v
 
 
+def detector_gsd(model_path: str | Path) -> float | None:
+    """The training GSD recorded in the ``detector.json`` beside a model, or ``None``."""
+    manifest = Path(model_path).with_name("detector.json")
+    if not manifest.is_file():
+        return None
+    try:
+        gsd = json.loads(manifest.read_text()).get("gsd")
+    except ValueError:
+        return None
+    return None if gsd is None else float(gsd)
+
+
 def detect_raster(
     raster_path: str | Path,
     model_path: str | Path,
@@ -185,6 +198,7 @@ def detect_raster(
         overlap: overlap between neighbouring windows.
         conf: lowest confidence kept.
         target_gsd: the detector's GSD in m/px; the raster is resampled to it first (needs a CRS).
+            ``None``: the ``gsd`` recorded in the ``detector.json`` next to the model, when there is one.
         bands: 1-based band selection passed to :func:`data.rasters.read_raster`.
         iou: merge threshold (see :func:`merge_boxes`).
         to_wgs84: write longitude/latitude instead of the raster's CRS.
@@ -201,6 +215,8 @@ def detect_raster(
     if raster.crs is None or raster.transform is None:
         raise InputError(raster_path, "raster has no CRS/transform: GeoJSON output needs one")
     rgb, valid = raster.rgb, raster.valid
+    if target_gsd is None and predictor is None:
+        target_gsd = detector_gsd(model_path)
     factor = 1.0
     if target_gsd is not None:
         if target_gsd <= 0:

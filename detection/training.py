@@ -15,7 +15,8 @@ Output folder::
 
     OUT/
       detector.pt        the best checkpoint (by validation fitness), copied atomically
-      detector.json      manifest: config, datasets and mix counts, epochs, metrics, sha256
+      detector.json      manifest: config, datasets and mix counts, GSD of the training data (when the
+                         datasets declare one and agree), epochs, metrics, sha256
       view/              the YOLO view (symlinks) trained on
       ultralytics/       ultralytics' own run folder (last.pt, results.csv)
 """
@@ -33,7 +34,7 @@ from data.atomic import atomic_output_path, atomic_write_json
 from data.errors import InputError
 from data.offline import apply_offline_settings
 from detection.augment import AugmentConfig, ultralytics_augmentations, ultralytics_overrides
-from detection.datasets import DatasetSpec, build_yolo_view
+from detection.datasets import DatasetSpec, build_yolo_view, dataset_gsd
 
 WEIGHTS_FILE = "detector.pt"
 MANIFEST_FILE = "detector.json"
@@ -184,6 +185,7 @@ def train_detector(
     with atomic_output_path(weights, ".pt") as tmp:
         shutil.copyfile(best, tmp)
     stopper = getattr(trainer, "stopper", None)
+    gsds = {g for g in (dataset_gsd(s) for s in train) if g is not None}
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
     atomic_write_json(
         out_dir / MANIFEST_FILE,
@@ -195,6 +197,7 @@ def train_detector(
             "train": [s.to_dict() for s in train],
             "val": val.to_dict(),
             "mix_counts": view.counts,
+            "gsd": gsds.pop() if len(gsds) == 1 else None,
             "val_count": view.val_count,
             "epochs_run": int(trainer.epoch) + 1,
             "best_epoch": None if stopper is None else int(stopper.best_epoch),

@@ -14,7 +14,7 @@ from data.detections import Detections, box_iou
 from data.errors import InputError
 from data.rasters import write_geotiff
 from detection.datasets import DatasetSpec
-from detection.slicing import detect_array, detect_raster, merge_boxes, window_origins, windows
+from detection.slicing import detect_array, detect_raster, detector_gsd, merge_boxes, window_origins, windows
 from detection.toydata import background, write_toy_split
 from detection.training import DetectorTrainConfig, train_detector
 
@@ -165,6 +165,7 @@ def test_detect_raster_with_a_real_model(tmp_path):
     weights = train_detector(
         DetectorTrainConfig(epochs=1, imgsz=64, batch=8), [DatasetSpec(split)], DatasetSpec(split), tmp_path / "m"
     )
+    assert detector_gsd(weights) == 0.125  # detect_raster resamples to it when target_gsd is None
     img, _ = _scene(200, 150)
     raster = write_geotiff(tmp_path / "r.tif", img, Affine(0.125, 0, ORIGIN[0], 0, -0.125, ORIGIN[1]), "EPSG:32632")
     out = tmp_path / "det.geojson"

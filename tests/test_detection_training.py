@@ -169,7 +169,7 @@ def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monke
     assert list(work.iterdir()) == []  # nothing downloaded or written into the working directory
     manifest = json.loads((tmp_path / "out" / "detector.json").read_text())
     assert manifest["mix_counts"] == {"source-train": 9, "syn": 9}
-    assert manifest["epochs_run"] == 2 and manifest["config"]["seed"] == 1
+    assert manifest["epochs_run"] == 2 and manifest["config"]["seed"] == 1 and manifest["gsd"] == 0.125
     images = sorted((val / "images").iterdir())
     dets = predict(weights, images, conf=0.0001, imgsz=64)
     assert len(dets) == len(images)
