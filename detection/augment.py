@@ -251,11 +251,15 @@ def _preview_inputs(source) -> list[tuple[np.ndarray, Detections]]:
     from detection.datasets import DatasetSpec, list_samples
 
     if isinstance(source, (str, Path)):
-        source = DatasetSpec(Path(source))
+        from data.tileset import TILES_FILE, open_split
+
+        path = Path(source)
+        source = open_split(path) if (path / TILES_FILE).is_file() else DatasetSpec(path)
     if isinstance(source, DatasetSpec):
         return [(read_rgb(s.image), s.detections) for s in list_samples(source)]
-    if hasattr(source, "tiles") and hasattr(source, "labels"):  # LabelledTileSplit
-        return [(source.image(t.tile_id), source.labels(t.tile_id)) for t in source.tiles]
+    if hasattr(source, "tiles"):  # a tile split; a weak one has no boxes to draw
+        boxes = getattr(source, "labels", lambda _tile_id: Detections.empty())
+        return [(source.image(t.tile_id), boxes(t.tile_id)) for t in source.tiles]
     out = []
     for item in source:
         img, dets = item

@@ -147,3 +147,5 @@ def test_preview_png(tmp_path):
     img, d = _planted()
     out2 = write_augmentation_preview([(img, d)], tmp_path / "p2.png", variants=1)
     assert Path(out2).is_file()
+    weak = write_toy_split(tmp_path / "target-train", 2, weak=True, name="target-train", labels_dir=tmp_path / "ev")
+    assert write_augmentation_preview(weak, tmp_path / "p3.png", variants=1).is_file()
