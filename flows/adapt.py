@@ -1,0 +1,323 @@
+"""The ``adapt`` flow: tiles -> LDM stages 0/A/B/C -> synthesis -> annotation -> detectors -> report.
+
+Thin orchestration only: every step calls one stage's public function, inside
+:func:`flows.stage_cache.run_stage`, so a rerun skips what is finished and a config change
+reruns only what depends on it. Each step is a Prefect task with a retry.
+
+Work folder of a run::
+
+    WORK/
+      config.yaml                 the validated config
+      tiles/                      data.prepare output (manifest.json)
+      ldm/stage0|A|B|C/           generation.training outputs (model/, checkpoints/, losses.csv)
+      synthetic/<set>/            generation.sampling sets (source_cars, target_cars, target_empty, translation)
+      annotation/relay|threshold/ annotation exports (YOLO, COCO, GeoJSON, preview, summary)
+      detectors/<variant>/seed<k>/  detection.training outputs + predictions on target-test + metrics.json
+      report/                     report.md, report.json, PNGs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from data.atomic import atomic_write_json, atomic_write_text
+from data.errors import InputError
+from flows.config import AdaptConfig, build_config, dump_config
+from flows.stage_cache import run_stage
+
+SOURCE_ONLY, ORACLE = "source-only", "oracle"
+
+
+def _logger() -> logging.Logger:
+    try:
+        return get_run_logger()  # type: ignore[return-value]
+    except Exception:
+        return logging.getLogger("aerosynth.flows")
+
+
+def _repo_relative(path: Path | None) -> Path | None:
+    """Relative paths in a config are read from the current folder, then from the repo's."""
+    if path is None or path.is_absolute() or path.exists():
+        return path
+    candidate = Path(__file__).resolve().parents[1] / path
+    return candidate if candidate.exists() else path
+
+
+# ------------------------------------------------------------------------------- data
+def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
+    from data.prepare import PrepareSpec, SplitSpec, prepare_dataset
+
+    d = config.data
+
+    def build(out: Path) -> None:
+        if d.preset == "aerial-v1":
+            from data.presets import aerial_v1, default_aerial_root
+
+            spec = aerial_v1(_repo_relative(d.aerial_root) or default_aerial_root())
+        elif d.preset == "demo":
+            from data.demo import DemoConfig, demo_spec, write_demo_data
+
+            raw = work / "demo-raw"
+            write_demo_data(raw, DemoConfig(scenes_per_domain=d.demo_scenes, size_px=d.demo_size, seed=config.seed), overwrite=True)
+            spec = demo_spec(raw, d.gsd, d.tile_size)
+        else:
+            from data.domains import coco_domain, geotiff_domain, yolo_folder_domain
+
+            def open_domain(path: Path | None, gsd: float | None, field: str):
+                if path is None:
+                    raise InputError(f"config.data.{field}", "required when data.preset is custom")
+                if path.suffix.lower() == ".json":
+                    return coco_domain(path, gsd=gsd)
+                if (path / "images").is_dir():
+                    return yolo_folder_domain(path, gsd=gsd, missing_labels="negative")
+                return geotiff_domain(path, bands=d.bands, gsd=gsd)
+
+            src = open_domain(d.source, d.source_gsd, "source")
+            tgt = open_domain(d.target, d.target_gsd, "target")
+            if not d.test_groups:
+                raise InputError("config.data.test_groups", "name the target groups held out for target-test")
+            splits = [SplitSpec("source-train", src, exclude_groups=d.val_groups, mode="cover")]
+            if d.val_groups:
+                splits.append(SplitSpec("source-val", src, groups=d.val_groups, mode="cover"))
+            splits += [
+                SplitSpec("target-train", tgt, exclude_groups=d.test_groups, mode="grid", weak=True),
+                SplitSpec("target-test", tgt, groups=d.test_groups, mode="grid", weak=True),
+            ]
+            spec = PrepareSpec("custom", splits, target_gsd=d.gsd, tile_size=d.tile_size)
+        prepare_dataset(spec, out, overwrite=True)
+
+    out, _ = run_stage("tiles", work / "tiles", {**d.model_dump(mode="json"), "seed": config.seed}, {}, build, _logger())
+    return out
+
+
+def split_domains(tiles: Path) -> tuple[str, str]:
+    manifest = json.loads((tiles / "manifest.json").read_text())
+    return manifest["splits"]["source-train"]["domain"], manifest["splits"]["target-train"]["domain"]
+
+
+def _val_split(tiles: Path) -> Path:
+    """Early stopping on real source-val when there is one, else on source-train (never on target labels)."""
+    return tiles / "source-val" if (tiles / "source-val" / "tiles.json").is_file() else tiles / "source-train"
+
+
+# ------------------------------------------------------------------------- generation
+def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
+    """Stages 0 (when no pretrained autoencoder), A, B, C; returns the last model folder."""
+    from generation.training import Stage0Config, StageAConfig, StageBConfig, StageCConfig, train_stage
+
+    g = config.generation
+    splits = [tiles / "source-train", tiles / "target-train"]
+    autoencoder = _repo_relative(g.autoencoder_dir)
+    upstream: dict[str, Path] = {"tiles": tiles}
+    common = {"preset": g.model, "seed": config.seed, "progress": False}
+
+    def settings(s) -> dict:
+        return {k: v for k, v in s.model_dump().items()}
+
+    if g.stage0.steps > 0 and autoencoder is None and g.pretrained_dir is None:
+        cfg0 = Stage0Config(**common, **settings(g.stage0))
+        out0, _ = run_stage("ldm/stage0", work / "ldm" / "stage0", {"stage": "0", **settings(g.stage0), **common}, upstream,
+                            lambda out: train_stage("0", cfg0, splits, out), _logger())
+        autoencoder = out0 / "autoencoder"
+        upstream["stage0"] = out0
+    previous: Path | None = _repo_relative(g.pretrained_dir)
+    for stage, s, cls in (("A", g.stage_a, StageAConfig), ("B", g.stage_b, StageBConfig), ("C", g.stage_c, StageCConfig)):
+        if s.steps == 0:
+            continue
+        cfg = cls(**common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None)
+        key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": str(autoencoder)}
+        out, _ = run_stage(f"ldm/stage{stage}", work / "ldm" / f"stage{stage}", key, upstream,
+                           lambda out, cfg=cfg, stage=stage: train_stage(stage, cfg, splits, out), _logger())
+        previous = out / "model"
+        upstream = {"tiles": tiles, f"stage{stage}": out}
+    if previous is None:
+        raise InputError("config.generation", "every stage has steps: 0 and no pretrained_dir is given")
+    return previous
+
+
+def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dict[str, Path]:
+    from generation.sampling import SamplingConfig, TranslationConfig, generate_set, translate_split
+
+    g = config.generation
+    source, target = split_domains(tiles)
+    uses_tokens = g.stage_b.steps > 0 or g.stage_c.steps > 0
+    sampling = SamplingConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False)
+    model_stage = model.parent
+    sets = {"source_cars": (source, g.counts.source_cars), "target_cars": (target, g.counts.target_cars),
+            "target_empty": (target, g.counts.target_empty)}
+    out: dict[str, Path] = {}
+    for k, (name, (domain, count)) in enumerate(sets.items()):
+        if count == 0:
+            continue
+        key = {"set": name, "domain": domain, "count": count, "seed": config.seed + 100_000 * k, **g.sampling.model_dump()}
+        out[name], _ = run_stage(
+            f"synthetic/{name}", work / "synthetic" / name, key, {"model": model_stage},
+            lambda o, name=name, domain=domain, count=count, k=k: generate_set(
+                model, o, name, domain, count, base_seed=config.seed + 100_000 * k, config=sampling), _logger())
+    if g.translation.enabled:
+        tcfg = TranslationConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd,
+                                 progress=False, strength=g.translation.strength, keep_threshold=g.translation.keep_threshold)
+        key = {"set": "translation", "domain": target, **g.translation.model_dump(), **g.sampling.model_dump()}
+        out["translation"], _ = run_stage(
+            "synthetic/translation", work / "synthetic" / "translation", key, {"model": model_stage, "tiles": tiles},
+            lambda o: translate_split(model, tiles / "source-train", o, target, base_seed=config.seed, config=tcfg), _logger())
+    return out
+
+
+# ------------------------------------------------------------------------- annotation
+def annotate(config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path]) -> dict[str, Path]:
+    a = config.annotation
+    targets = [sets[k] for k in ("target_cars", "target_empty") if k in sets]
+    upstream = {k: v for k, v in sets.items() if k != "translation"}
+    out: dict[str, Path] = {}
+    if a.relay.enabled:
+        from annotation.relay import RelayConfig, run_relay
+
+        rcfg = RelayConfig(model=config.detection.model, imgsz=config.detection.imgsz, seed=config.seed,
+                           device=config.device, **a.relay.model_dump(exclude={"enabled"}))
+        stage_dir, _ = run_stage(
+            "annotation/relay", work / "annotation" / "relay", rcfg.to_dict(), {**upstream, "tiles": tiles},
+            lambda o: run_relay(tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg), _logger())
+        out["relay"] = stage_dir / "dataset"
+    if a.threshold.enabled:
+        from annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
+
+        hcfg = HeatmapBoxConfig(**a.threshold.options)
+        stage_dir, _ = run_stage(
+            "annotation/threshold", work / "annotation" / "threshold", a.threshold.options,
+            {k: v for k, v in upstream.items() if k != "source_cars"},
+            lambda o: annotate_direct(targets, o / "dataset", hcfg), _logger())
+        out["threshold"] = stage_dir / "dataset"
+    return out
+
+
+# -------------------------------------------------------------------------- detection
+@dataclass
+class Variant:
+    """One detector recipe: its training datasets and the stage folders they come from."""
+
+    name: str
+    train: list[Any]
+    upstream: dict[str, Path]
+
+
+def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: dict[str, Path]) -> list[Variant]:
+    from detection.datasets import DatasetSpec
+
+    d = config.detection
+    source = DatasetSpec(tiles / "source-train", name="source")
+    out = [Variant(SOURCE_ONLY, [source], {"tiles": tiles})]
+    for method, dataset in labelled.items():
+        out.append(Variant(f"{method}", [DatasetSpec(dataset, name=method)], {"tiles": tiles, method: dataset.parent}))
+        if method == "relay":
+            f = d.mix_source_fraction
+            mix = [DatasetSpec(dataset, name=method, fraction=1 - f), DatasetSpec(tiles / "source-train", name="source", fraction=f)]
+            out.append(Variant("relay+source", mix, {"tiles": tiles, method: dataset.parent}))
+    if "translation" in sets:
+        out.append(Variant("translation", [DatasetSpec(sets["translation"], name="translation")], {"tiles": tiles, "translation": sets["translation"]}))
+    if d.oracle:
+        oracle = DatasetSpec(tiles / "target-train", labels_dir=tiles / "evaluation" / "target-train" / "labels", name="oracle")
+        out.append(Variant(ORACLE, [oracle], {"tiles": tiles}))
+    return out
+
+
+def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Variant, seed: int) -> Path:
+    """Train one detector, predict on target-test, write ``metrics.json`` and ``predictions.json``."""
+    from data.tileset import open_evaluation_split
+    from detection.augment import AugmentConfig
+    from detection.evaluation import evaluate_split
+    from detection.prediction import predict
+    from detection.training import DetectorTrainConfig, train_detector
+
+    d = config.detection
+    augment = AugmentConfig() if d.augment else AugmentConfig.none()
+    dcfg = DetectorTrainConfig(model=d.model, epochs=d.epochs, imgsz=d.imgsz, batch=d.batch, seed=seed,
+                               patience=d.patience, augment=augment, device=config.device, mix_total=None)
+    if any(spec.fraction for spec in variant.train):
+        dcfg.mix_total = None
+
+    def build(out: Path) -> None:
+        from detection.datasets import DatasetSpec
+
+        weights = train_detector(dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train")
+        test = open_evaluation_split(tiles, "target-test")
+        preds = predict(weights, [test.image_path(t.tile_id) for t in test], conf=0.001, imgsz=d.imgsz, max_det=100,
+                        device=config.device)
+        result = evaluate_split(test, preds)
+        atomic_write_json(out / "metrics.json", result.to_dict())
+        atomic_write_json(out / "predictions.json", {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(test.tiles, preds, strict=True))})
+
+    settings = {"variant": variant.name, "train": [s.to_dict() for s in variant.train], "seed": seed,
+                **dcfg.to_dict()}
+    out, _ = run_stage(f"detectors/{variant.name}/seed{seed}", work / "detectors" / variant.name / f"seed{seed}",
+                       settings, variant.upstream, build, _logger())
+    return out
+
+
+def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[str, list[Path]]) -> Path:
+    from data.detections import Detections
+    from data.tileset import open_evaluation_split
+    from detection.evaluation import EvaluationResult
+    from detection.report import write_report
+
+    results = {name: [EvaluationResult.from_dict(json.loads((p / "metrics.json").read_text())) for p in paths]
+               for name, paths in runs.items()}
+    test = open_evaluation_split(tiles, "target-test")
+    predictions = {}
+    for name, paths in runs.items():
+        doc = json.loads((paths[0] / "predictions.json").read_text())
+        predictions[name] = [Detections.from_coco(doc[t.tile_id]) for t in test]
+    manifests = [work / "config.yaml", tiles / "manifest.json"] + sorted((work / "annotation").glob("*/dataset/manifest.json"))
+    title = f"aerosynth {config.name}: {split_domains(tiles)[0]} -> {split_domains(tiles)[1]}"
+    return write_report(work / "report", results, SOURCE_ONLY, ORACLE, split=test, predictions=predictions,
+                        manifests=manifests, title=title)
+
+
+# ------------------------------------------------------------------------ prefect
+_task = task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+prepare_tiles_task = _task(prepare_tiles)
+train_ldm_task = _task(train_ldm)
+synthesise_task = _task(synthesise)
+annotate_task = _task(annotate)
+train_and_evaluate_task = _task(train_and_evaluate)
+report_task = _task(write_run_report)
+
+
+def _publish_artifacts(report_md: Path) -> None:
+    """Markdown report and AP50 table as Prefect artifacts (no-op outside a flow run)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        create_markdown_artifact(report_md.read_text(), key="adapt-report", description="aerosynth adapt report")
+        rows = json.loads((report_md.parent / "report.json").read_text()).get("rows", [])
+        table = [{"variant": r["variant"], "role": r["role"], "AP50": r["ap50"]["mean"], "std": r["ap50"]["std"],
+                  "gap closure": (r.get("gap_closure") or {}).get("mean")} for r in rows]
+        create_table_artifact(table, key="adapt-ap50", description="AP50 on target-test")
+    except Exception as exc:  # artifacts are a convenience, never a failure
+        _logger().warning("could not publish artifacts: %s", exc)
+
+
+@flow(name="adapt", log_prints=True)
+def adapt_flow(config: dict) -> str:
+    """The whole adapt job; ``config`` is an :class:`AdaptConfig` document. Returns the report path."""
+    cfg = build_config(config)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "config.yaml", dump_config(cfg))
+    tiles = prepare_tiles_task(cfg, work)
+    model = train_ldm_task(cfg, work, tiles)
+    sets = synthesise_task(cfg, work, tiles, model)
+    labelled = annotate_task(cfg, work, tiles, sets)
+    runs: dict[str, list[Path]] = {}
+    for variant in variants(cfg, tiles, labelled, sets):
+        runs[variant.name] = [train_and_evaluate_task(cfg, work, tiles, variant, seed) for seed in cfg.detection.seeds]
+    report = report_task(cfg, work, tiles, runs)
+    _publish_artifacts(report)
+    return str(report)

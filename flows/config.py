@@ -1,0 +1,265 @@
+"""The one YAML config of an adapt run, validated by pydantic (an unknown key is an error naming it).
+
+Presets ``demo`` (the embedded demo on the tiny model, minutes on a CPU), ``cpu-bench``
+(protocol aerial-v1 on 2 cores) and ``gpu`` (aerial-v1 with bigger budgets on a CUDA GPU) are
+starting points; a config file names one with ``preset:`` and overrides any field.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data.errors import InputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataSettings(Strict):
+    """Where the tiles come from (see ``aerosynth data prepare``)."""
+
+    preset: Literal["demo", "aerial-v1", "custom"] = "demo"
+    aerial_root: Path | None = None
+    demo_scenes: int = Field(4, ge=2)
+    demo_size: int = Field(384, ge=128)
+    source: Path | None = None
+    target: Path | None = None
+    source_gsd: float | None = Field(None, gt=0)
+    target_gsd: float | None = Field(None, gt=0)
+    val_groups: list[str] = []
+    test_groups: list[str] = []
+    bands: list[int] | None = None
+    gsd: float = Field(0.125, gt=0)
+    tile_size: int = Field(128, ge=32)
+
+
+class StageSettings(Strict):
+    """One fine-tuning stage (0, A, B or C); ``steps: 0`` skips it."""
+
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    token_learning_rate: float = Field(5e-3, gt=0)
+    lora_rank: int = Field(0, ge=0)
+    ema_decay: float | None = None
+    min_snr_gamma: float | None = 5.0
+    checkpoint_every: int = Field(50, ge=1)
+    max_tiles_per_split: int | None = Field(None, ge=1)
+
+
+class SamplingSettings(Strict):
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(4.0, ge=1.0)
+    scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(32, ge=1)
+
+
+class SetCounts(Strict):
+    source_cars: int = Field(32, ge=1)
+    target_cars: int = Field(32, ge=1)
+    target_empty: int = Field(16, ge=0)
+
+
+class TranslationSettings(Strict):
+    enabled: bool = True
+    strength: float = Field(0.5, gt=0, le=1)
+    keep_threshold: float = Field(0.3, ge=0, le=1)
+
+
+class GenerationSettings(Strict):
+    """The latent diffusion model and what it synthesises."""
+
+    model: Literal["tiny", "cpu"] = "tiny"
+    pretrained_dir: Path | None = None
+    autoencoder_dir: Path | None = None
+    stage0: StageSettings = StageSettings(steps=0, learning_rate=1e-3)
+    stage_a: StageSettings = StageSettings()
+    stage_b: StageSettings = StageSettings()
+    stage_c: StageSettings = StageSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    counts: SetCounts = SetCounts()
+    translation: TranslationSettings = TranslationSettings()
+
+
+class ThresholdSettings(Strict):
+    """The direct method (heat map -> boxes); fields of ``annotation.heatmap_boxes.HeatmapBoxConfig``."""
+
+    enabled: bool = True
+    options: dict[str, Any] = {}
+
+
+class RelaySettings(Strict):
+    """The AGenDA relay; fields of ``annotation.relay.RelayConfig``."""
+
+    enabled: bool = True
+    source_epochs: int = Field(10, ge=1)
+    heatmap_epochs: int = Field(10, ge=1)
+    patience: int = Field(5, ge=1)
+    batch: int = Field(16, ge=1)
+    augment: bool = True
+
+
+class AnnotationSettings(Strict):
+    threshold: ThresholdSettings = ThresholdSettings()
+    relay: RelaySettings = RelaySettings()
+
+
+class DetectionSettings(Strict):
+    """The final detectors: source-only, each adapted variant and the oracle, per seed."""
+
+    model: str = "yolov8n.yaml"
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(5, ge=1)
+    batch: int = Field(16, ge=1)
+    imgsz: int = Field(128, ge=32)
+    seeds: list[int] = Field([0], min_length=1)
+    mix_source_fraction: float = Field(0.5, gt=0, lt=1)
+    oracle: bool = True
+    augment: bool = True
+
+
+class AdaptConfig(Strict):
+    """A whole adapt run."""
+
+    preset: str | None = None
+    name: str = "adapt"
+    work_dir: Path = Path("runs/adapt")
+    seed: int = 0
+    device: str = "cpu"
+    data: DataSettings = DataSettings()
+    generation: GenerationSettings = GenerationSettings()
+    annotation: AnnotationSettings = AnnotationSettings()
+    detection: DetectionSettings = DetectionSettings()
+
+
+def _tiny_stage(steps: int, **kw: Any) -> dict:
+    return {"steps": steps, "batch_size": 8, "checkpoint_every": 20, "learning_rate": 5e-4, **kw}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: whole pipeline on the embedded demo, tiny model, a few minutes on 2 cores.
+    "demo": {
+        "name": "demo",
+        "work_dir": "runs/demo",
+        "data": {"preset": "demo"},
+        "generation": {
+            "model": "tiny",
+            "stage0": _tiny_stage(40, learning_rate=2e-3),
+            "stage_a": _tiny_stage(30),
+            "stage_b": _tiny_stage(20),
+            "stage_c": _tiny_stage(20),
+            "sampling": {"steps": 10, "guidance_scale": 3.0, "batch_size": 8, "shard_size": 16},
+            "counts": {"source_cars": 16, "target_cars": 16, "target_empty": 8},
+        },
+        "annotation": {"relay": {"source_epochs": 3, "heatmap_epochs": 3, "patience": 3, "augment": False}},
+        "detection": {"epochs": 3, "patience": 3, "seeds": [0], "augment": False},
+    },
+    # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.sh), TAEF2 autoencoder.
+    "cpu-bench": {
+        "name": "aerial-v1-cpu",
+        "work_dir": "runs/aerial-v1-cpu",
+        "data": {"preset": "aerial-v1"},
+        "generation": {
+            "model": "cpu",
+            "autoencoder_dir": "../shared/weights/taef2",
+            "stage0": {"steps": 0},
+            "stage_a": {"steps": 600, "batch_size": 16, "learning_rate": 2e-4, "checkpoint_every": 100},
+            "stage_b": {"steps": 300, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 100},
+            "stage_c": {"steps": 200, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 100},
+            "sampling": {"steps": 20, "guidance_scale": 4.0, "batch_size": 16, "shard_size": 64},
+            "counts": {"source_cars": 256, "target_cars": 512, "target_empty": 128},
+            "translation": {"enabled": True, "strength": 0.5},
+        },
+        "annotation": {"relay": {"source_epochs": 15, "heatmap_epochs": 15, "patience": 5}},
+        "detection": {"epochs": 15, "patience": 5, "seeds": [0, 1, 2]},
+    },
+    # aerial-v1 on a CUDA GPU: larger budgets everywhere.
+    "gpu": {
+        "name": "aerial-v1-gpu",
+        "work_dir": "runs/aerial-v1-gpu",
+        "device": "0",
+        "data": {"preset": "aerial-v1"},
+        "generation": {
+            "model": "cpu",
+            "autoencoder_dir": "../shared/weights/taef2",
+            "stage0": {"steps": 0},
+            "stage_a": {"steps": 5000, "batch_size": 64, "learning_rate": 2e-4, "checkpoint_every": 500},
+            "stage_b": {"steps": 2000, "batch_size": 64, "checkpoint_every": 500},
+            "stage_c": {"steps": 2000, "batch_size": 64, "checkpoint_every": 500},
+            "sampling": {"steps": 50, "guidance_scale": 5.0, "batch_size": 64, "shard_size": 256},
+            "counts": {"source_cars": 2000, "target_cars": 4000, "target_empty": 1000},
+        },
+        "annotation": {"relay": {"source_epochs": 50, "heatmap_epochs": 50, "patience": 10}},
+        "detection": {"epochs": 50, "patience": 10, "seeds": [0, 1, 2]},
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _field_path(loc: tuple) -> str:
+    return "config." + ".".join(str(p) for p in loc) if loc else "config"
+
+
+def build_config(doc: dict[str, Any] | None = None, where: str = "config") -> AdaptConfig:
+    """Validate a config document (with an optional ``preset:`` underneath it).
+
+    Raises:
+        InputError: unknown preset, unknown key (named), wrong type or value.
+    """
+    doc = dict(doc or {})
+    preset = doc.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(f"{where}: preset", f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
+        doc = _merge(PRESETS[preset], doc)
+    try:
+        return AdaptConfig.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InputError(f"{where}: {_field_path(err['loc'])}", problem) from None
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: dict | None = None) -> AdaptConfig:
+    """Read a YAML config file (or just a preset) and apply ``overrides``."""
+    doc: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise InputError(path, "config file not found") from None
+        except yaml.YAMLError as exc:
+            raise InputError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InputError(path, "a config file must be a mapping of keys to values")
+        doc = loaded or {}
+    if preset is not None:
+        doc = {**doc, "preset": preset}
+    if overrides:
+        doc = _merge(doc, overrides)
+    return build_config(doc, where)
+
+
+def dump_config(config: AdaptConfig) -> str:
+    """The config as YAML (paths as strings), as written beside a run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

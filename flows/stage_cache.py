@@ -1,0 +1,90 @@
+"""Skip a finished stage: each stage folder records the key of the inputs it was built from.
+
+The key hashes the stage's settings together with the content hashes of the stage folders it
+reads, so a rerun after a finished stage skips it, and a config change reruns exactly the
+stages that depend on it. A stage that died half-way has no record and runs again (stages
+resume from their own checkpoints and shards where they have them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from data.atomic import atomic_write_json
+from data.manifest import tree_sha256
+
+STAGE_RECORD = "stage_done.json"
+log = logging.getLogger("aerosynth.flows")
+
+
+def stage_key(settings: Any, upstream: dict[str, str]) -> str:
+    """Hash of a stage's settings and its inputs' content hashes."""
+    doc = json.dumps({"settings": settings, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def stage_record(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / STAGE_RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+def stage_hash(out_dir: Path) -> str:
+    """The content hash a finished stage recorded (what downstream keys are built from)."""
+    record = stage_record(out_dir)
+    if record is None:
+        raise RuntimeError(f"{out_dir}: stage has not finished")
+    return record["content_sha256"]
+
+
+def run_stage(
+    name: str,
+    out_dir: Path,
+    settings: Any,
+    upstream: dict[str, Path],
+    build: Callable[[Path], Any],
+    logger: logging.Logger | None = None,
+) -> tuple[Path, bool]:
+    """Run ``build(out_dir)`` unless ``out_dir`` already holds its result for these inputs.
+
+    Args:
+        name: stage name for the log.
+        out_dir: the stage's folder.
+        settings: JSON-able settings of the stage.
+        upstream: the finished stage folders it reads (their recorded hashes join the key).
+        build: writes the stage's outputs into ``out_dir`` (it may resume from what is there).
+        logger: where to say ``cached``/``done``.
+
+    Returns:
+        ``(out_dir, ran)``; ``ran`` is False when the stage was skipped.
+    """
+    logger = logger or log
+    out_dir = Path(out_dir)
+    key = stage_key(settings, {k: stage_hash(v) for k, v in sorted(upstream.items())})
+    record = stage_record(out_dir)
+    if record is not None and record.get("key") == key:
+        logger.info("stage %s: finished earlier, skipped (%s)", name, out_dir)
+        return out_dir, False
+    if record is not None:  # built from other inputs: start clean
+        logger.info("stage %s: inputs changed, rebuilding", name)
+        shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("stage %s: running", name)
+    t0 = time.perf_counter()
+    build(out_dir)
+    seconds = time.perf_counter() - t0
+    atomic_write_json(
+        out_dir / STAGE_RECORD,
+        {"stage": name, "key": key, "content_sha256": tree_sha256(out_dir, exclude=(STAGE_RECORD,)), "seconds": round(seconds, 2)},
+    )
+    logger.info("stage %s: done in %.1f s", name, seconds)
+    return out_dir, True
