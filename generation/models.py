@@ -55,6 +55,7 @@ class LDMSpec:
             every layer whose map side is at least half the latent side (documented default).
         seed: seed of the random initialisation.
         pretrained_dir: the Stable Diffusion folder for ``preset == "pretrained"``.
+        tokens_trained: the learned tokens were trained (stage B), so prompts use them by default.
     """
 
     preset: str
@@ -67,6 +68,7 @@ class LDMSpec:
     capture_sides: list[int] | None = None
     seed: int = 0
     pretrained_dir: str | None = None
+    tokens_trained: bool = False
 
 
 def _unet_config(sample: int, blocks: Sequence[int], attn_levels: int, heads: int, cross_dim: int, groups: int) -> dict:
@@ -382,7 +384,7 @@ _SD_PARTS = {
     "unet": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
     "vae": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]),
     "text_encoder": (["config.json"], ["model.safetensors", "pytorch_model.bin"]),
-    "tokenizer": (["vocab.json", "merges.txt"], []),
+    "tokenizer": ([], ["vocab.json", "tokenizer.json"]),
     "scheduler": (["scheduler_config.json"], []),
 }
 
@@ -397,7 +399,9 @@ def check_sd_folder(path: str | Path) -> Path:
             if not (path / part / name).is_file():
                 raise InputError(path / part / name, f"Stable Diffusion folder is incomplete: {part}/{name} missing")
         if any_of and not any((path / part / n).is_file() for n in any_of):
-            raise InputError(path / part, f"Stable Diffusion folder is incomplete: no {part} weights ({any_of[0]})")
+            raise InputError(
+                path / part, f"Stable Diffusion folder is incomplete: {part}/ has none of {', '.join(any_of)}"
+            )
     return path
 
 

@@ -71,7 +71,8 @@ class SamplingConfig:
         batch_size: images per UNet batch.
         shard_size: images per shard (manifest).
         image_size: output side in pixels (default: the model's); a multiple of the autoencoder factor.
-        use_learned_tokens: prompts with [V1] and the background token (models of stages B and C).
+        use_learned_tokens: prompts with [V1] and the background token; ``None``: when the model's
+            tokens were trained (stage B and later).
         capture_tokens: the three tokens captured as (cars, V1, background); ``None``: the defaults.
         capture_sides: map sides of the layers to aggregate (``None``: see the module docstring).
         save_raw_maps: also write ``maps/*.npy``.
@@ -85,7 +86,7 @@ class SamplingConfig:
     batch_size: int = 4
     shard_size: int = 64
     image_size: int | None = None
-    use_learned_tokens: bool = True
+    use_learned_tokens: bool | None = None
     capture_tokens: tuple[str, str, str] | None = None
     capture_sides: list[int] | None = None
     save_raw_maps: bool = False
@@ -328,6 +329,10 @@ def _model(model: LDM | str | Path) -> LDM:
     return ldm
 
 
+def _use_tokens(ldm: LDM, config: SamplingConfig) -> bool:
+    return ldm.spec.tokens_trained if config.use_learned_tokens is None else config.use_learned_tokens
+
+
 def _sampling_header(config: SamplingConfig) -> dict:
     keep = ("steps", "guidance_scale", "scheduler", "capture_tokens", "capture_sides", "save_raw_maps")
     return {k: v for k, v in asdict(config).items() if k in keep}
@@ -374,7 +379,7 @@ def generate_set(
     _check_size(ldm, size)
     scheduler = make_scheduler(ldm, config.scheduler)
     with_vehicles = SETS[set_name]
-    prompt = ldm.prompt(domain, with_vehicles, config.use_learned_tokens)
+    prompt = ldm.prompt(domain, with_vehicles, _use_tokens(ldm, config))
     token_ids = capture_token_ids(ldm, domain, config)
     ids = ldm.token_ids([prompt])
     positions = token_positions(ids, token_ids)
@@ -471,7 +476,7 @@ def translate_split(
     if not tile_ids:
         raise InputError(source_split, "split has no tiles")
     scheduler = make_scheduler(ldm, config.scheduler)
-    prompt = ldm.prompt(domain, True, config.use_learned_tokens)
+    prompt = ldm.prompt(domain, True, _use_tokens(ldm, config))
     ids = ldm.token_ids([prompt])
     positions = token_positions(ids, capture_token_ids(ldm, domain, config))
     side = size // ldm.codec.factor

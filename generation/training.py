@@ -47,6 +47,7 @@ from generation.models import (
     build_ldm,
     load_codec,
     load_ldm,
+    load_pretrained_sd,
     noise_schedule,
     resolve_spec,
     save_kl_autoencoder,
@@ -81,6 +82,8 @@ class StageConfig:
         lambda_obj: weight of L_obj (stages B, C).
         lambda_bg: weight of L_bg (stages B, C).
         init_model: the previous stage's ``model/`` folder (required for B and C).
+        pretrained_dir: a local Stable Diffusion v1.x folder to start stage A from (instead of a preset).
+        image_size: training image side for ``pretrained_dir`` (default 512; tiles are resized).
         autoencoder_dir: TAEF2 weights folder or stage-0 output (new models only).
         domains: domains of the model (default: the splits' plus aerial-v1's).
         max_tiles_per_split: use at most this many tiles of each split (evenly spaced).
@@ -103,6 +106,8 @@ class StageConfig:
     lambda_obj: float = 1.0
     lambda_bg: float = 1.0
     init_model: Path | None = None
+    pretrained_dir: Path | None = None
+    image_size: int | None = None
     autoencoder_dir: Path | None = None
     domains: list[str] | None = None
     max_tiles_per_split: int | None = None
@@ -524,7 +529,10 @@ def _prepare_model(stage: str, config: StageConfig, split_domains: Sequence[str]
         ldm = load_ldm(config.init_model)
     else:
         domains = config.domains or sorted(set(DEFAULT_DOMAINS) | set(split_domains))
-        ldm = build_ldm(config.preset, config.autoencoder_dir, domains)
+        if config.pretrained_dir is not None:
+            ldm = load_pretrained_sd(config.pretrained_dir, domains, config.image_size or 512, config.autoencoder_dir)
+        else:
+            ldm = build_ldm(config.preset, config.autoencoder_dir, domains)
     for domain in split_domains:
         ldm.check_domain(domain)
     return ldm
@@ -663,6 +671,8 @@ def _diffusion_stage(
         if lora:
             ldm.unet = build_ldm(ldm.spec, ldm.autoencoder_dir).unet
         target = out_dir / "model"
+        if train_tokens:
+            ldm.spec.tokens_trained = True
         from generation.models import save_ldm
 
         save_ldm(ldm, target, unet_state=unet_state)

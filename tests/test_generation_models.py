@@ -77,15 +77,38 @@ def test_incomplete_stable_diffusion_folder_names_the_missing_part(tmp_path):
     for part, name in [("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json")]:
         (sd / part).mkdir(parents=True)
         (sd / part / name).write_text("{}")
-    with pytest.raises(InputError, match="unet weights"):
+    with pytest.raises(InputError, match="unet/ has none of diffusion_pytorch_model"):
         check_sd_folder(sd)
     (sd / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (sd / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (sd / "text_encoder" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(InputError, match="tokenizer/vocab.json missing"):
+    with pytest.raises(InputError, match="tokenizer/ has none of vocab.json"):
         load_pretrained_sd(sd)
     with pytest.raises(InputError, match="not found"):
         load_pretrained_sd(tmp_path / "absent")
+
+
+def test_local_stable_diffusion_folder_loads_offline(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from generation.models import NOISE_SCHEDULE
+
+    tiny = build_ldm("tiny")
+    sd = tmp_path / "sd"
+    tiny.unet.save_pretrained(sd / "unet")
+    tiny.codec.module.save_pretrained(sd / "vae")
+    tiny.text_encoder.save_pretrained(sd / "text_encoder")
+    tiny.tokenizer.save_pretrained(sd / "tokenizer")
+    DDIMScheduler(**NOISE_SCHEDULE).save_pretrained(sd / "scheduler")
+    ldm = load_pretrained_sd(sd, image_size=32)
+    assert ldm.spec.preset == "pretrained" and ldm.codec.factor == 4
+    for a, b in zip(tiny.unet.state_dict().values(), ldm.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    prompt = ldm.prompt("kit_munich_aerial", True, True)
+    assert ldm.tokenizer.convert_ids_to_tokens(ldm.token_ids([prompt])[0])[6] == VEHICLE_TOKEN
+    save_ldm(ldm, tmp_path / "m")
+    again = load_ldm(tmp_path / "m")
+    assert again.spec.pretrained_dir == str(sd)
 
 
 def test_taef2_reconstructs_a_real_tile_near_30_db(taef2_dir, aerial_root):

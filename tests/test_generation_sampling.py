@@ -28,7 +28,7 @@ from tests.test_generation_helpers import make_split
 
 torch.set_num_threads(1)
 
-FAST = SamplingConfig(steps=3, batch_size=2, shard_size=3, progress=False)
+FAST = SamplingConfig(steps=3, batch_size=2, shard_size=3, use_learned_tokens=True, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,14 @@ def test_set_format_and_same_seed_same_bytes(world, tmp_path):
         assert heat[..., 0].min() == 0 and heat[..., 0].max() == 255  # min-max normalised
         raw = np.load(a / "maps" / f"{i:06d}.npy")
         assert raw.shape == (3, 32, 32) and raw.dtype == np.float32
+    # a stage-A model (tokens not trained) samples without learned tokens by default
+    plain = SamplingConfig(steps=3, batch_size=2, progress=False)
+    d = generate_set(world["model"], tmp_path / "d", "target_cars", "kit_munich_aerial", 1, config=plain)
+    assert (
+        json.loads((d / "synthetic.json").read_text())["prompt"]
+        == "an aerial view image with cars in kit munich aerial"
+    )
+    assert read_rgb(d / "heatmaps" / "000000.png")[..., 1].max() == 0
     # image i depends on base_seed + i only: image 2 of seed 7 is image 0 of seed 9
     c = generate_set(world["model"], tmp_path / "c", "target_cars", "kit_munich_aerial", 1, base_seed=9, config=FAST)
     assert (c / "images/000000.png").read_bytes() == (a / "images/000002.png").read_bytes()
