@@ -296,7 +296,7 @@ def _publish_artifacts(report_md: Path) -> None:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
         create_markdown_artifact(report_md.read_text(), key="adapt-report", description="aerosynth adapt report")
-        rows = json.loads((report_md.parent / "report.json").read_text()).get("rows", [])
+        rows = json.loads((report_md.parent / "report.json").read_text()).get("variants", [])
         table = [{"variant": r["variant"], "role": r["role"], "AP50": r["ap50"]["mean"], "std": r["ap50"]["std"],
                   "gap closure": (r.get("gap_closure") or {}).get("mean")} for r in rows]
         create_table_artifact(table, key="adapt-ap50", description="AP50 on target-test")

@@ -134,6 +134,172 @@ def data_demo(
     Console().print(f"demo data: {out}")
 
 
+def _print_ap50_table(report_md: Path) -> None:
+    import json
+
+    doc = json.loads((report_md.parent / "report.json").read_text())
+    table = Table(title="AP50 on target-test (COCO, IoU 0.5)")
+    for col in ("variant", "role", "seeds", "AP50", "gap closure"):
+        table.add_column(col, justify="left" if col in ("variant", "role") else "right")
+    for row in doc.get("variants", []):
+        ap = row["ap50"]
+        gap = row.get("gap_closure")
+        table.add_row(row["variant"], row["role"], str(row["seeds"]),
+                      f"{ap['mean']:.3f}" + (f" ± {ap['std']:.3f}" if row["seeds"] > 1 else ""),
+                      "" if not gap or gap.get("mean") is None else f"{gap['mean']:.2f}")
+    Console(width=max(Console().width, 100)).print(table)
+
+
+def _run_adapt(config_path: Path | None, preset: str | None, work_dir: Path | None, fresh: bool) -> Path:
+    import shutil
+
+    from flows.adapt import adapt_flow
+    from flows.config import load_config
+
+    overrides = {"work_dir": str(work_dir)} if work_dir is not None else None
+    cfg = load_config(config_path, preset=preset, overrides=overrides)
+    if fresh and cfg.work_dir.exists():
+        shutil.rmtree(cfg.work_dir)
+    report = Path(adapt_flow(cfg.model_dump(mode="json")))
+    _print_ap50_table(report)
+    Console().print(f"report: {report}")
+    return report
+
+
+@app.command("demo")
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Run folder (kept: a rerun skips finished stages).")] = Path("runs/demo"),
+    fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
+) -> None:
+    """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
+    _run_adapt(None, "demo", work_dir, fresh)
+
+
+@app.command("adapt")
+def adapt(
+    config: Annotated[Path | None, typer.Option(help="YAML config (see flows/config.py and configs/).")] = None,
+    preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (a config file may name one).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Override the config's work_dir.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
+) -> None:
+    """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
+    if config is None and preset is None:
+        raise InputError("--config", "give a config file or --preset")
+    _run_adapt(config, preset, work_dir, fresh)
+
+
+@app.command("generate")
+def generate(
+    model: Annotated[Path, typer.Option(help="A trained model folder (ldm/stageC/model).")],
+    out: Annotated[Path, typer.Option(help="The synthetic set folder.")],
+    set_name: Annotated[str, typer.Option("--set", help="source_cars, target_cars or target_empty.")],
+    domain: Annotated[str, typer.Option(help="Domain named in the prompt.")],
+    count: Annotated[int, typer.Option(help="Number of images.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of image 0 (image i uses seed + i).")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    scheduler: Annotated[str, typer.Option(help="ddim, dpm, euler or pndm.")] = "ddim",
+    shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 32,
+    shards: Annotated[str, typer.Option(help="Comma-separated shard numbers to produce (default: all).")] = "",
+    raw_maps: Annotated[bool, typer.Option(help="Also save float maps (maps/*.npy).")] = False,
+) -> None:
+    """Synthesise a set with its cross-attention heat maps (resumable, in shards)."""
+    from generation.sampling import SamplingConfig, generate_set
+
+    cfg = SamplingConfig(steps=steps, guidance_scale=guidance, scheduler=scheduler, shard_size=shard_size,
+                         save_raw_maps=raw_maps)
+    shard_list = [int(s) for s in shards.split(",") if s] or None
+    path = generate_set(model, out, set_name, domain, count, base_seed=seed, config=cfg, shards=shard_list)
+    Console().print(f"synthetic set: {path}")
+
+
+@app.command("annotate")
+def annotate(
+    out: Annotated[Path, typer.Option(help="Output folder of the labelled dataset.")],
+    target_sets: Annotated[list[Path], typer.Option("--target-set", help="Synthetic target set(s) to label.")],
+    method: Annotated[str, typer.Option(help="threshold (heat maps -> boxes) or relay (AGenDA detector relay).")] = "threshold",
+    source_set: Annotated[Path | None, typer.Option(help="Synthetic source set with vehicles (relay).")] = None,
+    tiles: Annotated[Path | None, typer.Option(help="Prepared tiles with source-train/source-val (relay).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of each relay detector.")] = 30,
+) -> None:
+    """Turn synthetic images and heat maps into a labelled dataset (YOLO, COCO, GeoJSON, preview)."""
+    if method == "threshold":
+        from annotation.heatmap_boxes import annotate_direct
+
+        path = annotate_direct(target_sets, out)
+    elif method == "relay":
+        from annotation.relay import RelayConfig, run_relay
+
+        if source_set is None or tiles is None:
+            raise InputError("--source-set/--tiles", "the relay needs a synthetic source set and the prepared tiles")
+        path = run_relay(tiles / "source-train", tiles / "source-val", source_set, target_sets, out,
+                         RelayConfig(source_epochs=epochs, heatmap_epochs=epochs))
+    else:
+        raise InputError("--method", f"unknown method {method!r} (threshold or relay)")
+    Console().print(f"labelled dataset: {path}")
+
+
+@app.command("train")
+def train(
+    data: Annotated[list[Path], typer.Option("--data", help="Training folder(s): tile split, YOLO folder or synthetic set.")],
+    val: Annotated[Path, typer.Option(help="Validation folder for early stopping (never target labels).")],
+    out: Annotated[Path, typer.Option(help="Output folder (weights: OUT/detector.pt).")],
+    model: Annotated[str, typer.Option(help="Ultralytics model yaml or a local .pt.")] = "yolov8n.yaml",
+    epochs: Annotated[int, typer.Option(help="Most epochs.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
+    device: Annotated[str, typer.Option(help="cpu or a CUDA device such as 0.")] = "cpu",
+) -> None:
+    """Train a detector on one or more labelled folders."""
+    from detection.datasets import DatasetSpec
+    from detection.training import DetectorTrainConfig, train_detector
+
+    cfg = DetectorTrainConfig(model=model, epochs=epochs, seed=seed, imgsz=imgsz, device=device)
+    weights = train_detector(cfg, [DatasetSpec(p) for p in data], DatasetSpec(val), out)
+    Console().print(f"detector: {weights}")
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Trained detector .pt.")],
+    tiles: Annotated[Path, typer.Option(help="Prepared tiles folder.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "target-test",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
+) -> None:
+    """COCO AP50, AP50:95 and P/R at the F1-optimal threshold of a detector on a split."""
+    from data.atomic import atomic_write_json
+    from data.tileset import open_evaluation_split
+    from detection.evaluation import evaluate_split
+    from detection.prediction import predict
+
+    test = open_evaluation_split(tiles, split)
+    result = evaluate_split(test, predict(model, [test.image_path(t.tile_id) for t in test], imgsz=imgsz))
+    Console().print(f"AP50 {result.ap50:.4f}  AP50:95 {result.ap50_95:.4f}  P {result.precision:.3f}  "
+                    f"R {result.recall:.3f}  F1 {result.f1:.3f} at conf {result.threshold:.3f}  ({result.n_images} tiles)")
+    if out is not None:
+        atomic_write_json(out, result.to_dict())
+
+
+@app.command("detect")
+def detect(
+    raster: Annotated[Path, typer.Argument(help="GeoTIFF to search.")],
+    model: Annotated[Path, typer.Option(help="Trained detector .pt.")],
+    out: Annotated[Path, typer.Option(help="Output GeoJSON (the raster's CRS).")],
+    conf: Annotated[float, typer.Option(help="Lowest confidence kept.")] = 0.25,
+    gsd: Annotated[float | None, typer.Option(help="Detector GSD in m/px (default: recorded with the model).")] = None,
+    overlap: Annotated[int, typer.Option(help="Overlap of the sliding windows in pixels.")] = 32,
+    wgs84: Annotated[bool, typer.Option(help="Write longitude/latitude instead of the raster's CRS.")] = False,
+    bands: Annotated[str, typer.Option(help="Band selection, e.g. 3,2,1.")] = "",
+) -> None:
+    """Sliced detection over a whole GeoTIFF, merged by NMS, written as GeoJSON."""
+    from detection.slicing import detect_raster
+
+    band_list = [int(b) for b in bands.split(",")] if bands else None
+    n = detect_raster(raster, model, out, conf=conf, target_gsd=gsd, overlap=overlap, to_wgs84=wgs84, bands=band_list)
+    Console().print(f"{n} vehicles -> {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print bad input as one line, exit non-zero."""
     apply_offline_settings()
