@@ -18,6 +18,7 @@ optimizer and EMA are in the checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -51,6 +52,7 @@ from generation.models import (
     noise_schedule,
     resolve_spec,
     save_kl_autoencoder,
+    save_ldm,
     token_positions,
 )
 from generation.vocab import DEFAULT_DOMAINS, VEHICLE_TOKEN, background_token
@@ -406,27 +408,22 @@ def _optimise(job: _Job, resume: bool, on_step: Callable[[int, dict], None] | No
     return ema
 
 
+@contextlib.contextmanager
 def _ema_swapped(job: _Job, ema: EMA | None) -> Iterator[None]:
     """Context in which the trainable parameters hold their EMA values."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def swap() -> Iterator[None]:
-        if ema is None:
-            yield
-            return
-        saved = {n: p.detach().clone() for n, p in job.trainable.items()}
+    if ema is None:
+        yield
+        return
+    saved = {n: p.detach().clone() for n, p in job.trainable.items()}
+    with torch.no_grad():
+        for n, p in job.trainable.items():
+            p.copy_(ema.shadow[n])
+    try:
+        yield
+    finally:
         with torch.no_grad():
             for n, p in job.trainable.items():
-                p.copy_(ema.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in job.trainable.items():
-                    p.copy_(saved[n])
-
-    return swap()
+                p.copy_(saved[n])
 
 
 def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
@@ -673,11 +670,9 @@ def _diffusion_stage(
         target = out_dir / "model"
         if train_tokens:
             ldm.spec.tokens_trained = True
-        from generation.models import save_ldm
-
         save_ldm(ldm, target, unet_state=unet_state)
     moved = float((embedding.detach()[token_rows] - embedding_init[token_rows]).norm())
-    metrics = {"tiles": n, "token_embedding_change": moved, "final_loss": job_last_loss(out_dir)}
+    metrics = {"tiles": n, "token_embedding_change": moved, "final_loss": _last_logged_loss(out_dir)}
     atomic_write_json(
         out_dir / STAGE_FILE,
         {"stage": stage, "config": config.fingerprint(), "steps": config.steps, "metrics": metrics},
@@ -685,7 +680,7 @@ def _diffusion_stage(
     return target
 
 
-def job_last_loss(out_dir: Path) -> float | None:
+def _last_logged_loss(out_dir: Path) -> float | None:
     """The last logged loss of a stage folder (``None`` when nothing is logged)."""
     path = out_dir / LOSSES_CSV
     if not path.is_file():
