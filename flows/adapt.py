@@ -163,7 +163,8 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
                 model, o, name, domain, count, base_seed=config.seed + 100_000 * k, config=sampling), _logger())
     if g.translation.enabled:
         tcfg = TranslationConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd,
-                                 progress=False, strength=g.translation.strength, keep_threshold=g.translation.keep_threshold)
+                                 progress=False, strength=g.translation.strength, keep_threshold=g.translation.keep_threshold,
+                                 max_tiles=g.translation.max_tiles)
         key = {"set": "translation", "domain": target, **g.translation.model_dump(), **g.sampling.model_dump()}
         out["translation"], _ = run_stage(
             "synthetic/translation", work / "synthetic" / "translation", key, {"model": model_stage, "tiles": tiles},

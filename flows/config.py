@@ -72,6 +72,7 @@ class TranslationSettings(Strict):
     enabled: bool = True
     strength: float = Field(0.5, gt=0, le=1)
     keep_threshold: float = Field(0.3, ge=0, le=1)
+    max_tiles: int | None = Field(None, ge=1)
 
 
 class GenerationSettings(Strict):
@@ -176,7 +177,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "stage_c": {"steps": 200, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 100},
             "sampling": {"steps": 20, "guidance_scale": 4.0, "batch_size": 16, "shard_size": 64},
             "counts": {"source_cars": 256, "target_cars": 512, "target_empty": 128},
-            "translation": {"enabled": True, "strength": 0.5},
+            "translation": {"enabled": True, "strength": 0.5, "max_tiles": 1024},
         },
         "annotation": {"relay": {"source_epochs": 15, "heatmap_epochs": 15, "patience": 5}},
         "detection": {"epochs": 15, "patience": 5, "seeds": [0, 1, 2]},

@@ -101,10 +101,12 @@ class TranslationConfig(SamplingConfig):
     Attributes:
         strength: fraction of the noise schedule the source latent is noised to (0..1].
         keep_threshold: a box survives when the mean normalised "cars" heat inside it reaches this.
+        max_tiles: translate at most this many tiles, evenly spaced over the sorted tile ids.
     """
 
     strength: float = 0.5
     keep_threshold: float = 0.3
+    max_tiles: int | None = None
 
 
 # ----------------------------------------------------------------------------- core
@@ -475,6 +477,9 @@ def translate_split(
     tile_ids = sorted(t.tile_id for t in split.tiles)
     if not tile_ids:
         raise InputError(source_split, "split has no tiles")
+    if config.max_tiles is not None and len(tile_ids) > config.max_tiles:
+        step = len(tile_ids) / config.max_tiles
+        tile_ids = [tile_ids[int(i * step)] for i in range(config.max_tiles)]
     scheduler = make_scheduler(ldm, config.scheduler)
     prompt = ldm.prompt(domain, True, _use_tokens(ldm, config))
     ids = ldm.token_ids([prompt])
@@ -497,6 +502,7 @@ def translate_split(
         "source_domain": split.info.domain,
         "strength": config.strength,
         "keep_threshold": config.keep_threshold,
+        "max_tiles": config.max_tiles,
         "sampling": _sampling_header(config),
     }
 
