@@ -249,6 +249,7 @@ def run_relay(
     synthetic_target_sets: Sequence[str | Path],
     out_dir: str | Path,
     config: RelayConfig | None = None,
+    source_detector: str | Path | None = None,
 ) -> Path:
     """Label synthetic target sets with the AGenDA relay (steps in the module docstring).
 
@@ -259,6 +260,8 @@ def run_relay(
         synthetic_target_sets: the synthetic target sets to label (with and without vehicles).
         out_dir: output folder (layout in the module docstring).
         config: detectors, thresholds and refinement options.
+        source_detector: weights of a detector already trained on the real source labels (e.g.
+            the run's source-only detector) to use as F_S instead of training one here.
 
     Returns:
         The labelled dataset folder, ``out_dir/dataset``.
@@ -285,15 +288,21 @@ def run_relay(
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
 
-    # 1-2. F_S and its F1-optimal threshold on real source-val
-    fs_weights = _train(
-        config,
-        config.source_epochs,
-        False,
-        {"path": source_train.root, "missing_labels_are_empty": True},
-        {"path": source_val.root, "missing_labels_are_empty": True},
-        work / "fs",
-    )
+    # 1-2. F_S (trained here, or a given detector trained on real source labels) and its
+    #      F1-optimal threshold on real source-val
+    if source_detector is not None:
+        fs_weights = Path(source_detector)
+        if not fs_weights.is_file():
+            raise InputError(source_detector, "source detector weights not found")
+    else:
+        fs_weights = _train(
+            config,
+            config.source_epochs,
+            False,
+            {"path": source_train.root, "missing_labels_are_empty": True},
+            {"path": source_val.root, "missing_labels_are_empty": True},
+            work / "fs",
+        )
     val_ids = [t.tile_id for t in source_val.tiles]
     val_preds = _predict(config, fs_weights, [source_val.image_path(t) for t in val_ids])
     fs_match = match_all(
@@ -398,7 +407,7 @@ def run_relay(
             "inputs": inputs,
             "dataset": "dataset",
             "work": {
-                "source_detector": "work/fs/detector.pt",
+                "source_detector": "work/fs/detector.pt" if source_detector is None else str(source_detector),
                 "heatmap_detector": "work/fa/detector.pt",
                 "refinement_cnn": "work/refinement_cnn.pt",
             },

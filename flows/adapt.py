@@ -173,7 +173,9 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
 
 
 # ------------------------------------------------------------------------- annotation
-def annotate(config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path]) -> dict[str, Path]:
+def annotate(config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path],
+             source_only: Path | None = None) -> dict[str, Path]:
+    """Label the synthetic target sets; the relay reuses the source-only detector as F_S when given."""
     a = config.annotation
     targets = [sets[k] for k in ("target_cars", "target_empty") if k in sets]
     upstream = {k: v for k, v in sets.items() if k != "translation"}
@@ -182,10 +184,14 @@ def annotate(config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path]
         from annotation.relay import RelayConfig, run_relay
 
         rcfg = RelayConfig(model=config.detection.model, imgsz=config.detection.imgsz, seed=config.seed,
-                           device=config.device, **a.relay.model_dump(exclude={"enabled"}))
+                           device=config.device, **a.relay.model_dump(exclude={"enabled", "reuse_source_only"}))
+        fs = source_only / "train" / "detector.pt" if (source_only is not None and a.relay.reuse_source_only) else None
+        relay_upstream = {**upstream, "tiles": tiles, **({"source_only": source_only} if fs else {})}
         stage_dir, _ = run_stage(
-            "annotation/relay", work / "annotation" / "relay", rcfg.to_dict(), {**upstream, "tiles": tiles},
-            lambda o: run_relay(tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg), _logger())
+            "annotation/relay", work / "annotation" / "relay", {**rcfg.to_dict(), "reuse_source_only": fs is not None},
+            relay_upstream,
+            lambda o: run_relay(tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg,
+                                source_detector=fs), _logger())
         out["relay"] = stage_dir / "dataset"
     if a.threshold.enabled:
         from annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
@@ -213,18 +219,21 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
     from detection.datasets import DatasetSpec
 
     d = config.detection
-    source = DatasetSpec(tiles / "source-train", name="source")
+    whole = 1.0 if d.max_train_images else None  # with a cap, every variant sees the same number of images
+    source = DatasetSpec(tiles / "source-train", name="source", fraction=whole)
     out = [Variant(SOURCE_ONLY, [source], {"tiles": tiles})]
     for method, dataset in labelled.items():
-        out.append(Variant(f"{method}", [DatasetSpec(dataset, name=method)], {"tiles": tiles, method: dataset.parent}))
+        out.append(Variant(f"{method}", [DatasetSpec(dataset, name=method, fraction=whole)], {"tiles": tiles, method: dataset.parent}))
         if method == "relay":
             f = d.mix_source_fraction
             mix = [DatasetSpec(dataset, name=method, fraction=1 - f), DatasetSpec(tiles / "source-train", name="source", fraction=f)]
             out.append(Variant("relay+source", mix, {"tiles": tiles, method: dataset.parent}))
     if "translation" in sets:
-        out.append(Variant("translation", [DatasetSpec(sets["translation"], name="translation")], {"tiles": tiles, "translation": sets["translation"]}))
+        out.append(Variant("translation", [DatasetSpec(sets["translation"], name="translation", fraction=whole)],
+                           {"tiles": tiles, "translation": sets["translation"]}))
     if d.oracle:
-        oracle = DatasetSpec(tiles / "target-train", labels_dir=tiles / "evaluation" / "target-train" / "labels", name="oracle")
+        oracle = DatasetSpec(tiles / "target-train", labels_dir=tiles / "evaluation" / "target-train" / "labels",
+                             name="oracle", fraction=whole)
         out.append(Variant(ORACLE, [oracle], {"tiles": tiles}))
     return out
 
@@ -240,9 +249,8 @@ def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Va
     d = config.detection
     augment = AugmentConfig() if d.augment else AugmentConfig.none()
     dcfg = DetectorTrainConfig(model=d.model, epochs=d.epochs, imgsz=d.imgsz, batch=d.batch, seed=seed,
-                               patience=d.patience, augment=augment, device=config.device, mix_total=None)
-    if any(spec.fraction for spec in variant.train):
-        dcfg.mix_total = None
+                               patience=d.patience, augment=augment, device=config.device,
+                               mix_total=d.max_train_images if any(s.fraction for s in variant.train) else None)
 
     def build(out: Path) -> None:
         from detection.datasets import DatasetSpec
@@ -281,6 +289,11 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
                         manifests=manifests, title=title)
 
 
+def _mean_ap50(paths: list[Path]) -> float:
+    vals = [json.loads((p / "metrics.json").read_text())["ap50"] for p in paths]
+    return sum(vals) / len(vals)
+
+
 # ------------------------------------------------------------------------ prefect
 _task = task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 prepare_tiles_task = _task(prepare_tiles)
@@ -315,10 +328,20 @@ def adapt_flow(config: dict) -> str:
     tiles = prepare_tiles_task(cfg, work)
     model = train_ldm_task(cfg, work, tiles)
     sets = synthesise_task(cfg, work, tiles, model)
-    labelled = annotate_task(cfg, work, tiles, sets)
+    d = cfg.detection
     runs: dict[str, list[Path]] = {}
-    for variant in variants(cfg, tiles, labelled, sets):
-        runs[variant.name] = [train_and_evaluate_task(cfg, work, tiles, variant, seed) for seed in cfg.detection.seeds]
+    plan = variants(cfg, tiles, {}, {})
+    runs[SOURCE_ONLY] = [train_and_evaluate_task(cfg, work, tiles, plan[0], seed) for seed in d.seeds]
+    labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0])
+    adapted_seeds = d.adapted_seeds if d.adapted_seeds is not None else d.seeds
+    for variant in variants(cfg, tiles, labelled, sets)[1:]:
+        seeds = d.seeds if variant.name == ORACLE else adapted_seeds
+        runs[variant.name] = [train_and_evaluate_task(cfg, work, tiles, variant, seed) for seed in seeds]
+    adapted = [v for v in variants(cfg, tiles, labelled, sets) if v.name not in (SOURCE_ONLY, ORACLE)]
+    if d.best_variant_all_seeds and adapted:
+        # protocol aerial-v1 point 8: the best variant is reported over all seeds (reporting only)
+        best = max(adapted, key=lambda v: _mean_ap50(runs[v.name]))
+        runs[best.name] = [train_and_evaluate_task(cfg, work, tiles, best, seed) for seed in d.seeds]
     report = report_task(cfg, work, tiles, runs)
     _publish_artifacts(report)
     return str(report)

@@ -106,6 +106,7 @@ class RelaySettings(Strict):
     patience: int = Field(5, ge=1)
     batch: int = Field(16, ge=1)
     augment: bool = True
+    reuse_source_only: bool = True
 
 
 class AnnotationSettings(Strict):
@@ -114,7 +115,13 @@ class AnnotationSettings(Strict):
 
 
 class DetectionSettings(Strict):
-    """The final detectors: source-only, each adapted variant and the oracle, per seed."""
+    """The final detectors: source-only, each adapted variant and the oracle, per seed.
+
+    ``seeds`` are used for source-only and the oracle; ``adapted_seeds`` (default: the same) for
+    each adapted variant; ``best_variant_all_seeds`` reruns the best adapted variant with every
+    seed of ``seeds`` for the report. ``max_train_images`` gives every detector the same number of
+    training images per epoch (datasets resampled to it), so variants share one budget.
+    """
 
     model: str = "yolov8n.yaml"
     epochs: int = Field(10, ge=1)
@@ -122,6 +129,9 @@ class DetectionSettings(Strict):
     batch: int = Field(16, ge=1)
     imgsz: int = Field(128, ge=32)
     seeds: list[int] = Field([0], min_length=1)
+    adapted_seeds: list[int] | None = None
+    best_variant_all_seeds: bool = False
+    max_train_images: int | None = Field(None, ge=1)
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     augment: bool = True
@@ -163,24 +173,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "annotation": {"relay": {"source_epochs": 3, "heatmap_epochs": 3, "patience": 3, "augment": False}},
         "detection": {"epochs": 3, "patience": 3, "seeds": [0], "augment": False},
     },
-    # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.sh), TAEF2 autoencoder.
+    # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.py), TAEF2 autoencoder.
     "cpu-bench": {
         "name": "aerial-v1-cpu",
-        "work_dir": "runs/aerial-v1-cpu",
+        "work_dir": "benchmarks/work/aerial-v1-cpu",
         "data": {"preset": "aerial-v1"},
         "generation": {
             "model": "cpu",
             "autoencoder_dir": "../shared/weights/taef2",
             "stage0": {"steps": 0},
-            "stage_a": {"steps": 600, "batch_size": 16, "learning_rate": 2e-4, "checkpoint_every": 100},
-            "stage_b": {"steps": 300, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 100},
-            "stage_c": {"steps": 200, "batch_size": 16, "learning_rate": 1e-4, "checkpoint_every": 100},
-            "sampling": {"steps": 20, "guidance_scale": 4.0, "batch_size": 16, "shard_size": 64},
-            "counts": {"source_cars": 256, "target_cars": 512, "target_empty": 128},
-            "translation": {"enabled": True, "strength": 0.5, "max_tiles": 1024},
+            "stage_a": {"steps": 300, "batch_size": 8, "learning_rate": 2e-4, "checkpoint_every": 50},
+            "stage_b": {"steps": 150, "batch_size": 8, "learning_rate": 1e-4, "checkpoint_every": 50},
+            "stage_c": {"steps": 100, "batch_size": 8, "learning_rate": 1e-4, "checkpoint_every": 50},
+            "sampling": {"steps": 10, "guidance_scale": 4.0, "batch_size": 16, "shard_size": 64},
+            "counts": {"source_cars": 128, "target_cars": 256, "target_empty": 64},
+            "translation": {"enabled": True, "strength": 0.5, "max_tiles": 512},
         },
-        "annotation": {"relay": {"source_epochs": 15, "heatmap_epochs": 15, "patience": 5}},
-        "detection": {"epochs": 15, "patience": 5, "seeds": [0, 1, 2]},
+        "annotation": {"relay": {"source_epochs": 10, "heatmap_epochs": 15, "patience": 5}},
+        "detection": {"epochs": 10, "patience": 5, "batch": 32, "seeds": [0, 1, 2], "adapted_seeds": [0],
+                      "best_variant_all_seeds": True, "max_train_images": 1200},
     },
     # aerial-v1 on a CUDA GPU: larger budgets everywhere.
     "gpu": {

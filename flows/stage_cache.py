@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,11 +81,53 @@ def run_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info("stage %s: running", name)
     t0 = time.perf_counter()
-    build(out_dir)
+    with PeakMemory() as peak:
+        build(out_dir)
     seconds = time.perf_counter() - t0
     atomic_write_json(
         out_dir / STAGE_RECORD,
-        {"stage": name, "key": key, "content_sha256": tree_sha256(out_dir, exclude=(STAGE_RECORD,)), "seconds": round(seconds, 2)},
+        {"stage": name, "key": key, "content_sha256": tree_sha256(out_dir, exclude=(STAGE_RECORD,)),
+         "seconds": round(seconds, 2), "peak_rss_mb": round(peak.mb, 1)},
     )
-    logger.info("stage %s: done in %.1f s", name, seconds)
+    logger.info("stage %s: done in %.1f s (peak memory %.0f MB)", name, seconds, peak.mb)
     return out_dir, True
+
+
+class PeakMemory:
+    """Peak resident memory of this process (and its children) while a block runs, sampled every 0.2 s."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        import psutil
+
+        proc = psutil.Process()
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
