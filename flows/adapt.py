@@ -30,7 +30,8 @@ from prefect.cache_policies import NO_CACHE
 from data.atomic import atomic_write_json, atomic_write_text
 from data.errors import InputError
 from flows.config import AdaptConfig, build_config, dump_config
-from flows.stage_cache import run_stage
+from flows.scale import map_shards, task_runner
+from flows.stage_cache import clear_stale_stage, run_stage, stage_is_current
 
 SOURCE_ONLY, ORACLE = "source-only", "oracle"
 
@@ -143,32 +144,54 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
 
 
 def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dict[str, Path]:
-    from generation.sampling import SamplingConfig, TranslationConfig, generate_set, translate_split
+    """The three text-to-image sets and the source-guided translation.
+
+    Shards are mapped over the flow's task runner first (see :mod:`flows.scale`), then the stage
+    is closed by one call that finds every shard done.
+    """
+    from generation.sampling import SamplingConfig, TranslationConfig, generate_set, shard_ranges, translate_split
 
     g = config.generation
     source, target = split_domains(tiles)
     uses_tokens = g.stage_b.steps > 0 or g.stage_c.steps > 0
     sampling = SamplingConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False)
     model_stage = model.parent
+    threads = config.torch_threads or 0
+
+    def sharded(name: str, key: dict, upstream: dict, kind: str, n_items: int, args: dict, cfg, build) -> Path:
+        out_dir = work / "synthetic" / name
+        if not stage_is_current(out_dir, key, upstream):
+            clear_stale_stage(out_dir)
+            if config.runner != "sequential":
+                map_shards(kind, model, out_dir, len(shard_ranges(n_items, cfg.shard_size)), args, cfg, threads or 1)
+        out, _ = run_stage(f"synthetic/{name}", out_dir, key, upstream, build, _logger())
+        return out
+
     sets = {"source_cars": (source, g.counts.source_cars), "target_cars": (target, g.counts.target_cars),
             "target_empty": (target, g.counts.target_empty)}
     out: dict[str, Path] = {}
     for k, (name, (domain, count)) in enumerate(sets.items()):
         if count == 0:
             continue
-        key = {"set": name, "domain": domain, "count": count, "seed": config.seed + 100_000 * k, **g.sampling.model_dump()}
-        out[name], _ = run_stage(
-            f"synthetic/{name}", work / "synthetic" / name, key, {"model": model_stage},
-            lambda o, name=name, domain=domain, count=count, k=k: generate_set(
-                model, o, name, domain, count, base_seed=config.seed + 100_000 * k, config=sampling), _logger())
+        seed = config.seed + 100_000 * k
+        key = {"set": name, "domain": domain, "count": count, "seed": seed, **g.sampling.model_dump()}
+        args = {"set_name": name, "domain": domain, "count": count, "base_seed": seed}
+        out[name] = sharded(name, key, {"model": model_stage}, "set", count, args, sampling,
+                            lambda o, a=args: generate_set(model, o, a["set_name"], a["domain"], a["count"],
+                                                           base_seed=a["base_seed"], config=sampling))
     if g.translation.enabled:
+        from data.tileset import open_split
+
         tcfg = TranslationConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd,
                                  progress=False, strength=g.translation.strength, keep_threshold=g.translation.keep_threshold,
                                  max_tiles=g.translation.max_tiles)
+        n = len(open_split(tiles / "source-train"))
+        n = min(n, g.translation.max_tiles or n)
         key = {"set": "translation", "domain": target, **g.translation.model_dump(), **g.sampling.model_dump()}
-        out["translation"], _ = run_stage(
-            "synthetic/translation", work / "synthetic" / "translation", key, {"model": model_stage, "tiles": tiles},
-            lambda o: translate_split(model, tiles / "source-train", o, target, base_seed=config.seed, config=tcfg), _logger())
+        args = {"source_split": str(tiles / "source-train"), "domain": target, "base_seed": config.seed}
+        out["translation"] = sharded("translation", key, {"model": model_stage, "tiles": tiles}, "translation", n, args, tcfg,
+                                     lambda o: translate_split(model, tiles / "source-train", o, target,
+                                                               base_seed=config.seed, config=tcfg))
     return out
 
 
@@ -298,7 +321,6 @@ def _mean_ap50(paths: list[Path]) -> float:
 _task = task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 prepare_tiles_task = _task(prepare_tiles)
 train_ldm_task = _task(train_ldm)
-synthesise_task = _task(synthesise)
 annotate_task = _task(annotate)
 train_and_evaluate_task = _task(train_and_evaluate)
 report_task = _task(write_run_report)
@@ -327,7 +349,7 @@ def adapt_flow(config: dict) -> str:
     atomic_write_text(work / "config.yaml", dump_config(cfg))
     tiles = prepare_tiles_task(cfg, work)
     model = train_ldm_task(cfg, work, tiles)
-    sets = synthesise_task(cfg, work, tiles, model)
+    sets = synthesise(cfg, work, tiles, model)
     d = cfg.detection
     runs: dict[str, list[Path]] = {}
     plan = variants(cfg, tiles, {}, {})
@@ -345,3 +367,10 @@ def adapt_flow(config: dict) -> str:
     report = report_task(cfg, work, tiles, runs)
     _publish_artifacts(report)
     return str(report)
+
+
+def run_adapt(config: dict | AdaptConfig) -> Path:
+    """Run the adapt flow with the task runner its config names (sequential or Dask)."""
+    cfg = config if isinstance(config, AdaptConfig) else build_config(config)
+    runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
+    return Path(adapt_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json")))

@@ -150,17 +150,23 @@ def _print_ap50_table(report_md: Path) -> None:
     Console(width=max(Console().width, 100)).print(table)
 
 
-def _run_adapt(config_path: Path | None, preset: str | None, work_dir: Path | None, fresh: bool) -> Path:
+def _run_adapt(config_path: Path | None, preset: str | None, work_dir: Path | None, fresh: bool,
+               runner: str | None = None, dask_address: str | None = None) -> Path:
     import shutil
 
-    from flows.adapt import adapt_flow
+    from flows.adapt import run_adapt
     from flows.config import load_config
 
-    overrides = {"work_dir": str(work_dir)} if work_dir is not None else None
+    overrides: dict = {"work_dir": str(work_dir)} if work_dir is not None else {}
+    if runner is not None:
+        overrides["runner"] = runner
+    if dask_address is not None:
+        overrides["runner"] = "dask"
+        overrides["dask_address"] = dask_address
     cfg = load_config(config_path, preset=preset, overrides=overrides)
     if fresh and cfg.work_dir.exists():
         shutil.rmtree(cfg.work_dir)
-    report = Path(adapt_flow(cfg.model_dump(mode="json")))
+    report = run_adapt(cfg)
     _print_ap50_table(report)
     Console().print(f"report: {report}")
     return report
@@ -181,11 +187,15 @@ def adapt(
     preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (a config file may name one).")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Override the config's work_dir.")] = None,
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
+    runner: Annotated[str | None, typer.Option(help="sequential or dask (a LocalCluster unless --dask-address).")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="Scheduler of an existing Dask cluster, tcp://host:8786.")] = None,
 ) -> None:
     """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
     if config is None and preset is None:
         raise InputError("--config", "give a config file or --preset")
-    _run_adapt(config, preset, work_dir, fresh)
+    if runner not in (None, "sequential", "dask"):
+        raise InputError("--runner", f"unknown runner {runner!r} (sequential or dask)")
+    _run_adapt(config, preset, work_dir, fresh, runner, dask_address)
 
 
 @app.command("generate")

@@ -145,6 +145,10 @@ class AdaptConfig(Strict):
     work_dir: Path = Path("runs/adapt")
     seed: int = 0
     device: str = "cpu"
+    runner: Literal["sequential", "dask"] = "sequential"
+    dask_address: str | None = None
+    dask_workers: int = Field(2, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
     data: DataSettings = DataSettings()
     generation: GenerationSettings = GenerationSettings()
     annotation: AnnotationSettings = AnnotationSettings()
@@ -189,9 +193,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "counts": {"source_cars": 128, "target_cars": 256, "target_empty": 64},
             "translation": {"enabled": True, "strength": 0.5, "max_tiles": 512},
         },
-        "annotation": {"relay": {"source_epochs": 10, "heatmap_epochs": 15, "patience": 5}},
-        "detection": {"epochs": 10, "patience": 5, "batch": 32, "seeds": [0, 1, 2], "adapted_seeds": [0],
-                      "best_variant_all_seeds": True, "max_train_images": 1200},
+        "annotation": {"relay": {"source_epochs": 8, "heatmap_epochs": 12, "patience": 4}},
+        "detection": {"epochs": 8, "patience": 4, "batch": 32, "seeds": [0, 1, 2], "adapted_seeds": [0],
+                      "best_variant_all_seeds": True, "max_train_images": 800},
     },
     # aerial-v1 on a CUDA GPU: larger budgets everywhere.
     "gpu": {

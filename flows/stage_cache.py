@@ -47,6 +47,18 @@ def stage_hash(out_dir: Path) -> str:
     return record["content_sha256"]
 
 
+def stage_is_current(out_dir: Path, settings: Any, upstream: dict[str, Path]) -> bool:
+    """Whether ``out_dir`` holds a finished stage built from exactly these inputs."""
+    record = stage_record(Path(out_dir))
+    return record is not None and record.get("key") == stage_key(settings, {k: stage_hash(v) for k, v in sorted(upstream.items())})
+
+
+def clear_stale_stage(out_dir: Path) -> None:
+    """Remove a stage folder finished from other inputs (keep an unfinished one: it may resume)."""
+    if stage_record(Path(out_dir)) is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def run_stage(
     name: str,
     out_dir: Path,

@@ -1,0 +1,58 @@
+"""Scale-out: synthesis shards as Prefect tasks, mapped over the flow's task runner.
+
+With the default runner the shards run one after another in this process. With
+``runner: dask`` they run on a Dask cluster through prefect-dask: a ``LocalCluster`` of
+``dask_workers`` single-threaded worker processes by default, or an existing scheduler at
+``dask_address`` (``tcp://host:8786``) whose workers see the same work folder (a shared
+filesystem) and have aerosynth installed. Every shard writes its own files and manifest
+atomically, so shards can finish in any order, on any worker, and give the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+
+
+def task_runner(kind: str, address: str | None = None, workers: int = 2, threads: int = 1):
+    """The Prefect task runner of a run: ``sequential`` (in process) or ``dask``."""
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=threads)
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def generation_shard(kind: str, model: str, out_dir: str, shard: int, args: dict, config: dict, torch_threads: int) -> int:
+    """Produce one shard of a synthetic set (``kind`` = ``set``) or of a translation (``translation``)."""
+    import torch
+
+    from generation.sampling import SamplingConfig, TranslationConfig, generate_set, translate_split
+
+    torch.set_num_threads(torch_threads)
+    if kind == "translation":
+        translate_split(model, args["source_split"], out_dir, args["domain"], base_seed=args["base_seed"],
+                        config=TranslationConfig(**config), shards=[shard])
+    else:
+        generate_set(model, out_dir, args["set_name"], args["domain"], args["count"], base_seed=args["base_seed"],
+                     config=SamplingConfig(**config), shards=[shard])
+    return shard
+
+
+def map_shards(kind: str, model: Path, out_dir: Path, n_shards: int, args: dict, config, torch_threads: int) -> None:
+    """Submit every shard to the current flow's task runner and wait for all of them."""
+    cfg = asdict(config)
+    futures = generation_shard.map(unmapped(kind), unmapped(str(model)), unmapped(str(out_dir)), list(range(n_shards)),
+                                   unmapped(args), unmapped(cfg), unmapped(torch_threads))
+    wait(futures)
+    for f in futures:
+        f.result()  # re-raise the first failure
