@@ -314,7 +314,7 @@ def build_run_tiles(
     """The run's tiles folder (stage ``tiles``): registry source splits, new weak target-train,
     evaluation split as target-test. Writes ``work/flags.json`` (each tile's flag and its source).
     """
-    from data.manifest import write_manifest
+    from data.manifest import tree_sha256, write_manifest
     from data.tileset import EVALUATION_DIR, open_evaluation_split
 
     base, split = registry.evaluation.tiles, registry.evaluation.split
@@ -350,8 +350,9 @@ def build_run_tiles(
                                   "tiles_with_vehicles": weak.with_vehicle, "boxes": 0, "ignore_regions": 0,
                                   "flag_sources": weak.by_source}
         splits["target-test"] = {**base_manifest.get("splits", {}).get(split, {}), "evaluation_split": split}
-        for entry in splits.values():
+        for name, entry in splits.items():
             entry.setdefault("domain", domain)
+            entry["content_sha256"] = tree_sha256(out / name)
         write_manifest(out, {"kind": "aerosynth.tiles", "preset": "retrain", "target_gsd": gsd, "tile_size": tile_size,
                              "base_tiles": str(base), "splits": splits})
 
