@@ -201,13 +201,27 @@ def coco_domain(
     coco_json = Path(coco_json)
     try:
         doc = json.loads(coco_json.read_text())
-        images = doc["images"]
-        anns = doc.get("annotations", [])
-        cats = sorted(doc.get("categories", [{"id": 1, "name": "vehicle"}]), key=lambda c: c["id"])
     except FileNotFoundError:
         raise InputError(coco_json, "file not found") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(coco_json, f"not a COCO json ({exc.__class__.__name__}: {exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(coco_json, f"not valid JSON ({exc.__class__.__name__})") from None
+    try:
+        return _coco_domain(doc, coco_json, image_dir, name, gsd)
+    except InputError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise InputError(coco_json, f"not a COCO json ({exc.__class__.__name__}: {str(exc)[:60]})") from None
+
+
+def _coco_domain(doc: dict, coco_json: Path, image_dir: str | Path | None, name: str | None, gsd: float | None) -> Domain:
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise InputError(coco_json, "not a COCO json (no 'images' list)")
+    images = doc["images"]
+    anns = doc.get("annotations", [])
+    cats = doc.get("categories", [{"id": 1, "name": "vehicle"}])
+    if not isinstance(anns, list) or not isinstance(cats, list) or not all(isinstance(c, dict) for c in cats + anns + images):
+        raise InputError(coco_json, "not a COCO json ('annotations', 'categories' must be lists of objects)")
+    cats = sorted(cats, key=lambda c: c["id"])
     image_dir = Path(image_dir) if image_dir is not None else coco_json.parent
     cat_to_class = {c["id"]: i for i, c in enumerate(cats)}
     by_image: dict[int, list[dict]] = {}
@@ -218,13 +232,15 @@ def coco_domain(
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise InputError(coco_json, f"annotation {a.get('id')} has a malformed bbox")
         a = dict(a, category_id=cat_to_class[a["category_id"]] + 1)
-        by_image.setdefault(a["image_id"], []).append(a)
+        by_image.setdefault(a.get("image_id"), []).append(a)
     ids = {im["id"] for im in images}
     stray = [a for i, lst in by_image.items() if i not in ids for a in lst]
     if stray:
         raise InputError(coco_json, f"annotation {stray[0].get('id')} refers to a missing image")
     items = []
     for im in images:
+        if not isinstance(im.get("file_name"), str):
+            raise InputError(coco_json, f"image {im.get('id')} has no file_name")
         path = image_dir / im["file_name"]
         if not path.is_file():
             raise InputError(path, "image listed in the COCO json not found")

@@ -12,6 +12,7 @@ Conventions (the classic bugs are half-pixel offsets and axis order):
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,13 @@ def map_to_pixel(transform: Affine, mx: np.ndarray, my: np.ndarray) -> tuple[np.
 
 
 def transformer(src: Any, dst: Any) -> Transformer:
-    """A pyproj transformer with (x, y) axis order on both sides."""
-    return Transformer.from_crs(as_crs(src), as_crs(dst), always_xy=True)
+    """A pyproj transformer with (x, y) axis order on both sides (cached per CRS pair)."""
+    return _transformer(as_crs(src).to_wkt(), as_crs(dst).to_wkt())
+
+
+@functools.lru_cache(maxsize=64)
+def _transformer(src_wkt: str, dst_wkt: str) -> Transformer:
+    return Transformer.from_crs(CRS.from_wkt(src_wkt), CRS.from_wkt(dst_wkt), always_xy=True)
 
 
 def pixel_size_m(transform: Affine, crs: Any | None) -> float | None:
@@ -143,9 +149,16 @@ def geojson_crs(doc: dict, where: str) -> CRS:
     if not member:
         return WGS84
     try:
-        return CRS.from_user_input(member["properties"]["name"])
+        return _crs_from_name(member["properties"]["name"])
     except Exception:
-        raise InputError(where, f"unknown CRS {member!r}") from None
+        raise InputError(where, f"unknown CRS {str(member)[:60]!r}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _crs_from_name(name: str) -> CRS:
+    if not isinstance(name, str):
+        raise TypeError(name)
+    return CRS.from_user_input(name)
 
 
 def read_geojson(path: str | Path) -> dict:
@@ -162,25 +175,32 @@ def read_geojson(path: str | Path) -> dict:
     return doc
 
 
-def _geometry_points(geom: dict, where: str) -> tuple[str, np.ndarray]:
+def _position(c: Any) -> list[float]:
+    if not isinstance(c, list) or len(c) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c[:2]):
+        raise ValueError("not a position")
+    return [float(c[0]), float(c[1])]
+
+
+def _geometry_points(geom: Any, where: str) -> tuple[str, np.ndarray]:
     if not isinstance(geom, dict) or "type" not in geom or "coordinates" not in geom:
         raise InputError(where, "feature without a geometry")
     kind = geom["type"]
     coords = geom["coordinates"]
+    if kind not in ("Point", "Polygon", "MultiPolygon"):
+        raise InputError(where, f"geometry type {kind} is not a Point or Polygon")
     try:
         if kind == "Point":
-            pts = np.array([coords[:2]], dtype=np.float64)
+            pts = [_position(coords)]
         elif kind == "Polygon":
-            pts = np.array([c[:2] for c in coords[0]], dtype=np.float64)
-        elif kind == "MultiPolygon":
-            pts = np.array([c[:2] for poly in coords for c in poly[0]], dtype=np.float64)
+            pts = [_position(c) for c in coords[0]]
         else:
-            raise InputError(where, f"geometry type {kind} is not a Point or Polygon")
-    except (TypeError, ValueError, IndexError):
+            pts = [_position(c) for poly in coords for c in poly[0]]
+    except (TypeError, ValueError, IndexError, KeyError):
         raise InputError(where, f"malformed {kind} coordinates") from None
-    if pts.size == 0 or not np.all(np.isfinite(pts)):
+    arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
         raise InputError(where, f"{kind} with missing or non-finite coordinates")
-    return kind, pts
+    return kind, arr
 
 
 def geojson_to_detections(
@@ -222,9 +242,14 @@ def geojson_to_detections(
             boxes.append([px.min(), py.min(), px.max(), py.max()])
         props = feat.get("properties") or {}
         try:
-            classes.append(int(props.get(class_property, 0)))
-        except (TypeError, ValueError):
-            raise InputError(fwhere, f"property {class_property!r} is not an integer") from None
+            if not isinstance(props, dict):
+                raise TypeError("properties")
+            value = props.get(class_property, 0)
+            if isinstance(value, bool) or (isinstance(value, float) and not float(value).is_integer()) or int(value) < 0:
+                raise ValueError(value)
+            classes.append(int(value))
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(fwhere, f"property {class_property!r} is not a non-negative integer") from None
     dets = Detections(np.array(boxes, dtype=np.float64).reshape(-1, 4), None, np.array(classes, dtype=np.int64))
     if len(dets):
         inside = (dets.xyxy[:, 2] > 0) & (dets.xyxy[:, 0] < width) & (dets.xyxy[:, 3] > 0) & (dets.xyxy[:, 1] < height)

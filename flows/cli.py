@@ -316,13 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        console.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False, style="red")
         return 2
-    except FileExistsError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
-        return 2
-    except PermissionError as exc:
-        console.print(f"[red]error:[/red] {exc.filename}: permission denied", soft_wrap=True, highlight=False)
+    except OSError as exc:  # read-only or missing output folder, disk full, existing output ...
+        where = exc.filename if exc.filename else None
+        text = f"{where}: {(exc.strerror or str(exc)).lower()}" if where else str(exc)
+        console.print(f"error: {text}", soft_wrap=True, highlight=False, markup=False, style="red")
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: finished stages are kept; rerun the same command to resume")
