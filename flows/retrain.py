@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from affine import Affine
@@ -299,6 +299,12 @@ class RunSettings:
     variant: str | None = None
     bands: list[int] | None = None
 
+    def __post_init__(self) -> None:
+        if self.flags not in ("auto", "given", "detector"):
+            raise InputError("flags", f"unknown flag source {self.flags!r} (auto, given or detector)")
+        if not 0.0 <= self.flag_threshold <= 1.0:
+            raise InputError("flag_threshold", f"must be in [0, 1], got {self.flag_threshold}")
+
 
 def build_run_tiles(
     registry: Registry,
@@ -329,8 +335,6 @@ def build_run_tiles(
         "base_manifest": base_manifest.get("content_sha256"), "evaluation": split,
         "flag_detector": production.record.get("files", {}).get("detector.pt") if production else None,
     }
-    summary: dict[str, Any] = {}
-
     def build(out: Path) -> None:
         for child in out.iterdir():  # leftovers of an interrupted build
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -338,10 +342,9 @@ def build_run_tiles(
         for name in ("source-train", "source-val"):
             if (base / name / "tiles.json").is_file():
                 _link_tree(base / name, out / name)
-                splits[name] = base_manifest.get("splits", {}).get(name, {})
+                splits[name] = dict(base_manifest.get("splits", {}).get(name, {}))
         weak = build_weak_split(rasters, out / "target-train", domain, gsd, tile_size, settings.flags, given,
                                 predictor, settings.flag_threshold, settings.bands)
-        summary.update(weak.to_dict())
         _link_tree(evaluation.root, out / "target-test")
         if evaluation.labels_root != evaluation.root:
             _link_tree(evaluation.labels_root, out / EVALUATION_DIR / "target-test")
@@ -355,10 +358,9 @@ def build_run_tiles(
             entry["content_sha256"] = tree_sha256(out / name)
         write_manifest(out, {"kind": "aerosynth.tiles", "preset": "retrain", "target_gsd": gsd, "tile_size": tile_size,
                              "base_tiles": str(base), "splits": splits})
+        atomic_write_json(work / FLAGS_FILE, weak.to_dict())  # before the stage record: a finished stage has it
 
-    tiles, ran = run_stage("tiles", work / "tiles", key, {}, build, _logger())
-    if ran:
-        atomic_write_json(work / FLAGS_FILE, summary)
+    tiles, _ = run_stage("tiles", work / "tiles", key, {}, build, _logger())
     return tiles
 
 
@@ -531,6 +533,31 @@ def register_baseline(registry: Registry, detector: str | Path, imgsz: int = 128
         registry.log_decision({"version": version.name, "promoted": True, "candidate_ap50": result.ap50,
                                "production_ap50": None, "production_version": None, "reason": "baseline"})
     return version
+
+
+def ensure_registry(
+    root: str | Path,
+    tiles: str | Path | None = None,
+    split: str = "target-test",
+    baseline: str | Path | None = None,
+    imgsz: int = 128,
+    device: str = "cpu",
+) -> Registry:
+    """Open a registry, creating it from ``tiles`` when given, and register ``baseline`` as production when
+    the registry has none yet (a baseline given again later is ignored, never registered twice).
+
+    Raises:
+        InputError: no registry and no ``tiles``; the evaluation split has no boxes; the registry
+            evaluates on other tiles.
+    """
+    if tiles is not None:
+        registry = Registry.create(root, tiles, split, exist_ok=True)
+    else:
+        registry = Registry(root)
+    if baseline is not None and registry.production() is None:
+        version = register_baseline(registry, baseline, imgsz, device)
+        _logger().info("baseline %s registered as production %s", baseline, version.name)
+    return registry
 
 
 # --------------------------------------------------------------------------------- run

@@ -232,6 +232,55 @@ def test_flags_from_labels_flag_file_and_stub_detector(tmp_path, demo_tiles, new
         read_flags_file(watch / FLAGS_FILE)
 
 
+# ----------------------------------------------------------- the run, with stubbed training
+def _stub_steps(candidate_ap50: float, production_ap50: float, calls: list[str]):
+    """Real tile building (stub detector for flags); readapt writes fake weights; fixed metrics."""
+    from flows.retrain import _Steps, build_run_tiles
+
+    def readapt(cfg, work, tiles, variant):
+        calls.append("readapt")
+        assert json.loads((tiles / "target-train" / "tiles.json").read_text())["split"]["weak"] is True
+        _fake_detector(work / "detectors" / "stub" / "train" / "detector.pt", b"candidate " + work.name.encode())
+        return "stub", work / "detectors" / "stub"
+
+    def evaluate(weights, registry, imgsz, device):
+        return _result(candidate_ap50 if b"candidate" in Path(weights).read_bytes() else production_ap50)
+
+    return _Steps(build_run_tiles, readapt, evaluate)
+
+
+def _always_vehicle(images):
+    return [Detections(np.array([[1.0, 1.0, 9.0, 9.0]]), np.array([0.8]), np.array([0])) for _ in images]
+
+
+@pytest.mark.parametrize(("candidate_ap50", "promoted"), [(0.45, False), (0.55, True)])
+def test_retrain_run_with_fixed_metrics(tmp_path, demo_tiles, new_scenes, candidate_ap50, promoted):
+    reg = Registry.create(tmp_path / "reg", demo_tiles)
+    prod = reg.register(_fake_detector(tmp_path / "p" / "detector.pt", b"production"), {"ap50": 0.5}, {})
+    reg.promote(prod.name)
+    watch = _watch(tmp_path / "watch", new_scenes)
+    calls: list[str] = []
+    out = retrain(reg.root, watch, _tiny_retrain_config(), RunSettings(flag_threshold=0.5),
+                  predictor=_always_vehicle, steps=_stub_steps(candidate_ap50, 0.5, calls))
+    assert out.status == "registered" and out.version == "v0002" and out.promoted is promoted and calls == ["readapt"]
+    assert reg.production().name == ("v0002" if promoted else "v0001")
+    v2 = reg.version("v0002")
+    assert v2.detector.read_bytes().startswith(b"candidate")
+    assert (v2.metrics["candidate"]["ap50"], v2.metrics["production"]["ap50"]) == (candidate_ap50, 0.5)
+    assert reg.decisions()[-1]["promoted"] is promoted
+    flags = v2.provenance["flags"]
+    assert flags["by_source"] == {"labels": 4, "detector": 4} and flags["detector"] == "v0001"
+    work = Path(out.work_dir)
+    tiles = json.loads((work / "tiles" / "target-train" / "tiles.json").read_text())["tiles"]
+    assert all(t["has_vehicle"] for t in tiles if t["tile_id"].startswith("scene_01_"))  # the stub's flags
+    assert (work / "tiles" / "evaluation" / "target-test" / "annotations.json").is_file()
+    assert not (work / "tiles" / "evaluation" / "target-train").exists()  # no target-train boxes anywhere
+    assert "promoted" in (v2.path / "report.md").read_text()
+    # the imagery is now seen (promoted or not): a second run does nothing
+    assert retrain(reg.root, watch, _tiny_retrain_config(), steps=_stub_steps(0.9, 0.5, calls)).status == "nothing-new"
+    assert calls == ["readapt"]
+
+
 # ------------------------------------------------------------------------- end to end
 def _tiny_retrain_config() -> dict:
     cfg = copy.deepcopy(TINY_ADAPT)
@@ -248,16 +297,16 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(prefect
     from detection.augment import AugmentConfig
     from detection.datasets import DatasetSpec
     from detection.training import DetectorTrainConfig, train_detector
-    from flows.retrain import register_baseline, retrain_flow
+    from flows.retrain import ensure_registry, retrain_flow
 
     torch.set_num_threads(2)
-    reg = Registry.create(tmp_path / "reg", demo_tiles)
     # production: a 1-epoch source-only detector (it also computes the flags of the unlabelled raster)
     weights = train_detector(DetectorTrainConfig(epochs=1, patience=1, batch=4, augment=AugmentConfig.none()),
                              [DatasetSpec(demo_tiles / "source-train")], DatasetSpec(demo_tiles / "source-val"),
                              tmp_path / "baseline")
-    base = register_baseline(reg, weights)
-    assert reg.production().name == base.name == "v0001"
+    reg = ensure_registry(tmp_path / "reg", demo_tiles, baseline=weights)
+    assert reg.production().name == "v0001" and reg.production().metrics["decision"]["promote"] is True
+    assert ensure_registry(tmp_path / "reg", demo_tiles, baseline=weights).list_versions()[-1].name == "v0001"
     watch = _watch(tmp_path / "watch", new_scenes)
 
     out = retrain_flow(str(reg.root), str(watch), _tiny_retrain_config(), flag_threshold=0.01, variant="threshold")
@@ -296,4 +345,7 @@ def test_run_settings_reject_unknown_flag_source(tmp_path, demo_tiles, new_scene
     watch = _watch(tmp_path / "watch", new_scenes)
     with pytest.raises(InputError, match="unknown flag source"):
         build_weak_split(find_new_imagery(watch, reg), tmp_path / "s", "arid_carpark", 0.125, 128, "sometimes")
-    assert RunSettings().flags == "auto"
+    with pytest.raises(InputError, match="unknown flag source"):
+        RunSettings(flags="sometimes")
+    with pytest.raises(InputError, match="flag_threshold"):
+        RunSettings(flag_threshold=2.0)
