@@ -53,6 +53,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -370,15 +371,17 @@ class _Tile:
 
 def _write_stac(root: Path, folder_name: str, tiles: list[_Tile], request: TileRequest, domain: str, gsd: float,
                 crs: str, created: dt.datetime, label_method: str) -> None:
-    from pystac.extensions.label import (
-        LabelClasses,
-        LabelCount,
-        LabelExtension,
-        LabelMethod,
-        LabelOverview,
-        LabelTask,
-        LabelType,
-    )
+    with warnings.catch_warnings():  # pystac flags its label helpers as deprecated (the extension is "pilot")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from pystac.extensions.label import (
+            LabelClasses,
+            LabelCount,
+            LabelExtension,
+            LabelMethod,
+            LabelOverview,
+            LabelTask,
+            LabelType,
+        )
 
     kind = "with vehicles" if request.with_vehicles else "without vehicles"
     catalog = pystac.Catalog(id=folder_name, title=f"aerosynth request {request.name}",
@@ -828,8 +831,8 @@ def _build(tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain
 
 @flow(name="request", log_prints=True)
 def request_flow(
-    source: str,
-    out_root: str,
+    source: Path,
+    out_root: Path,
     name: str,
     domain: str,
     count: int,
@@ -838,7 +841,7 @@ def request_flow(
     steps: int = 25,
     guidance_scale: float = 4.0,
     scheduler: str = "ddim",
-    detector: str | None = None,
+    detector: Path | None = None,
     heatmap_options: dict[str, Any] | None = None,
     gsd: float | None = None,
 ) -> str:
