@@ -380,8 +380,17 @@ def run_config(config: dict | AdaptConfig | None, registry: Registry, work: Path
     return cfg
 
 
-def readapt(cfg: AdaptConfig, work: Path, tiles: Path, variant: str | None = None) -> tuple[str, Path]:
-    """LDM stages, synthesis, annotation and one detector with the adapt flow's functions.
+def readapt(cfg: AdaptConfig, work: Path, tiles: Path, variant: str | None = None,
+            use_tasks: bool = False) -> tuple[str, Path]:
+    """LDM stages, synthesis, annotation and one detector, with the adapt flow's functions.
+
+    Args:
+        cfg: the run's config (:func:`run_config`).
+        work: the run folder.
+        tiles: the run's tiles (:func:`build_run_tiles`).
+        variant: the detector variant proposed (default: first of :data:`CANDIDATE_ORDER` the config makes).
+        use_tasks: call the adapt flow's Prefect tasks (inside a flow run; synthesis shards are
+            then mapped over the flow's task runner, as in the adapt flow).
 
     Returns:
         ``(variant name, detector stage folder)``; the weights are ``folder/train/detector.pt``.
@@ -391,14 +400,24 @@ def readapt(cfg: AdaptConfig, work: Path, tiles: Path, variant: str | None = Non
     """
     from flows import adapt
 
-    model = adapt.train_ldm(cfg, work, tiles)
+    train_ldm = adapt.train_ldm_task if use_tasks else adapt.train_ldm
+    annotate = adapt.annotate_task if use_tasks else adapt.annotate
+    train_and_evaluate = adapt.train_and_evaluate_task if use_tasks else adapt.train_and_evaluate
+    seed = cfg.detection.seeds[0]
+    model = train_ldm(cfg, work, tiles)
     sets = adapt.synthesise(cfg, work, tiles, model)
-    labelled = adapt.annotate(cfg, work, tiles, sets)
+    relay = cfg.annotation.relay
+    if relay.enabled and getattr(relay, "reuse_source_only", False):
+        # as in the adapt flow: the relay's source detector F_S is the source-only detector
+        source_only = train_and_evaluate(cfg, work, tiles, adapt.variants(cfg, tiles, {}, {})[0], seed)
+        labelled = annotate(cfg, work, tiles, sets, source_only)
+    else:
+        labelled = annotate(cfg, work, tiles, sets)
     available = {v.name: v for v in adapt.variants(cfg, tiles, labelled, sets) if v.name != adapt.ORACLE}
     name = variant or next((n for n in CANDIDATE_ORDER if n in available), None)
     if name not in available:
         raise InputError("variant", f"{name!r} is not produced by this config (one of {', '.join(sorted(available))})")
-    return name, adapt.train_and_evaluate(cfg, work, tiles, available[name], cfg.detection.seeds[0])
+    return name, train_and_evaluate(cfg, work, tiles, available[name], seed)
 
 
 # ------------------------------------------------------------------- evaluate and decide
@@ -594,9 +613,12 @@ def run_id_for(rasters: Sequence[NewRaster]) -> str:
 
 @dataclass
 class _Steps:
+    """The step functions of a run: plain, or Prefect tasks inside the flow (tests put stubs here)."""
+
     build_tiles: Callable = build_run_tiles
     readapt: Callable = readapt
     evaluate: Callable = evaluate_detector
+    use_tasks: bool = False
 
 
 def _flow_run_id() -> str | None:
@@ -650,7 +672,7 @@ def retrain(
     atomic_write_text(work / "config.yaml", config_yaml)
     tiles = steps.build_tiles(registry, new, work, settings, given, production, cfg.detection.imgsz, cfg.device,
                               predictor)
-    variant, det_dir = steps.readapt(cfg, work, tiles, settings.variant)
+    variant, det_dir = steps.readapt(cfg, work, tiles, settings.variant, steps.use_tasks)
     weights = det_dir / "train" / "detector.pt"
     candidate = steps.evaluate(weights, registry, cfg.detection.imgsz, cfg.device)
     prod_result = None if production is None else steps.evaluate(production.detector, registry,
@@ -687,7 +709,6 @@ def retrain(
 # ------------------------------------------------------------------------------ prefect
 _task = task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 build_run_tiles_task = _task(build_run_tiles)
-readapt_task = _task(readapt)
 evaluate_detector_task = _task(evaluate_detector)
 
 
@@ -703,10 +724,30 @@ def retrain_flow(
 ) -> dict:
     """Retrain on new imagery of ``watch`` and promote if not worse; returns :class:`RetrainOutcome` as a dict."""
     settings = RunSettings(flags=flags, flag_threshold=flag_threshold, variant=variant)  # type: ignore[arg-type]
-    steps = _Steps(build_run_tiles_task, readapt_task, evaluate_detector_task)
+    steps = _Steps(build_run_tiles_task, readapt, evaluate_detector_task, use_tasks=True)
     outcome = retrain(registry, watch, config, settings, work_root, steps=steps)
     _publish(outcome)
     return outcome.to_dict()
+
+
+def run_retrain(
+    registry: str | Path,
+    watch: str | Path,
+    config: dict | AdaptConfig | None = None,
+    flags: str = "auto",
+    flag_threshold: float = 0.25,
+    variant: str | None = None,
+    work_root: str | Path | None = None,
+) -> dict:
+    """Run :func:`retrain_flow` with the task runner the config names (sequential or Dask), as ``run_adapt`` does."""
+    from flows.scale import task_runner
+
+    cfg = config if isinstance(config, AdaptConfig) else build_config(config or {"preset": "demo"})
+    RunSettings(flags=flags, flag_threshold=flag_threshold)  # type: ignore[arg-type]  # bad input before any work
+    runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
+    return retrain_flow.with_options(task_runner=runner)(
+        str(registry), str(watch), cfg.model_dump(mode="json"), flags, flag_threshold, variant,
+        None if work_root is None else str(work_root))
 
 
 def _publish(outcome: RetrainOutcome) -> None:

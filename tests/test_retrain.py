@@ -237,7 +237,7 @@ def _stub_steps(candidate_ap50: float, production_ap50: float, calls: list[str])
     """Real tile building (stub detector for flags); readapt writes fake weights; fixed metrics."""
     from flows.retrain import _Steps, build_run_tiles
 
-    def readapt(cfg, work, tiles, variant):
+    def readapt(cfg, work, tiles, variant, use_tasks):
         calls.append("readapt")
         assert json.loads((tiles / "target-train" / "tiles.json").read_text())["split"]["weak"] is True
         _fake_detector(work / "detectors" / "stub" / "train" / "detector.pt", b"candidate " + work.name.encode())
@@ -297,7 +297,7 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(prefect
     from detection.augment import AugmentConfig
     from detection.datasets import DatasetSpec
     from detection.training import DetectorTrainConfig, train_detector
-    from flows.retrain import ensure_registry, retrain_flow
+    from flows.retrain import ensure_registry, retrain_flow, run_retrain
 
     torch.set_num_threads(2)
     # production: a 1-epoch source-only detector (it also computes the flags of the unlabelled raster)
@@ -336,7 +336,7 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(prefect
     run_tiles = json.loads((work / "tiles" / "target-train" / "tiles.json").read_text())["tiles"]
     assert {t["source_image"] for t in run_tiles} == {"scene_00.tif", "scene_01.tif"}
 
-    again = retrain_flow(str(reg.root), str(watch), _tiny_retrain_config())
+    again = run_retrain(reg.root, watch, _tiny_retrain_config())
     assert again["status"] == "nothing-new" and [v.name for v in reg.list_versions()] == ["v0001", "v0002"]
 
 
