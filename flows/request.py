@@ -80,6 +80,7 @@ DEFAULT_TILE_GSD, DEFAULT_TILE_SIZE = 0.125, 128
 MAX_COUNT = 100_000
 REQUEST_FILE = "request.json"
 PREVIEW_COUNT = 16
+LABEL_CHUNK = 256
 LABEL_SCHEMA_PREFIX = "https://stac-extensions.github.io/label/"
 
 
@@ -289,18 +290,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def heatmap_labels(set_dir: Path, request: TileRequest) -> list[Detections]:
-    """Boxes of every image of a synthetic set from its heat maps (none for an empty-prompt set)."""
+def heatmap_labels(set_dir: Path, request: TileRequest, names: list[str] | None = None) -> list[Detections]:
+    """Boxes of images of a synthetic set (all, or ``names``) from their heat maps (none for an empty-prompt set)."""
     from annotation.heatmap_boxes import boxes_from_heatmap
     from annotation.synthetic_set import open_synthetic_set
 
     sset = open_synthetic_set(set_dir)
+    names = sset.names if names is None else names
     if not sset.with_vehicles:
-        return [Detections.empty(with_confidence=True) for _ in sset.names]
+        return [Detections.empty(with_confidence=True) for _ in names]
     config = request.heatmap_config()
     size = sset.info.image_size
     return [boxes_from_heatmap(sset.heatmap(n, config.view, raw=config.raw_maps), config, gsd=sset.info.gsd,
-                               image_size=(size, size)) for n in sset.names]
+                               image_size=(size, size)) for n in names]
 
 
 def _detector_settings(detector: Path) -> tuple[int, float | None]:
@@ -761,40 +763,42 @@ def _build(tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain
     generate_set(model.model_dir, work, set_name, domain, req.count, base_seed=req.seed, config=config)
     header = json.loads((work / "synthetic.json").read_text())
     names = [f"{i:06d}" for i in range(req.count)]
-    rgbs = [read_rgb(work / "images" / f"{n}.png") for n in names]
-
     if req.detector is not None:
-        dets = detector_labels(rgbs, req.detector, tile_gsd, req.detector_conf)
         label_method = f"detector {req.detector.name} (confidence >= {req.detector_conf:g})"
-        hits_in_empty = 0 if req.with_vehicles else sum(1 for d in dets if len(d))
-        if not req.with_vehicles:
-            dets = [Detections.empty(with_confidence=True) for _ in names]
     else:
-        dets = heatmap_labels(work, req)
         label_method = "cross-attention heat maps (annotation.heatmap_boxes)"
-        hits_in_empty = 0
-
+    hits_in_empty = 0
     tiles: list[_Tile] = []
     all_features: list[dict] = []
     labelled_tif: list[LabelledImage] = []
     labelled_png: list[LabelledImage] = []
     previews: list[AnnotatedImage] = []
-    for i, (n, rgb, det) in enumerate(zip(names, rgbs, dets, strict=True)):
-        tile_id = f"{req.name}_{n}"
-        h, w = rgb.shape[:2]
-        det.validate(tile_id, w, h)
-        transform = synthetic_transform(i, req.count, w, h, tile_gsd)
-        tif = write_geotiff(tmp / "tiles" / f"{tile_id}.tif", rgb, transform, SYNTHETIC_CRS)
-        props = [{"tile": tile_id, "pixel_xyxy": [float(v) for v in det.xyxy[k]]} for k in range(len(det))]
-        geo = detections_to_geojson(det, transform, SYNTHETIC_CRS, properties=props, class_names=CLASS_NAMES)
-        write_geojson(tmp / "labels" / f"{tile_id}.geojson", geo)
-        all_features.extend(geo["features"])
-        labelled_tif.append(LabelledImage(tile_id, tif, det))
-        labelled_png.append(LabelledImage(tile_id, work / "images" / f"{n}.png", det))
-        if i < PREVIEW_COUNT:
-            previews.append(AnnotatedImage(tile_id, work / "images" / f"{n}.png", det,
-                                           heatmap_path=work / "heatmaps" / f"{n}.png"))
-        tiles.append(_Tile(tile_id, req.seed + i, transform, w, h, det))
+    for start in range(0, len(names), LABEL_CHUNK):  # a chunk of images in memory at a time
+        chunk = names[start : start + LABEL_CHUNK]
+        rgbs = [read_rgb(work / "images" / f"{n}.png") for n in chunk]
+        if req.detector is not None:
+            dets = detector_labels(rgbs, req.detector, tile_gsd, req.detector_conf)
+            if not req.with_vehicles:
+                hits_in_empty += sum(1 for d in dets if len(d))
+                dets = [Detections.empty(with_confidence=True) for _ in chunk]
+        else:
+            dets = heatmap_labels(work, req, chunk)
+        for i, n, rgb, det in zip(range(start, start + len(chunk)), chunk, rgbs, dets, strict=True):
+            tile_id = f"{req.name}_{n}"
+            h, w = rgb.shape[:2]
+            det.validate(tile_id, w, h)
+            transform = synthetic_transform(i, req.count, w, h, tile_gsd)
+            tif = write_geotiff(tmp / "tiles" / f"{tile_id}.tif", rgb, transform, SYNTHETIC_CRS)
+            props = [{"tile": tile_id, "pixel_xyxy": [float(v) for v in det.xyxy[k]]} for k in range(len(det))]
+            geo = detections_to_geojson(det, transform, SYNTHETIC_CRS, properties=props, class_names=CLASS_NAMES)
+            write_geojson(tmp / "labels" / f"{tile_id}.geojson", geo)
+            all_features.extend(geo["features"])
+            labelled_tif.append(LabelledImage(tile_id, tif, det))
+            labelled_png.append(LabelledImage(tile_id, work / "images" / f"{n}.png", det))
+            if i < PREVIEW_COUNT:
+                previews.append(AnnotatedImage(tile_id, work / "images" / f"{n}.png", det,
+                                               heatmap_path=work / "heatmaps" / f"{n}.png"))
+            tiles.append(_Tile(tile_id, req.seed + i, transform, w, h, det))
 
     crs_member = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}}
     write_geojson(tmp / "labels.geojson", {"type": "FeatureCollection", "crs": crs_member, "features": all_features})
