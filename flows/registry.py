@@ -325,6 +325,25 @@ class Registry:
             atomic_write_json(self.root / SEEN_FILE, seen)
 
 
+def version_rows(registry: Registry) -> list[dict]:
+    """One row per finished version for listings: name, time, AP50, decision, parent, run, production mark."""
+    prod = registry.production()
+    rows = []
+    for v in registry.list_versions():
+        m, p = v.metrics, v.provenance
+        rows.append({
+            "version": v.name,
+            "created_at": v.record.get("created_at"),
+            "ap50": m.get("ap50"),
+            "production_ap50": (m.get("production") or {}).get("ap50"),
+            "promoted": (m.get("decision") or {}).get("promote"),
+            "parent": p.get("parent_version"),
+            "run": p.get("run_id") or p.get("kind"),
+            "production": prod is not None and prod.name == v.name,
+        })
+    return rows
+
+
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``root/.lock`` for read-modify-write of the registry's files."""

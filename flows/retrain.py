@@ -621,6 +621,12 @@ class _Steps:
     use_tasks: bool = False
 
 
+def _sha_or_none(path: Path) -> str | None:
+    from data.manifest import file_sha256
+
+    return file_sha256(path) if path.is_file() else None
+
+
 def _flow_run_id() -> str | None:
     try:
         from prefect.context import get_run_context
@@ -691,6 +697,7 @@ def retrain(
         "data": {"tiles_content_sha256": tiles_manifest.get("content_sha256"),
                  "splits": {k: v.get("content_sha256") for k, v in tiles_manifest["splits"].items()},
                  "base_tiles": str(registry.evaluation.tiles),
+                 "base_manifest_sha256": _sha_or_none(registry.evaluation.tiles / "manifest.json"),
                  "evaluation_split": registry.evaluation.split},
         "stages": {str(p.parent.relative_to(work)): (stage_record(p.parent) or {}).get("key")
                    for p in sorted(work.rglob("stage_done.json"))},

@@ -14,7 +14,7 @@ import pytest
 from data.detections import Detections
 from data.errors import InputError
 from data.manifest import file_sha256
-from flows.registry import Registry
+from flows.registry import Registry, version_rows
 from flows.retrain import (
     FLAGS_FILE,
     RunSettings,
@@ -113,6 +113,10 @@ def test_registry_register_promote_list_round_trip(tmp_path, demo_tiles):
     assert {p.name: p.read_bytes() for p in v1.path.iterdir()} == before
     assert [v.name for v in reg.list_versions()] == ["v0001", "v0002", "v0004"]  # unfinished v0003 not listed
     assert not [p for p in (reg.root / "versions").iterdir() if p.name.startswith(".")]  # no temporary debris
+
+    rows = version_rows(reg)
+    assert [(r["version"], r["ap50"], r["production"]) for r in rows] == [
+        ("v0001", 0.4, False), ("v0002", 0.5, True), ("v0004", 0.1, False)]
 
     reg.mark_seen({"abc": "x.tif"}, "v0004")
     reg.mark_seen({"abc": "y.tif", "def": "z.tif"}, None)
@@ -326,7 +330,7 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(prefect
     assert prov["parent_version"] == "v0001" and prov["variant"] == "threshold"
     assert [r["sha256"] for r in prov["new_imagery"]] == [file_sha256(watch / n) for n in out["new_imagery"]]
     assert prov["flags"]["by_source"] == {"labels": 4, "detector": 4} and prov["flags"]["detector"] == "v0001"
-    assert prov["data"]["splits"]["target-train"] and prov["flow_run_id"]
+    assert prov["data"]["splits"]["target-train"] and prov["data"]["base_manifest_sha256"] and prov["flow_run_id"]
     assert set(reg.seen()) == {file_sha256(p) for p in watch.glob("*.tif")}
 
     # the evaluation split is never trained on: the candidate's training data are synthetic sets only
