@@ -126,7 +126,8 @@ class Registry:
         self.root = Path(root)
         path = self.root / REGISTRY_FILE
         if not path.is_file():
-            raise InputError(self.root, f"not a model registry (no {REGISTRY_FILE}; create one first)")
+            raise InputError(self.root, f"not a model registry (no {REGISTRY_FILE}; "
+                                        "create one from prepared tiles, e.g. --tiles)")
         try:
             self.doc = json.loads(path.read_text())
             self.evaluation = EvaluationSet(Path(self.doc["evaluation"]["tiles"]), self.doc["evaluation"]["split"])
