@@ -98,6 +98,28 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
     return out
 
 
+def _step_logger(name: str, total: int):
+    """An ``on_step`` callback that logs progress (step, loss, s/step, ETA) about 20 times per stage."""
+    import time
+
+    every = max(1, total // 20)
+    start = time.perf_counter()
+    first: list[int] = []
+
+    def on_step(step: int, losses: dict) -> None:
+        if not first:
+            first.append(step)
+        if step % every and step != total:
+            return
+        done = step - first[0] + 1
+        rate = (time.perf_counter() - start) / max(done, 1)
+        loss = losses.get("loss")
+        _logger().info("%s: step %d/%d  loss %s  %.2f s/step  ETA %.0f s", name, step, total,
+                       f"{loss:.4f}" if isinstance(loss, float) else loss, rate, rate * (total - step))
+
+    return on_step
+
+
 def split_domains(tiles: Path) -> tuple[str, str]:
     manifest = json.loads((tiles / "manifest.json").read_text())
     return manifest["splits"]["source-train"]["domain"], manifest["splits"]["target-train"]["domain"]
@@ -125,7 +147,8 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     if g.stage0.steps > 0 and autoencoder is None and g.pretrained_dir is None:
         cfg0 = Stage0Config(**common, **settings(g.stage0))
         out0, _ = run_stage("ldm/stage0", work / "ldm" / "stage0", {"stage": "0", **settings(g.stage0), **common}, upstream,
-                            lambda out: train_stage("0", cfg0, splits, out), _logger())
+                            lambda out: train_stage("0", cfg0, splits, out, on_step=_step_logger("stage 0", cfg0.steps)),
+                        _logger())
         autoencoder = out0 / "autoencoder"
         upstream["stage0"] = out0
     previous: Path | None = _repo_relative(g.pretrained_dir)
@@ -135,7 +158,8 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         cfg = cls(**common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None)
         key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": str(autoencoder)}
         out, _ = run_stage(f"ldm/stage{stage}", work / "ldm" / f"stage{stage}", key, upstream,
-                           lambda out, cfg=cfg, stage=stage: train_stage(stage, cfg, splits, out), _logger())
+                           lambda out, cfg=cfg, stage=stage: train_stage(
+                               stage, cfg, splits, out, on_step=_step_logger(f"stage {stage}", cfg.steps)), _logger())
         previous = out / "model"
         upstream = {"tiles": tiles, f"stage{stage}": out}
     if previous is None:

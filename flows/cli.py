@@ -310,6 +310,83 @@ def detect(
     Console().print(f"{n} vehicles -> {out}")
 
 
+@app.command("request")
+def request(
+    run: Annotated[Path, typer.Option(help="Adapted run folder (WORK of adapt) or a model folder.")],
+    domain: Annotated[str, typer.Option(help="Domain style: one the model knows ('source'/'target' with a run).")],
+    count: Annotated[int, typer.Option(help="Number of tiles.")],
+    name: Annotated[str, typer.Option(help="Request name (letters, digits, _ -); export is OUT/<date>_<name>.")],
+    out: Annotated[Path, typer.Option(help="Folder receiving the dated export.")] = Path("exports"),
+    vehicles: Annotated[bool, typer.Option("--vehicles/--no-vehicles", help="Tiles with vehicles, or empty tiles.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of tile 0 (tile i uses seed + i).")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    detector: Annotated[Path | None, typer.Option(help="Label with this detector .pt (conf >= 0.25) instead of heat maps.")] = None,
+) -> None:
+    """N labelled tiles in a domain's style: GeoTIFF, GeoJSON, COCO, YOLO, a STAC catalog and a preview."""
+    from flows.request import request_flow
+
+    path = request_flow(run, out, name, domain, count, with_vehicles=vehicles, seed=seed, steps=steps,
+                        guidance_scale=guidance, detector=detector)
+    Console().print(f"export: {path}")
+
+
+@app.command("retrain")
+def retrain(
+    registry: Annotated[Path, typer.Option(help="Model registry folder (made on first use with --tiles).")],
+    watch: Annotated[Path, typer.Option(help="Watched folder: new GeoTIFFs (+ <stem>.geojson labels, flags.json).")],
+    config: Annotated[Path | None, typer.Option(help="YAML adapt config of the re-adaptation.")] = None,
+    preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (default demo without --config).")] = None,
+    tiles: Annotated[Path | None, typer.Option(help="Prepared tiles: source splits + evaluation split (new registry).")] = None,
+    eval_split: Annotated[str, typer.Option(help="Evaluation split of --tiles (boxes; never trained on).")] = "target-test",
+    baseline: Annotated[Path | None, typer.Option(help="Detector .pt made production when the registry has none.")] = None,
+    flags: Annotated[str, typer.Option(help="auto (given, else production detector), given or detector.")] = "auto",
+    flag_threshold: Annotated[float, typer.Option(help="Detector confidence that flags a tile as a vehicle tile.")] = 0.25,
+    variant: Annotated[str | None, typer.Option(help="Candidate variant (default relay+source, relay, threshold).")] = None,
+) -> None:
+    """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
+    from flows.config import load_config
+    from flows.registry import version_rows
+    from flows.retrain import ensure_registry, run_retrain
+
+    cfg = load_config(config, preset=preset or (None if config else "demo"))
+    reg = ensure_registry(registry, tiles, eval_split, baseline, cfg.detection.imgsz, cfg.device)
+    result = run_retrain(reg.root, watch, cfg, flags, flag_threshold, variant)
+    table = Table(title=f"registry {reg.root} (AP50 on {reg.evaluation.split})")
+    for col in ("version", "AP50", "vs production", "promoted", "parent", "run", ""):
+        table.add_column(col)
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
+    for r in version_rows(reg):
+        table.add_row(r["version"], fmt(r["ap50"]), fmt(r["production_ap50"]), str(r["promoted"]), r["parent"] or "",
+                      r["run"] or "", "production" if r["production"] else "")
+    Console(width=max(Console().width, 100)).print(table)
+    Console().print(result["message"])
+
+
+@app.command("serve")
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML adapt config the scheduled runs use.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset when no config is given.")] = "demo",
+    watch: Annotated[Path | None, typer.Option(help="Watched folder of the retrain deployment.")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Model registry of the retrain deployment.")] = None,
+    adapt_cron: Annotated[str, typer.Option(help="Cron schedule of adapt.")] = "0 2 * * 0",
+    retrain_cron: Annotated[str, typer.Option(help="Cron schedule of retrain.")] = "0 3 * * *",
+) -> None:
+    """Register adapt, request and retrain as scheduled deployments on a Prefect server and serve them."""
+    from flows.config import load_config
+    from flows.deployments import build_deployments, serve_deployments
+
+    if (watch is None) != (registry is None):
+        raise InputError("--watch/--registry", "the retrain deployment needs both")
+    cfg = load_config(config, preset=None if config else preset)
+    deployments = build_deployments(cfg, watch, registry, adapt_cron, retrain_cron)
+    Console().print(f"serving {', '.join(d.name for d in deployments)} (Ctrl-C stops)")
+    serve_deployments(deployments)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print bad input as one line, exit non-zero."""
     apply_offline_settings()
