@@ -102,3 +102,23 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_partial_files(root: str | Path) -> int:
+    """Delete what a killed writer left below ``root``: ``.<name>.*.tmp*`` files and
+    ``.<name>.*.partial`` / ``.*.old`` folders of the writers above. Returns how many.
+
+    Only call it when no writer is active below ``root`` (e.g. before a stage resumes).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for p in sorted(root.rglob(".*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_dir() and (p.name.endswith(".partial") or p.name.endswith(".old")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+        elif p.is_file() and ".tmp" in p.name:
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data.atomic import atomic_write_json
+from data.atomic import atomic_write_json, remove_partial_files
 from data.manifest import tree_sha256
 
 STAGE_RECORD = "stage_done.json"
@@ -91,6 +91,8 @@ def run_stage(
         logger.info("stage %s: inputs changed, rebuilding", name)
         shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if remove_partial_files(out_dir):
+        logger.info("stage %s: removed partial files of an interrupted run; resuming", name)
     logger.info("stage %s: running", name)
     t0 = time.perf_counter()
     with PeakMemory() as peak:
