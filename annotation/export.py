@@ -213,7 +213,6 @@ def export_dataset(
     if len(set(names)) != len(names):
         dup = next(n for n, c in Counter(names).items() if c > 1)
         raise InputError(out_dir, f"two images named {dup!r} in one export")
-    final_root = out_dir.resolve()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         labelled: list[LabelledImage] = []
         features: list[dict] = []
@@ -242,7 +241,7 @@ def export_dataset(
                 for i in range(len(item.detections))
             ]
             features.extend(_geojson_features(item.detections, transform, props))
-        write_data_yaml(tmp / "data.yaml", final_root, "images", "images", list(class_names))
+        write_data_yaml(tmp / "data.yaml", None, "images", "images", list(class_names))
         write_coco(tmp / "annotations.json", labelled, list(class_names))
         geo_doc = {
             "type": "FeatureCollection",

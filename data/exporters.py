@@ -75,10 +75,15 @@ def write_yolo_split(out_dir: str | Path, items: Iterable[LabelledImage], link: 
 
 
 def write_data_yaml(
-    path: str | Path, root: str | Path, train: str | list[str], val: str | list[str], class_names: list[str]
+    path: str | Path, root: str | Path | None, train: str | list[str], val: str | list[str], class_names: list[str]
 ) -> Path:
-    """Write an ultralytics ``data.yaml``; split paths are relative to ``root``."""
-    doc = {"path": str(Path(root).resolve()), "train": train, "val": val, "names": dict(enumerate(class_names))}
+    """Write an ultralytics ``data.yaml``; split paths are relative to ``root``.
+
+    With ``root=None`` the file carries no ``path``: ultralytics then reads the splits relative to
+    the yaml's own folder, so the dataset can be moved or renamed (same bytes wherever it lives).
+    """
+    doc: dict = {"path": str(Path(root).resolve())} if root is not None else {}
+    doc.update({"train": train, "val": val, "names": dict(enumerate(class_names))})
     atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
     return Path(path)
 

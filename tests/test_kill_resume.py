@@ -27,8 +27,11 @@ KILL_CONFIG["annotation"]["relay"]["enabled"] = False
 KILL_CONFIG["detection"]["oracle"] = False
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+def _sha(p: Path, work: Path) -> str:
+    data = p.read_bytes()
+    if p.suffix in (".json", ".yaml", ".txt", ".geojson"):  # the run folder's own path is allowed to differ
+        data = data.replace(str(work).encode(), b"WORK")
+    return hashlib.sha256(data).hexdigest()
 
 
 def deterministic_outputs(work: Path) -> dict[str, str]:
@@ -40,7 +43,7 @@ def deterministic_outputs(work: Path) -> dict[str, str]:
     keep += sorted((work / "synthetic").rglob("*"))
     keep += sorted((work / "annotation").glob("*/dataset/**/*"))
     keep += sorted((work / "detectors").glob("*/*/metrics.json"))
-    return {str(p.relative_to(work)): _sha(p) for p in keep if p.is_file()}
+    return {str(p.relative_to(work)): _sha(p, work) for p in keep if p.is_file() and p.name != "stage_done.json"}
 
 
 def partial_files(work: Path) -> list[Path]:
