@@ -100,7 +100,7 @@ class AttentionStore:
         maps = maps.transpose(1, 2)  # (B, K, Nq)
         mh, mw = self.map_shape(n_query)
         if self.keep_layer_maps:
-            self.layer_maps.append(maps)
+            self.layer_maps.append(maps.float())  # losses in fp32 even under fp16/bf16 autocast
             self.layer_sides.append((mh, mw))
             return
         with torch.no_grad():

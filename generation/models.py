@@ -178,7 +178,7 @@ def save_kl_autoencoder(codec: KLCodec, out_dir: Path, metrics: dict | None = No
     """Write a trained ``AutoencoderKL`` (config, weights, latent scaling) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output_path(out_dir / "autoencoder.safetensors", ".safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in codec.module.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in codec.module.state_dict().items()}, str(tmp))
     doc = {"kind": "kl", "config": dict(codec.module.config), "scaling": codec.scaling, "metrics": metrics or {}}
     atomic_write_json(out_dir / AUTOENCODER_FILE, doc)
     return out_dir
@@ -269,8 +269,20 @@ class LDM:
         return enc.input_ids
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """Text embeddings ``(B, L, D)`` for token ids."""
-        return self.text_encoder(ids)[0]
+        """Text embeddings ``(B, L, D)`` for token ids (moved to the text encoder's device)."""
+        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0]
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the UNet's weights (every component is kept on the same one)."""
+        return next(self.unet.parameters()).device
+
+    def to(self, device: torch.device | str) -> LDM:
+        """Move UNet, text encoder and autoencoder to ``device`` in place (no-op when already there)."""
+        device = torch.device(device)
+        for module in (self.unet, self.text_encoder, self.codec.module):
+            module.to(device)
+        return self
 
     def token_id(self, token: str) -> int:
         """Vocabulary id of a whole word or learned token.
@@ -465,7 +477,7 @@ def save_ldm(ldm: LDM, out_dir: str | Path, unet_state: dict[str, torch.Tensor] 
     state = unet_state if unet_state is not None else ldm.unet.state_dict()
     for name, sd in (("unet", state), ("text_encoder", ldm.text_encoder.state_dict())):
         with atomic_output_path(out_dir / f"{name}.safetensors", ".safetensors") as tmp:
-            save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
     ae_dir = ldm.autoencoder_dir
     if ldm.codec.kind == "kl" and ldm.spec.preset != "pretrained" and ae_dir is None:
         save_kl_autoencoder(ldm.codec, out_dir / "autoencoder")  # type: ignore[arg-type]

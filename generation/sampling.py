@@ -19,6 +19,14 @@ for ``tiny``), resized bilinearly to the largest of these sides, and over all de
 running sum has a fixed size, so memory does not grow with steps. A token absent from the prompt
 (the empty set has no "cars") gives a zero map.
 
+Device: ``SamplingConfig.device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"N"``) is where the model
+runs; it is moved there (a given :class:`LDM` in place). The starting noise of image ``i`` is still
+drawn on the CPU from seed ``base_seed + i`` and then moved, so an image depends on its seed alone
+on any device (CPU and CUDA bytes differ, by floating-point arithmetic). ``mixed_precision``
+(``"fp16"``/``"bf16"``, CUDA only, refused on CPU) autocasts the UNet and text encoder; the
+autoencoder decodes in fp32. The device is not recorded in ``synthetic.json`` (shards of one set may
+come from different machines); a mixed precision other than ``"no"`` is, under ``sampling``.
+
 Shards are index ranges of ``shard_size`` images; a shard is finished when its manifest exists and
 its files match their hashes, so a rerun skips finished shards and redoes the others (no gap, no
 duplicate), and different processes may run different shards of one set.
@@ -45,6 +53,7 @@ from data.errors import InputError
 from data.imageio import write_png
 from data.tileset import LabelledTileSplit, open_split
 from generation.attention import AttentionStore, capturing, default_capture_sides
+from generation.device import autocast, check_mixed_precision, resolve_device
 from generation.models import LDM, load_ldm, noise_schedule, token_positions
 from generation.vocab import VEHICLE_TOKEN, background_token
 
@@ -78,6 +87,8 @@ class SamplingConfig:
         save_raw_maps: also write ``maps/*.npy``.
         gsd: ground sample distance of the generated images (m/px), recorded in ``synthetic.json``.
         progress: show a progress bar.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a GPU index ``"N"``.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast on CUDA (refused on CPU).
     """
 
     steps: int = 50
@@ -92,6 +103,8 @@ class SamplingConfig:
     save_raw_maps: bool = False
     gsd: float = 0.125
     progress: bool = True
+    device: str = "cpu"
+    mixed_precision: str = "no"
 
 
 @dataclass
@@ -156,6 +169,7 @@ def denoise(
     guidance_scale: float,
     capture_sides: set[int] | None,
     start_index: int = 0,
+    mixed_precision: str = "no",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the reverse process with cross-attention capture.
 
@@ -169,6 +183,8 @@ def denoise(
         guidance_scale: classifier-free guidance scale.
         capture_sides: layer map sides to aggregate.
         start_index: skip the first steps (translation).
+        mixed_precision: ``"fp16"``/``"bf16"`` autocast of the text encoder and UNet when ``latents``
+            are on CUDA (``"no"``: full precision).
 
     Returns:
         Final latents and the mean maps ``(B, K, S, S)``.
@@ -177,19 +193,22 @@ def denoise(
     timesteps = scheduler.timesteps[start_index:]
     if start_index and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start_index)
-    cond = ldm.encode_text(ids)
-    guided = guidance_scale != 1.0
-    if guided:
-        uncond = ldm.encode_text(ldm.token_ids([""] * len(ids)))
-        context = torch.cat([uncond, cond])
-    else:
-        context = cond
+    amp = autocast(latents.device, mixed_precision)
+    with amp:
+        cond = ldm.encode_text(ids)
+        guided = guidance_scale != 1.0
+        if guided:
+            uncond = ldm.encode_text(ldm.token_ids([""] * len(ids)))
+            context = torch.cat([uncond, cond])
+        else:
+            context = cond
     store = AttentionStore(positions, tuple(latents.shape[-2:]), capture_sides, conditional_half=guided)
     with capturing(ldm.unet, store):
         for t in timesteps:
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = ldm.unet(model_in, t, context).sample
+            with amp:
+                eps = ldm.unet(model_in, t, context).sample.float()
             if guided:
                 e_uncond, e_cond = eps.chunk(2)
                 eps = e_uncond + guidance_scale * (e_cond - e_uncond)
@@ -200,7 +219,7 @@ def denoise(
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, H, W, 3)`` uint8."""
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).numpy()
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def heatmaps(maps: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +234,7 @@ def heatmaps(maps: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
         then min-max normalised)
         and ``(B, 3, size, size)`` float32 raw maps resized to the image.
     """
-    raw = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+    raw = F.interpolate(maps.float().cpu(), size=(size, size), mode="bilinear", align_corners=False)
     flat = raw.flatten(2)
     lo, hi = flat.amin(dim=2)[..., None, None], flat.amax(dim=2)[..., None, None]
     span = hi - lo
@@ -325,10 +344,17 @@ def _write_output(path: Path, content: object) -> None:
         atomic_write_text(path, str(content))
 
 
-def _model(model: LDM | str | Path) -> LDM:
+def _runtime(config: SamplingConfig) -> tuple[torch.device, str]:
+    """The parsed device and mixed precision of a sampling config (checked before any work)."""
+    owner = type(config).__name__
+    device = resolve_device(config.device, f"{owner}.device")
+    return device, check_mixed_precision(config.mixed_precision, device, f"{owner}.mixed_precision")
+
+
+def _model(model: LDM | str | Path, device: torch.device) -> LDM:
     ldm = model if isinstance(model, LDM) else load_ldm(model)
     ldm.unet.eval()
-    return ldm
+    return ldm.to(device)
 
 
 def _use_tokens(ldm: LDM, config: SamplingConfig) -> bool:
@@ -337,7 +363,10 @@ def _use_tokens(ldm: LDM, config: SamplingConfig) -> bool:
 
 def _sampling_header(config: SamplingConfig) -> dict:
     keep = ("steps", "guidance_scale", "scheduler", "capture_tokens", "capture_sides", "save_raw_maps")
-    return {k: v for k, v in asdict(config).items() if k in keep}
+    header = {k: v for k, v in asdict(config).items() if k in keep}
+    if config.mixed_precision != "no":  # full precision keeps the header of sets written before this field
+        header["mixed_precision"] = config.mixed_precision
+    return header
 
 
 # ----------------------------------------------------------------------------- generation
@@ -375,7 +404,8 @@ def generate_set(
         raise InputError("set_name", f"unknown set {set_name!r}; choose one of {sorted(SETS)}")
     if count < 1:
         raise InputError("count", "at least one image")
-    ldm = _model(model)
+    device, precision = _runtime(config)
+    ldm = _model(model, device)
     ldm.check_domain(domain)
     size = config.image_size or ldm.spec.image_size
     _check_size(ldm, size)
@@ -402,7 +432,7 @@ def generate_set(
     }
 
     def make_batch(indices: list[int]) -> list[dict[str, object]]:
-        noise = _seed_noise(ldm, indices, base_seed, side) * scheduler.init_noise_sigma
+        noise = (_seed_noise(ldm, indices, base_seed, side) * scheduler.init_noise_sigma).to(device)
         n = len(indices)
         latents, maps = denoise(
             ldm,
@@ -413,6 +443,7 @@ def generate_set(
             config.steps,
             config.guidance_scale,
             sides,
+            mixed_precision=precision,
         )
         with torch.no_grad():
             images = to_uint8(ldm.codec.decode(latents))
@@ -470,7 +501,8 @@ def translate_split(
     split = open_split(Path(source_split))
     if not isinstance(split, LabelledTileSplit):
         raise InputError(source_split, "translation needs a labelled source split (this one is weak)")
-    ldm = _model(model)
+    device, precision = _runtime(config)
+    ldm = _model(model, device)
     ldm.check_domain(domain)
     size = config.image_size or ldm.spec.image_size
     _check_size(ldm, size)
@@ -521,8 +553,8 @@ def translate_split(
         scheduler.set_timesteps(config.steps)
         t_start = scheduler.timesteps[start_index]
         with torch.no_grad():
-            clean = ldm.codec.encode(x)
-        noise = _seed_noise(ldm, indices, base_seed, side)
+            clean = ldm.codec.encode(x.to(device))
+        noise = _seed_noise(ldm, indices, base_seed, side).to(device)
         noisy = scheduler.add_noise(clean, noise, t_start.repeat(len(indices)))
         n = len(indices)
         latents, maps = denoise(
@@ -535,6 +567,7 @@ def translate_split(
             config.guidance_scale,
             sides,
             start_index=start_index,
+            mixed_precision=precision,
         )
         with torch.no_grad():
             images = to_uint8(ldm.codec.decode(latents))

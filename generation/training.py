@@ -14,6 +14,38 @@ Each stage writes ``OUT/`` with ``model/`` (or ``autoencoder/`` for stage 0), ``
 and on SIGINT/SIGTERM). ``resume=True`` continues from the checkpoint; on CPU the result is
 bit-identical to an uninterrupted run with the same seed (RNG states, data order position,
 optimizer and EMA are in the checkpoint).
+
+Device (see :mod:`generation.device`): ``StageConfig.device`` is ``"cpu"`` (default), ``"cuda"``,
+``"cuda:N"`` or ``"N"``; models and batches move there, while data order and noise still come from
+CPU generators seeded by ``seed`` (so the CPU path is exactly what it was). ``mixed_precision``
+(``"no"``/``"fp16"``/``"bf16"``, CUDA only, refused on CPU) autocasts the UNet and text encoder of
+stages A/B/C; stage 0 trains the autoencoder in fp32 whatever it says. Neither field is part of
+the resume fingerprint: a checkpoint (always loaded with ``map_location="cpu"``) may be resumed on
+another device or precision; only the same device and precision give bit-identical results.
+
+Multi-GPU fine-tuning (DDP through ``accelerate``)::
+
+    accelerate launch --num_processes 4 -m generation.train_cli --stage A --config stage.yaml \
+        --split tiles/source-train --split tiles/target-train --out runs/ldm/stageA
+
+(``stage.yaml``: StageConfig fields, e.g. ``{steps: 2000, batch_size: 8, device: cuda,
+mixed_precision: fp16}``; ``--num_processes N --cpu`` with ``device: cpu`` runs DDP over gloo.)
+When ``WORLD_SIZE > 1`` the stage builds an ``accelerate.Accelerator`` (its ``mixed_precision`` is
+forced to ``"no"``: precision comes from the config, not from ``accelerate launch`` flags), each
+process uses its own GPU (``cuda:LOCAL_RANK``; the index in ``device`` is ignored), and the UNet
+(the autoencoder in stage 0) and its optimizer go through ``accelerator.prepare`` (DDP).
+``batch_size`` is per process: every process draws the same global batch of
+``batch_size * world_size`` tiles and noise from the shared seeded generators and keeps its own
+slice, gradients are averaged by ``accelerator.backward`` (the stage-B token embedding, outside
+DDP, is all-reduced explicitly), logged losses are the mean over processes, a SIGINT/SIGTERM on any
+process stops all of them after the same step, and only rank 0 writes checkpoints, ``losses.csv``,
+the model and ``stage.json``. Single-process runs (the default, and every CPU test) never create
+an Accelerator.
+
+Not guaranteed: bit-identical results between world sizes (a W-process run is the single-process
+run with ``batch_size * W`` up to floating-point reduction order), bit-identical resume of a
+checkpoint under a different world size or device (it resumes, with the same data order and
+noise, but not the same bytes), and identical bytes between CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -42,6 +74,7 @@ from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
 from data.errors import InputError
 from data.tileset import open_split
 from generation.attention import AttentionStore, attention_losses, capturing
+from generation.device import Runtime, make_runtime
 from generation.models import (
     LDM,
     KLCodec,
@@ -91,6 +124,9 @@ class StageConfig:
         max_tiles_per_split: use at most this many tiles of each split (evenly spaced).
         holdout_every: stage 0 holds out every n-th tile for the PSNR report.
         progress: show a progress bar.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a GPU index ``"N"`` (not part of the fingerprint).
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast on CUDA (refused on CPU; not part of
+            the fingerprint).
     """
 
     preset: str = "tiny"
@@ -115,10 +151,16 @@ class StageConfig:
     max_tiles_per_split: int | None = None
     holdout_every: int = 10
     progress: bool = True
+    device: str = "cpu"
+    mixed_precision: str = "no"
 
     def fingerprint(self) -> dict:
-        """The fields that must not change between a checkpoint and its resumption."""
-        skip = {"steps", "checkpoint_every", "progress"}
+        """The fields that must not change between a checkpoint and its resumption.
+
+        ``device`` and ``mixed_precision`` say where and how to compute, not what: a run may resume
+        on another device, so they are left out (as are ``steps``, ``checkpoint_every``, ``progress``).
+        """
+        skip = {"steps", "checkpoint_every", "progress", "device", "mixed_precision"}
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
 
@@ -335,13 +377,17 @@ class _Job:
     noise: torch.Generator
     micro_step: Callable[[list[int]], dict[str, torch.Tensor]]
     after_step: Callable[[], None] = lambda: None
+    runtime: Runtime = field(default_factory=lambda: Runtime(torch.device("cpu")))
+    ddp_model: torch.nn.Module | None = None
+    sync_params: list[torch.nn.Parameter] = field(default_factory=list)
 
 
 def _optimise(job: _Job, resume: bool, on_step: Callable[[int, dict], None] | None) -> EMA | None:
     """The shared loop: micro-batches, accumulation, clipping, EMA, checkpoints, CSV, progress, signals."""
-    cfg = job.config
+    cfg, rt = job.config, job.runtime
     ckpt_path = job.out_dir / CHECKPOINT
     ema = EMA(job.trainable, cfg.ema_decay) if cfg.ema_decay else None
+    scaler = rt.grad_scaler()
     rows: list[dict] = []
     step = 0
     if resume and ckpt_path.is_file():
@@ -350,12 +396,16 @@ def _optimise(job: _Job, resume: bool, on_step: Callable[[int, dict], None] | No
             module.load_state_dict(state["modules"][name])
         job.optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
-            ema.shadow = state["ema"]
+            ema.shadow = {n: v.to(job.trainable[n].device) for n, v in state["ema"].items()}
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], job.sampler, job.noise)
         rows = list(state["rows"])
         step = int(state["step"])
 
     def checkpoint() -> None:
+        if not rt.is_main:
+            return
         _save_checkpoint(
             ckpt_path,
             {
@@ -367,27 +417,43 @@ def _optimise(job: _Job, resume: bool, on_step: Callable[[int, dict], None] | No
                 "ema": None if ema is None else ema.shadow,
                 "rng": _rng_state(job.sampler, job.noise),
                 "rows": rows,
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "world_size": rt.world,
             },
         )
         _write_csv(job.out_dir / LOSSES_CSV, rows)
 
     params = list(job.trainable.values())
-    bar = _progress(cfg.steps, step, cfg.progress, f"stage {job.stage}")
+    bar = _progress(cfg.steps, step, cfg.progress and rt.is_main, f"stage {job.stage}")
     start, start_step = time.perf_counter(), step
     try:
         with _StopFlag() as stop:
             while step < cfg.steps:
                 job.optimizer.zero_grad(set_to_none=True)
                 totals: dict[str, float] = {}
-                for _ in range(cfg.grad_accum):
-                    losses = job.micro_step(job.sampler.batch(cfg.batch_size))
-                    (losses["loss"] / cfg.grad_accum).backward()
+                for micro in range(cfg.grad_accum):
+                    # every process draws the same global batch and keeps its own slice (micro_step)
+                    batch = job.sampler.batch(cfg.batch_size * rt.world)
+                    with rt.no_sync(job.ddp_model, micro < cfg.grad_accum - 1):
+                        losses = job.micro_step(batch)
+                        rt.backward(losses["loss"] / cfg.grad_accum, scaler)
                     for k, v in losses.items():
                         totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                if rt.distributed:
+                    for p in job.sync_params:
+                        if p.grad is not None:
+                            p.grad.copy_(rt.mean_over_processes(p.grad))
+                    totals = rt.mean_values(totals)
                 if not np.isfinite(totals["loss"]):
                     raise FloatingPointError(f"stage {job.stage}: loss is {totals['loss']} at step {step}")
+                if scaler is not None:
+                    scaler.unscale_(job.optimizer)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
-                job.optimizer.step()
+                if scaler is not None:
+                    scaler.step(job.optimizer)
+                    scaler.update()
+                else:
+                    job.optimizer.step()
                 job.after_step()
                 if ema is not None:
                     ema.update(job.trainable)
@@ -400,9 +466,12 @@ def _optimise(job: _Job, resume: bool, on_step: Callable[[int, dict], None] | No
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, totals)
-                if stop.signum is not None or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                stopping = rt.any_process(stop.signum is not None)
+                if stopping or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint()
-                stop.raise_if_set()
+                if stopping:
+                    stop.raise_if_set()
+                    raise KeyboardInterrupt("training stopped: another process was interrupted (checkpoint written)")
     finally:
         bar.close()
     return ema
@@ -426,8 +495,9 @@ def _ema_swapped(job: _Job, ema: EMA | None) -> Iterator[None]:
                 p.copy_(saved[n])
 
 
-def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+def _adamw(groups: list[dict], device: torch.device | None = None) -> torch.optim.Optimizer:
+    foreach = False if device is None or device.type == "cpu" else None  # None: torch's default (foreach on CUDA)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=foreach)
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -439,15 +509,31 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def reconstruction_psnr(codec, images: torch.Tensor, batch: int = 16) -> float:
-    """Mean PSNR of ``decode(encode(x))`` over images in ``[-1, 1]``."""
+    """Mean PSNR of ``decode(encode(x))`` over images in ``[-1, 1]`` (on the codec's device)."""
+    device = next(codec.module.parameters()).device
     values = []
     for i in range(0, len(images), batch):
-        x = images[i : i + batch]
+        x = images[i : i + batch].to(device)
         values.append(psnr(codec.decode(codec.encode(x)), x))
     return float(np.mean(values))
 
 
-def _stage0(config: Stage0Config, splits: Sequence[Path], out_dir: Path, resume: bool, on_step) -> Path:
+class _AutoencoderStep(torch.nn.Module):
+    """Encode, sample with given noise, decode: one forward for DDP to wrap in stage 0."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.vae.encode(x).latent_dist
+        z = post.mean + post.std * eps
+        return self.vae.decode(z).sample, post.kl()
+
+
+def _stage0(
+    config: Stage0Config, splits: Sequence[Path], out_dir: Path, resume: bool, on_step, runtime: Runtime
+) -> Path:
     spec = resolve_spec(config.preset, config.domains)
     tiles = load_tiles(splits, spec.image_size, config.max_tiles_per_split)
     n = len(tiles.names)
@@ -457,28 +543,50 @@ def _stage0(config: Stage0Config, splits: Sequence[Path], out_dir: Path, resume:
         torch.manual_seed(config.seed)
         codec = load_codec(None, spec.autoencoder_kl)
     assert isinstance(codec, KLCodec)
-    vae = codec.module.train().requires_grad_(True)
+    device = runtime.device
+    vae = codec.module.train().requires_grad_(True).to(device)
     trainable = dict(vae.named_parameters())
-    optimizer = _adamw([{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": 0.0}])
+    optimizer = _adamw([{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": 0.0}], device)
+    step_module, optimizer = runtime.prepare(_AutoencoderStep(vae), optimizer)
     sampler = BalancedSampler({("all", True): train}, config.seed)
     noise = torch.Generator().manual_seed(config.seed + 1)
+    side = spec.image_size // codec.factor
+    latent_shape = (codec.latent_channels, side, side)
 
     def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
-        x = tiles.images[idx]
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=noise)
-        rec = vae.decode(z).sample
+        eps = torch.randn((len(idx), *latent_shape), generator=noise)  # CPU noise for the global batch
+        part = runtime.local_part(len(idx))
+        x = tiles.images[idx[part]].to(device)
+        rec, kl = step_module(x, eps[part].to(device))
         l_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        l_kl = post.kl().mean() / x[0].numel()
+        l_kl = kl.mean() / x[0].numel()
         return {"loss": l_rec + config.kl_weight * l_kl, "loss_ldm": l_rec}
 
-    job = _Job("0", config, out_dir, {"autoencoder": vae}, trainable, optimizer, sampler, noise, micro_step)
+    job = _Job(
+        "0",
+        config,
+        out_dir,
+        {"autoencoder": vae},
+        trainable,
+        optimizer,
+        sampler,
+        noise,
+        micro_step,
+        runtime=runtime,
+        ddp_model=step_module if runtime.distributed else None,
+    )
     ema = _optimise(job, resume, on_step)
+    if not runtime.is_main:
+        runtime.wait()
+        return out_dir / "autoencoder"
     with _ema_swapped(job, ema):
         vae.eval().requires_grad_(False)
         with torch.no_grad():
             latents = torch.cat(
-                [vae.encode(tiles.images[train[i : i + 16]]).latent_dist.mode() for i in range(0, len(train), 16)]
+                [
+                    vae.encode(tiles.images[train[i : i + 16]].to(device)).latent_dist.mode()
+                    for i in range(0, len(train), 16)
+                ]
             )
         codec.scaling = float(1.0 / max(latents.std().item(), 1e-6))
         held_images = tiles.images[held] if held else tiles.images[train]
@@ -491,8 +599,11 @@ def _stage0(config: Stage0Config, splits: Sequence[Path], out_dir: Path, resume:
         target = out_dir / "autoencoder"
         save_kl_autoencoder(codec, target, metrics)
     atomic_write_json(
-        out_dir / STAGE_FILE, {"stage": "0", "config": config.fingerprint(), "steps": config.steps, "metrics": metrics}
+        out_dir / STAGE_FILE,
+        {"stage": "0", "config": config.fingerprint(), "steps": config.steps, "metrics": metrics}
+        | _runtime_record(config, runtime),
     )
+    runtime.wait()
     return target
 
 
@@ -535,7 +646,8 @@ def _prepare_model(stage: str, config: StageConfig, split_domains: Sequence[str]
     return ldm
 
 
-def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path) -> torch.Tensor:
+def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path, runtime: Runtime | None = None) -> torch.Tensor:
+    """Latents of every tile (kept on the CPU), cached in ``cache`` (written by rank 0 only)."""
     key = f"{tiles.digest()}-{ldm.codec.kind}-{ldm.codec.scaling:.6g}-{ldm.autoencoder_dir}"
     if cache.is_file():
         try:
@@ -544,20 +656,26 @@ def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path) -> torch.Tensor:
                 return doc["latents"]
         except Exception:  # a damaged cache is rebuilt
             pass
+    device = next(ldm.codec.module.parameters()).device
     with torch.no_grad():
-        latents = torch.cat([ldm.codec.encode(tiles.images[i : i + 16]) for i in range(0, len(tiles.names), 16)])
-    with atomic_output_path(cache, ".pt") as tmp:
-        torch.save({"key": key, "latents": latents}, tmp)
+        latents = torch.cat(
+            [ldm.codec.encode(tiles.images[i : i + 16].to(device)).cpu() for i in range(0, len(tiles.names), 16)]
+        )
+    if runtime is None or runtime.is_main:
+        with atomic_output_path(cache, ".pt") as tmp:
+            torch.save({"key": key, "latents": latents}, tmp)
     return latents
 
 
 def _diffusion_stage(
-    stage: str, config: StageConfig, splits: Sequence[Path], out_dir: Path, resume: bool, on_step
+    stage: str, config: StageConfig, splits: Sequence[Path], out_dir: Path, resume: bool, on_step, runtime: Runtime
 ) -> Path:
     split_domains = sorted({open_split(Path(s)).info.domain for s in splits})
     ldm = _prepare_model(stage, config, split_domains)
+    device = runtime.device
+    ldm.codec.module.to(device)
     tiles = load_tiles(splits, ldm.spec.image_size, config.max_tiles_per_split)
-    latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt")
+    latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt", runtime)
     del tiles.images
     learned = stage in ("B", "C")
     n = len(tiles.names)
@@ -601,49 +719,60 @@ def _diffusion_stage(
     else:
         unet.requires_grad_(True)
     unet.train()
+    # LoRA adapters are created (from the CPU generator) before the move, so CPU and CUDA start alike
+    unet.to(device)
+    text_encoder.to(device)
+    positions = positions.to(device)
     trainable = {f"unet.{n_}": p for n_, p in unet.named_parameters() if p.requires_grad}
     groups_opt = [{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": config.weight_decay}]
     embedding = text_encoder.get_input_embeddings().weight
     train_tokens = stage == "B"
     token_rows = [v1_id] + [bg_ids[d] for d in split_domains]
-    frozen_rows = torch.ones(embedding.shape[0], dtype=torch.bool)
+    frozen_rows = torch.ones(embedding.shape[0], dtype=torch.bool, device=device)
     frozen_rows[token_rows] = False
     embedding_init = embedding.detach().clone()
     if train_tokens:
         embedding.requires_grad_(True)
         trainable["text_encoder.token_embedding"] = embedding
         groups_opt.append({"params": [embedding], "lr": config.token_learning_rate, "weight_decay": 0.0})
-    optimizer = _adamw(groups_opt)
+    optimizer = _adamw(groups_opt, device)
+    unet_forward, optimizer = runtime.prepare(unet, optimizer)
 
     schedule = DDPMScheduler(**noise_schedule(ldm))
-    alphas = schedule.alphas_cumprod
+    alphas = schedule.alphas_cumprod.to(device)
     cached_text: dict[int, torch.Tensor] = {}
     latent_hw = tuple(latents.shape[-2:])
 
     def text_embeddings(idx: list[int]) -> torch.Tensor:
         if train_tokens:
-            return text_encoder(ids[idx])[0]
+            return text_encoder(ids[idx].to(device))[0]
         with torch.no_grad():
             for i in idx:
                 if i not in cached_text:
-                    cached_text[i] = text_encoder(ids[i : i + 1])[0][0]
+                    cached_text[i] = text_encoder(ids[i : i + 1].to(device))[0][0]
         return torch.stack([cached_text[i] for i in idx])
 
     def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
-        x0 = latents[idx]
-        eps = torch.randn(x0.shape, generator=noise)
+        # noise and timesteps come from the CPU generator for the whole (global) batch, then move
+        eps = torch.randn((len(idx), *latents.shape[1:]), generator=noise)
         t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=noise)
+        part = runtime.local_part(len(idx))
+        idx, eps, t = idx[part], eps[part].to(device), t[part].to(device)
+        x0 = latents[idx].to(device)
         noisy = schedule.add_noise(x0, eps, t)
-        cond = text_embeddings(idx)
+        with runtime.autocast():
+            cond = text_embeddings(idx)
+            if learned:
+                store = AttentionStore(positions[idx], latent_hw, keep_layer_maps=True)
+                with capturing(unet, store):
+                    pred = unet_forward(noisy, t, cond, return_dict=False)[0]
+            else:
+                pred = unet_forward(noisy, t, cond, return_dict=False)[0]
         if learned:
-            store = AttentionStore(positions[idx], latent_hw, keep_layer_maps=True)
-            with capturing(unet, store):
-                pred = unet(noisy, t, cond).sample
             l_obj, l_bg = attention_losses(store)
         else:
-            pred = unet(noisy, t, cond).sample
-            l_obj = l_bg = torch.zeros(())
-        per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+            l_obj = l_bg = torch.zeros((), device=device)
+        per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = alphas[t] / (1 - alphas[t])
             per_sample = per_sample * torch.clamp(snr, max=config.min_snr_gamma) / snr
@@ -659,8 +788,25 @@ def _diffusion_stage(
     modules: dict[str, torch.nn.Module] = {"unet": unet}
     if train_tokens:
         modules["text_encoder"] = text_encoder
-    job = _Job(stage, config, out_dir, modules, trainable, optimizer, sampler, noise, micro_step, after_step)
+    job = _Job(
+        stage,
+        config,
+        out_dir,
+        modules,
+        trainable,
+        optimizer,
+        sampler,
+        noise,
+        micro_step,
+        after_step,
+        runtime=runtime,
+        ddp_model=unet_forward if runtime.distributed else None,
+        sync_params=[embedding] if train_tokens else [],
+    )
     ema = _optimise(job, resume, on_step)
+    if not runtime.is_main:
+        runtime.wait()
+        return out_dir / "model"
     with _ema_swapped(job, ema):
         unet_state = _merged_unet_state(unet, lora)
         embedding.requires_grad_(False)
@@ -675,9 +821,24 @@ def _diffusion_stage(
     metrics = {"tiles": n, "token_embedding_change": moved, "final_loss": _last_logged_loss(out_dir)}
     atomic_write_json(
         out_dir / STAGE_FILE,
-        {"stage": stage, "config": config.fingerprint(), "steps": config.steps, "metrics": metrics},
+        {"stage": stage, "config": config.fingerprint(), "steps": config.steps, "metrics": metrics}
+        | _runtime_record(config, runtime),
     )
+    runtime.wait()
     return target
+
+
+def _runtime_record(config: StageConfig, runtime: Runtime) -> dict:
+    """``{"runtime": ...}`` for ``stage.json`` when the stage ran anywhere but one CPU process, else ``{}``."""
+    if runtime.device.type == "cpu" and runtime.mixed_precision == "no" and not runtime.distributed:
+        return {}
+    return {
+        "runtime": {
+            "device": str(config.device),
+            "mixed_precision": runtime.mixed_precision,
+            "world_size": runtime.world,
+        }
+    }
 
 
 def _last_logged_loss(out_dir: Path) -> float | None:
@@ -724,6 +885,8 @@ def train_stage(
         raise InputError("train_splits", "no training split given")
     if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1 or config.checkpoint_every < 1:
         raise InputError("config", "steps, batch_size, grad_accum and checkpoint_every must be positive")
+    owner = f"{type(config).__name__}"
+    runtime = make_runtime(config.device, config.mixed_precision, owner)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -742,5 +905,6 @@ def train_stage(
             out_dir,
             resume,
             on_step,
+            runtime,
         )
-    return _diffusion_stage(stage, config, train_splits, out_dir, resume, on_step)
+    return _diffusion_stage(stage, config, train_splits, out_dir, resume, on_step, runtime)
