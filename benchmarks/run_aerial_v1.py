@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -38,7 +40,10 @@ def collect(work: Path, config: dict, wall_seconds: float | None) -> dict:
     stages = {}
     for rec in sorted(work.rglob("stage_done.json")):
         doc = json.loads(rec.read_text())
-        stages[str(rec.parent.relative_to(work))] = {"seconds": doc.get("seconds"), "peak_rss_mb": doc.get("peak_rss_mb")}
+        stages[str(rec.parent.relative_to(work))] = {
+            "seconds": doc.get("seconds"),
+            "peak_rss_mb": doc.get("peak_rss_mb"),
+        }
     variants = {}
     for row in report["variants"]:
         variants[row["variant"]] = {

@@ -28,7 +28,15 @@ from data.geo import detections_to_geojson
 from data.prepare import PrepareSpec, SplitSpec
 from data.rasters import write_geotiff
 
-CAR_COLOURS = [(235, 235, 235), (25, 25, 28), (160, 162, 168), (170, 30, 30), (30, 60, 150), (95, 95, 100), (200, 180, 60)]
+CAR_COLOURS = [
+    (235, 235, 235),
+    (25, 25, 28),
+    (160, 162, 168),
+    (170, 30, 30),
+    (30, 60, 150),
+    (95, 95, 100),
+    (200, 180, 60),
+]
 
 
 @dataclass
@@ -64,7 +72,9 @@ def _texture(rng, h, w, base, amp=18.0) -> np.ndarray:
 
 def _rot_rect(cx, cy, length, width, angle) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
-    pts = np.array([[-length / 2, -width / 2], [length / 2, -width / 2], [length / 2, width / 2], [-length / 2, width / 2]])
+    pts = np.array(
+        [[-length / 2, -width / 2], [length / 2, -width / 2], [length / 2, width / 2], [-length / 2, width / 2]]
+    )
     rot = pts @ np.array([[c, s], [-s, c]])
     return rot + np.array([cx, cy])
 
@@ -89,17 +99,30 @@ def _draw_vehicle(img, rng, cx, cy, angle, gsd, boxes, occupied) -> bool:
     colour = np.array(CAR_COLOURS[rng.integers(len(CAR_COLOURS))], np.float32) * rng.uniform(0.85, 1.1)
     cv2.fillPoly(img, [np.round(poly * 8).astype(np.int32)], colour.tolist(), lineType=cv2.LINE_AA, shift=3)
     # windscreen and roof: darker band towards the front, lighter roof panel
-    front = _rot_rect(cx + math.cos(angle) * length * 0.18, cy + math.sin(angle) * length * 0.18, length * 0.12, width * 0.85, angle)
+    front = _rot_rect(
+        cx + math.cos(angle) * length * 0.18, cy + math.sin(angle) * length * 0.18, length * 0.12, width * 0.85, angle
+    )
     cv2.fillPoly(img, [np.round(front * 8).astype(np.int32)], (30, 35, 45), lineType=cv2.LINE_AA, shift=3)
-    roof = _rot_rect(cx - math.cos(angle) * length * 0.08, cy - math.sin(angle) * length * 0.08, length * 0.32, width * 0.7, angle)
-    cv2.fillPoly(img, [np.round(roof * 8).astype(np.int32)], (colour * 1.08).clip(0, 255).tolist(), lineType=cv2.LINE_AA, shift=3)
+    roof = _rot_rect(
+        cx - math.cos(angle) * length * 0.08, cy - math.sin(angle) * length * 0.08, length * 0.32, width * 0.7, angle
+    )
+    cv2.fillPoly(
+        img, [np.round(roof * 8).astype(np.int32)], (colour * 1.08).clip(0, 255).tolist(), lineType=cv2.LINE_AA, shift=3
+    )
     boxes.append([max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)])
     return True
 
 
 def _tree(img, rng, x, y, r):
     cv2.circle(img, (int(x + r * 0.5), int(y + r * 0.6)), int(r), (30, 40, 25), -1, cv2.LINE_AA)
-    cv2.circle(img, (int(x), int(y)), int(r), (40.0 + float(rng.integers(20)), 85.0 + float(rng.integers(30)), 35.0), -1, cv2.LINE_AA)
+    cv2.circle(
+        img,
+        (int(x), int(y)),
+        int(r),
+        (40.0 + float(rng.integers(20)), 85.0 + float(rng.integers(30)), 35.0),
+        -1,
+        cv2.LINE_AA,
+    )
     cv2.circle(img, (int(x - r * 0.3), int(y - r * 0.3)), int(r * 0.5), (70, 120, 55), -1, cv2.LINE_AA)
 
 
@@ -122,10 +145,15 @@ def render_suburb(rng: np.random.Generator, size: int, gsd: float, n_cars: int) 
     for _ in range(int(rng.integers(10, 20))):
         hw, hh = rng.uniform(6, 10) * m, rng.uniform(5, 7) * m
         x, y = rng.uniform(0, size - hw), rng.uniform(0, size - hh)
-        if any(abs(y + hh / 2 - yy) < hh / 2 + road_w / 2 + m for yy in ys) or abs(x + hw / 2 - x_road) < hw / 2 + road_w / 2 + m:
+        if (
+            any(abs(y + hh / 2 - yy) < hh / 2 + road_w / 2 + m for yy in ys)
+            or abs(x + hw / 2 - x_road) < hw / 2 + road_w / 2 + m
+        ):
             continue
         roof = np.array([[150, 70, 55], [120, 120, 125], [90, 60, 50]][rng.integers(3)], np.float32)
-        cv2.rectangle(img, (int(x + 1.5 * m), int(y + 1.5 * m)), (int(x + hw + 1.5 * m), int(y + hh + 1.5 * m)), (35, 45, 30), -1)
+        cv2.rectangle(
+            img, (int(x + 1.5 * m), int(y + 1.5 * m)), (int(x + hw + 1.5 * m), int(y + hh + 1.5 * m)), (35, 45, 30), -1
+        )
         cv2.rectangle(img, (int(x), int(y)), (int(x + hw), int(y + hh / 2)), (roof * 1.1).tolist(), -1)
         cv2.rectangle(img, (int(x), int(y + hh / 2)), (int(x + hw), int(y + hh)), (roof * 0.8).tolist(), -1)
         occupied.append(np.array([x, y, x + hw, y + hh]))
@@ -157,7 +185,12 @@ def render_carpark(rng: np.random.Generator, size: int, gsd: float, n_cars: int)
     m = 1 / gsd
     occupied: list[np.ndarray] = []
     boxes: list[list[float]] = []
-    lot = [size * rng.uniform(0.05, 0.2), size * rng.uniform(0.1, 0.25), size * rng.uniform(0.8, 0.95), size * rng.uniform(0.75, 0.9)]
+    lot = [
+        size * rng.uniform(0.05, 0.2),
+        size * rng.uniform(0.1, 0.25),
+        size * rng.uniform(0.8, 0.95),
+        size * rng.uniform(0.75, 0.9),
+    ]
     cv2.rectangle(img, (int(lot[0]), int(lot[1])), (int(lot[2]), int(lot[3])), (62, 62, 66), -1)
     img += _noise(rng, size, size, 2, 6)[..., None]
     stall_w, stall_l = 2.6 * m, 5.2 * m
@@ -171,7 +204,9 @@ def render_carpark(rng: np.random.Generator, size: int, gsd: float, n_cars: int)
         bw, bh = rng.uniform(12, 20) * m, rng.uniform(8, 14) * m
         x = rng.choice([rng.uniform(0, max(1, lot[0] - bw)), rng.uniform(min(lot[2], size - bw), size - bw)])
         y = rng.uniform(0, size - bh)
-        cv2.rectangle(img, (int(x + 2 * m), int(y + 2 * m)), (int(x + bw + 2 * m), int(y + bh + 2 * m)), (120, 100, 75), -1)
+        cv2.rectangle(
+            img, (int(x + 2 * m), int(y + 2 * m)), (int(x + bw + 2 * m), int(y + bh + 2 * m)), (120, 100, 75), -1
+        )
         cv2.rectangle(img, (int(x), int(y)), (int(x + bw), int(y + bh)), (215, 215, 210), -1)
         occupied.append(np.array([x, y, x + bw, y + bh]))
     order = rng.permutation(len(stalls))

@@ -70,7 +70,9 @@ class Detections:
         if (self.confidence is None) != (other.confidence is None):
             return False
         same_conf = self.confidence is None or np.array_equal(self.confidence, other.confidence)
-        return bool(np.array_equal(self.xyxy, other.xyxy) and np.array_equal(self.class_id, other.class_id) and same_conf)
+        return bool(
+            np.array_equal(self.xyxy, other.xyxy) and np.array_equal(self.class_id, other.class_id) and same_conf
+        )
 
     @classmethod
     def merge(cls, parts: Sequence[Detections]) -> Detections:

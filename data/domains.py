@@ -188,7 +188,9 @@ def yolo_folder_domain(
         if lab is None and missing_labels != "negative":
             raise InputError(p, "image without label file (set missing_labels='negative' if it has no vehicle)")
         items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
-    return Domain(name or root.name, items, gsd=gsd, class_names=class_names or ["vehicle"], missing_labels=missing_labels)
+    return Domain(
+        name or root.name, items, gsd=gsd, class_names=class_names or ["vehicle"], missing_labels=missing_labels
+    )
 
 
 def coco_domain(
@@ -213,13 +215,19 @@ def coco_domain(
         raise InputError(coco_json, f"not a COCO json ({exc.__class__.__name__}: {str(exc)[:60]})") from None
 
 
-def _coco_domain(doc: dict, coco_json: Path, image_dir: str | Path | None, name: str | None, gsd: float | None) -> Domain:
+def _coco_domain(
+    doc: dict, coco_json: Path, image_dir: str | Path | None, name: str | None, gsd: float | None
+) -> Domain:
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise InputError(coco_json, "not a COCO json (no 'images' list)")
     images = doc["images"]
     anns = doc.get("annotations", [])
     cats = doc.get("categories", [{"id": 1, "name": "vehicle"}])
-    if not isinstance(anns, list) or not isinstance(cats, list) or not all(isinstance(c, dict) for c in cats + anns + images):
+    if (
+        not isinstance(anns, list)
+        or not isinstance(cats, list)
+        or not all(isinstance(c, dict) for c in cats + anns + images)
+    ):
         raise InputError(coco_json, "not a COCO json ('annotations', 'categories' must be lists of objects)")
     cats = sorted(cats, key=lambda c: c["id"])
     image_dir = Path(image_dir) if image_dir is not None else coco_json.parent
@@ -276,7 +284,9 @@ def geotiff_domain(
                 raise InputError(p, "raster without label file")
             lab = None
         items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
-    return Domain(name or folder.name, items, gsd=gsd, bands=bands, point_box_m=point_box_m, missing_labels=missing_labels)
+    return Domain(
+        name or folder.name, items, gsd=gsd, bands=bands, point_box_m=point_box_m, missing_labels=missing_labels
+    )
 
 
 def check_image_headers(domain: Domain) -> None:

@@ -124,7 +124,9 @@ def detections_to_geojson(
             props["confidence"] = float(detections.confidence[i])
         if properties:
             props.update(properties[i])
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+        features.append(
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+        )
     doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if not to_wgs84:
         epsg = out_crs.to_epsg()
@@ -176,7 +178,11 @@ def read_geojson(path: str | Path) -> dict:
 
 
 def _position(c: Any) -> list[float]:
-    if not isinstance(c, list) or len(c) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c[:2]):
+    if (
+        not isinstance(c, list)
+        or len(c) < 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c[:2])
+    ):
         raise ValueError("not a position")
     return [float(c[0]), float(c[1])]
 
@@ -245,7 +251,11 @@ def geojson_to_detections(
             if not isinstance(props, dict):
                 raise TypeError("properties")
             value = props.get(class_property, 0)
-            if isinstance(value, bool) or (isinstance(value, float) and not float(value).is_integer()) or int(value) < 0:
+            if (
+                isinstance(value, bool)
+                or (isinstance(value, float) and not float(value).is_integer())
+                or int(value) < 0
+            ):
                 raise ValueError(value)
             classes.append(int(value))
         except (TypeError, ValueError, OverflowError):

@@ -11,15 +11,14 @@ import numpy as np
 from affine import Affine
 
 from data.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from data.detections import Detections
 from data.domains import Domain, check_image_headers
 from data.errors import InputError
 from data.exporters import LabelledImage, write_coco
 from data.geo import crs_to_string
 from data.imageio import write_png
 from data.manifest import tree_sha256, write_manifest
-from data.tiling import cut_tiles, resample, resample_labels, resample_transform
 from data.tileset import COCO_FILE, EVALUATION_DIR, TILES_FILE, SplitInfo, TileRecord, tiles_document
+from data.tiling import cut_tiles, resample, resample_labels, resample_transform
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,9 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
                 )
             )
             if dets is not None:
-                atomic_write_text(labels_dir / "labels" / f"{tile_id}.txt", tile.boxes.to_yolo(spec.tile_size, spec.tile_size))
+                atomic_write_text(
+                    labels_dir / "labels" / f"{tile_id}.txt", tile.boxes.to_yolo(spec.tile_size, spec.tile_size)
+                )
                 coco_items.append(LabelledImage(tile_id, tile.pixels, tile.boxes, tile.ignore))
                 n_boxes += len(tile.boxes)
                 n_ignore += len(tile.ignore)
@@ -143,7 +144,14 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         raise InputError(f"split {split.name}", "a labelled split needs labels for every image")
     if unlabelled and split.weak:
         raise InputError(f"split {split.name}", "weak flags need labels (or a flag file) for every image")
-    info = SplitInfo(split.name, split.domain.name, spec.target_gsd, spec.tile_size, split.weak, split.domain.class_names if not spec.single_class else ["vehicle"])
+    info = SplitInfo(
+        split.name,
+        split.domain.name,
+        spec.target_gsd,
+        spec.tile_size,
+        split.weak,
+        split.domain.class_names if not spec.single_class else ["vehicle"],
+    )
     atomic_write_json(split_dir / TILES_FILE, tiles_document(info, records))
     class_names = info.class_names
     write_coco(labels_dir / COCO_FILE, coco_items, class_names)
@@ -163,7 +171,9 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
     return counts
 
 
-def prepare_dataset(spec: PrepareSpec, out_dir: str | Path, overwrite: bool = False, progress: Progress | None = None) -> dict:
+def prepare_dataset(
+    spec: PrepareSpec, out_dir: str | Path, overwrite: bool = False, progress: Progress | None = None
+) -> dict:
     """Build every split of ``spec`` into ``out_dir`` atomically and write ``manifest.json``.
 
     The folder appears only when complete; a failure leaves nothing behind.
@@ -195,5 +205,3 @@ def prepare_dataset(spec: PrepareSpec, out_dir: str | Path, overwrite: bool = Fa
         }
         write_manifest(tmp, manifest)
     return manifest
-
-

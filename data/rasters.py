@@ -92,7 +92,9 @@ def read_raster(path: str | Path, bands: list[int] | None = None) -> RasterImage
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as ds:
                 if ds.width * ds.height > MAX_IMAGE_PIXELS:
-                    raise InputError(path, f"raster of {ds.width}x{ds.height} pixels is over the {MAX_IMAGE_PIXELS} limit")
+                    raise InputError(
+                        path, f"raster of {ds.width}x{ds.height} pixels is over the {MAX_IMAGE_PIXELS} limit"
+                    )
                 if bands is None:
                     if ds.count != 3:
                         raise InputError(path, f"has {ds.count} band(s), not 3: choose bands (e.g. bands=[1, 2, 3])")

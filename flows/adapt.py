@@ -66,7 +66,9 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
             from data.demo import DemoConfig, demo_spec, write_demo_data
 
             raw = work / "demo-raw"
-            write_demo_data(raw, DemoConfig(scenes_per_domain=d.demo_scenes, size_px=d.demo_size, seed=config.seed), overwrite=True)
+            write_demo_data(
+                raw, DemoConfig(scenes_per_domain=d.demo_scenes, size_px=d.demo_size, seed=config.seed), overwrite=True
+            )
             spec = demo_spec(raw, d.gsd, d.tile_size)
         else:
             from data.domains import coco_domain, geotiff_domain, yolo_folder_domain
@@ -94,7 +96,9 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
             spec = PrepareSpec("custom", splits, target_gsd=d.gsd, tile_size=d.tile_size)
         prepare_dataset(spec, out, overwrite=True)
 
-    out, _ = run_stage("tiles", work / "tiles", {**d.model_dump(mode="json"), "seed": config.seed}, {}, build, _logger())
+    out, _ = run_stage(
+        "tiles", work / "tiles", {**d.model_dump(mode="json"), "seed": config.seed}, {}, build, _logger()
+    )
     return out
 
 
@@ -114,8 +118,15 @@ def _step_logger(name: str, total: int):
         done = step - first[0] + 1
         rate = (time.perf_counter() - start) / max(done, 1)
         loss = losses.get("loss")
-        _logger().info("%s: step %d/%d  loss %s  %.2f s/step  ETA %.0f s", name, step, total,
-                       f"{loss:.4f}" if isinstance(loss, float) else loss, rate, rate * (total - step))
+        _logger().info(
+            "%s: step %d/%d  loss %s  %.2f s/step  ETA %.0f s",
+            name,
+            step,
+            total,
+            f"{loss:.4f}" if isinstance(loss, float) else loss,
+            rate,
+            rate * (total - step),
+        )
 
     return on_step
 
@@ -146,20 +157,38 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
 
     if g.stage0.steps > 0 and autoencoder is None and g.pretrained_dir is None:
         cfg0 = Stage0Config(**common, **settings(g.stage0))
-        out0, _ = run_stage("ldm/stage0", work / "ldm" / "stage0", {"stage": "0", **settings(g.stage0), **common}, upstream,
-                            lambda out: train_stage("0", cfg0, splits, out, on_step=_step_logger("stage 0", cfg0.steps)),
-                        _logger())
+        out0, _ = run_stage(
+            "ldm/stage0",
+            work / "ldm" / "stage0",
+            {"stage": "0", **settings(g.stage0), **common},
+            upstream,
+            lambda out: train_stage("0", cfg0, splits, out, on_step=_step_logger("stage 0", cfg0.steps)),
+            _logger(),
+        )
         autoencoder = out0 / "autoencoder"
         upstream["stage0"] = out0
     previous: Path | None = _repo_relative(g.pretrained_dir)
-    for stage, s, cls in (("A", g.stage_a, StageAConfig), ("B", g.stage_b, StageBConfig), ("C", g.stage_c, StageCConfig)):
+    for stage, s, cls in (
+        ("A", g.stage_a, StageAConfig),
+        ("B", g.stage_b, StageBConfig),
+        ("C", g.stage_c, StageCConfig),
+    ):
         if s.steps == 0:
             continue
-        cfg = cls(**common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None)
+        cfg = cls(
+            **common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None
+        )
         key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": str(autoencoder)}
-        out, _ = run_stage(f"ldm/stage{stage}", work / "ldm" / f"stage{stage}", key, upstream,
-                           lambda out, cfg=cfg, stage=stage: train_stage(
-                               stage, cfg, splits, out, on_step=_step_logger(f"stage {stage}", cfg.steps)), _logger())
+        out, _ = run_stage(
+            f"ldm/stage{stage}",
+            work / "ldm" / f"stage{stage}",
+            key,
+            upstream,
+            lambda out, cfg=cfg, stage=stage: train_stage(
+                stage, cfg, splits, out, on_step=_step_logger(f"stage {stage}", cfg.steps)
+            ),
+            _logger(),
+        )
         previous = out / "model"
         upstream = {"tiles": tiles, f"stage{stage}": out}
     if previous is None:
@@ -178,7 +207,9 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
     g = config.generation
     source, target = split_domains(tiles)
     uses_tokens = g.stage_b.steps > 0 or g.stage_c.steps > 0
-    sampling = SamplingConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False)
+    sampling = SamplingConfig(
+        **g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False
+    )
     model_stage = model.parent
     threads = config.torch_threads or 0
 
@@ -191,8 +222,11 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
         out, _ = run_stage(f"synthetic/{name}", out_dir, key, upstream, build, _logger())
         return out
 
-    sets = {"source_cars": (source, g.counts.source_cars), "target_cars": (target, g.counts.target_cars),
-            "target_empty": (target, g.counts.target_empty)}
+    sets = {
+        "source_cars": (source, g.counts.source_cars),
+        "target_cars": (target, g.counts.target_cars),
+        "target_empty": (target, g.counts.target_empty),
+    }
     out: dict[str, Path] = {}
     for k, (name, (domain, count)) in enumerate(sets.items()):
         if count == 0:
@@ -200,28 +234,51 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
         seed = config.seed + 100_000 * k
         key = {"set": name, "domain": domain, "count": count, "seed": seed, **g.sampling.model_dump()}
         args = {"set_name": name, "domain": domain, "count": count, "base_seed": seed}
-        out[name] = sharded(name, key, {"model": model_stage}, "set", count, args, sampling,
-                            lambda o, a=args: generate_set(model, o, a["set_name"], a["domain"], a["count"],
-                                                           base_seed=a["base_seed"], config=sampling))
+        out[name] = sharded(
+            name,
+            key,
+            {"model": model_stage},
+            "set",
+            count,
+            args,
+            sampling,
+            lambda o, a=args: generate_set(
+                model, o, a["set_name"], a["domain"], a["count"], base_seed=a["base_seed"], config=sampling
+            ),
+        )
     if g.translation.enabled:
         from data.tileset import open_split
 
-        tcfg = TranslationConfig(**g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd,
-                                 progress=False, strength=g.translation.strength, keep_threshold=g.translation.keep_threshold,
-                                 max_tiles=g.translation.max_tiles)
+        tcfg = TranslationConfig(
+            **g.sampling.model_dump(),
+            use_learned_tokens=uses_tokens,
+            gsd=config.data.gsd,
+            progress=False,
+            strength=g.translation.strength,
+            keep_threshold=g.translation.keep_threshold,
+            max_tiles=g.translation.max_tiles,
+        )
         n = len(open_split(tiles / "source-train"))
         n = min(n, g.translation.max_tiles or n)
         key = {"set": "translation", "domain": target, **g.translation.model_dump(), **g.sampling.model_dump()}
         args = {"source_split": str(tiles / "source-train"), "domain": target, "base_seed": config.seed}
-        out["translation"] = sharded("translation", key, {"model": model_stage, "tiles": tiles}, "translation", n, args, tcfg,
-                                     lambda o: translate_split(model, tiles / "source-train", o, target,
-                                                               base_seed=config.seed, config=tcfg))
+        out["translation"] = sharded(
+            "translation",
+            key,
+            {"model": model_stage, "tiles": tiles},
+            "translation",
+            n,
+            args,
+            tcfg,
+            lambda o: translate_split(model, tiles / "source-train", o, target, base_seed=config.seed, config=tcfg),
+        )
     return out
 
 
 # ------------------------------------------------------------------------- annotation
-def annotate(config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path],
-             source_only: Path | None = None) -> dict[str, Path]:
+def annotate(
+    config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path], source_only: Path | None = None
+) -> dict[str, Path]:
     """Label the synthetic target sets; the relay reuses the source-only detector as F_S when given."""
     a = config.annotation
     targets = [sets[k] for k in ("target_cars", "target_empty") if k in sets]
@@ -230,24 +287,38 @@ def annotate(config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path]
     if a.relay.enabled:
         from annotation.relay import RelayConfig, run_relay
 
-        rcfg = RelayConfig(model=config.detection.model, imgsz=config.detection.imgsz, seed=config.seed,
-                           device=config.device, **a.relay.model_dump(exclude={"enabled", "reuse_source_only"}))
+        rcfg = RelayConfig(
+            model=config.detection.model,
+            imgsz=config.detection.imgsz,
+            seed=config.seed,
+            device=config.device,
+            **a.relay.model_dump(exclude={"enabled", "reuse_source_only"}),
+        )
         fs = source_only / "train" / "detector.pt" if (source_only is not None and a.relay.reuse_source_only) else None
         relay_upstream = {**upstream, "tiles": tiles, **({"source_only": source_only} if fs else {})}
         stage_dir, _ = run_stage(
-            "annotation/relay", work / "annotation" / "relay", {**rcfg.to_dict(), "reuse_source_only": fs is not None},
+            "annotation/relay",
+            work / "annotation" / "relay",
+            {**rcfg.to_dict(), "reuse_source_only": fs is not None},
             relay_upstream,
-            lambda o: run_relay(tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg,
-                                source_detector=fs), _logger())
+            lambda o: run_relay(
+                tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg, source_detector=fs
+            ),
+            _logger(),
+        )
         out["relay"] = stage_dir / "dataset"
     if a.threshold.enabled:
         from annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
 
         hcfg = HeatmapBoxConfig(**a.threshold.options)
         stage_dir, _ = run_stage(
-            "annotation/threshold", work / "annotation" / "threshold", a.threshold.options,
+            "annotation/threshold",
+            work / "annotation" / "threshold",
+            a.threshold.options,
             {k: v for k, v in upstream.items() if k != "source_cars"},
-            lambda o: annotate_direct(targets, o / "dataset", hcfg), _logger())
+            lambda o: annotate_direct(targets, o / "dataset", hcfg),
+            _logger(),
+        )
         out["threshold"] = stage_dir / "dataset"
     return out
 
@@ -270,17 +341,35 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
     source = DatasetSpec(tiles / "source-train", name="source", fraction=whole)
     out = [Variant(SOURCE_ONLY, [source], {"tiles": tiles})]
     for method, dataset in labelled.items():
-        out.append(Variant(f"{method}", [DatasetSpec(dataset, name=method, fraction=whole)], {"tiles": tiles, method: dataset.parent}))
+        out.append(
+            Variant(
+                f"{method}",
+                [DatasetSpec(dataset, name=method, fraction=whole)],
+                {"tiles": tiles, method: dataset.parent},
+            )
+        )
         if method == "relay":
             f = d.mix_source_fraction
-            mix = [DatasetSpec(dataset, name=method, fraction=1 - f), DatasetSpec(tiles / "source-train", name="source", fraction=f)]
+            mix = [
+                DatasetSpec(dataset, name=method, fraction=1 - f),
+                DatasetSpec(tiles / "source-train", name="source", fraction=f),
+            ]
             out.append(Variant("relay+source", mix, {"tiles": tiles, method: dataset.parent}))
     if "translation" in sets:
-        out.append(Variant("translation", [DatasetSpec(sets["translation"], name="translation", fraction=whole)],
-                           {"tiles": tiles, "translation": sets["translation"]}))
+        out.append(
+            Variant(
+                "translation",
+                [DatasetSpec(sets["translation"], name="translation", fraction=whole)],
+                {"tiles": tiles, "translation": sets["translation"]},
+            )
+        )
     if d.oracle:
-        oracle = DatasetSpec(tiles / "target-train", labels_dir=tiles / "evaluation" / "target-train" / "labels",
-                             name="oracle", fraction=whole)
+        oracle = DatasetSpec(
+            tiles / "target-train",
+            labels_dir=tiles / "evaluation" / "target-train" / "labels",
+            name="oracle",
+            fraction=whole,
+        )
         out.append(Variant(ORACLE, [oracle], {"tiles": tiles}))
     return out
 
@@ -295,25 +384,47 @@ def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Va
 
     d = config.detection
     augment = AugmentConfig() if d.augment else AugmentConfig.none()
-    dcfg = DetectorTrainConfig(model=d.model, epochs=d.epochs, imgsz=d.imgsz, batch=d.batch, seed=seed,
-                               patience=d.patience, augment=augment, device=config.device,
-                               mix_total=d.max_train_images if any(s.fraction for s in variant.train) else None)
+    dcfg = DetectorTrainConfig(
+        model=d.model,
+        epochs=d.epochs,
+        imgsz=d.imgsz,
+        batch=d.batch,
+        seed=seed,
+        patience=d.patience,
+        augment=augment,
+        device=config.device,
+        mix_total=d.max_train_images if any(s.fraction for s in variant.train) else None,
+    )
 
     def build(out: Path) -> None:
         from detection.datasets import DatasetSpec
 
         weights = train_detector(dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train")
         test = open_evaluation_split(tiles, "target-test")
-        preds = predict(weights, [test.image_path(t.tile_id) for t in test], conf=0.001, imgsz=d.imgsz, max_det=100,
-                        device=config.device)
+        preds = predict(
+            weights,
+            [test.image_path(t.tile_id) for t in test],
+            conf=0.001,
+            imgsz=d.imgsz,
+            max_det=100,
+            device=config.device,
+        )
         result = evaluate_split(test, preds)
         atomic_write_json(out / "metrics.json", result.to_dict())
-        atomic_write_json(out / "predictions.json", {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(test.tiles, preds, strict=True))})
+        atomic_write_json(
+            out / "predictions.json",
+            {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(test.tiles, preds, strict=True))},
+        )
 
-    settings = {"variant": variant.name, "train": [s.to_dict() for s in variant.train], "seed": seed,
-                **dcfg.to_dict()}
-    out, _ = run_stage(f"detectors/{variant.name}/seed{seed}", work / "detectors" / variant.name / f"seed{seed}",
-                       settings, variant.upstream, build, _logger())
+    settings = {"variant": variant.name, "train": [s.to_dict() for s in variant.train], "seed": seed, **dcfg.to_dict()}
+    out, _ = run_stage(
+        f"detectors/{variant.name}/seed{seed}",
+        work / "detectors" / variant.name / f"seed{seed}",
+        settings,
+        variant.upstream,
+        build,
+        _logger(),
+    )
     return out
 
 
@@ -323,17 +434,29 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
     from detection.evaluation import EvaluationResult
     from detection.report import write_report
 
-    results = {name: [EvaluationResult.from_dict(json.loads((p / "metrics.json").read_text())) for p in paths]
-               for name, paths in runs.items()}
+    results = {
+        name: [EvaluationResult.from_dict(json.loads((p / "metrics.json").read_text())) for p in paths]
+        for name, paths in runs.items()
+    }
     test = open_evaluation_split(tiles, "target-test")
     predictions = {}
     for name, paths in runs.items():
         doc = json.loads((paths[0] / "predictions.json").read_text())
         predictions[name] = [Detections.from_coco(doc[t.tile_id]) for t in test]
-    manifests = [work / "config.yaml", tiles / "manifest.json"] + sorted((work / "annotation").glob("*/dataset/manifest.json"))
+    manifests = [work / "config.yaml", tiles / "manifest.json"] + sorted(
+        (work / "annotation").glob("*/dataset/manifest.json")
+    )
     title = f"aerosynth {config.name}: {split_domains(tiles)[0]} -> {split_domains(tiles)[1]}"
-    return write_report(work / "report", results, SOURCE_ONLY, ORACLE, split=test, predictions=predictions,
-                        manifests=manifests, title=title)
+    return write_report(
+        work / "report",
+        results,
+        SOURCE_ONLY,
+        ORACLE,
+        split=test,
+        predictions=predictions,
+        manifests=manifests,
+        title=title,
+    )
 
 
 def _mean_ap50(paths: list[Path]) -> float:
@@ -357,8 +480,16 @@ def _publish_artifacts(report_md: Path) -> None:
 
         create_markdown_artifact(report_md.read_text(), key="adapt-report", description="aerosynth adapt report")
         rows = json.loads((report_md.parent / "report.json").read_text()).get("variants", [])
-        table = [{"variant": r["variant"], "role": r["role"], "AP50": r["ap50"]["mean"], "std": r["ap50"]["std"],
-                  "gap closure": (r.get("gap_closure") or {}).get("mean")} for r in rows]
+        table = [
+            {
+                "variant": r["variant"],
+                "role": r["role"],
+                "AP50": r["ap50"]["mean"],
+                "std": r["ap50"]["std"],
+                "gap closure": (r.get("gap_closure") or {}).get("mean"),
+            }
+            for r in rows
+        ]
         create_table_artifact(table, key="adapt-ap50", description="AP50 on target-test")
     except Exception as exc:  # artifacts are a convenience, never a failure
         _logger().warning("could not publish artifacts: %s", exc)

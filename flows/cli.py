@@ -18,8 +18,11 @@ from rich.table import Table
 from data.errors import InputError
 from data.offline import apply_offline_settings
 
-app = typer.Typer(help="aerosynth: adapt aerial vehicle detectors to unseen regions with generated data.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="aerosynth: adapt aerial vehicle detectors to unseen regions with generated data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Prepare tile datasets and the embedded demo data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
@@ -27,18 +30,33 @@ console = Console(stderr=True)
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 
 def _counts_table(manifest: dict) -> Table:
-    table = Table(title=f"tiles ({manifest.get('preset')}, {manifest.get('target_gsd')} m/px, {manifest.get('tile_size')} px)")
+    table = Table(
+        title=f"tiles ({manifest.get('preset')}, {manifest.get('target_gsd')} m/px, {manifest.get('tile_size')} px)"
+    )
     for col in ("split", "domain", "images", "tiles", "with vehicles", "boxes", "ignore regions", "labels"):
         table.add_column(col, justify="right" if col not in ("split", "domain", "labels") else "left")
     for name, s in manifest["splits"].items():
-        table.add_row(name, s["domain"], str(s["images"]), str(s["tiles"]), str(s["tiles_with_vehicles"]),
-                      str(s["boxes"]), str(s["ignore_regions"]), "weak flags only" if s["weak"] else "boxes")
+        table.add_row(
+            name,
+            s["domain"],
+            str(s["images"]),
+            str(s["tiles"]),
+            str(s["tiles_with_vehicles"]),
+            str(s["boxes"]),
+            str(s["ignore_regions"]),
+            "weak flags only" if s["weak"] else "boxes",
+        )
     return table
 
 
@@ -48,7 +66,9 @@ def _open_domain(path: Path, gsd: float | None, name: str | None, bands: list[in
     if path.is_file() and path.suffix.lower() == ".json":
         return coco_domain(path, name=name, gsd=gsd)
     if not path.is_dir():
-        raise InputError(path, "domain not found (a folder with images/ and labels/, a folder of GeoTIFFs, or a COCO json)")
+        raise InputError(
+            path, "domain not found (a folder with images/ and labels/, a folder of GeoTIFFs, or a COCO json)"
+        )
     if (path / "images").is_dir():
         return yolo_folder_domain(path, name=name, gsd=gsd, missing_labels="negative")
     return geotiff_domain(path, name=name, bands=bands, gsd=gsd)
@@ -59,7 +79,9 @@ def data_prepare(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
     preset: Annotated[str | None, typer.Option(help="aerial-v1 (../shared/data/aerial) or demo.")] = None,
     aerial_root: Annotated[Path | None, typer.Option(help="Folder with the aerial-v1 domains.")] = None,
-    source: Annotated[Path | None, typer.Option(help="Source domain: YOLO folder, GeoTIFF folder or COCO json.")] = None,
+    source: Annotated[
+        Path | None, typer.Option(help="Source domain: YOLO folder, GeoTIFF folder or COCO json.")
+    ] = None,
     target: Annotated[Path | None, typer.Option(help="Target domain (its boxes become weak flags).")] = None,
     source_gsd: Annotated[float | None, typer.Option(help="Source m/px (plain images).")] = None,
     target_gsd: Annotated[float | None, typer.Option(help="Target m/px (plain images).")] = None,
@@ -144,14 +166,24 @@ def _print_ap50_table(report_md: Path) -> None:
     for row in doc.get("variants", []):
         ap = row["ap50"]
         gap = row.get("gap_closure")
-        table.add_row(row["variant"], row["role"], str(row["seeds"]),
-                      f"{ap['mean']:.3f}" + (f" ± {ap['std']:.3f}" if row["seeds"] > 1 else ""),
-                      "" if not gap or gap.get("mean") is None else f"{gap['mean']:.2f}")
+        table.add_row(
+            row["variant"],
+            row["role"],
+            str(row["seeds"]),
+            f"{ap['mean']:.3f}" + (f" ± {ap['std']:.3f}" if row["seeds"] > 1 else ""),
+            "" if not gap or gap.get("mean") is None else f"{gap['mean']:.2f}",
+        )
     Console(width=max(Console().width, 100)).print(table)
 
 
-def _run_adapt(config_path: Path | None, preset: str | None, work_dir: Path | None, fresh: bool,
-               runner: str | None = None, dask_address: str | None = None) -> Path:
+def _run_adapt(
+    config_path: Path | None,
+    preset: str | None,
+    work_dir: Path | None,
+    fresh: bool,
+    runner: str | None = None,
+    dask_address: str | None = None,
+) -> Path:
     import shutil
 
     from flows.adapt import run_adapt
@@ -174,7 +206,9 @@ def _run_adapt(config_path: Path | None, preset: str | None, work_dir: Path | No
 
 @app.command("demo")
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Run folder (kept: a rerun skips finished stages).")] = Path("runs/demo"),
+    work_dir: Annotated[Path, typer.Option(help="Run folder (kept: a rerun skips finished stages).")] = Path(
+        "runs/demo"
+    ),
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
 ) -> None:
     """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
@@ -187,8 +221,12 @@ def adapt(
     preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (a config file may name one).")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Override the config's work_dir.")] = None,
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
-    runner: Annotated[str | None, typer.Option(help="sequential or dask (a LocalCluster unless --dask-address).")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="Scheduler of an existing Dask cluster, tcp://host:8786.")] = None,
+    runner: Annotated[
+        str | None, typer.Option(help="sequential or dask (a LocalCluster unless --dask-address).")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Scheduler of an existing Dask cluster, tcp://host:8786.")
+    ] = None,
 ) -> None:
     """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
     if config is None and preset is None:
@@ -216,8 +254,9 @@ def generate(
     """Synthesise a set with its cross-attention heat maps (resumable, in shards)."""
     from generation.sampling import SamplingConfig, generate_set
 
-    cfg = SamplingConfig(steps=steps, guidance_scale=guidance, scheduler=scheduler, shard_size=shard_size,
-                         save_raw_maps=raw_maps)
+    cfg = SamplingConfig(
+        steps=steps, guidance_scale=guidance, scheduler=scheduler, shard_size=shard_size, save_raw_maps=raw_maps
+    )
     shard_list = [int(s) for s in shards.split(",") if s] or None
     path = generate_set(model, out, set_name, domain, count, base_seed=seed, config=cfg, shards=shard_list)
     Console().print(f"synthetic set: {path}")
@@ -227,7 +266,9 @@ def generate(
 def annotate(
     out: Annotated[Path, typer.Option(help="Output folder of the labelled dataset.")],
     target_sets: Annotated[list[Path], typer.Option("--target-set", help="Synthetic target set(s) to label.")],
-    method: Annotated[str, typer.Option(help="threshold (heat maps -> boxes) or relay (AGenDA detector relay).")] = "threshold",
+    method: Annotated[
+        str, typer.Option(help="threshold (heat maps -> boxes) or relay (AGenDA detector relay).")
+    ] = "threshold",
     source_set: Annotated[Path | None, typer.Option(help="Synthetic source set with vehicles (relay).")] = None,
     tiles: Annotated[Path | None, typer.Option(help="Prepared tiles with source-train/source-val (relay).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of each relay detector.")] = 30,
@@ -242,8 +283,14 @@ def annotate(
 
         if source_set is None or tiles is None:
             raise InputError("--source-set/--tiles", "the relay needs a synthetic source set and the prepared tiles")
-        path = run_relay(tiles / "source-train", tiles / "source-val", source_set, target_sets, out,
-                         RelayConfig(source_epochs=epochs, heatmap_epochs=epochs))
+        path = run_relay(
+            tiles / "source-train",
+            tiles / "source-val",
+            source_set,
+            target_sets,
+            out,
+            RelayConfig(source_epochs=epochs, heatmap_epochs=epochs),
+        )
     else:
         raise InputError("--method", f"unknown method {method!r} (threshold or relay)")
     Console().print(f"labelled dataset: {path}")
@@ -251,7 +298,9 @@ def annotate(
 
 @app.command("train")
 def train(
-    data: Annotated[list[Path], typer.Option("--data", help="Training folder(s): tile split, YOLO folder or synthetic set.")],
+    data: Annotated[
+        list[Path], typer.Option("--data", help="Training folder(s): tile split, YOLO folder or synthetic set.")
+    ],
     val: Annotated[Path, typer.Option(help="Validation folder for early stopping (never target labels).")],
     out: Annotated[Path, typer.Option(help="Output folder (weights: OUT/detector.pt).")],
     model: Annotated[str, typer.Option(help="Ultralytics model yaml or a local .pt.")] = "yolov8n.yaml",
@@ -285,8 +334,10 @@ def evaluate(
 
     test = open_evaluation_split(tiles, split)
     result = evaluate_split(test, predict(model, [test.image_path(t.tile_id) for t in test], imgsz=imgsz))
-    Console().print(f"AP50 {result.ap50:.4f}  AP50:95 {result.ap50_95:.4f}  P {result.precision:.3f}  "
-                    f"R {result.recall:.3f}  F1 {result.f1:.3f} at conf {result.threshold:.3f}  ({result.n_images} tiles)")
+    Console().print(
+        f"AP50 {result.ap50:.4f}  AP50:95 {result.ap50_95:.4f}  P {result.precision:.3f}  "
+        f"R {result.recall:.3f}  F1 {result.f1:.3f} at conf {result.threshold:.3f}  ({result.n_images} tiles)"
+    )
     if out is not None:
         atomic_write_json(out, result.to_dict())
 
@@ -317,17 +368,31 @@ def request(
     count: Annotated[int, typer.Option(help="Number of tiles.")],
     name: Annotated[str, typer.Option(help="Request name (letters, digits, _ -); export is OUT/<date>_<name>.")],
     out: Annotated[Path, typer.Option(help="Folder receiving the dated export.")] = Path("exports"),
-    vehicles: Annotated[bool, typer.Option("--vehicles/--no-vehicles", help="Tiles with vehicles, or empty tiles.")] = True,
+    vehicles: Annotated[
+        bool, typer.Option("--vehicles/--no-vehicles", help="Tiles with vehicles, or empty tiles.")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of tile 0 (tile i uses seed + i).")] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
-    detector: Annotated[Path | None, typer.Option(help="Label with this detector .pt (conf >= 0.25) instead of heat maps.")] = None,
+    detector: Annotated[
+        Path | None, typer.Option(help="Label with this detector .pt (conf >= 0.25) instead of heat maps.")
+    ] = None,
 ) -> None:
     """N labelled tiles in a domain's style: GeoTIFF, GeoJSON, COCO, YOLO, a STAC catalog and a preview."""
     from flows.request import request_flow
 
-    path = request_flow(run, out, name, domain, count, with_vehicles=vehicles, seed=seed, steps=steps,
-                        guidance_scale=guidance, detector=detector)
+    path = request_flow(
+        run,
+        out,
+        name,
+        domain,
+        count,
+        with_vehicles=vehicles,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        detector=detector,
+    )
     Console().print(f"export: {path}")
 
 
@@ -337,12 +402,22 @@ def retrain(
     watch: Annotated[Path, typer.Option(help="Watched folder: new GeoTIFFs (+ <stem>.geojson labels, flags.json).")],
     config: Annotated[Path | None, typer.Option(help="YAML adapt config of the re-adaptation.")] = None,
     preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (default demo without --config).")] = None,
-    tiles: Annotated[Path | None, typer.Option(help="Prepared tiles: source splits + evaluation split (new registry).")] = None,
-    eval_split: Annotated[str, typer.Option(help="Evaluation split of --tiles (boxes; never trained on).")] = "target-test",
-    baseline: Annotated[Path | None, typer.Option(help="Detector .pt made production when the registry has none.")] = None,
+    tiles: Annotated[
+        Path | None, typer.Option(help="Prepared tiles: source splits + evaluation split (new registry).")
+    ] = None,
+    eval_split: Annotated[
+        str, typer.Option(help="Evaluation split of --tiles (boxes; never trained on).")
+    ] = "target-test",
+    baseline: Annotated[
+        Path | None, typer.Option(help="Detector .pt made production when the registry has none.")
+    ] = None,
     flags: Annotated[str, typer.Option(help="auto (given, else production detector), given or detector.")] = "auto",
-    flag_threshold: Annotated[float, typer.Option(help="Detector confidence that flags a tile as a vehicle tile.")] = 0.25,
-    variant: Annotated[str | None, typer.Option(help="Candidate variant (default relay+source, relay, threshold).")] = None,
+    flag_threshold: Annotated[
+        float, typer.Option(help="Detector confidence that flags a tile as a vehicle tile.")
+    ] = 0.25,
+    variant: Annotated[
+        str | None, typer.Option(help="Candidate variant (default relay+source, relay, threshold).")
+    ] = None,
 ) -> None:
     """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
     from flows.config import load_config
@@ -360,8 +435,15 @@ def retrain(
         return "" if x is None else f"{x:.4f}"
 
     for r in version_rows(reg):
-        table.add_row(r["version"], fmt(r["ap50"]), fmt(r["production_ap50"]), str(r["promoted"]), r["parent"] or "",
-                      r["run"] or "", "production" if r["production"] else "")
+        table.add_row(
+            r["version"],
+            fmt(r["ap50"]),
+            fmt(r["production_ap50"]),
+            str(r["promoted"]),
+            r["parent"] or "",
+            r["run"] or "",
+            "production" if r["production"] else "",
+        )
     Console(width=max(Console().width, 100)).print(table)
     Console().print(result["message"])
 

@@ -194,8 +194,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "translation": {"enabled": True, "strength": 0.5, "max_tiles": 512},
         },
         "annotation": {"relay": {"source_epochs": 8, "heatmap_epochs": 12, "patience": 4}},
-        "detection": {"epochs": 8, "patience": 4, "batch": 32, "seeds": [0, 1, 2], "adapted_seeds": [0],
-                      "best_variant_all_seeds": True, "max_train_images": 800},
+        "detection": {
+            "epochs": 8,
+            "patience": 4,
+            "batch": 32,
+            "seeds": [0, 1, 2],
+            "adapted_seeds": [0],
+            "best_variant_all_seeds": True,
+            "max_train_images": 800,
+        },
     },
     # aerial-v1 on a CUDA GPU: larger budgets everywhere.
     "gpu": {
@@ -253,7 +260,9 @@ def build_config(doc: dict[str, Any] | None = None, where: str = "config") -> Ad
         raise InputError(f"{where}: {_field_path(err['loc'])}", problem) from None
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None, overrides: dict | None = None) -> AdaptConfig:
+def load_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: dict | None = None
+) -> AdaptConfig:
     """Read a YAML config file (or just a preset) and apply ``overrides``."""
     doc: dict[str, Any] = {}
     where = "config"

@@ -35,17 +35,27 @@ def build_deployments(
 
     doc = config.model_dump(mode="json")
     deployments = [
-        adapt_flow.to_deployment(name="adapt", schedule=Cron(adapt_cron, timezone=timezone), parameters={"config": doc},
-                                 description="Re-run the whole adapt job with the served config.", tags=["aerosynth"]),
-        request_flow.to_deployment(name="request", description="Labelled tiles in a domain's style, on demand.",
-                                   tags=["aerosynth"]),
+        adapt_flow.to_deployment(
+            name="adapt",
+            schedule=Cron(adapt_cron, timezone=timezone),
+            parameters={"config": doc},
+            description="Re-run the whole adapt job with the served config.",
+            tags=["aerosynth"],
+        ),
+        request_flow.to_deployment(
+            name="request", description="Labelled tiles in a domain's style, on demand.", tags=["aerosynth"]
+        ),
     ]
     if watch is not None and registry is not None:
-        deployments.append(retrain_flow.to_deployment(
-            name="retrain", schedule=Cron(retrain_cron, timezone=timezone),
-            parameters={"registry": str(registry), "watch": str(watch), "config": doc},
-            description="Retrain on new imagery in the watched folder; promote only if AP50 is not worse.",
-            tags=["aerosynth"]))
+        deployments.append(
+            retrain_flow.to_deployment(
+                name="retrain",
+                schedule=Cron(retrain_cron, timezone=timezone),
+                parameters={"registry": str(registry), "watch": str(watch), "config": doc},
+                description="Retrain on new imagery in the watched folder; promote only if AP50 is not worse.",
+                tags=["aerosynth"],
+            )
+        )
     return deployments
 
 

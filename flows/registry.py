@@ -126,8 +126,9 @@ class Registry:
         self.root = Path(root)
         path = self.root / REGISTRY_FILE
         if not path.is_file():
-            raise InputError(self.root, f"not a model registry (no {REGISTRY_FILE}; "
-                                        "create one from prepared tiles, e.g. --tiles)")
+            raise InputError(
+                self.root, f"not a model registry (no {REGISTRY_FILE}; create one from prepared tiles, e.g. --tiles)"
+            )
         try:
             self.doc = json.loads(path.read_text())
             self.evaluation = EvaluationSet(Path(self.doc["evaluation"]["tiles"]), self.doc["evaluation"]["split"])
@@ -162,8 +163,9 @@ class Registry:
             if not exist_ok:
                 raise InputError(root, "registry already exists")
             if reg.evaluation != EvaluationSet(tiles, split):
-                raise InputError(root, f"registry evaluates on {reg.evaluation.tiles}/{reg.evaluation.split}, "
-                                       f"not {tiles}/{split}")
+                raise InputError(
+                    root, f"registry evaluates on {reg.evaluation.tiles}/{reg.evaluation.split}, not {tiles}/{split}"
+                )
             return reg
         (root / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
         manifest = tiles / "manifest.json"
@@ -287,13 +289,16 @@ class Registry:
         version = self.version(name)
         with _locked(self.root):
             previous = self.production()
-            atomic_write_json(self.root / PRODUCTION_FILE, {
-                "version": version.name,
-                "detector": str(version.detector),
-                "promoted_at": now_iso(),
-                "previous": previous.name if previous else None,
-                "reason": reason,
-            })
+            atomic_write_json(
+                self.root / PRODUCTION_FILE,
+                {
+                    "version": version.name,
+                    "detector": str(version.detector),
+                    "promoted_at": now_iso(),
+                    "previous": previous.name if previous else None,
+                    "reason": reason,
+                },
+            )
         return version
 
     # ------------------------------------------------------------ decisions, seen
@@ -332,16 +337,18 @@ def version_rows(registry: Registry) -> list[dict]:
     rows = []
     for v in registry.list_versions():
         m, p = v.metrics, v.provenance
-        rows.append({
-            "version": v.name,
-            "created_at": v.record.get("created_at"),
-            "ap50": m.get("ap50"),
-            "production_ap50": (m.get("production") or {}).get("ap50"),
-            "promoted": (m.get("decision") or {}).get("promote"),
-            "parent": p.get("parent_version"),
-            "run": p.get("run_id") or p.get("kind"),
-            "production": prod is not None and prod.name == v.name,
-        })
+        rows.append(
+            {
+                "version": v.name,
+                "created_at": v.record.get("created_at"),
+                "ap50": m.get("ap50"),
+                "production_ap50": (m.get("production") or {}).get("ap50"),
+                "promoted": (m.get("decision") or {}).get("promote"),
+                "parent": p.get("parent_version"),
+                "run": p.get("run_id") or p.get("kind"),
+                "production": prod is not None and prod.name == v.name,
+            }
+        )
     return rows
 
 

@@ -145,8 +145,11 @@ def _run_tiles(run_dir: Path) -> tuple[dict[str, str], float, int]:
         return {}, DEFAULT_TILE_GSD, DEFAULT_TILE_SIZE
     doc = _read_json(path)
     splits = doc.get("splits") or {}
-    domains = {role: splits[split]["domain"] for role, split in (("source", "source-train"), ("target", "target-train"))
-               if isinstance(splits.get(split), dict) and "domain" in splits[split]}
+    domains = {
+        role: splits[split]["domain"]
+        for role, split in (("source", "source-train"), ("target", "target-train"))
+        if isinstance(splits.get(split), dict) and "domain" in splits[split]
+    }
     gsd = float(doc.get("target_gsd") or DEFAULT_TILE_GSD)
     size = int(doc.get("tile_size") or DEFAULT_TILE_SIZE)
     return domains, gsd, size
@@ -183,10 +186,12 @@ def resolve_model(source: str | Path) -> ModelSource:
     spec = _read_json(model_dir / "ldm.json").get("spec")
     if not isinstance(spec, dict) or "domains" not in spec or "image_size" not in spec:
         raise InputError(model_dir / "ldm.json", "malformed model description (no spec.domains / spec.image_size)")
-    run_domains, tile_gsd, tile_size = _run_tiles(run_dir) if run_dir is not None else ({}, DEFAULT_TILE_GSD,
-                                                                                        DEFAULT_TILE_SIZE)
-    return ModelSource(model_dir, stage, run_dir, run_domains, sorted(spec["domains"]), int(spec["image_size"]),
-                       tile_gsd, tile_size)
+    run_domains, tile_gsd, tile_size = (
+        _run_tiles(run_dir) if run_dir is not None else ({}, DEFAULT_TILE_GSD, DEFAULT_TILE_SIZE)
+    )
+    return ModelSource(
+        model_dir, stage, run_dir, run_domains, sorted(spec["domains"]), int(spec["image_size"]), tile_gsd, tile_size
+    )
 
 
 def resolve_domain(model: ModelSource, domain: str) -> str:
@@ -200,8 +205,9 @@ def resolve_domain(model: ModelSource, domain: str) -> str:
     if domain in model.run_domains and model.run_domains[domain] in model.domains:
         return model.run_domains[domain]
     aliases = f" (or {', '.join(sorted(model.run_domains))})" if model.run_domains else ""
-    raise InputError("domain", f"unknown domain {domain!r}: the model at {model.model_dir} knows "
-                               f"{', '.join(model.domains)}{aliases}")
+    raise InputError(
+        "domain", f"unknown domain {domain!r}: the model at {model.model_dir} knows {', '.join(model.domains)}{aliases}"
+    )
 
 
 @dataclass
@@ -301,8 +307,12 @@ def heatmap_labels(set_dir: Path, request: TileRequest, names: list[str] | None 
         return [Detections.empty(with_confidence=True) for _ in names]
     config = request.heatmap_config()
     size = sset.info.image_size
-    return [boxes_from_heatmap(sset.heatmap(n, config.view, raw=config.raw_maps), config, gsd=sset.info.gsd,
-                               image_size=(size, size)) for n in names]
+    return [
+        boxes_from_heatmap(
+            sset.heatmap(n, config.view, raw=config.raw_maps), config, gsd=sset.info.gsd, image_size=(size, size)
+        )
+        for n in names
+    ]
 
 
 def _detector_settings(detector: Path) -> tuple[int, float | None]:
@@ -371,8 +381,17 @@ class _Tile:
     detections: Detections
 
 
-def _write_stac(root: Path, folder_name: str, tiles: list[_Tile], request: TileRequest, domain: str, gsd: float,
-                crs: str, created: dt.datetime, label_method: str) -> None:
+def _write_stac(
+    root: Path,
+    folder_name: str,
+    tiles: list[_Tile],
+    request: TileRequest,
+    domain: str,
+    gsd: float,
+    crs: str,
+    created: dt.datetime,
+    label_method: str,
+) -> None:
     with warnings.catch_warnings():  # pystac flags its label helpers as deprecated (the extension is "pilot")
         warnings.simplefilter("ignore", DeprecationWarning)
         from pystac.extensions.label import (
@@ -386,9 +405,12 @@ def _write_stac(root: Path, folder_name: str, tiles: list[_Tile], request: TileR
         )
 
     kind = "with vehicles" if request.with_vehicles else "without vehicles"
-    catalog = pystac.Catalog(id=folder_name, title=f"aerosynth request {request.name}",
-                             description=f"{len(tiles)} synthetic tiles in the style of {domain} ({kind}), labelled "
-                                         f"from {label_method}; synthetic georeference (no place on Earth).")
+    catalog = pystac.Catalog(
+        id=folder_name,
+        title=f"aerosynth request {request.name}",
+        description=f"{len(tiles)} synthetic tiles in the style of {domain} ({kind}), labelled "
+        f"from {label_method}; synthetic georeference (no place on Earth).",
+    )
     images = pystac.Catalog(id=f"{folder_name}-images", description="Synthetic RGB GeoTIFF tiles.")
     labels = pystac.Catalog(id=f"{folder_name}-labels", description="Vehicle box labels (STAC label extension).")
     catalog.add_child(images)
@@ -398,18 +420,35 @@ def _write_stac(root: Path, folder_name: str, tiles: list[_Tile], request: TileR
     labels.set_self_href(str(root / "stac" / "labels" / "catalog.json"))
     for tile in tiles:
         geometry, bbox = _footprint_wgs84(tile.transform, tile.width, tile.height, crs)
-        props = {"gsd": gsd, "aerosynth:synthetic": True, "aerosynth:domain": domain, "aerosynth:seed": tile.seed,
-                 "aerosynth:with_vehicles": request.with_vehicles, "aerosynth:crs": crs,
-                 "aerosynth:transform": [float(v) for v in tile.transform[:6]]}
+        props = {
+            "gsd": gsd,
+            "aerosynth:synthetic": True,
+            "aerosynth:domain": domain,
+            "aerosynth:seed": tile.seed,
+            "aerosynth:with_vehicles": request.with_vehicles,
+            "aerosynth:crs": crs,
+            "aerosynth:transform": [float(v) for v in tile.transform[:6]],
+        }
         item = pystac.Item(id=tile.tile_id, geometry=geometry, bbox=bbox, datetime=created, properties=props)
-        item.add_asset("image", pystac.Asset(href=str(root / "tiles" / f"{tile.tile_id}.tif"),
-                                             media_type=pystac.MediaType.GEOTIFF, roles=["data"],
-                                             title="RGB tile (synthetic georeference, EPSG:3857)"))
+        item.add_asset(
+            "image",
+            pystac.Asset(
+                href=str(root / "tiles" / f"{tile.tile_id}.tif"),
+                media_type=pystac.MediaType.GEOTIFF,
+                roles=["data"],
+                title="RGB tile (synthetic georeference, EPSG:3857)",
+            ),
+        )
         images.add_item(item)
         item.set_self_href(str(root / "stac" / "images" / f"{tile.tile_id}.json"))
 
-        label = pystac.Item(id=f"{tile.tile_id}-labels", geometry=geometry, bbox=bbox, datetime=created,
-                            properties={"aerosynth:boxes": len(tile.detections)})
+        label = pystac.Item(
+            id=f"{tile.tile_id}-labels",
+            geometry=geometry,
+            bbox=bbox,
+            datetime=created,
+            properties={"aerosynth:boxes": len(tile.detections)},
+        )
         ext = LabelExtension.ext(label, add_if_missing=True)
         ext.apply(
             label_description=f"Vehicle boxes of tile {tile.tile_id}, read from {label_method}.",
@@ -418,8 +457,11 @@ def _write_stac(root: Path, folder_name: str, tiles: list[_Tile], request: TileR
             label_classes=[LabelClasses.create(classes=list(CLASS_NAMES), name=CLASS_PROPERTY)],
             label_tasks=[LabelTask.DETECTION],
             label_methods=[LabelMethod.AUTOMATED],
-            label_overviews=[LabelOverview.create(property_key=CLASS_PROPERTY,
-                                                  counts=[LabelCount.create(CLASS_NAMES[0], len(tile.detections))])],
+            label_overviews=[
+                LabelOverview.create(
+                    property_key=CLASS_PROPERTY, counts=[LabelCount.create(CLASS_NAMES[0], len(tile.detections))]
+                )
+            ],
         )
         ext.add_source(item, title="the labelled tile", assets=["image"])
         ext.add_geojson_labels(href=str(root / "labels" / f"{tile.tile_id}.geojson"), title="vehicle boxes")
@@ -477,8 +519,15 @@ def check_label_item(item: dict, where: str) -> None:
         raise InputError(where, "label extension: no properties object")
     if not any(str(u).startswith(LABEL_SCHEMA_PREFIX) for u in item.get("stac_extensions") or []):
         raise InputError(where, "label extension: not listed in stac_extensions")
-    known = {"label:properties", "label:classes", "label:description", "label:type", "label:tasks", "label:methods",
-             "label:overviews"}
+    known = {
+        "label:properties",
+        "label:classes",
+        "label:description",
+        "label:type",
+        "label:tasks",
+        "label:methods",
+        "label:overviews",
+    }
     extra = sorted(k for k in props if k.startswith("label:") and k not in known)
     if extra:
         raise InputError(where, f"label extension: unknown field {extra[0]}")
@@ -486,11 +535,17 @@ def check_label_item(item: dict, where: str) -> None:
         if key not in props:
             raise InputError(where, f"label extension: required field {key} missing")
     lp = props["label:properties"]
-    _check_label_field(props, "label:properties", lp is None or (isinstance(lp, list) and len(lp) >= 1 and all(
-        isinstance(p, str) for p in lp)), "a non-empty list of strings or null", where)
+    _check_label_field(
+        props,
+        "label:properties",
+        lp is None or (isinstance(lp, list) and len(lp) >= 1 and all(isinstance(p, str) for p in lp)),
+        "a non-empty list of strings or null",
+        where,
+    )
     desc = props["label:description"]
-    _check_label_field(props, "label:description", isinstance(desc, str) and len(desc) >= 1, "a non-empty string",
-                       where)
+    _check_label_field(
+        props, "label:description", isinstance(desc, str) and len(desc) >= 1, "a non-empty string", where
+    )
     _check_label_field(props, "label:type", props["label:type"] in ("vector", "raster"), "vector or raster", where)
     raster = props["label:type"] == "raster"
     classes = props.get("label:classes", [])
@@ -503,18 +558,28 @@ def check_label_item(item: dict, where: str) -> None:
         _check_label_field(props, "label:classes", ok_name, "null names (raster) or non-empty names (vector)", where)
         ok_values = isinstance(values, list) and (
             all(isinstance(v, str) for v in values)
-            or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values))
+            or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        )
         _check_label_field(props, "label:classes", ok_values, "classes all strings or all numbers", where)
     for key in ("label:tasks", "label:methods"):
         value = props.get(key, [])
-        _check_label_field(props, key, isinstance(value, list) and all(isinstance(v, str) for v in value),
-                           "a list of strings", where)
+        _check_label_field(
+            props, key, isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings", where
+        )
     for ov in props.get("label:overviews", []) or []:
         ok = isinstance(ov, dict) and isinstance(ov.get("property_key", ""), str)
         counts = ov.get("counts", []) if isinstance(ov, dict) else None
-        ok = ok and isinstance(counts, list) and all(
-            isinstance(c, dict) and isinstance(c.get("name", ""), str) and isinstance(c.get("count", 0), int)
-            and not isinstance(c.get("count", 0), bool) for c in counts)
+        ok = (
+            ok
+            and isinstance(counts, list)
+            and all(
+                isinstance(c, dict)
+                and isinstance(c.get("name", ""), str)
+                and isinstance(c.get("count", 0), int)
+                and not isinstance(c.get("count", 0), bool)
+                for c in counts
+            )
+        )
         _check_label_field(props, "label:overviews", ok, "objects with property_key and counts {name, count}", where)
     for link in item.get("links") or []:
         extra = [k for k in link if k.startswith("label:") and k != "label:assets"]
@@ -577,8 +642,13 @@ def validate_export(folder: str | Path) -> dict[str, int]:
         if kind not in ("Catalog", "Collection", "Feature"):
             raise InputError(path, f"not a STAC Catalog, Collection or Item (type {kind!r})")
         try:
-            validator.validate(doc, pystac.STACObjectType(kind), doc.get("stac_version", ""),
-                               list(doc.get("stac_extensions") or []), href=str(path))
+            validator.validate(
+                doc,
+                pystac.STACObjectType(kind),
+                doc.get("stac_version", ""),
+                list(doc.get("stac_extensions") or []),
+                href=str(path),
+            )
         except STACValidationError as exc:
             raise InputError(path, str(exc).splitlines()[0] + " " + " ".join(str(exc).splitlines()[1:2])) from None
         for link in doc.get("links") or []:
@@ -657,8 +727,11 @@ def _exclusive(folder: Path) -> Iterator[None]:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        raise InputError(folder, f"another request is writing this export now (or a crashed one left {lock.name}: "
-                                 "remove it if no request is running)") from None
+        raise InputError(
+            folder,
+            f"another request is writing this export now (or a crashed one left {lock.name}: "
+            "remove it if no request is running)",
+        ) from None
     try:
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
@@ -721,20 +794,39 @@ def request_tiles(
         InputError: a bad name or value, an unknown domain, no model, a missing detector, or an
             export of that name and date that already exists. Nothing is written then.
     """
-    req = TileRequest(name=name, domain=domain, count=count, with_vehicles=with_vehicles, seed=seed, steps=steps,
-                      guidance_scale=guidance_scale, scheduler=scheduler, batch_size=batch_size,
-                      detector=None if detector is None else Path(detector), detector_conf=detector_conf,
-                      heatmap_options=dict(heatmap_options or {}), gsd=gsd).validate()
+    req = TileRequest(
+        name=name,
+        domain=domain,
+        count=count,
+        with_vehicles=with_vehicles,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        batch_size=batch_size,
+        detector=None if detector is None else Path(detector),
+        detector_conf=detector_conf,
+        heatmap_options=dict(heatmap_options or {}),
+        gsd=gsd,
+    ).validate()
     folder = export_folder(out_root, req.name, day)
     if folder.exists() or folder.is_symlink():
-        raise InputError(folder, "an export of this name and date already exists (exports are never overwritten; "
-                                 "choose another name)")
+        raise InputError(
+            folder,
+            "an export of this name and date already exists (exports are never overwritten; choose another name)",
+        )
     model = resolve_model(source)
     domain_name = resolve_domain(model, req.domain)
     tile_gsd = req.gsd or model.tile_gsd * model.tile_size / model.image_size
     log = _logger()
-    log.info("request %s: %d tiles of %s (%s vehicles) from %s", req.name, req.count, domain_name,
-             "with" if req.with_vehicles else "without", model.model_dir)
+    log.info(
+        "request %s: %d tiles of %s (%s vehicles) from %s",
+        req.name,
+        req.count,
+        domain_name,
+        "with" if req.with_vehicles else "without",
+        model.model_dir,
+    )
 
     Path(out_root).mkdir(parents=True, exist_ok=True)
     with _exclusive(folder):
@@ -746,8 +838,9 @@ def request_tiles(
     return folder
 
 
-def _build(tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain: str, tile_gsd: float,
-           progress: bool) -> None:
+def _build(
+    tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain: str, tile_gsd: float, progress: bool
+) -> None:
     from annotation.export import SYNTHETIC_CRS, AnnotatedImage, preview_grid, synthetic_transform
     from data.exporters import LabelledImage, write_coco, write_yolo_split
     from data.geo import detections_to_geojson, write_geojson
@@ -758,8 +851,15 @@ def _build(tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     set_name = "target_cars" if req.with_vehicles else "target_empty"
     work = tmp / ".synthetic"
-    config = SamplingConfig(steps=req.steps, guidance_scale=req.guidance_scale, scheduler=req.scheduler,
-                            batch_size=req.batch_size, shard_size=max(req.count, 1), gsd=tile_gsd, progress=progress)
+    config = SamplingConfig(
+        steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        scheduler=req.scheduler,
+        batch_size=req.batch_size,
+        shard_size=max(req.count, 1),
+        gsd=tile_gsd,
+        progress=progress,
+    )
     generate_set(model.model_dir, work, set_name, domain, req.count, base_seed=req.seed, config=config)
     header = json.loads((work / "synthetic.json").read_text())
     names = [f"{i:06d}" for i in range(req.count)]
@@ -796,8 +896,11 @@ def _build(tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain
             labelled_tif.append(LabelledImage(tile_id, tif, det))
             labelled_png.append(LabelledImage(tile_id, work / "images" / f"{n}.png", det))
             if i < PREVIEW_COUNT:
-                previews.append(AnnotatedImage(tile_id, work / "images" / f"{n}.png", det,
-                                               heatmap_path=work / "heatmaps" / f"{n}.png"))
+                previews.append(
+                    AnnotatedImage(
+                        tile_id, work / "images" / f"{n}.png", det, heatmap_path=work / "heatmaps" / f"{n}.png"
+                    )
+                )
             tiles.append(_Tile(tile_id, req.seed + i, transform, w, h, det))
 
     crs_member = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}}
@@ -812,25 +915,35 @@ def _build(tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain
 
     files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     boxes = [len(t.detections) for t in tiles]
-    atomic_write_json(tmp / REQUEST_FILE, {
-        "request": req.to_dict(),
-        "domain": domain,
-        "created": created.isoformat(),
-        "export": folder.name,
-        "model": {"path": str(model.model_dir.resolve()), "stage": model.stage,
-                  "run": None if model.run_dir is None else str(model.run_dir.resolve()),
-                  "ldm_json_sha256": _sha256(model.model_dir / "ldm.json")},
-        "prompt": header["prompt"],
-        "image_size": header["image_size"],
-        "gsd": tile_gsd,
-        "crs": SYNTHETIC_CRS,
-        "georeference": "synthetic: annotation.export.synthetic_transform grid near (0, 0), north up",
-        "labels_from": label_method,
-        "seeds": {t.tile_id: t.seed for t in tiles},
-        "counts": {"tiles": len(tiles), "tiles_with_boxes": sum(1 for b in boxes if b), "boxes": int(sum(boxes)),
-                   "detector_boxes_in_empty_tiles": hits_in_empty},
-        "files": files,
-    })
+    atomic_write_json(
+        tmp / REQUEST_FILE,
+        {
+            "request": req.to_dict(),
+            "domain": domain,
+            "created": created.isoformat(),
+            "export": folder.name,
+            "model": {
+                "path": str(model.model_dir.resolve()),
+                "stage": model.stage,
+                "run": None if model.run_dir is None else str(model.run_dir.resolve()),
+                "ldm_json_sha256": _sha256(model.model_dir / "ldm.json"),
+            },
+            "prompt": header["prompt"],
+            "image_size": header["image_size"],
+            "gsd": tile_gsd,
+            "crs": SYNTHETIC_CRS,
+            "georeference": "synthetic: annotation.export.synthetic_transform grid near (0, 0), north up",
+            "labels_from": label_method,
+            "seeds": {t.tile_id: t.seed for t in tiles},
+            "counts": {
+                "tiles": len(tiles),
+                "tiles_with_boxes": sum(1 for b in boxes if b),
+                "boxes": int(sum(boxes)),
+                "detector_boxes_in_empty_tiles": hits_in_empty,
+            },
+            "files": files,
+        },
+    )
 
 
 @flow(name="request", log_prints=True)
@@ -850,9 +963,21 @@ def request_flow(
     gsd: float | None = None,
 ) -> str:
     """Prefect flow ``request``: :func:`request_tiles`, then the export is validated; returns its path."""
-    folder = request_tiles(source, out_root, name, domain, count, with_vehicles=with_vehicles, seed=seed, steps=steps,
-                           guidance_scale=guidance_scale, scheduler=scheduler, detector=detector,
-                           heatmap_options=heatmap_options, gsd=gsd)
+    folder = request_tiles(
+        source,
+        out_root,
+        name,
+        domain,
+        count,
+        with_vehicles=with_vehicles,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        scheduler=scheduler,
+        detector=detector,
+        heatmap_options=heatmap_options,
+        gsd=gsd,
+    )
     counts = validate_export(folder)
     _logger().info("STAC valid: %s", counts)
     return str(folder)

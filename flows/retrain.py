@@ -239,14 +239,27 @@ def build_weak_split(
                 if flags == "given":
                     raise InputError(item.path, f"tile {tile_id} has no given flag (no labels, no flags.json entry)")
                 if predictor is None:
-                    raise InputError(item.path, "no labels or flags for this raster and no production detector "
-                                                "to compute them")
+                    raise InputError(
+                        item.path, "no labels or flags for this raster and no production detector to compute them"
+                    )
                 pending.append((len(records), tile.pixels))
                 source = "detector"
             write_png(out_dir / "images" / f"{tile_id}.png", tile.pixels)
             tt = transform @ Affine.translation(tile.x0, tile.y0)
-            records.append(TileRecord(tile_id, item.path.name, item.group, tile.x0, tile.y0, tile_size, tile_size,
-                                      bool(flag), tuple(float(v) for v in tt[:6]), crs))
+            records.append(
+                TileRecord(
+                    tile_id,
+                    item.path.name,
+                    item.group,
+                    tile.x0,
+                    tile.y0,
+                    tile_size,
+                    tile_size,
+                    bool(flag),
+                    tuple(float(v) for v in tt[:6]),
+                    crs,
+                )
+            )
             sources[tile_id] = source
     if not records:
         raise InputError(split_name, "no tile could be cut from the new imagery (rasters smaller than a tile?)")
@@ -330,11 +343,16 @@ def build_run_tiles(
     if predictor is None and production is not None and settings.flags != "given":
         predictor = detector_predictor(production.detector, settings.flag_threshold, imgsz, device)
     key = {
-        "new_imagery": sorted(r.sha256 for r in rasters), "flags": settings.flags,
-        "threshold": settings.flag_threshold, "bands": settings.bands, "given": given,
-        "base_manifest": base_manifest.get("content_sha256"), "evaluation": split,
+        "new_imagery": sorted(r.sha256 for r in rasters),
+        "flags": settings.flags,
+        "threshold": settings.flag_threshold,
+        "bands": settings.bands,
+        "given": given,
+        "base_manifest": base_manifest.get("content_sha256"),
+        "evaluation": split,
         "flag_detector": production.record.get("files", {}).get("detector.pt") if production else None,
     }
+
     def build(out: Path) -> None:
         for child in out.iterdir():  # leftovers of an interrupted build
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -343,21 +361,47 @@ def build_run_tiles(
             if (base / name / "tiles.json").is_file():
                 _link_tree(base / name, out / name)
                 splits[name] = dict(base_manifest.get("splits", {}).get(name, {}))
-        weak = build_weak_split(rasters, out / "target-train", domain, gsd, tile_size, settings.flags, given,
-                                predictor, settings.flag_threshold, settings.bands)
+        weak = build_weak_split(
+            rasters,
+            out / "target-train",
+            domain,
+            gsd,
+            tile_size,
+            settings.flags,
+            given,
+            predictor,
+            settings.flag_threshold,
+            settings.bands,
+        )
         _link_tree(evaluation.root, out / "target-test")
         if evaluation.labels_root != evaluation.root:
             _link_tree(evaluation.labels_root, out / EVALUATION_DIR / "target-test")
-        splits["target-train"] = {"domain": domain, "weak": True, "images": len(rasters),
-                                  "groups": sorted({r.path.stem for r in rasters}), "tiles": weak.tiles,
-                                  "tiles_with_vehicles": weak.with_vehicle, "boxes": 0, "ignore_regions": 0,
-                                  "flag_sources": weak.by_source}
+        splits["target-train"] = {
+            "domain": domain,
+            "weak": True,
+            "images": len(rasters),
+            "groups": sorted({r.path.stem for r in rasters}),
+            "tiles": weak.tiles,
+            "tiles_with_vehicles": weak.with_vehicle,
+            "boxes": 0,
+            "ignore_regions": 0,
+            "flag_sources": weak.by_source,
+        }
         splits["target-test"] = {**base_manifest.get("splits", {}).get(split, {}), "evaluation_split": split}
         for name, entry in splits.items():
             entry.setdefault("domain", domain)
             entry["content_sha256"] = tree_sha256(out / name)
-        write_manifest(out, {"kind": "aerosynth.tiles", "preset": "retrain", "target_gsd": gsd, "tile_size": tile_size,
-                             "base_tiles": str(base), "splits": splits})
+        write_manifest(
+            out,
+            {
+                "kind": "aerosynth.tiles",
+                "preset": "retrain",
+                "target_gsd": gsd,
+                "tile_size": tile_size,
+                "base_tiles": str(base),
+                "splits": splits,
+            },
+        )
         atomic_write_json(work / FLAGS_FILE, weak.to_dict())  # before the stage record: a finished stage has it
 
     tiles, _ = run_stage("tiles", work / "tiles", key, {}, build, _logger())
@@ -380,8 +424,9 @@ def run_config(config: dict | AdaptConfig | None, registry: Registry, work: Path
     return cfg
 
 
-def readapt(cfg: AdaptConfig, work: Path, tiles: Path, variant: str | None = None,
-            use_tasks: bool = False) -> tuple[str, Path]:
+def readapt(
+    cfg: AdaptConfig, work: Path, tiles: Path, variant: str | None = None, use_tasks: bool = False
+) -> tuple[str, Path]:
     """LDM stages, synthesis, annotation and one detector, with the adapt flow's functions.
 
     Args:
@@ -428,8 +473,9 @@ def evaluate_detector(weights: str | Path, registry: Registry, imgsz: int = 128,
     from detection.prediction import predict
 
     split = open_evaluation_split(registry.evaluation.tiles, registry.evaluation.split)
-    preds = predict(weights, [split.image_path(t.tile_id) for t in split], conf=0.001, imgsz=imgsz, max_det=100,
-                    device=device)
+    preds = predict(
+        weights, [split.image_path(t.tile_id) for t in split], conf=0.001, imgsz=imgsz, max_det=100, device=device
+    )
     return evaluate_split(split, preds)
 
 
@@ -466,8 +512,15 @@ def decide(candidate_ap50: float, production_ap50: float | None, production_vers
     return Decision(False, candidate_ap50, production_ap50, production_version, reason)
 
 
-def write_retrain_report(out_dir: Path, decision: Decision, candidate, production, variant: str,
-                         flags: dict, new_imagery: Sequence[NewRaster]) -> dict[str, Path]:
+def write_retrain_report(
+    out_dir: Path,
+    decision: Decision,
+    candidate,
+    production,
+    variant: str,
+    flags: dict,
+    new_imagery: Sequence[NewRaster],
+) -> dict[str, Path]:
     """``report.md``, ``report.json`` and ``pr_curves.png`` of a retrain run; returns them by name."""
     from detection.report import plot_pr_curves
 
@@ -475,23 +528,39 @@ def write_retrain_report(out_dir: Path, decision: Decision, candidate, productio
     rows = [("candidate", variant, candidate)]
     if production is not None:
         rows.insert(0, ("production", decision.production_version or "", production))
-    lines = [f"# aerosynth retrain: {'promoted' if decision.promote else 'not promoted'}", "",
-             decision.reason, "", "| detector | what | AP50 | AP50:95 | P | R | F1 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r} | {w} | {m.ap50:.4f} | {m.ap50_95:.4f} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} |"
-              for r, w, m in rows]
+    lines = [
+        f"# aerosynth retrain: {'promoted' if decision.promote else 'not promoted'}",
+        "",
+        decision.reason,
+        "",
+        "| detector | what | AP50 | AP50:95 | P | R | F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r} | {w} | {m.ap50:.4f} | {m.ap50_95:.4f} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} |"
+        for r, w, m in rows
+    ]
     by_source = flags.get("by_source", {})
-    lines += ["", f"New imagery: {len(new_imagery)} raster(s), {flags.get('tiles', 0)} tiles, "
-                  f"{flags.get('with_vehicle', 0)} flagged with vehicles "
-                  f"({', '.join(f'{k}: {v}' for k, v in sorted(by_source.items()))}).", ""]
+    lines += [
+        "",
+        f"New imagery: {len(new_imagery)} raster(s), {flags.get('tiles', 0)} tiles, "
+        f"{flags.get('with_vehicle', 0)} flagged with vehicles "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(by_source.items()))}).",
+        "",
+    ]
     lines += [f"- `{r.path.name}` sha256 `{r.sha256[:16]}`" for r in new_imagery]
     md = atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
-    js = atomic_write_json(out_dir / "report.json", {
-        "decision": decision.to_dict(), "variant": variant,
-        "candidate": candidate.to_dict(with_curve=False),
-        "production": None if production is None else production.to_dict(with_curve=False),
-        "flags": {k: v for k, v in flags.items() if k != "per_tile"},
-        "new_imagery": [{"name": r.path.name, "sha256": r.sha256} for r in new_imagery]})
+    js = atomic_write_json(
+        out_dir / "report.json",
+        {
+            "decision": decision.to_dict(),
+            "variant": variant,
+            "candidate": candidate.to_dict(with_curve=False),
+            "production": None if production is None else production.to_dict(with_curve=False),
+            "flags": {k: v for k, v in flags.items() if k != "per_tile"},
+            "new_imagery": [{"name": r.path.name, "sha256": r.sha256} for r in new_imagery],
+        },
+    )
     png = plot_pr_curves({name: [m] for name, _, m in rows}, out_dir / "pr_curves.png")
     return {"report.md": md, "report.json": js, "pr_curves.png": png}
 
@@ -523,34 +592,61 @@ def record_candidate(
         "evaluation": {"tiles": str(registry.evaluation.tiles), "split": registry.evaluation.split},
         "ap50": candidate.ap50,
         "candidate": candidate.to_dict(with_curve=False),
-        "production": None if production is None else {"version": production_version,
-                                                       **production.to_dict(with_curve=False)},
+        "production": None
+        if production is None
+        else {"version": production_version, **production.to_dict(with_curve=False)},
         "decision": decision.to_dict(),
     }
     version = registry.register(detector, metrics, provenance, config_yaml, files)
     if decision.promote:
         registry.promote(version.name, decision.reason)
-    registry.log_decision({"version": version.name, "promoted": decision.promote,
-                           "candidate_ap50": decision.candidate_ap50, "production_ap50": decision.production_ap50,
-                           "production_version": decision.production_version, "reason": decision.reason,
-                           "run": provenance.get("run_id")})
+    registry.log_decision(
+        {
+            "version": version.name,
+            "promoted": decision.promote,
+            "candidate_ap50": decision.candidate_ap50,
+            "production_ap50": decision.production_ap50,
+            "production_version": decision.production_version,
+            "reason": decision.reason,
+            "run": provenance.get("run_id"),
+        }
+    )
     _logger().info("%s: %s", version.name, decision.reason)
     return version, decision
 
 
-def register_baseline(registry: Registry, detector: str | Path, imgsz: int = 128, device: str = "cpu",
-                      provenance: dict | None = None, promote: bool = True) -> Version:
+def register_baseline(
+    registry: Registry,
+    detector: str | Path,
+    imgsz: int = 128,
+    device: str = "cpu",
+    provenance: dict | None = None,
+    promote: bool = True,
+) -> Version:
     """Register an existing detector (e.g. an adapt run's) with its evaluation, as production by default."""
     result = evaluate_detector(detector, registry, imgsz, device)
-    metrics = {"evaluation": {"tiles": str(registry.evaluation.tiles), "split": registry.evaluation.split},
-               "ap50": result.ap50, "candidate": result.to_dict(with_curve=False), "production": None,
-               "decision": {"promote": promote, "reason": "baseline registered by hand"}}
-    version = registry.register(detector, metrics, {"kind": "baseline", "source": str(Path(detector).resolve()),
-                                                    **(provenance or {})})
+    metrics = {
+        "evaluation": {"tiles": str(registry.evaluation.tiles), "split": registry.evaluation.split},
+        "ap50": result.ap50,
+        "candidate": result.to_dict(with_curve=False),
+        "production": None,
+        "decision": {"promote": promote, "reason": "baseline registered by hand"},
+    }
+    version = registry.register(
+        detector, metrics, {"kind": "baseline", "source": str(Path(detector).resolve()), **(provenance or {})}
+    )
     if promote:
         registry.promote(version.name, "baseline")
-        registry.log_decision({"version": version.name, "promoted": True, "candidate_ap50": result.ap50,
-                               "production_ap50": None, "production_version": None, "reason": "baseline"})
+        registry.log_decision(
+            {
+                "version": version.name,
+                "promoted": True,
+                "candidate_ap50": result.ap50,
+                "production_ap50": None,
+                "production_version": None,
+                "reason": "baseline",
+            }
+        )
     return version
 
 
@@ -676,37 +772,60 @@ def retrain(
     work.mkdir(parents=True, exist_ok=True)
     config_yaml = dump_config(cfg)
     atomic_write_text(work / "config.yaml", config_yaml)
-    tiles = steps.build_tiles(registry, new, work, settings, given, production, cfg.detection.imgsz, cfg.device,
-                              predictor)
+    tiles = steps.build_tiles(
+        registry, new, work, settings, given, production, cfg.detection.imgsz, cfg.device, predictor
+    )
     variant, det_dir = steps.readapt(cfg, work, tiles, settings.variant, steps.use_tasks)
     weights = det_dir / "train" / "detector.pt"
     candidate = steps.evaluate(weights, registry, cfg.detection.imgsz, cfg.device)
-    prod_result = None if production is None else steps.evaluate(production.detector, registry,
-                                                                  cfg.detection.imgsz, cfg.device)
+    prod_result = (
+        None if production is None else steps.evaluate(production.detector, registry, cfg.detection.imgsz, cfg.device)
+    )
     flags = json.loads((work / FLAGS_FILE).read_text()) if (work / FLAGS_FILE).is_file() else {}
     tiles_manifest = json.loads((tiles / "manifest.json").read_text())
     provenance = {
-        "kind": "retrain", "run_id": run_id, "work_dir": str(work.resolve()), "flow_run_id": _flow_run_id(),
-        "parent_version": production.name if production else None, "variant": variant,
+        "kind": "retrain",
+        "run_id": run_id,
+        "work_dir": str(work.resolve()),
+        "flow_run_id": _flow_run_id(),
+        "parent_version": production.name if production else None,
+        "variant": variant,
         "seed": cfg.detection.seeds[0],
-        "new_imagery": [{"name": r.path.name, "sha256": r.sha256, "labels": r.labels.name if r.labels else None}
-                        for r in new],
-        "flags": {"mode": settings.flags, "threshold": settings.flag_threshold,
-                  "detector": production.name if production and flags.get("by_source", {}).get("detector") else None,
-                  **{k: v for k, v in flags.items() if k != "per_tile"}},
-        "data": {"tiles_content_sha256": tiles_manifest.get("content_sha256"),
-                 "splits": {k: v.get("content_sha256") for k, v in tiles_manifest["splits"].items()},
-                 "base_tiles": str(registry.evaluation.tiles),
-                 "base_manifest_sha256": _sha_or_none(registry.evaluation.tiles / "manifest.json"),
-                 "evaluation_split": registry.evaluation.split},
-        "stages": {str(p.parent.relative_to(work)): (stage_record(p.parent) or {}).get("key")
-                   for p in sorted(work.rglob("stage_done.json"))},
+        "new_imagery": [
+            {"name": r.path.name, "sha256": r.sha256, "labels": r.labels.name if r.labels else None} for r in new
+        ],
+        "flags": {
+            "mode": settings.flags,
+            "threshold": settings.flag_threshold,
+            "detector": production.name if production and flags.get("by_source", {}).get("detector") else None,
+            **{k: v for k, v in flags.items() if k != "per_tile"},
+        },
+        "data": {
+            "tiles_content_sha256": tiles_manifest.get("content_sha256"),
+            "splits": {k: v.get("content_sha256") for k, v in tiles_manifest["splits"].items()},
+            "base_tiles": str(registry.evaluation.tiles),
+            "base_manifest_sha256": _sha_or_none(registry.evaluation.tiles / "manifest.json"),
+            "evaluation_split": registry.evaluation.split,
+        },
+        "stages": {
+            str(p.parent.relative_to(work)): (stage_record(p.parent) or {}).get("key")
+            for p in sorted(work.rglob("stage_done.json"))
+        },
     }
-    decision = decide(candidate.ap50, None if prod_result is None else prod_result.ap50,
-                      production.name if production else None)
+    decision = decide(
+        candidate.ap50, None if prod_result is None else prod_result.ap50, production.name if production else None
+    )
     files = write_retrain_report(work / "report", decision, candidate, prod_result, variant, flags, new)
-    version, decision = record_candidate(registry, weights, candidate, prod_result,
-                                         production.name if production else None, provenance, config_yaml, files)
+    version, decision = record_candidate(
+        registry,
+        weights,
+        candidate,
+        prod_result,
+        production.name if production else None,
+        provenance,
+        config_yaml,
+        files,
+    )
     registry.mark_seen({r.sha256: r.path.name for r in new}, version.name)
     msg = f"{version.name} registered ({variant}): {decision.reason}"
     log.info(msg)
@@ -753,8 +872,14 @@ def run_retrain(
     RunSettings(flags=flags, flag_threshold=flag_threshold)  # type: ignore[arg-type]  # bad input before any work
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
     return retrain_flow.with_options(task_runner=runner)(
-        str(registry), str(watch), cfg.model_dump(mode="json"), flags, flag_threshold, variant,
-        None if work_root is None else str(work_root))
+        str(registry),
+        str(watch),
+        cfg.model_dump(mode="json"),
+        flags,
+        flag_threshold,
+        variant,
+        None if work_root is None else str(work_root),
+    )
 
 
 def _publish(outcome: RetrainOutcome) -> None:

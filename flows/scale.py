@@ -32,7 +32,9 @@ def task_runner(kind: str, address: str | None = None, workers: int = 2, threads
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def generation_shard(kind: str, model: str, out_dir: str, shard: int, args: dict, config: dict, torch_threads: int) -> int:
+def generation_shard(
+    kind: str, model: str, out_dir: str, shard: int, args: dict, config: dict, torch_threads: int
+) -> int:
     """Produce one shard of a synthetic set (``kind`` = ``set``) or of a translation (``translation``)."""
     import torch
 
@@ -40,19 +42,41 @@ def generation_shard(kind: str, model: str, out_dir: str, shard: int, args: dict
 
     torch.set_num_threads(torch_threads)
     if kind == "translation":
-        translate_split(model, args["source_split"], out_dir, args["domain"], base_seed=args["base_seed"],
-                        config=TranslationConfig(**config), shards=[shard])
+        translate_split(
+            model,
+            args["source_split"],
+            out_dir,
+            args["domain"],
+            base_seed=args["base_seed"],
+            config=TranslationConfig(**config),
+            shards=[shard],
+        )
     else:
-        generate_set(model, out_dir, args["set_name"], args["domain"], args["count"], base_seed=args["base_seed"],
-                     config=SamplingConfig(**config), shards=[shard])
+        generate_set(
+            model,
+            out_dir,
+            args["set_name"],
+            args["domain"],
+            args["count"],
+            base_seed=args["base_seed"],
+            config=SamplingConfig(**config),
+            shards=[shard],
+        )
     return shard
 
 
 def map_shards(kind: str, model: Path, out_dir: Path, n_shards: int, args: dict, config, torch_threads: int) -> None:
     """Submit every shard to the current flow's task runner and wait for all of them."""
     cfg = asdict(config)
-    futures = generation_shard.map(unmapped(kind), unmapped(str(model)), unmapped(str(out_dir)), list(range(n_shards)),
-                                   unmapped(args), unmapped(cfg), unmapped(torch_threads))
+    futures = generation_shard.map(
+        unmapped(kind),
+        unmapped(str(model)),
+        unmapped(str(out_dir)),
+        list(range(n_shards)),
+        unmapped(args),
+        unmapped(cfg),
+        unmapped(torch_threads),
+    )
     wait(futures)
     for f in futures:
         f.result()  # re-raise the first failure

@@ -50,7 +50,9 @@ def stage_hash(out_dir: Path) -> str:
 def stage_is_current(out_dir: Path, settings: Any, upstream: dict[str, Path]) -> bool:
     """Whether ``out_dir`` holds a finished stage built from exactly these inputs."""
     record = stage_record(Path(out_dir))
-    return record is not None and record.get("key") == stage_key(settings, {k: stage_hash(v) for k, v in sorted(upstream.items())})
+    return record is not None and record.get("key") == stage_key(
+        settings, {k: stage_hash(v) for k, v in sorted(upstream.items())}
+    )
 
 
 def clear_stale_stage(out_dir: Path) -> None:
@@ -100,8 +102,13 @@ def run_stage(
     seconds = time.perf_counter() - t0
     atomic_write_json(
         out_dir / STAGE_RECORD,
-        {"stage": name, "key": key, "content_sha256": tree_sha256(out_dir, exclude=(STAGE_RECORD,)),
-         "seconds": round(seconds, 2), "peak_rss_mb": round(peak.mb, 1)},
+        {
+            "stage": name,
+            "key": key,
+            "content_sha256": tree_sha256(out_dir, exclude=(STAGE_RECORD,)),
+            "seconds": round(seconds, 2),
+            "peak_rss_mb": round(peak.mb, 1),
+        },
     )
     logger.info("stage %s: done in %.1f s (peak memory %.0f MB)", name, seconds, peak.mb)
     return out_dir, True

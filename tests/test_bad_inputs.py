@@ -38,8 +38,21 @@ def _geo(tmp: Path) -> Path:
 
 
 def _prepare(tmp: Path, src: Path, tgt: Path, *extra: str) -> list[str]:
-    return ["data", "prepare", "--source", str(src), "--target", str(tgt), "--source-gsd", "0.125",
-            "--test-groups", "scene_1", "--out", str(tmp / "out"), *extra]
+    return [
+        "data",
+        "prepare",
+        "--source",
+        str(src),
+        "--target",
+        str(tgt),
+        "--source-gsd",
+        "0.125",
+        "--test-groups",
+        "scene_1",
+        "--out",
+        str(tmp / "out"),
+        *extra,
+    ]
 
 
 def _png_header(w: int, h: int) -> bytes:
@@ -98,8 +111,17 @@ def truncated_geotiff(tmp):
 def geotiff_bomb(tmp):
     tgt = _geo(tmp)
     (tgt / "scene_0.tif").unlink()
-    profile = {"driver": "GTiff", "width": 100_000, "height": 100_000, "count": 3, "dtype": "uint8",
-               "crs": "EPSG:32632", "transform": T, "tiled": True, "sparse_ok": True}
+    profile = {
+        "driver": "GTiff",
+        "width": 100_000,
+        "height": 100_000,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32632",
+        "transform": T,
+        "tiled": True,
+        "sparse_ok": True,
+    }
     with rasterio.open(tgt / "scene_0.tif", "w", **profile):
         pass
     return _prepare(tmp, FIXTURES / "yolo_domain", tgt), "scene_0.tif"
@@ -234,7 +256,9 @@ def config_wrong_type(tmp):
 
 
 def config_out_of_range(tmp):
-    return _adapt(tmp, "preset: demo\ngeneration:\n  translation:\n    strength: 1.5\n"), "config.generation.translation.strength"
+    return _adapt(
+        tmp, "preset: demo\ngeneration:\n  translation:\n    strength: 1.5\n"
+    ), "config.generation.translation.strength"
 
 
 def config_not_a_mapping(tmp):
@@ -267,13 +291,42 @@ def read_only_output(tmp):
 
 
 CASES: list[Case] = [
-    corrupt_png, truncated_png, truncated_jpeg, png_bomb, corrupt_geotiff, truncated_geotiff, geotiff_bomb,
-    single_band_16bit_without_bands, four_band_without_bands, band_index_out_of_range, missing_crs,
-    wrong_crs_labels, zero_byte_geojson, geojson_not_a_collection, nan_geojson_coordinates, nan_yolo_box,
-    negative_yolo_size, binary_label_file, inverted_coco_box, zero_byte_coco, coco_missing_image,
-    label_without_image, empty_domain, missing_source_folder, unknown_group, tile_larger_than_image, unknown_preset,
-    unknown_config_key, config_wrong_type, config_out_of_range, config_not_a_mapping, config_bad_yaml,
-    config_unknown_preset, config_missing_file, unknown_runner, read_only_output,
+    corrupt_png,
+    truncated_png,
+    truncated_jpeg,
+    png_bomb,
+    corrupt_geotiff,
+    truncated_geotiff,
+    geotiff_bomb,
+    single_band_16bit_without_bands,
+    four_band_without_bands,
+    band_index_out_of_range,
+    missing_crs,
+    wrong_crs_labels,
+    zero_byte_geojson,
+    geojson_not_a_collection,
+    nan_geojson_coordinates,
+    nan_yolo_box,
+    negative_yolo_size,
+    binary_label_file,
+    inverted_coco_box,
+    zero_byte_coco,
+    coco_missing_image,
+    label_without_image,
+    empty_domain,
+    missing_source_folder,
+    unknown_group,
+    tile_larger_than_image,
+    unknown_preset,
+    unknown_config_key,
+    config_wrong_type,
+    config_out_of_range,
+    config_not_a_mapping,
+    config_bad_yaml,
+    config_unknown_preset,
+    config_missing_file,
+    unknown_runner,
+    read_only_output,
 ]
 
 

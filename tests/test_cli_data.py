@@ -40,8 +40,19 @@ def _copy(tmp_path: Path, name: str) -> Path:
 
 def _prepare(tmp_path, source, target, extra=()):
     return [
-        "data", "prepare", "--source", source, "--target", target, "--source-gsd", "0.125",
-        "--test-groups", "scene_1", "--out", tmp_path / "out", *extra,
+        "data",
+        "prepare",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--source-gsd",
+        "0.125",
+        "--test-groups",
+        "scene_1",
+        "--out",
+        tmp_path / "out",
+        *extra,
     ]
 
 

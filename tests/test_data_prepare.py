@@ -58,12 +58,17 @@ def test_yolo_coco_and_geotiff_loaders_agree_on_boxes():
 def _spec(tmp_domain=None) -> PrepareSpec:
     src = yolo_folder_domain(FIXTURES / "yolo_domain", gsd=0.125)
     tgt = geotiff_domain(FIXTURES / "geotiff_domain")
-    return PrepareSpec("fixture", [
-        SplitSpec("source-train", src, exclude_groups=["clipC"], mode="cover"),
-        SplitSpec("source-val", src, groups=["clipC"], mode="cover"),
-        SplitSpec("target-train", tgt, groups=["scene_0"], mode="grid", weak=True),
-        SplitSpec("target-test", tgt, groups=["scene_1"], mode="grid", weak=True),
-    ], target_gsd=0.125, tile_size=128)
+    return PrepareSpec(
+        "fixture",
+        [
+            SplitSpec("source-train", src, exclude_groups=["clipC"], mode="cover"),
+            SplitSpec("source-val", src, groups=["clipC"], mode="cover"),
+            SplitSpec("target-train", tgt, groups=["scene_0"], mode="grid", weak=True),
+            SplitSpec("target-test", tgt, groups=["scene_1"], mode="grid", weak=True),
+        ],
+        target_gsd=0.125,
+        tile_size=128,
+    )
 
 
 def test_prepare_writes_splits_weak_flags_and_manifest(tmp_path):

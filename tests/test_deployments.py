@@ -11,15 +11,22 @@ from flows.deployments import build_deployments
 def test_deployments_register_with_schedules(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
 
-    deployments = build_deployments(load_config(preset="demo"), tmp_path / "watch", tmp_path / "registry",
-                                    adapt_cron="0 2 * * 0", retrain_cron="30 3 * * *")
+    deployments = build_deployments(
+        load_config(preset="demo"),
+        tmp_path / "watch",
+        tmp_path / "registry",
+        adapt_cron="0 2 * * 0",
+        retrain_cron="30 3 * * *",
+    )
     for d in deployments:
         d.apply()
 
     async def read():
         async with get_client() as client:
-            return {name: await client.read_deployment_by_name(name)
-                    for name in ("adapt/adapt", "retrain/retrain", "request/request")}
+            return {
+                name: await client.read_deployment_by_name(name)
+                for name in ("adapt/adapt", "retrain/retrain", "request/request")
+            }
 
     found = asyncio.run(read())
     crons = {k: [s.schedule.cron for s in v.schedules] for k, v in found.items()}

@@ -61,9 +61,9 @@ def test_iou_of_identical_and_disjoint_boxes():
     np.testing.assert_allclose(iou, [[1.0, 0.0, 1 / 3]])
 
 
-boxes = st.tuples(
-    st.floats(-50, 250), st.floats(-50, 250), st.floats(0.5, 80), st.floats(0.5, 80)
-).map(lambda t: [t[0], t[1], t[0] + t[2], t[1] + t[3]])
+boxes = st.tuples(st.floats(-50, 250), st.floats(-50, 250), st.floats(0.5, 80), st.floats(0.5, 80)).map(
+    lambda t: [t[0], t[1], t[0] + t[2], t[1] + t[3]]
+)
 
 
 @settings(max_examples=200, deadline=None)

@@ -33,9 +33,19 @@ def tiny_run(prefect_harness, tmp_path_factory):
 def test_adapt_writes_every_stage_and_a_report(tiny_run):
     work, _, report = tiny_run
     records = _records(work)
-    expected = {"tiles", "ldm/stage0", "ldm/stageA", "ldm/stageB", "ldm/stageC", "synthetic/source_cars",
-                "synthetic/target_cars", "synthetic/target_empty", "synthetic/translation", "annotation/relay",
-                "annotation/threshold"}
+    expected = {
+        "tiles",
+        "ldm/stage0",
+        "ldm/stageA",
+        "ldm/stageB",
+        "ldm/stageC",
+        "synthetic/source_cars",
+        "synthetic/target_cars",
+        "synthetic/target_empty",
+        "synthetic/translation",
+        "annotation/relay",
+        "annotation/threshold",
+    }
     assert expected <= set(records)
     variants = {"source-only", "relay", "relay+source", "threshold", "translation", "oracle"}
     assert {k.split("/")[1] for k in records if k.startswith("detectors/")} == variants

@@ -59,13 +59,21 @@ def test_geojson_round_trip_in_raster_crs_and_in_wgs84():
 
 def test_point_labels_become_fixed_size_boxes_in_metres():
     lon, lat = transformer("EPSG:32632", "EPSG:4326").transform(*(T @ (50, 60)))
-    doc = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]}, "properties": {}}]}
+    doc = {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]}, "properties": {}}],
+    }
     box = geojson_to_detections(doc, "p.geojson", T, "EPSG:32632", 256, 256, gsd=0.25, point_box_m=5.3).xyxy[0]
     np.testing.assert_allclose(box, [50 - 10.6, 60 - 10.6, 50 + 10.6, 60 + 10.6], atol=1e-4)
 
 
 def test_labels_in_a_crs_that_misses_the_raster_are_an_error():
-    doc = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [-89.4, 43.07]}, "properties": {}}]}
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [-89.4, 43.07]}, "properties": {}}
+        ],
+    }
     with pytest.raises(InputError, match="no label overlaps the raster"):
         geojson_to_detections(doc, "madison.geojson", T, "EPSG:32632", 256, 256, gsd=0.25)
 

@@ -52,8 +52,9 @@ def partial_files(work: Path) -> list[Path]:
 
 def _start(config: Path, work: Path, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flows.cli", "adapt", "--config", str(config), "--work-dir", str(work)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1]
+    )
 
 
 def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:

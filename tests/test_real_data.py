@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from data.presets import AERIAL_V1_EXPECTED_TILES, aerial_v1
 from data.prepare import prepare_dataset
+from data.presets import AERIAL_V1_EXPECTED_TILES, aerial_v1
 from data.tileset import WeakTileSplit, open_evaluation_split, open_split
 
 pytestmark = pytest.mark.realdata

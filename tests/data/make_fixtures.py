@@ -47,7 +47,10 @@ def write_yolo_domain(root: Path, rng: np.random.Generator) -> None:
     for stem, (group, boxes) in specs.items():
         img = _scene(rng, w, h, boxes)
         cv2.imwrite(str(root / "images" / f"{stem}.png"), img[:, :, ::-1])
-        rows = [f"0 {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}" for x1, y1, x2, y2 in boxes]
+        rows = [
+            f"0 {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
+            for x1, y1, x2, y2 in boxes
+        ]
         (root / "labels" / f"{stem}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
         groups[f"{stem}.png"] = group
     (root / "groups.json").write_text(json.dumps(groups, indent=1, sort_keys=True))
@@ -62,15 +65,28 @@ def write_coco_domain(root: Path, yolo_root: Path) -> None:
         for line in (yolo_root / "labels" / f"{p.stem}.txt").read_text().split("\n"):
             if line.strip():
                 _, cx, cy, bw, bh = map(float, line.split())
-                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1,
-                             "bbox": [(cx - bw / 2) * 200, (cy - bh / 2) * 180, bw * 200, bh * 180], "iscrowd": 0})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i,
+                        "category_id": 1,
+                        "bbox": [(cx - bw / 2) * 200, (cy - bh / 2) * 180, bw * 200, bh * 180],
+                        "iscrowd": 0,
+                    }
+                )
     doc = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "vehicle"}]}
     (root / "annotations.json").write_text(json.dumps(doc, indent=1))
 
 
 def _write_tif(path: Path, data: np.ndarray, transform: Affine, crs: str | None, nodata=None) -> None:
-    profile = {"driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
-               "dtype": data.dtype.name, "transform": transform}
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        "transform": transform,
+    }
     if crs:
         profile["crs"] = crs
     if nodata is not None:
