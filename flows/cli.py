@@ -296,6 +296,32 @@ def annotate(
     Console().print(f"labelled dataset: {path}")
 
 
+@app.command("map-quality")
+def map_quality(
+    model: Annotated[Path, typer.Option(help="Trained LDM folder (ldm/stageC/model).")],
+    tiles: Annotated[Path, typer.Option(help="Prepared tiles folder.")],
+    out: Annotated[Path, typer.Option(help="Report JSON.")],
+    split: Annotated[str, typer.Option(help="A labelled source split.")] = "source-val",
+    noise: Annotated[float, typer.Option(help="Timestep of the single pass, as a fraction of the schedule.")] = 0.3,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N tiles.")] = None,
+) -> None:
+    """Precision, recall and AP50 of heat-map boxes on real labelled tiles (the direct method's quality)."""
+    from annotation.map_quality import evaluate_map_quality
+    from data.tileset import open_split
+    from generation.real_maps import cars_map_function
+
+    labelled = open_split(tiles / split)
+    fn = cars_map_function(model, labelled.info.domain, noise_fraction=noise)
+    report = evaluate_map_quality(labelled, fn, out, limit=limit, only_with_vehicles=False)
+    sc = report["scores"]
+    Console().print(
+        f"{report['tiles']} tiles, {report['ground_truth_boxes']} boxes: precision {sc['precision']:.3f}  "
+        f"recall {sc['recall']:.3f}  AP50 {sc['ap50']:.3f}  (best fixed threshold "
+        f"{report['best_sweep'].get('fixed_threshold')}: F1 {report['best_sweep']['f1']:.3f})"
+    )
+    Console().print(f"report: {out}")
+
+
 @app.command("train")
 def train(
     data: Annotated[
