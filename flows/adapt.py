@@ -44,11 +44,13 @@ def _logger() -> logging.Logger:
 
 
 def _repo_relative(path: Path | None) -> Path | None:
-    """Relative paths in a config are read from the current folder, then from the repo's."""
-    if path is None or path.is_absolute() or path.exists():
+    """Relative paths in a config are read from the current folder, then from the repo's; made absolute."""
+    if path is None or path.is_absolute():
         return path
+    if path.exists():
+        return path.resolve()
     candidate = Path(__file__).resolve().parents[1] / path
-    return candidate if candidate.exists() else path
+    return candidate.resolve() if candidate.exists() else path
 
 
 # ------------------------------------------------------------------------------- data
@@ -178,7 +180,9 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         cfg = cls(
             **common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None
         )
-        key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": str(autoencoder)}
+        # the key names the autoencoder as the config does (not the machine's absolute path)
+        ae_key = str(g.autoencoder_dir) if autoencoder is not None and g.autoencoder_dir is not None else str(autoencoder)
+        key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": ae_key}
         out, _ = run_stage(
             f"ldm/stage{stage}",
             work / "ldm" / f"stage{stage}",

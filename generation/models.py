@@ -1,6 +1,7 @@
 """The latent diffusion model: UNet, CLIP text encoder, offline tokenizer and an autoencoder.
 
-Everything is built from explicit configs in code (presets ``tiny`` and ``cpu``) or loaded from a
+Everything is built from explicit configs in code (presets ``tiny``, ``cpu`` and the
+SD-1.x-sized ``sd15`` for GPUs) or loaded from a
 local Stable Diffusion v1.x folder; nothing is downloaded.
 
 Autoencoders (:class:`Codec`): the pretrained TAEF2 (a folder with ``taef2_*.pth``), an
@@ -119,6 +120,20 @@ PRESETS: dict[str, LDMSpec] = {
         max_length=32,
         autoencoder_kl=_kl_config((32, 64, 128, 128), 4, 16, 128),
     ),
+    # Stable Diffusion 1.x architecture from config, random weights (GPU benchmarks; benchmarks/gpu_check.py):
+    # 512 px, 64x64x4 latents, ~860 M parameter UNet, 768-wide 12-layer CLIP text encoder (offline vocabulary).
+    # To fine-tune real Stable Diffusion weights use StageConfig.pretrained_dir instead.
+    "sd15": LDMSpec(
+        preset="sd15",
+        image_size=512,
+        unet={
+            **_unet_config(64, (320, 640, 1280, 1280), 3, 8, 768, 32),
+            "layers_per_block": 2,
+        },
+        text={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        max_length=77,
+        autoencoder_kl={**_kl_config((128, 256, 512, 512), 4, 32, 512), "layers_per_block": 2},
+    ),
 }
 
 
@@ -179,7 +194,10 @@ def save_kl_autoencoder(codec: KLCodec, out_dir: Path, metrics: dict | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output_path(out_dir / "autoencoder.safetensors", ".safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in codec.module.state_dict().items()}, str(tmp))
-    doc = {"kind": "kl", "config": dict(codec.module.config), "scaling": codec.scaling, "metrics": metrics or {}}
+    config = dict(codec.module.config)
+    if "_use_default_values" in config:  # a set in diffusers: sorted, so that the same model gives the same bytes
+        config["_use_default_values"] = sorted(config["_use_default_values"])
+    doc = {"kind": "kl", "config": config, "scaling": codec.scaling, "metrics": metrics or {}}
     atomic_write_json(out_dir / AUTOENCODER_FILE, doc)
     return out_dir
 
@@ -482,6 +500,8 @@ def save_ldm(ldm: LDM, out_dir: str | Path, unet_state: dict[str, torch.Tensor] 
     if ldm.codec.kind == "kl" and ldm.spec.preset != "pretrained" and ae_dir is None:
         save_kl_autoencoder(ldm.codec, out_dir / "autoencoder")  # type: ignore[arg-type]
         ae_dir = "autoencoder"
+    elif ae_dir is not None and Path(ae_dir) != out_dir / "autoencoder":
+        ae_dir = str(Path(ae_dir).resolve())  # an outside folder: absolute, so the model loads from anywhere
     doc = {"spec": _json_safe(asdict(ldm.spec)), "autoencoder_dir": ae_dir, "format": 1}
     atomic_write_json(out_dir / LDM_FILE, doc)
     return out_dir
