@@ -705,14 +705,17 @@ def _diffusion_stage(
     if lora:
         from peft import LoraConfig
 
-        unet.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=_lora_targets(),
+        # the adapters' random init comes from the config's seed, not from whatever the process drew before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=_lora_targets(),
+                )
             )
-        )
         unet.requires_grad_(False)
         for name, p in unet.named_parameters():
             p.requires_grad_("lora_" in name)
