@@ -25,7 +25,6 @@ The same items give the same bytes (sorted JSON, no timestamps).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 from collections import Counter
@@ -42,6 +41,7 @@ from data.detections import Detections
 from data.errors import InputError
 from data.exporters import LabelledImage, write_coco, write_data_yaml
 from data.imageio import read_rgb, write_png
+from data.manifest import file_sha256
 
 SYNTHETIC_CRS = "EPSG:3857"
 GEOREF_GAP_M = 10.0
@@ -144,14 +144,6 @@ def preview_grid(items: Sequence[AnnotatedImage], columns: int = 4, cell: int = 
             x0 = c * (2 * cell + 8) + j * cell
             grid[y0 : y0 + cell, x0 : x0 + cell] = drawn
     return grid
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def summarise(items: Sequence[AnnotatedImage]) -> dict:
@@ -263,7 +255,9 @@ def export_dataset(
         summary = {"method": method, "gsd": gsd, **summarise(items), **(extra_summary or {})}
         atomic_write_json(tmp / "summary.json", summary)
         files = {
-            str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file() and not p.is_symlink()
+            str(p.relative_to(tmp)): file_sha256(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and not p.is_symlink()
         }
         manifest = {
             "stage": "annotation",

@@ -23,7 +23,6 @@ Output folder::
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from data.atomic import atomic_output_path, atomic_write_json
 from data.errors import InputError
+from data.manifest import file_sha256
 from data.offline import apply_offline_settings
 from detection.augment import AugmentConfig, ultralytics_augmentations, ultralytics_overrides
 from detection.datasets import DatasetSpec, build_yolo_view, dataset_gsd
@@ -119,14 +119,6 @@ def _check_datasets(config: DetectorTrainConfig, train: Sequence[DatasetSpec], v
             raise InputError(f"{spec.path}:labels_dir", "early stopping on target evaluation labels is not allowed")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def train_args(config: DetectorTrainConfig, data_yaml: Path, project: Path) -> dict:
     """The ultralytics ``train()`` arguments for a config (offline, our augmentations)."""
     args = {
@@ -191,7 +183,7 @@ def train_detector(
         out_dir / MANIFEST_FILE,
         {
             "weights": WEIGHTS_FILE,
-            "sha256": _sha256(weights),
+            "sha256": file_sha256(weights),
             "model": config.model,
             "config": config.to_dict(),
             "train": [s.to_dict() for s in train],

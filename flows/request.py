@@ -46,7 +46,6 @@ check an export with :func:`validate_export`.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -70,6 +69,7 @@ from pystac.validation.stac_validator import GetSchemaError, JsonSchemaSTACValid
 from data.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from data.detections import Detections
 from data.errors import InputError
+from data.manifest import file_sha256
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 CLASS_NAMES = ["vehicle"]
@@ -288,12 +288,6 @@ class TileRequest:
 
 
 # ------------------------------------------------------------------------------ labelling
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def heatmap_labels(set_dir: Path, request: TileRequest, names: list[str] | None = None) -> list[Detections]:
@@ -913,7 +907,7 @@ def _build(
     _write_stac(tmp, folder.name, tiles, req, domain, tile_gsd, SYNTHETIC_CRS, created, label_method)
     shutil.rmtree(work)
 
-    files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     boxes = [len(t.detections) for t in tiles]
     atomic_write_json(
         tmp / REQUEST_FILE,
@@ -926,7 +920,7 @@ def _build(
                 "path": str(model.model_dir.resolve()),
                 "stage": model.stage,
                 "run": None if model.run_dir is None else str(model.run_dir.resolve()),
-                "ldm_json_sha256": _sha256(model.model_dir / "ldm.json"),
+                "ldm_json_sha256": file_sha256(model.model_dir / "ldm.json"),
             },
             "prompt": header["prompt"],
             "image_size": header["image_size"],
