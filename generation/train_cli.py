@@ -4,7 +4,8 @@ Usage::
 
     python -m generation.train_cli --stage A --config stage.yaml \\
         --split tiles/source-train --split tiles/target-train --out runs/ldm/stageA
-    accelerate launch --num_processes 4 -m generation.train_cli --stage A --config stage.yaml ...
+    accelerate launch --multi_gpu --num_processes 4 -m generation.train_cli --stage A --config stage.yaml ...
+    torchrun --standalone --nproc_per_node 2 -m generation.train_cli ...   # also DDP over gloo with device: cpu
 
 ``stage.yaml`` (or ``.json``) is a mapping of :class:`generation.training.StageConfig` fields (plus
 ``kl_weight`` for stage 0), for example ``{steps: 2000, batch_size: 8, device: cuda,

@@ -25,11 +25,13 @@ another device or precision; only the same device and precision give bit-identic
 
 Multi-GPU fine-tuning (DDP through ``accelerate``)::
 
-    accelerate launch --num_processes 4 -m generation.train_cli --stage A --config stage.yaml \
-        --split tiles/source-train --split tiles/target-train --out runs/ldm/stageA
+    accelerate launch --multi_gpu --num_processes 4 -m generation.train_cli --stage A \
+        --config stage.yaml --split tiles/source-train --split tiles/target-train --out runs/ldm/stageA
 
-(``stage.yaml``: StageConfig fields, e.g. ``{steps: 2000, batch_size: 8, device: cuda,
-mixed_precision: fp16}``; ``--num_processes N --cpu`` with ``device: cpu`` runs DDP over gloo.)
+``stage.yaml`` holds StageConfig fields, e.g. ``{steps: 2000, batch_size: 8, device: cuda,
+mixed_precision: fp16}``. ``torchrun --standalone --nproc_per_node 4 -m generation.train_cli ...``
+works the same way; with ``device: cpu`` it runs DDP over gloo on CPU processes (``accelerate
+launch --cpu`` starts one process only, without ``mpirun``).
 When ``WORLD_SIZE > 1`` the stage builds an ``accelerate.Accelerator`` (its ``mixed_precision`` is
 forced to ``"no"``: precision comes from the config, not from ``accelerate launch`` flags), each
 process uses its own GPU (``cuda:LOCAL_RANK``; the index in ``device`` is ignored), and the UNet
