@@ -174,8 +174,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sampling": {"steps": 10, "guidance_scale": 3.0, "batch_size": 8, "shard_size": 16},
             "counts": {"source_cars": 16, "target_cars": 16, "target_empty": 8},
         },
-        "annotation": {"relay": {"source_epochs": 10, "heatmap_epochs": 8, "patience": 10, "augment": False}},
-        "detection": {"epochs": 10, "patience": 10, "seeds": [0], "augment": False},
+        "annotation": {"relay": {"source_epochs": 3, "heatmap_epochs": 3, "patience": 3, "augment": False}},
+        "detection": {"epochs": 3, "patience": 3, "seeds": [0], "augment": False},
     },
     # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.py), TAEF2 autoencoder.
     "cpu-bench": {
