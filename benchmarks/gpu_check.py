@@ -173,13 +173,12 @@ def _plain_denoise(ldm, latents, ids, scheduler, steps: int, guidance: float, pr
     from generation.device import autocast
 
     scheduler.set_timesteps(steps)
-    amp = autocast(latents.device, precision)
     with torch.no_grad():
-        with amp:
+        with autocast(latents.device, precision):
             context = torch.cat([ldm.encode_text(ldm.token_ids([""] * len(ids))), ldm.encode_text(ids)])
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            with amp:
+            with autocast(latents.device, precision):
                 eps = ldm.unet(model_in, t, context).sample.float()
             e_uncond, e_cond = eps.chunk(2)
             latents = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, latents).prev_sample

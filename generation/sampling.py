@@ -193,8 +193,7 @@ def denoise(
     timesteps = scheduler.timesteps[start_index:]
     if start_index and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start_index)
-    amp = autocast(latents.device, mixed_precision)
-    with amp:
+    with autocast(latents.device, mixed_precision):
         cond = ldm.encode_text(ids)
         guided = guidance_scale != 1.0
         if guided:
@@ -207,7 +206,7 @@ def denoise(
         for t in timesteps:
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            with amp:
+            with autocast(latents.device, mixed_precision):
                 eps = ldm.unet(model_in, t, context).sample.float()
             if guided:
                 e_uncond, e_cond = eps.chunk(2)

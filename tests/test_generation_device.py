@@ -102,7 +102,7 @@ def test_cuda_without_cuda_is_an_input_error_naming_the_field(no_cuda, splits, m
     assert not out.exists()  # refused before any work
     with pytest.raises(InputError, match=r"^Stage0Config.device: device 'cuda'"):
         train_stage("0", Stage0Config(steps=2, device="cuda", progress=False), splits, out)
-    with pytest.raises(InputError, match=r"^SamplingConfig.device: device '0'"):
+    with pytest.raises(InputError, match=r"^SamplingConfig.device: device 'cuda:0'"):
         generate_set(
             model, tmp_path / "s", "target_cars", "kit_munich_aerial", 2, config=replace(FAST, device="cuda:0")
         )
