@@ -256,7 +256,7 @@ def test_sampling_on_cuda(model, splits, tmp_path):
     assert np.abs(two.astype(int) - zero.astype(int)).mean() < 2.0
     for name in SCHEDULERS:
         for precision in ("no", "fp16"):
-            cfg = replace(cuda, scheduler=name, mixed_precision=precision, save_raw_maps=False)
+            cfg = replace(cuda, steps=4, scheduler=name, mixed_precision=precision, save_raw_maps=False)
             s = generate_set(
                 model, tmp_path / f"{name}-{precision}", "target_empty", "kit_munich_aerial", 2, config=cfg
             )
