@@ -181,7 +181,9 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
             **common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None
         )
         # the key names the autoencoder as the config does (not the machine's absolute path)
-        ae_key = str(g.autoencoder_dir) if autoencoder is not None and g.autoencoder_dir is not None else str(autoencoder)
+        ae_key = (
+            str(g.autoencoder_dir) if autoencoder is not None and g.autoencoder_dir is not None else str(autoencoder)
+        )
         key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": ae_key}
         out, _ = run_stage(
             f"ldm/stage{stage}",
@@ -300,17 +302,22 @@ def annotate(
         )
         fs = source_only / "train" / "detector.pt" if (source_only is not None and a.relay.reuse_source_only) else None
         relay_upstream = {**upstream, "tiles": tiles, **({"source_only": source_only} if fs else {})}
-        stage_dir, _ = run_stage(
-            "annotation/relay",
-            work / "annotation" / "relay",
-            {**rcfg.to_dict(), "reuse_source_only": fs is not None},
-            relay_upstream,
-            lambda o: run_relay(
-                tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg, source_detector=fs
-            ),
-            _logger(),
-        )
-        out["relay"] = stage_dir / "dataset"
+        try:
+            stage_dir, _ = run_stage(
+                "annotation/relay",
+                work / "annotation" / "relay",
+                {**rcfg.to_dict(), "reuse_source_only": fs is not None},
+                relay_upstream,
+                lambda o: run_relay(
+                    tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg, source_detector=fs
+                ),
+                _logger(),
+            )
+            out["relay"] = stage_dir / "dataset"
+            _record_skipped(work, "relay", None)
+        except InputError as exc:  # e.g. F_S finds no vehicle in the synthetic source images
+            _logger().warning("relay skipped: %s", exc)
+            _record_skipped(work, "relay", str(exc))
     if a.threshold.enabled:
         from annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
 
@@ -325,6 +332,20 @@ def annotate(
         )
         out["threshold"] = stage_dir / "dataset"
     return out
+
+
+SKIPPED_FILE = "skipped.json"
+
+
+def _record_skipped(work: Path, variant: str, reason: str | None) -> None:
+    """Note (or, with ``reason=None``, forget) why a variant could not be built; the report lists it."""
+    path = work / "annotation" / SKIPPED_FILE
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if reason is None:
+        doc.pop(variant, None)
+    else:
+        doc[variant] = reason
+    atomic_write_json(path, doc)
 
 
 # -------------------------------------------------------------------------- detection
@@ -451,7 +472,7 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         (work / "annotation").glob("*/dataset/manifest.json")
     )
     title = f"aerosynth {config.name}: {split_domains(tiles)[0]} -> {split_domains(tiles)[1]}"
-    return write_report(
+    report = write_report(
         work / "report",
         results,
         SOURCE_ONLY,
@@ -461,6 +482,11 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         manifests=manifests,
         title=title,
     )
+    skipped = work / "annotation" / SKIPPED_FILE
+    if skipped.is_file():
+        lines = [f"- `{k}`: {v}" for k, v in sorted(json.loads(skipped.read_text()).items())]
+        atomic_write_text(report, report.read_text() + "\n## Variants not run\n\n" + "\n".join(lines) + "\n")
+    return report
 
 
 def _mean_ap50(paths: list[Path]) -> float:
