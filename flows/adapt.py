@@ -483,8 +483,8 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         title=title,
     )
     skipped = work / "annotation" / SKIPPED_FILE
-    if skipped.is_file():
-        lines = [f"- `{k}`: {v}" for k, v in sorted(json.loads(skipped.read_text()).items())]
+    lines = [f"- `{k}`: {v}" for k, v in sorted(json.loads(skipped.read_text()).items())] if skipped.is_file() else []
+    if lines:
         atomic_write_text(report, report.read_text() + "\n## Variants not run\n\n" + "\n".join(lines) + "\n")
     return report
 
