@@ -153,12 +153,14 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     autoencoder = _repo_relative(g.autoencoder_dir)
     upstream: dict[str, Path] = {"tiles": tiles}
     common = {"preset": g.model, "seed": config.seed, "progress": False}
+    # where it runs is not part of a stage's key: a run may resume on another device
+    runtime = {"device": config.device, "mixed_precision": config.mixed_precision}
 
     def settings(s) -> dict:
         return {k: v for k, v in s.model_dump().items()}
 
     if g.stage0.steps > 0 and autoencoder is None and g.pretrained_dir is None:
-        cfg0 = Stage0Config(**common, **settings(g.stage0))
+        cfg0 = Stage0Config(**common, **settings(g.stage0), **runtime)
         out0, _ = run_stage(
             "ldm/stage0",
             work / "ldm" / "stage0",
@@ -178,7 +180,11 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         if s.steps == 0:
             continue
         cfg = cls(
-            **common, **settings(s), init_model=previous, autoencoder_dir=autoencoder if previous is None else None
+            **common,
+            **settings(s),
+            **runtime,
+            init_model=previous,
+            autoencoder_dir=autoencoder if previous is None else None,
         )
         # the key names the autoencoder as the config does (not the machine's absolute path)
         ae_key = (
@@ -213,8 +219,9 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
     g = config.generation
     source, target = split_domains(tiles)
     uses_tokens = g.stage_b.steps > 0 or g.stage_c.steps > 0
+    runtime = {"device": config.device, "mixed_precision": config.mixed_precision}
     sampling = SamplingConfig(
-        **g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False
+        **g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False, **runtime
     )
     model_stage = model.parent
     threads = config.torch_threads or 0
@@ -263,6 +270,7 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
             strength=g.translation.strength,
             keep_threshold=g.translation.keep_threshold,
             max_tiles=g.translation.max_tiles,
+            **runtime,
         )
         n = len(open_split(tiles / "source-train"))
         n = min(n, g.translation.max_tiles or n)

@@ -145,6 +145,7 @@ class AdaptConfig(Strict):
     work_dir: Path = Path("runs/adapt")
     seed: int = 0
     device: str = "cpu"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     runner: Literal["sequential", "dask"] = "sequential"
     dask_address: str | None = None
     dask_workers: int = Field(2, ge=1)
@@ -209,6 +210,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "aerial-v1-gpu",
         "work_dir": "runs/aerial-v1-gpu",
         "device": "0",
+        "mixed_precision": "fp16",
         "data": {"preset": "aerial-v1"},
         "generation": {
             "model": "cpu",
