@@ -171,7 +171,8 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         )
         autoencoder = out0 / "autoencoder"
         upstream["stage0"] = out0
-    previous: Path | None = _repo_relative(g.pretrained_dir)
+    previous: Path | None = _repo_relative(g.init_model)
+    pretrained = _repo_relative(g.pretrained_dir)
     for stage, s, cls in (
         ("A", g.stage_a, StageAConfig),
         ("B", g.stage_b, StageBConfig),
@@ -179,10 +180,13 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     ):
         if s.steps == 0:
             continue
+        # a Stable Diffusion folder starts the first stage when there is no aerosynth model to continue
+        start = {"pretrained_dir": pretrained, "image_size": g.image_size} if previous is None and pretrained else {}
         cfg = cls(
             **common,
             **settings(s),
             **runtime,
+            **start,
             init_model=previous,
             autoencoder_dir=autoencoder if previous is None else None,
         )
@@ -191,6 +195,8 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
             str(g.autoencoder_dir) if autoencoder is not None and g.autoencoder_dir is not None else str(autoencoder)
         )
         key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": ae_key}
+        if start:
+            key["pretrained"] = str(g.pretrained_dir)
         out, _ = run_stage(
             f"ldm/stage{stage}",
             work / "ldm" / f"stage{stage}",
@@ -204,7 +210,7 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         previous = out / "model"
         upstream = {"tiles": tiles, f"stage{stage}": out}
     if previous is None:
-        raise InputError("config.generation", "every stage has steps: 0 and no pretrained_dir is given")
+        raise InputError("config.generation", "every stage has steps: 0 and no init_model is given")
     return previous
 
 

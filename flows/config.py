@@ -76,10 +76,18 @@ class TranslationSettings(Strict):
 
 
 class GenerationSettings(Strict):
-    """The latent diffusion model and what it synthesises."""
+    """The latent diffusion model and what it synthesises.
 
-    model: Literal["tiny", "cpu"] = "tiny"
+    ``model`` is a preset built from config; ``pretrained_dir`` a local Stable Diffusion 1.x folder
+    to start stage A from (``image_size``: its training side, default 512; tiles are resized);
+    ``init_model`` an aerosynth model folder to continue from (e.g. one fine-tuned on several GPUs
+    with ``generation.train_cli``).
+    """
+
+    model: Literal["tiny", "cpu", "sd15"] = "tiny"
     pretrained_dir: Path | None = None
+    image_size: int | None = Field(None, ge=64)
+    init_model: Path | None = None
     autoencoder_dir: Path | None = None
     stage0: StageSettings = StageSettings(steps=0, learning_rate=1e-3)
     stage_a: StageSettings = StageSettings()
