@@ -111,6 +111,7 @@ def _step_logger(name: str, total: int):
     every = max(1, total // 20)
     start = time.perf_counter()
     first: list[int] = []
+    artifact: list = []  # the Prefect progress artifact of this stage, made at the first report
 
     def on_step(step: int, losses: dict) -> None:
         if not first:
@@ -129,8 +130,22 @@ def _step_logger(name: str, total: int):
             rate,
             rate * (total - step),
         )
+        _progress_artifact(artifact, name, step / max(total, 1))
 
     return on_step
+
+
+def _progress_artifact(holder: list, name: str, fraction: float) -> None:
+    """Create or update a Prefect progress artifact (percent) for a long stage; silent outside a flow run."""
+    try:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        if not holder:
+            key = "progress-" + "".join(c if c.isalnum() else "-" for c in name.lower())
+            holder.append(create_progress_artifact(0.0, key=key, description=f"aerosynth {name}"))
+        update_progress_artifact(holder[0], round(100 * fraction, 1))
+    except Exception:  # no flow run context (plain function calls, tests)
+        pass
 
 
 def split_domains(tiles: Path) -> tuple[str, str]:
@@ -520,7 +535,7 @@ report_task = _task(write_run_report)
 def _publish_artifacts(report_md: Path) -> None:
     """Markdown report and AP50 table as Prefect artifacts (no-op outside a flow run)."""
     try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
         create_markdown_artifact(report_md.read_text(), key="adapt-report", description="aerosynth adapt report")
         rows = json.loads((report_md.parent / "report.json").read_text()).get("variants", [])
@@ -535,6 +550,13 @@ def _publish_artifacts(report_md: Path) -> None:
             for r in rows
         ]
         create_table_artifact(table, key="adapt-ap50", description="AP50 on target-test")
+        for png in ("pr_curves.png", "predictions_grid.png"):
+            if (report_md.parent / png).is_file():
+                create_image_artifact(
+                    (report_md.parent / png).resolve().as_uri(),
+                    key=f"adapt-{png[:-4].replace('_', '-')}",
+                    description=f"{png} of the adapt report",
+                )
     except Exception as exc:  # artifacts are a convenience, never a failure
         _logger().warning("could not publish artifacts: %s", exc)
 

@@ -92,3 +92,17 @@ def test_unknown_config_key_is_named():
 def test_presets_validate():
     for preset in ("demo", "cpu-bench", "gpu"):
         assert load_config(preset=preset).name
+
+
+def test_flow_publishes_report_table_image_and_progress_artifacts(tiny_run):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts() if a.key}
+
+    found = asyncio.run(keys())
+    assert {"adapt-report", "adapt-ap50", "adapt-pr-curves", "adapt-predictions-grid"} <= found
+    assert {"progress-stage-a", "progress-stage-b", "progress-stage-c"} <= found
