@@ -210,9 +210,14 @@ def demo(
         "runs/demo"
     ),
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="The smallest run (smoke preset): checks an install in a minute.")
+    ] = False,
 ) -> None:
     """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
-    _run_adapt(None, "demo", work_dir, fresh)
+    if quick and work_dir == Path("runs/demo"):
+        work_dir = Path("runs/smoke")
+    _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh)
 
 
 @app.command("adapt")

@@ -186,6 +186,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "annotation": {"relay": {"source_epochs": 3, "heatmap_epochs": 3, "patience": 3, "augment": False}},
         "detection": {"epochs": 3, "patience": 3, "seeds": [0], "augment": False},
     },
+    # The smallest run that exercises every stage (seconds per stage): `aerosynth demo --quick`, the tests.
+    "smoke": {
+        "name": "smoke",
+        "work_dir": "runs/smoke",
+        "data": {"preset": "demo", "demo_scenes": 2, "demo_size": 256},
+        "generation": {
+            "model": "tiny",
+            "stage0": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 2e-3},
+            "stage_a": {"steps": 3, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 5e-4},
+            "stage_b": {"steps": 3, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 5e-4},
+            "stage_c": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 5e-4},
+            "sampling": {"steps": 3, "batch_size": 4, "shard_size": 4},
+            "counts": {"source_cars": 4, "target_cars": 4, "target_empty": 2},
+        },
+        "annotation": {"relay": {"source_epochs": 1, "heatmap_epochs": 1, "patience": 1, "augment": False}},
+        "detection": {"epochs": 1, "patience": 1, "seeds": [0], "augment": False},
+    },
     # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.py), TAEF2 autoencoder.
     "cpu-bench": {
         "name": "aerial-v1-cpu",

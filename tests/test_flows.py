@@ -21,13 +21,14 @@ def _records(work: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def tiny_run(prefect_harness, tmp_path_factory):
-    from flows.adapt import adapt_flow
+    """``aerosynth demo --quick`` end to end (the smoke preset: every stage, seconds each)."""
+    from flows.cli import main
 
     work = tmp_path_factory.mktemp("adapt") / "run"
+    assert main(["demo", "--quick", "--work-dir", str(work)]) == 0
     cfg = copy.deepcopy(TINY_ADAPT)
     cfg["work_dir"] = str(work)
-    report = adapt_flow(cfg)
-    return work, cfg, Path(report)
+    return work, cfg, work / "report" / "report.md"
 
 
 def test_adapt_writes_every_stage_and_a_report(tiny_run):
