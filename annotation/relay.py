@@ -80,6 +80,8 @@ class RelayConfig:
         recall_target: ``lambda_low`` is the highest threshold with this recall.
         lambda_high: a fixed value instead of the computed one.
         lambda_low: a fixed value instead of the computed one.
+        max_boxes_per_image: most candidate boxes F_A may give one synthetic target image (highest
+            confidence first); ``None``: the largest pseudo-label count of a synthetic source image.
         refinement: the refinement CNN options.
     """
 
@@ -100,6 +102,7 @@ class RelayConfig:
     recall_target: float = 0.9
     lambda_high: float | None = None
     lambda_low: float | None = None
+    max_boxes_per_image: int | None = None
     refinement: RefinementConfig = field(default_factory=RefinementConfig)
 
     def validate(self) -> RelayConfig:
@@ -349,11 +352,18 @@ def run_relay(
     fa_val_preds = _predict(config, fa_weights, [source_set.heatmap_path(n) for n in fa_val_names])
     lambdas = _choose_lambdas(config, fa_val_preds, [pseudo[n] for n in fa_val_names])
 
-    # 6. F_A on the synthetic target heat maps, then refinement
+    # 6. F_A on the synthetic target heat maps, then refinement. An image keeps at most as many
+    #    candidates as the busiest synthetic source image had pseudo-labels (a weak F_A otherwise
+    #    floods every image with max_det boxes, which poisons the final detector).
+    cap = config.max_boxes_per_image or max(1, max(len(d) for d in pseudo.values()))
+    capped = 0
     candidates: list[Candidate] = []
     for sset in target_sets:
         preds = _predict(config, fa_weights, [sset.heatmap_path(n) for n in sset.names])
         for n, d in zip(sset.names, preds, strict=True):
+            if len(d) > cap:
+                capped += len(d) - cap
+                d = d[np.sort(np.argsort(-d.confidence, kind="stable")[:cap])]
             candidates.append(
                 Candidate(
                     f"{sset.name}_{n}", sset.image_path(n), sset.heatmap_path(n), d, sset.with_vehicles, sset.name
@@ -383,6 +393,8 @@ def run_relay(
             "heatmap_val_images": len(fa_val_names),
         },
         "lambdas": lambdas,
+        "max_boxes_per_image": cap,
+        "capped_candidates": capped,
         "refinement": refine_report,
     }
     dataset = export_dataset(

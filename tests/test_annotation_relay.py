@@ -34,6 +34,7 @@ CONFIG = RelayConfig(
     augment=False,
     lambda_high=1.0,
     lambda_low=0.0,
+    max_boxes_per_image=100,  # every F_A candidate reaches the refinement CNN
     refinement=RefinementConfig(epochs=4, crop_size=16),
 )
 
@@ -80,6 +81,33 @@ def test_relay_labels_the_synthetic_target_sets(relay_run) -> None:
     assert summary["dropped"] == ref["negatives"] + ref["uncertain"] - summary["refined"]
     assert (out / "work" / "refinement_cnn.pt").is_file()
     assert (out / "work" / "fs" / "detector.pt").is_file() and (out / "work" / "fa" / "detector.pt").is_file()
+    assert relay["max_boxes_per_image"] == 100
+
+
+def test_default_cap_follows_the_source_pseudo_labels(relay_run, tmp_path) -> None:
+    """By default no image gets more candidates than the busiest synthetic source image had pseudo-labels."""
+    from dataclasses import replace
+
+    root, sets = relay_run["root"], relay_run["sets"]
+    fs = relay_run["out"] / "work" / "fs" / "detector.pt"
+    cfg = replace(CONFIG, max_boxes_per_image=None)
+    out = tmp_path / "relay"
+    dataset = run_relay(
+        root / "source-train",
+        root / "source-val",
+        sets["source"],
+        [sets["cars"], sets["empty"]],
+        out,
+        cfg,
+        source_detector=fs,
+    )
+    relay = json.loads((out / "relay.json").read_text())
+    pseudo_counts = [len(f.read_text().splitlines()) for f in (out / "work" / "pseudo_labels").glob("*.txt")]
+    assert relay["max_boxes_per_image"] == max(1, max(pseudo_counts)) < 100
+    for i in range(8):
+        text = (dataset / "labels" / f"target_cars_{i:06d}.txt").read_text()
+        assert 1 <= len(Detections.from_yolo(text, 64, 64)) <= relay["max_boxes_per_image"]
+    assert relay["work"]["source_detector"] == str(fs) and not (out / "work" / "fs").exists()
 
 
 def test_source_threshold_is_f1_optimal_on_real_source_val(relay_run) -> None:
