@@ -511,11 +511,54 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         manifests=manifests,
         title=title,
     )
+    samples = write_synthetic_samples(work / "synthetic", report.parent / "synthetic_samples.png")
+    if samples is not None:
+        atomic_write_text(
+            report,
+            report.read_text() + "\n## Synthetic images\n\nFirst images of each synthetic set, each above its heat map "
+            "(R cars, G [v1], B 255 - background); translation images carry the boxes kept from their "
+            "source tile.\n\n![synthetic samples](synthetic_samples.png)\n",
+        )
     skipped = work / "annotation" / SKIPPED_FILE
     lines = [f"- `{k}`: {v}" for k, v in sorted(json.loads(skipped.read_text()).items())] if skipped.is_file() else []
     if lines:
         atomic_write_text(report, report.read_text() + "\n## Variants not run\n\n" + "\n".join(lines) + "\n")
     return report
+
+
+def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) -> Path | None:
+    """A grid: for each synthetic set, a row of its first images and a row of their heat maps."""
+    import cv2
+    import numpy as np
+
+    from data.detections import Detections
+    from data.imageio import read_rgb, write_png
+
+    rows = []
+    for name in ("source_cars", "target_cars", "target_empty", "translation"):
+        folder = synthetic / name
+        images = sorted((folder / "images").glob("*.png"))[:per_set]
+        if not images:
+            continue
+        tops, bottoms = [], []
+        for p in images:
+            rgb = read_rgb(p).copy()
+            label = folder / "labels" / f"{p.stem}.txt"
+            if label.is_file():
+                h, w = rgb.shape[:2]
+                for x1, y1, x2, y2 in Detections.from_yolo(label.read_text(), w, h).xyxy.astype(int):
+                    cv2.rectangle(rgb, (x1, y1), (x2, y2), (255, 0, 0), 1)
+            tops.append(rgb)
+            bottoms.append(read_rgb(folder / "heatmaps" / p.name))
+        while len(tops) < per_set:
+            tops.append(np.zeros_like(tops[0]))
+            bottoms.append(np.zeros_like(tops[0]))
+        band = np.full((18, tops[0].shape[1] * per_set, 3), 255, np.uint8)
+        cv2.putText(band, name, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        rows += [band, np.concatenate(tops, 1), np.concatenate(bottoms, 1)]
+    if not rows:
+        return None
+    return write_png(out_png, np.concatenate(rows, 0))
 
 
 def _mean_ap50(paths: list[Path]) -> float:
