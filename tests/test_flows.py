@@ -54,6 +54,8 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     assert {r["variant"] for r in doc["variants"]} == variants
     assert all(0.0 <= r["ap50"]["mean"] <= 1.0 for r in doc["variants"])
     assert (report.parent / "pr_curves.png").stat().st_size > 1000
+    assert (report.parent / "synthetic_samples.png").stat().st_size > 1000
+    assert "synthetic_samples.png" in report.read_text()
     assert "gap closure" in report.read_text()
 
 
