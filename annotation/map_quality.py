@@ -108,14 +108,6 @@ def evaluate_map_quality(
         ignores.append(split.ignore_regions(tile.tile_id))
         sizes.append((rgb.shape[1], rgb.shape[0]))
 
-    def run(cfg: HeatmapBoxConfig) -> dict:
-        preds = [boxes_from_heatmap(m, cfg, gsd=gsd, image_size=s) for m, s in zip(maps, sizes, strict=True)]
-        return score_boxes(preds, gts, ignores)
-
-    sweep = []
-    for thr in sweep_thresholds:
-        entry = run(replace(config, threshold_mode="fixed", threshold=float(thr)))
-        sweep.append({"fixed_threshold": float(thr), **entry})
     report = {
         "split": split.info.name,
         "domain": split.info.domain,
@@ -123,14 +115,38 @@ def evaluate_map_quality(
         "tiles": len(tiles),
         "ground_truth_boxes": int(sum(len(g) for g in gts)),
         "normalise": normalise,
+        **_score_maps(maps, sizes, gts, ignores, gsd, config, sweep_thresholds),
+    }
+    if out_json is not None:
+        atomic_write_json(out_json, report)
+    return report
+
+
+def _score_maps(
+    maps: Sequence[np.ndarray],
+    sizes: Sequence[tuple[int, int]],
+    gts: Sequence[Detections],
+    ignores: Sequence[Detections],
+    gsd: float,
+    config: HeatmapBoxConfig,
+    sweep_thresholds: Sequence[float],
+) -> dict:
+    """The config's scores on the maps, the fixed-threshold sweep and its best entry by F1."""
+
+    def run(cfg: HeatmapBoxConfig) -> dict:
+        preds = [boxes_from_heatmap(m, cfg, gsd=gsd, image_size=s) for m, s in zip(maps, sizes, strict=True)]
+        return score_boxes(preds, gts, ignores)
+
+    sweep = [
+        {"fixed_threshold": float(t), **run(replace(config, threshold_mode="fixed", threshold=float(t)))}
+        for t in sweep_thresholds
+    ]
+    return {
         "config": config.to_dict(),
         "scores": run(config),
         "sweep": sweep,
         "best_sweep": max(sweep, key=lambda e: (e["f1"], -e["fixed_threshold"])) if sweep else None,
     }
-    if out_json is not None:
-        atomic_write_json(out_json, report)
-    return report
 
 
 def evaluate_translation_set(
@@ -158,24 +174,13 @@ def evaluate_translation_set(
     gts = [sset.yolo_labels(n) for n in sset.names]
     ignores = [Detections.empty() for _ in gts]
 
-    def run(cfg: HeatmapBoxConfig) -> dict:
-        preds = [boxes_from_heatmap(m, cfg, gsd=sset.info.gsd, image_size=size) for m in maps]
-        return score_boxes(preds, gts, ignores)
-
-    sweep = [
-        {"fixed_threshold": float(t), **run(replace(config, threshold_mode="fixed", threshold=float(t)))}
-        for t in sweep_thresholds
-    ]
     report = {
         "set": sset.info.set,
         "domain": sset.info.domain,
         "gsd": sset.info.gsd,
         "images": len(sset),
         "ground_truth_boxes": int(sum(len(g) for g in gts)),
-        "config": config.to_dict(),
-        "scores": run(config),
-        "sweep": sweep,
-        "best_sweep": max(sweep, key=lambda e: (e["f1"], -e["fixed_threshold"])) if sweep else None,
+        **_score_maps(maps, [size] * len(maps), gts, ignores, sset.info.gsd, config, sweep_thresholds),
     }
     if out_json is not None:
         atomic_write_json(out_json, report)

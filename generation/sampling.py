@@ -34,7 +34,6 @@ duplicate), and different processes may run different shards of one set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
 from data.detections import Detections
 from data.errors import InputError
 from data.imageio import write_png
+from data.manifest import file_sha256
 from data.tileset import LabelledTileSplit, open_split
 from generation.attention import AttentionStore, capturing, default_capture_sides
 from generation.device import autocast, check_mixed_precision, resolve_device
@@ -249,10 +249,6 @@ def _seed_noise(ldm: LDM, indices: Sequence[int], base_seed: int, side: int) -> 
 
 
 # ----------------------------------------------------------------------------- shards
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
     """Half-open index ranges of the shards of a set."""
     return [(a, min(a + shard_size, count)) for a in range(0, count, shard_size)]
@@ -274,7 +270,7 @@ def shard_done(set_dir: Path, start: int, stop: int) -> bool:
         return False
     if doc.get("start") != start or doc.get("stop") != stop:
         return False
-    return all((set_dir / rel).is_file() and _sha256(set_dir / rel) == digest for rel, digest in files.items())
+    return all((set_dir / rel).is_file() and file_sha256(set_dir / rel) == digest for rel, digest in files.items())
 
 
 def _write_header(set_dir: Path, header: dict) -> None:
@@ -325,7 +321,7 @@ def _run_shards(
                     for rel, content in outputs.items():
                         path = set_dir / rel
                         _write_output(path, content)
-                        files[rel] = _sha256(path)
+                        files[rel] = file_sha256(path)
                 bar.update(len(indices))
             atomic_write_json(shard_manifest_path(set_dir, start, stop), {"start": start, "stop": stop, "files": files})
     finally:
@@ -432,32 +428,52 @@ def generate_set(
 
     def make_batch(indices: list[int]) -> list[dict[str, object]]:
         noise = (_seed_noise(ldm, indices, base_seed, side) * scheduler.init_noise_sigma).to(device)
-        n = len(indices)
-        latents, maps = denoise(
-            ldm,
-            noise,
-            ids.expand(n, -1),
-            positions.expand(n, -1),
-            scheduler,
-            config.steps,
-            config.guidance_scale,
-            sides,
-            mixed_precision=precision,
-        )
-        with torch.no_grad():
-            images = to_uint8(ldm.codec.decode(latents))
-        heat, raw = heatmaps(maps, size)
-        out = []
-        for j, i in enumerate(indices):
-            item: dict[str, object] = {f"images/{i:06d}.png": images[j], f"heatmaps/{i:06d}.png": heat[j]}
-            if config.save_raw_maps:
-                item[f"maps/{i:06d}.npy"] = raw[j]
-            out.append(item)
-        return out
+        images, heat, raw = _sample_batch(ldm, noise, ids, positions, scheduler, config, sides, size, precision)
+        return [_set_item(i, images[j], heat[j], raw[j], config.save_raw_maps) for j, i in enumerate(indices)]
 
     out = Path(out_dir)
     _run_shards(out, header, config.shard_size, shards, make_batch, config.batch_size, config.progress)
     return out
+
+
+def _sample_batch(
+    ldm: LDM,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    scheduler,
+    config: SamplingConfig,
+    sides: set[int],
+    size: int,
+    precision: str,
+    start_index: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Denoise a batch with capture and decode it: images, heat-map PNG arrays, raw maps."""
+    n = len(latents)
+    latents, maps = denoise(
+        ldm,
+        latents,
+        ids.expand(n, -1),
+        positions.expand(n, -1),
+        scheduler,
+        config.steps,
+        config.guidance_scale,
+        sides,
+        start_index=start_index,
+        mixed_precision=precision,
+    )
+    with torch.no_grad():
+        images = to_uint8(ldm.codec.decode(latents))
+    heat, raw = heatmaps(maps, size)
+    return images, heat, raw
+
+
+def _set_item(i: int, image: np.ndarray, heat: np.ndarray, raw: np.ndarray, save_raw: bool) -> dict[str, object]:
+    """The files of image ``i`` of a set (relative path -> content)."""
+    item: dict[str, object] = {f"images/{i:06d}.png": image, f"heatmaps/{i:06d}.png": heat}
+    if save_raw:
+        item[f"maps/{i:06d}.npy"] = raw
+    return item
 
 
 # ----------------------------------------------------------------------------- translation
@@ -555,33 +571,15 @@ def translate_split(
             clean = ldm.codec.encode(x.to(device))
         noise = _seed_noise(ldm, indices, base_seed, side).to(device)
         noisy = scheduler.add_noise(clean, noise, t_start.repeat(len(indices)))
-        n = len(indices)
-        latents, maps = denoise(
-            ldm,
-            noisy,
-            ids.expand(n, -1),
-            positions.expand(n, -1),
-            scheduler,
-            config.steps,
-            config.guidance_scale,
-            sides,
-            start_index=start_index,
-            mixed_precision=precision,
+        images, heat, raw = _sample_batch(
+            ldm, noisy, ids, positions, scheduler, config, sides, size, precision, start_index=start_index
         )
-        with torch.no_grad():
-            images = to_uint8(ldm.codec.decode(latents))
-        heat, raw = heatmaps(maps, size)
         out = []
         for j, i in enumerate(indices):
             cars01 = heat[j][:, :, 0].astype(np.float64) / 255
             keep = box_heat(cars01, labels[j]) >= config.keep_threshold
-            item: dict[str, object] = {
-                f"images/{i:06d}.png": images[j],
-                f"heatmaps/{i:06d}.png": heat[j],
-                f"labels/{i:06d}.txt": labels[j][keep].to_yolo(size, size),
-            }
-            if config.save_raw_maps:
-                item[f"maps/{i:06d}.npy"] = raw[j]
+            item = _set_item(i, images[j], heat[j], raw[j], config.save_raw_maps)
+            item[f"labels/{i:06d}.txt"] = labels[j][keep].to_yolo(size, size)
             out.append(item)
         return out
 
