@@ -294,3 +294,20 @@ def check_image_headers(domain: Domain) -> None:
     for item in domain.images:
         if item.path.suffix.lower() not in RASTER_SUFFIXES:
             image_size(item.path)
+
+
+def open_domain(
+    path: str | Path, gsd: float | None = None, bands: list[int] | None = None, name: str | None = None
+) -> Domain:
+    """Open a domain by what ``path`` is: a COCO json, a folder with ``images/`` (YOLO), or a folder of
+    GeoTIFFs. In YOLO folders an image without a label file is a negative."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".json":
+        return coco_domain(path, name=name, gsd=gsd)
+    if not path.is_dir():
+        raise InputError(
+            path, "domain not found (a folder with images/ and labels/, a folder of GeoTIFFs, or a COCO json)"
+        )
+    if (path / "images").is_dir():
+        return yolo_folder_domain(path, name=name, gsd=gsd, missing_labels="negative")
+    return geotiff_domain(path, name=name, bands=bands, gsd=gsd)

@@ -205,3 +205,24 @@ def prepare_dataset(
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def custom_spec(
+    source: Domain,
+    target: Domain,
+    val_groups: list[str],
+    test_groups: list[str],
+    target_gsd: float = 0.125,
+    tile_size: int = 128,
+) -> PrepareSpec:
+    """Source (train, and val when ``val_groups``) and weak target (train, test) splits of two domains."""
+    if not test_groups:
+        raise InputError("test_groups", "name the target groups held out for target-test")
+    splits = [SplitSpec("source-train", source, exclude_groups=list(val_groups), mode="cover")]
+    if val_groups:
+        splits.append(SplitSpec("source-val", source, groups=list(val_groups), mode="cover"))
+    splits += [
+        SplitSpec("target-train", target, exclude_groups=list(test_groups), mode="grid", weak=True),
+        SplitSpec("target-test", target, groups=list(test_groups), mode="grid", weak=True),
+    ]
+    return PrepareSpec("custom", splits, target_gsd=target_gsd, tile_size=tile_size)

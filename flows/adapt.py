@@ -55,7 +55,7 @@ def _repo_relative(path: Path | None) -> Path | None:
 
 # ------------------------------------------------------------------------------- data
 def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
-    from data.prepare import PrepareSpec, SplitSpec, prepare_dataset
+    from data.prepare import prepare_dataset
 
     d = config.data
 
@@ -73,29 +73,17 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
             )
             spec = demo_spec(raw, d.gsd, d.tile_size)
         else:
-            from data.domains import coco_domain, geotiff_domain, yolo_folder_domain
+            from data.domains import open_domain
+            from data.prepare import custom_spec
 
-            def open_domain(path: Path | None, gsd: float | None, field: str):
-                if path is None:
+            for field in ("source", "target"):
+                if getattr(d, field) is None:
                     raise InputError(f"config.data.{field}", "required when data.preset is custom")
-                if path.suffix.lower() == ".json":
-                    return coco_domain(path, gsd=gsd)
-                if (path / "images").is_dir():
-                    return yolo_folder_domain(path, gsd=gsd, missing_labels="negative")
-                return geotiff_domain(path, bands=d.bands, gsd=gsd)
-
-            src = open_domain(d.source, d.source_gsd, "source")
-            tgt = open_domain(d.target, d.target_gsd, "target")
             if not d.test_groups:
                 raise InputError("config.data.test_groups", "name the target groups held out for target-test")
-            splits = [SplitSpec("source-train", src, exclude_groups=d.val_groups, mode="cover")]
-            if d.val_groups:
-                splits.append(SplitSpec("source-val", src, groups=d.val_groups, mode="cover"))
-            splits += [
-                SplitSpec("target-train", tgt, exclude_groups=d.test_groups, mode="grid", weak=True),
-                SplitSpec("target-test", tgt, groups=d.test_groups, mode="grid", weak=True),
-            ]
-            spec = PrepareSpec("custom", splits, target_gsd=d.gsd, tile_size=d.tile_size)
+            src = open_domain(d.source, d.source_gsd, d.bands)
+            tgt = open_domain(d.target, d.target_gsd, d.bands)
+            spec = custom_spec(src, tgt, d.val_groups, d.test_groups, d.gsd, d.tile_size)
         prepare_dataset(spec, out, overwrite=True)
 
     out, _ = run_stage(

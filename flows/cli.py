@@ -60,20 +60,6 @@ def _counts_table(manifest: dict) -> Table:
     return table
 
 
-def _open_domain(path: Path, gsd: float | None, name: str | None, bands: list[int] | None):
-    from data.domains import coco_domain, geotiff_domain, yolo_folder_domain
-
-    if path.is_file() and path.suffix.lower() == ".json":
-        return coco_domain(path, name=name, gsd=gsd)
-    if not path.is_dir():
-        raise InputError(
-            path, "domain not found (a folder with images/ and labels/, a folder of GeoTIFFs, or a COCO json)"
-        )
-    if (path / "images").is_dir():
-        return yolo_folder_domain(path, name=name, gsd=gsd, missing_labels="negative")
-    return geotiff_domain(path, name=name, bands=bands, gsd=gsd)
-
-
 @data_app.command("prepare")
 def data_prepare(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
@@ -93,7 +79,7 @@ def data_prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Resample, tile and split domains into the normalised tile dataset (prints counts, writes manifest.json)."""
-    from data.prepare import PrepareSpec, SplitSpec, prepare_dataset
+    from data.prepare import prepare_dataset
 
     if preset == "aerial-v1":
         from data.presets import aerial_v1, default_aerial_root
@@ -111,21 +97,16 @@ def data_prepare(
     else:
         if source is None or target is None:
             raise InputError("--source/--target", "give --preset, or both --source and --target")
+        from data.domains import open_domain
+        from data.prepare import custom_spec
+
         band_list = [int(b) for b in bands.split(",")] if bands else None
-        src = _open_domain(source, source_gsd, None, band_list)
-        tgt = _open_domain(target, target_gsd, None, band_list)
-        vg = [g for g in val_groups.split(",") if g]
+        src = open_domain(source, source_gsd, band_list)
+        tgt = open_domain(target, target_gsd, band_list)
         tg = [g for g in test_groups.split(",") if g]
         if not tg:
             raise InputError("--test-groups", "name the target groups held out for target-test")
-        splits = [SplitSpec("source-train", src, exclude_groups=vg, mode="cover")]
-        if vg:
-            splits.append(SplitSpec("source-val", src, groups=vg, mode="cover"))
-        splits += [
-            SplitSpec("target-train", tgt, exclude_groups=tg, mode="grid", weak=True),
-            SplitSpec("target-test", tgt, groups=tg, mode="grid", weak=True),
-        ]
-        spec = PrepareSpec("custom", splits, target_gsd=gsd, tile_size=tile_size)
+        spec = custom_spec(src, tgt, [g for g in val_groups.split(",") if g], tg, gsd, tile_size)
     with _progress() as progress:
         tasks: dict[str, int] = {}
 

@@ -109,3 +109,41 @@ def test_flow_publishes_report_table_image_and_progress_artifacts(tiny_run):
     found = asyncio.run(keys())
     assert {"adapt-report", "adapt-ap50", "adapt-pr-curves", "adapt-predictions-grid"} <= found
     assert {"progress-stage-a", "progress-stage-b", "progress-stage-c"} <= found
+
+
+def test_custom_data_config_prepares_tiles(tmp_path):
+    from flows.adapt import prepare_tiles
+
+    fixtures = Path(__file__).parent / "data"
+    cfg = build_config(
+        {
+            "data": {
+                "preset": "custom",
+                "source": str(fixtures / "yolo_domain"),
+                "source_gsd": 0.125,
+                "target": str(fixtures / "geotiff_domain"),
+                "val_groups": ["clipC"],
+                "test_groups": ["scene_1"],
+            }
+        }
+    )
+    manifest = json.loads((prepare_tiles(cfg, tmp_path) / "manifest.json").read_text())
+    assert {k: v["tiles"] for k, v in manifest["splits"].items()} == {
+        "source-train": 12,
+        "source-val": 4,
+        "target-train": 16,
+        "target-test": 16,
+    }
+    with pytest.raises(Exception, match="config.data.test_groups"):
+        prepare_tiles(
+            build_config(
+                {
+                    "data": {
+                        "preset": "custom",
+                        "source": str(fixtures / "yolo_domain"),
+                        "target": str(fixtures / "geotiff_domain"),
+                    }
+                }
+            ),
+            tmp_path / "x",
+        )
