@@ -176,6 +176,7 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         upstream["stage0"] = out0
     previous: Path | None = _repo_relative(g.init_model)
     pretrained = _repo_relative(g.pretrained_dir)
+    trained_here = False
     for stage, s, cls in (
         ("A", g.stage_a, StageAConfig),
         ("B", g.stage_b, StageBConfig),
@@ -212,9 +213,32 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         )
         previous = out / "model"
         upstream = {"tiles": tiles, f"stage{stage}": out}
+        trained_here = True
     if previous is None:
         raise InputError("config.generation", "every stage has steps: 0 and no init_model is given")
+    if not trained_here:
+        # no stage ran here: the given model becomes a stage of this run, keyed on its content
+        previous = _import_model(work, previous)
     return previous
+
+
+def _import_model(work: Path, model: Path) -> Path:
+    """Copy a model trained elsewhere (``generation.init_model``, all stage steps 0) into ``ldm/imported``."""
+    import shutil
+
+    from data.manifest import tree_sha256
+
+    if not (model / "ldm.json").is_file():
+        raise InputError(model, "generation.init_model is not an aerosynth model folder (no ldm.json)")
+    out, _ = run_stage(
+        "ldm/imported",
+        work / "ldm" / "imported",
+        {"stage": "imported", "model_sha256": tree_sha256(model)},
+        {},
+        lambda out: shutil.copytree(model, out / "model", dirs_exist_ok=True),
+        _logger(),
+    )
+    return out / "model"
 
 
 def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dict[str, Path]:
@@ -227,7 +251,8 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
 
     g = config.generation
     source, target = split_domains(tiles)
-    uses_tokens = g.stage_b.steps > 0 or g.stage_c.steps > 0
+    # the learned tokens are used when the model has them (stages B/C here, or a model trained elsewhere)
+    uses_tokens = bool(json.loads((model / "ldm.json").read_text())["spec"].get("tokens_trained"))
     runtime = {"device": config.device, "mixed_precision": config.mixed_precision}
     sampling = SamplingConfig(
         **g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False, **runtime

@@ -74,9 +74,11 @@ from diffusers import DDPMScheduler
 
 from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
 from data.errors import InputError
+from data.manifest import file_sha256
 from data.tileset import open_split
 from generation.attention import AttentionStore, attention_losses, capturing
 from generation.device import Runtime, make_runtime
+from generation.latent_pack import LatentPack, read_latent_pack
 from generation.models import (
     LDM,
     KLCodec,
@@ -669,15 +671,44 @@ def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path, runtime: Runtime | No
     return latents
 
 
+def _pack_tiles(pack: LatentPack, ldm: LDM, where: Path) -> tuple[TileSet, torch.Tensor]:
+    """The tile list and latents of a pack, checked against the model's autoencoder and latent shape."""
+    side = ldm.spec.image_size // ldm.codec.factor
+    expected = (ldm.codec.latent_channels, side, side)
+    if pack.codec != ldm.codec.kind or abs(pack.scaling - ldm.codec.scaling) > 1e-6 * max(1.0, abs(pack.scaling)):
+        raise InputError(
+            where,
+            f"latent pack encoded with {pack.codec} (scaling {pack.scaling:.6g}); the model's autoencoder is "
+            f"{ldm.codec.kind} (scaling {ldm.codec.scaling:.6g})",
+        )
+    if tuple(pack.latents.shape[1:]) != expected:
+        raise InputError(
+            where, f"latent pack holds latents {tuple(pack.latents.shape[1:])}; the model needs {expected}"
+        )
+    return TileSet(torch.empty(0), pack.domains, pack.has_vehicle, pack.names), pack.latents
+
+
 def _diffusion_stage(
-    stage: str, config: StageConfig, splits: Sequence[Path], out_dir: Path, resume: bool, on_step, runtime: Runtime
+    stage: str,
+    config: StageConfig,
+    splits: Sequence[Path],
+    out_dir: Path,
+    resume: bool,
+    on_step,
+    runtime: Runtime,
+    latent_pack: Path | None = None,
 ) -> Path:
-    split_domains = sorted({open_split(Path(s)).info.domain for s in splits})
+    pack = read_latent_pack(latent_pack) if latent_pack is not None else None
+    split_domains = sorted(set(pack.domains)) if pack else sorted({open_split(Path(s)).info.domain for s in splits})
     ldm = _prepare_model(stage, config, split_domains)
     device = runtime.device
     ldm.codec.module.to(device)
-    tiles = load_tiles(splits, ldm.spec.image_size, config.max_tiles_per_split)
-    latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt", runtime)
+    if pack is not None:
+        tiles, latents = _pack_tiles(pack, ldm, Path(latent_pack))
+        del pack
+    else:
+        tiles = load_tiles(splits, ldm.spec.image_size, config.max_tiles_per_split)
+        latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt", runtime)
     del tiles.images
     learned = stage in ("B", "C")
     n = len(tiles.names)
@@ -824,6 +855,8 @@ def _diffusion_stage(
         save_ldm(ldm, target, unet_state=unet_state)
     moved = float((embedding.detach()[token_rows] - embedding_init[token_rows]).norm())
     metrics = {"tiles": n, "token_embedding_change": moved, "final_loss": _last_logged_loss(out_dir)}
+    if latent_pack is not None:
+        metrics["latent_pack"] = {"file": Path(latent_pack).name, "sha256": file_sha256(Path(latent_pack))}
     atomic_write_json(
         out_dir / STAGE_FILE,
         {"stage": stage, "config": config.fingerprint(), "steps": config.steps, "metrics": metrics}
@@ -863,6 +896,7 @@ def train_stage(
     out_dir: Path,
     resume: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    latent_pack: str | Path | None = None,
 ) -> Path:
     """Run one training stage.
 
@@ -874,6 +908,8 @@ def train_stage(
         out_dir: the stage's output folder.
         resume: continue from ``out_dir/checkpoints/last.pt`` when present; ``False`` starts over.
         on_step: called after every optimizer step with the step number and its losses.
+        latent_pack: train stages A-C from a :mod:`generation.latent_pack` file instead of the tiles
+            (``train_splits`` may then be empty; ``max_tiles_per_split`` does not apply).
 
     Returns:
         The trained model folder (``out_dir/model``; ``out_dir/autoencoder`` for stage 0),
@@ -886,8 +922,10 @@ def train_stage(
     stage = str(stage).upper()
     if stage not in STAGES:
         raise InputError("stage", f"unknown training stage {stage!r}; choose one of {list(STAGES)}")
-    if not train_splits:
+    if not train_splits and latent_pack is None:
         raise InputError("train_splits", "no training split given")
+    if latent_pack is not None and str(stage).upper() == "0":
+        raise InputError("latent_pack", "stage 0 trains the autoencoder and needs the tiles, not a latent pack")
     if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1 or config.checkpoint_every < 1:
         raise InputError("config", "steps, batch_size, grad_accum and checkpoint_every must be positive")
     owner = f"{type(config).__name__}"
@@ -900,7 +938,10 @@ def train_stage(
     result = out_dir / ("autoencoder" if stage == "0" else "model")
     if resume and done.is_file() and result.is_dir():
         doc = json.loads(done.read_text())
-        if doc.get("config") == config.fingerprint() and doc.get("steps") == config.steps:
+        same_pack = latent_pack is None or (doc.get("metrics", {}).get("latent_pack") or {}).get(
+            "sha256"
+        ) == file_sha256(Path(latent_pack))
+        if doc.get("config") == config.fingerprint() and doc.get("steps") == config.steps and same_pack:
             return result
     done.unlink(missing_ok=True)
     if stage == "0":
@@ -912,4 +953,6 @@ def train_stage(
             on_step,
             runtime,
         )
-    return _diffusion_stage(stage, config, train_splits, out_dir, resume, on_step, runtime)
+    return _diffusion_stage(
+        stage, config, train_splits, out_dir, resume, on_step, runtime, Path(latent_pack) if latent_pack else None
+    )

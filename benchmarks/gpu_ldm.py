@@ -1,0 +1,313 @@
+"""Protocol aerial-v1 with the LDM fine-tuned on a GPU: pack here, train there, bring it back, evaluate here.
+
+The GPU box gets no imagery: a latent pack (uint8 TAEF2 latents of the training tiles, see
+:mod:`generation.latent_pack`) and the TAEF2 weights. Stages A-C run there on a wall-clock budget
+(step counts come from a short calibration of each stage), the stage-C model comes back as fp16
+files under 16 MB each, and everything after fine-tuning (synthesis, annotation, detectors,
+evaluation) runs here with the ``cpu-bench`` settings, so the only difference from
+``benchmarks/run_aerial_v1.py`` is the LDM's training budget. Source-only and oracle detectors
+(and the tiles) are copied from that run's work folder, so the baselines are the same models.
+
+    python benchmarks/gpu_ldm.py pack                       # here: .gpu_pack/ (git-ignored)
+    python benchmarks/gpu_ldm.py train --budget-s 300 --export "$OUT"   # on the GPU machine
+    python benchmarks/gpu_ldm.py unpack FOLDER_WITH_RETURNED_FILES      # here
+    nohup python benchmarks/gpu_ldm.py evaluate > benchmarks/work/gpu-ldm.log 2>&1 &   # here, ~35 min
+
+Writes ``benchmarks/results/aerial-v1-gpu-ldm.json``, ``benchmarks/results/aerial-v1-gpu-ldm-report/``
+and the training records in ``benchmarks/results/aerial-v1-gpu-ldm-training/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the GPU machine runs it from a plain checkout, nothing installed
+    sys.path.insert(0, str(REPO))
+PACK_DIR = REPO / ".gpu_pack"
+PACK_FILE = PACK_DIR / "aerial-v1-latents.npz"
+CPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-cpu"
+GPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-gpu-ldm"
+RESULTS = REPO / "benchmarks" / "results"
+SHARD_BYTES = 15_000_000
+
+
+# ----------------------------------------------------------------------------- here: pack
+def pack(args: argparse.Namespace) -> None:
+    from generation.latent_pack import write_latent_pack
+
+    tiles = CPU_WORK / "tiles"
+    if not (tiles / "source-train").is_dir():
+        sys.exit(f"gpu_ldm pack: {tiles} has no tiles; run benchmarks/run_aerial_v1.py first")
+    cache = CPU_WORK / "ldm" / "stageA" / "cache" / "latents.pt"
+    tmp_cache = Path("/tmp/aerosynth-gpu-ldm-latents.pt")
+    if cache.is_file():  # reuse the CPU run's encoding (a copy: a key mismatch must not touch that run)
+        shutil.copyfile(cache, tmp_cache)
+    out = write_latent_pack(
+        [tiles / "source-train", tiles / "target-train"],
+        PACK_FILE,
+        preset="cpu",
+        autoencoder_dir=args.autoencoder_dir,
+        max_per_group=args.max_per_group,
+        cache=tmp_cache,
+    )
+    shutil.copytree(args.autoencoder_dir, PACK_DIR / "taef2", dirs_exist_ok=True)
+    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
+
+
+# ----------------------------------------------------------------------------- GPU: train
+def _stage_rate(stamps: list[float]) -> float:
+    """Seconds per step after the first third of the steps (warm-up, autotuning)."""
+    skip = max(1, len(stamps) // 3)
+    return (stamps[-1] - stamps[skip - 1]) / (len(stamps) - skip)
+
+
+def _export_fp16(model_dir: Path, dest: Path) -> list[str]:
+    """``unet``/``text_encoder`` weights as fp16 safetensors files of at most ``SHARD_BYTES`` each."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    written = []
+    for name in ("unet", "text_encoder"):
+        state = load_file(str(model_dir / f"{name}.safetensors"))
+        shards: list[dict] = [{}]
+        size = 0
+        for key in sorted(state):
+            t = state[key]
+            t = t.half() if t.is_floating_point() else t
+            if not bool(torch.isfinite(t.float()).all()):
+                raise SystemExit(f"{name}.{key} does not fit fp16")
+            nbytes = t.numel() * t.element_size()
+            if size + nbytes > SHARD_BYTES and shards[-1]:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t.contiguous()
+            size += nbytes
+        for i, shard in enumerate(shards):
+            path = dest / f"{name}-fp16-{i + 1}-of-{len(shards)}.safetensors"
+            save_file(shard, str(path))
+            written.append(path.name)
+    return written
+
+
+def train(args: argparse.Namespace) -> None:
+    import torch
+
+    from generation.training import StageAConfig, StageBConfig, StageCConfig, train_stage
+
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    work, export = Path(args.work), Path(args.export)
+    work.mkdir(parents=True, exist_ok=True)
+    export.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    info: dict = {
+        "device": args.device,
+        "mixed_precision": args.precision,
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "budget_s": args.budget_s,
+        "latent_pack": PACK_FILE.name,
+    }
+    if args.device != "cpu":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    common = {
+        "preset": "cpu",
+        "seed": 0,
+        "progress": False,
+        "device": args.device,
+        "mixed_precision": args.precision,
+        "batch_size": args.batch_size,
+        "autoencoder_dir": Path(args.autoencoder_dir),
+    }
+    lrs = {"A": args.lr_a, "B": args.lr_bc, "C": args.lr_bc}
+    classes = {"A": StageAConfig, "B": StageBConfig, "C": StageCConfig}
+
+    def config(stage: str, steps: int, init: Path | None):
+        extra = {"ema_decay": args.ema_a} if stage == "A" and args.ema_a and steps >= 1000 else {}
+        return classes[stage](
+            **common,
+            **extra,
+            steps=steps,
+            learning_rate=lrs[stage],
+            checkpoint_every=max(steps // 2, 1),
+            init_model=init,
+        )
+
+    def run(stage: str, steps: int, init: Path | None, out: Path) -> tuple[Path, list[float]]:
+        stamps: list[float] = []
+        losses: list[float] = []
+
+        def on_step(step: int, logs: dict) -> None:
+            stamps.append(time.perf_counter())
+            if step % max(steps // 10, 1) == 0 or step == steps:
+                msg = " ".join(f"{k}={float(v):.4f}" for k, v in logs.items())
+                print(f"stage {stage} step {step}/{steps} {msg} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            losses.append(float(logs.get("loss", 0.0)))
+
+        model = train_stage(
+            stage, config(stage, steps, init), [], out, resume=False, on_step=on_step, latent_pack=PACK_FILE
+        )
+        return model, stamps
+
+    # calibration: a few steps of A and of B, to size each stage to the budget
+    t0 = time.perf_counter()
+    cal_a, stamps = run("A", args.cal_steps, None, work / "calibration" / "stageA")
+    rate_a = _stage_rate(stamps)
+    _, stamps = run("B", args.cal_steps, cal_a, work / "calibration" / "stageB")
+    rate_b = _stage_rate(stamps)
+    calibration_s = time.perf_counter() - t0
+    budget = max(args.budget_s - calibration_s, 10.0)
+    steps = {
+        "A": int(args.share_a * budget / rate_a),
+        "B": int(args.share_b * budget / rate_b),
+        "C": int((1 - args.share_a - args.share_b) * budget / rate_b),
+    }
+    steps = {k: max(args.min_steps, v // 10 * 10) for k, v in steps.items()}
+    info.update(
+        {
+            "calibration": {"s_per_step_a": rate_a, "s_per_step_b": rate_b, "seconds": round(calibration_s, 1)},
+            "steps": steps,
+        }
+    )
+    print(f"calibration: A {rate_a:.4f} s/step, B {rate_b:.4f} s/step; steps {steps}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model, seconds = None, {}
+    for stage in ("A", "B", "C"):
+        t0 = time.perf_counter()
+        model, _ = run(stage, steps[stage], model, work / f"stage{stage}")
+        seconds[stage] = round(time.perf_counter() - t0, 1)
+        print(f"stage {stage}: {steps[stage]} steps in {seconds[stage]} s", flush=True)
+    info["stage_seconds"] = seconds
+    if torch.cuda.is_available():
+        info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    info["total_s"] = round(time.perf_counter() - t_start, 1)
+    files = _export_fp16(model, export)
+    (work / "gpu_training.json").write_text(json.dumps(info, indent=1) + "\n")
+    with tarfile.open(export / "records.tar.gz", "w:gz") as tar:
+        tar.add(work / "gpu_training.json", arcname="gpu_training.json")
+        tar.add(model / "ldm.json", arcname="ldm.json")
+        for stage in ("A", "B", "C"):
+            for name in ("stage.json", "losses.csv"):
+                if (work / f"stage{stage}" / name).is_file():
+                    tar.add(work / f"stage{stage}" / name, arcname=f"stage{stage}/{name}")
+    print(json.dumps(info), flush=True)
+    print("exported:", files + ["records.tar.gz"], flush=True)
+
+
+# ----------------------------------------------------------------------------- here: unpack
+def unpack(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = Path(args.files)
+    model = GPU_WORK / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "text_encoder"):
+        state: dict = {}
+        parts = sorted(src.glob(f"{name}-fp16-*.safetensors"))
+        if not parts:
+            sys.exit(f"gpu_ldm unpack: no {name}-fp16-*.safetensors in {src}")
+        for part in parts:
+            state.update(load_file(str(part)))
+        state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        save_file(state, str(model / f"{name}.safetensors"))
+    records = RESULTS / "aerial-v1-gpu-ldm-training"
+    shutil.rmtree(records, ignore_errors=True)
+    records.mkdir(parents=True)
+    with tarfile.open(src / "records.tar.gz") as tar:
+        tar.extractall(records, filter="data")
+    doc = json.loads((records / "ldm.json").read_text())
+    doc["autoencoder_dir"] = str(Path(args.autoencoder_dir).resolve())  # the GPU box's path means nothing here
+    (model / "ldm.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    from generation.models import load_ldm
+
+    ldm = load_ldm(model)
+    n = sum(p.numel() for p in ldm.unet.parameters())
+    print(f"{model}: UNet {n / 1e6:.1f} M parameters, tokens trained: {ldm.spec.tokens_trained}")
+
+
+# ----------------------------------------------------------------------------- here: evaluate
+def evaluate(args: argparse.Namespace) -> None:
+    from data.offline import apply_offline_settings
+
+    apply_offline_settings()
+    from flows.adapt import adapt_flow
+    from flows.config import load_config
+
+    model = GPU_WORK / "model"
+    if not (model / "ldm.json").is_file():
+        sys.exit("gpu_ldm evaluate: no model; run `gpu_ldm.py unpack` first")
+    # the baselines and tiles of the CPU run: same data, same detector settings, same models
+    for part in ("tiles", "detectors/source-only", "detectors/oracle"):
+        if not (GPU_WORK / part).exists() and (CPU_WORK / part).exists():
+            (GPU_WORK / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(CPU_WORK / part, GPU_WORK / part)
+    overrides = {
+        "name": "aerial-v1-gpu-ldm",
+        "work_dir": str(GPU_WORK),
+        "generation": {
+            "init_model": str(model),
+            "stage_a": {"steps": 0},
+            "stage_b": {"steps": 0},
+            "stage_c": {"steps": 0},
+        },
+    }
+    cfg = load_config(preset="cpu-bench", overrides=overrides)
+    doc = cfg.model_dump(mode="json")
+    t0 = time.perf_counter()
+    adapt_flow(doc)
+    wall = round(time.perf_counter() - t0, 1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run_aerial_v1 import collect
+
+    results = collect(GPU_WORK, doc, wall)
+    training = json.loads((RESULTS / "aerial-v1-gpu-ldm-training" / "gpu_training.json").read_text())
+    results["machine"] = f"LDM stages A-C: {training.get('gpu', training['device'])}; everything else: 2 CPU cores"
+    results["ldm_training"] = training
+    (RESULTS / "aerial-v1-gpu-ldm.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    report_copy = RESULTS / "aerial-v1-gpu-ldm-report"
+    shutil.rmtree(report_copy, ignore_errors=True)
+    shutil.copytree(GPU_WORK / "report", report_copy)
+    print(json.dumps({k: v["ap50_mean"] for k, v in results["variants"].items()}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="write .gpu_pack/ from the CPU run's tiles")
+    p.add_argument("--autoencoder-dir", default=str(REPO.parent / "shared" / "weights" / "taef2"))
+    p.add_argument("--max-per-group", type=int, default=1400)
+    p = sub.add_parser("train", help="stages A-C from the pack on a wall-clock budget (the GPU machine)")
+    p.add_argument("--export", required=True, help="folder for the fp16 weights and records")
+    p.add_argument("--work", default="/tmp/aerosynth-gpu-ldm")
+    p.add_argument("--autoencoder-dir", default=str(PACK_DIR / "taef2"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="bf16", choices=["no", "fp16", "bf16"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--budget-s", type=float, default=300.0, help="seconds for calibration and stages A-C")
+    p.add_argument("--cal-steps", type=int, default=30)
+    p.add_argument("--share-a", type=float, default=0.5)
+    p.add_argument("--share-b", type=float, default=0.25)
+    p.add_argument("--min-steps", type=int, default=10)
+    p.add_argument("--lr-a", type=float, default=2e-4)
+    p.add_argument("--lr-bc", type=float, default=1e-4)
+    p.add_argument("--ema-a", type=float, default=0.999)
+    p = sub.add_parser("unpack", help="fp16 files back into a model folder (benchmarks/work/aerial-v1-gpu-ldm)")
+    p.add_argument("files")
+    p.add_argument("--autoencoder-dir", default=str(REPO.parent / "shared" / "weights" / "taef2"))
+    sub.add_parser("evaluate", help="synthesis, annotation, detectors and the report here (cpu-bench settings)")
+    args = parser.parse_args(argv)
+    {"pack": pack, "train": train, "unpack": unpack, "evaluate": evaluate}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
