@@ -115,6 +115,7 @@ def train(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "budget_s": args.budget_s,
         "latent_pack": PACK_FILE.name,
+        "args": args,
     }
     if args.device != "cpu":
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -157,7 +158,18 @@ def train(args: argparse.Namespace) -> None:
         )
         return model, stamps
 
-    # calibration: a few steps of A and of B, to size each stage to the budget
+    if args.steps:
+        steps = dict(zip("ABC", (int(x) for x in args.steps.split(",")), strict=True))
+        info["steps"] = steps
+    else:
+        steps = calibrate(run, info)
+    run_stages(run, steps, info, t_start, work, export)
+
+
+def calibrate(run, info: dict) -> dict[str, int]:
+    """Step counts of A, B, C that fit the budget, from a few timed steps of A and of B."""
+    args = info["args"]
+    work = Path(args.work)
     t0 = time.perf_counter()
     cal_a, stamps = run("A", args.cal_steps, None, work / "calibration" / "stageA")
     rate_a = _stage_rate(stamps)
@@ -178,6 +190,13 @@ def train(args: argparse.Namespace) -> None:
         }
     )
     print(f"calibration: A {rate_a:.4f} s/step, B {rate_b:.4f} s/step; steps {steps}", flush=True)
+    return steps
+
+
+def run_stages(run, steps: dict[str, int], info: dict, t_start: float, work: Path, export: Path) -> None:
+    import torch
+
+    info.pop("args")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model, seconds = None, {}
@@ -294,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--budget-s", type=float, default=300.0, help="seconds for calibration and stages A-C")
     p.add_argument("--cal-steps", type=int, default=30)
+    p.add_argument("--steps", help="fixed steps of A,B,C (e.g. 1400,600,600) instead of calibrating to the budget")
     p.add_argument("--share-a", type=float, default=0.5)
     p.add_argument("--share-b", type=float, default=0.25)
     p.add_argument("--min-steps", type=int, default=10)
