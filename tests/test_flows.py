@@ -147,3 +147,30 @@ def test_custom_data_config_prepares_tiles(tmp_path):
             ),
             tmp_path / "x",
         )
+
+
+def test_model_trained_elsewhere_is_imported_as_a_stage(tiny_run, tmp_path):
+    """``generation.init_model`` with every stage at 0 steps: the model is copied in and keyed on its content."""
+    from data.errors import InputError
+    from data.manifest import tree_sha256
+    from flows.adapt import train_ldm
+
+    work, cfg, _ = tiny_run
+    model = work / "ldm" / "stageC" / "model"
+    doc = copy.deepcopy(cfg)
+    doc["work_dir"] = str(tmp_path / "w")
+    doc["generation"]["init_model"] = str(model)
+    for stage in ("stage0", "stage_a", "stage_b", "stage_c"):
+        doc["generation"][stage]["steps"] = 0
+    config = build_config(doc)
+    imported = train_ldm(config, tmp_path / "w", work / "tiles")
+    assert imported == tmp_path / "w" / "ldm" / "imported" / "model"
+    assert tree_sha256(imported) == tree_sha256(model)
+    assert json.loads((imported / "ldm.json").read_text())["spec"]["tokens_trained"] is True
+    record = imported.parent / STAGE_RECORD
+    stamp = record.stat().st_mtime_ns
+    assert train_ldm(config, tmp_path / "w", work / "tiles") == imported
+    assert record.stat().st_mtime_ns == stamp
+    doc["generation"]["init_model"] = str(tmp_path)  # not a model folder
+    with pytest.raises(InputError, match="no ldm.json"):
+        train_ldm(build_config(doc), tmp_path / "w2", work / "tiles")
