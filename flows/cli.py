@@ -484,6 +484,10 @@ def serve(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print bad input as one line, exit non-zero."""
     apply_offline_settings()
+    from flows.server_cleanup import mark_owner, stop_orphan_servers
+
+    stop_orphan_servers()  # temporary Prefect servers of earlier runs that were killed
+    mark_owner()
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:
