@@ -53,6 +53,16 @@ def _repo_relative(path: Path | None) -> Path | None:
     return candidate.resolve() if candidate.exists() else path
 
 
+def _key_path(path: Path | None, work: Path) -> str:
+    """A path as a stage key names it: relative to the work folder when inside it, so a moved run stays current."""
+    if path is None:
+        return "None"
+    try:
+        return "work:" + Path(path).resolve().relative_to(Path(work).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 # ------------------------------------------------------------------------------- data
 def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
     from data.prepare import prepare_dataset
@@ -196,9 +206,11 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         )
         # the key names the autoencoder as the config does (not the machine's absolute path)
         ae_key = (
-            str(g.autoencoder_dir) if autoencoder is not None and g.autoencoder_dir is not None else str(autoencoder)
+            str(g.autoencoder_dir)
+            if autoencoder is not None and g.autoencoder_dir is not None
+            else _key_path(autoencoder, work)
         )
-        key = {"stage": stage, **settings(s), **common, "init": str(previous), "autoencoder": ae_key}
+        key = {"stage": stage, **settings(s), **common, "init": _key_path(previous, work), "autoencoder": ae_key}
         if start:
             key["pretrained"] = str(g.pretrained_dir)
         out, _ = run_stage(
@@ -483,7 +495,11 @@ def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Va
             {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(test.tiles, preds, strict=True))},
         )
 
-    settings = {"variant": variant.name, "train": [s.to_dict() for s in variant.train], "seed": seed, **dcfg.to_dict()}
+    train = [
+        s.to_dict() | {"path": _key_path(s.path, work), "labels_dir": _key_path(s.labels_dir, work)}
+        for s in variant.train
+    ]
+    settings = {"variant": variant.name, "train": train, "seed": seed, **dcfg.to_dict()}
     out, _ = run_stage(
         f"detectors/{variant.name}/seed{seed}",
         work / "detectors" / variant.name / f"seed{seed}",

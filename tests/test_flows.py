@@ -174,3 +174,18 @@ def test_model_trained_elsewhere_is_imported_as_a_stage(tiny_run, tmp_path):
     doc["generation"]["init_model"] = str(tmp_path)  # not a model folder
     with pytest.raises(InputError, match="no ldm.json"):
         train_ldm(build_config(doc), tmp_path / "w2", work / "tiles")
+
+
+def test_moved_run_folder_is_still_current(tiny_run, tmp_path):
+    """Stage keys name paths inside the work folder relatively: a copied run skips every stage."""
+    import shutil
+
+    from flows.adapt import adapt_flow
+
+    work, cfg, _ = tiny_run
+    adapt_flow(copy.deepcopy(cfg))  # current for cfg, whatever other tests changed
+    moved = tmp_path / "moved"
+    shutil.copytree(work, moved)
+    before = _records(moved)
+    adapt_flow({**copy.deepcopy(cfg), "work_dir": str(moved)})
+    assert _records(moved) == before
