@@ -113,7 +113,7 @@ def train(args: argparse.Namespace) -> None:
         "mixed_precision": args.precision,
         "torch": torch.__version__,
         "batch_size": args.batch_size,
-        "budget_s": args.budget_s,
+        "budget_s": None if args.steps else args.budget_s,
         "latent_pack": PACK_FILE.name,
         "args": args,
     }
@@ -144,14 +144,12 @@ def train(args: argparse.Namespace) -> None:
 
     def run(stage: str, steps: int, init: Path | None, out: Path) -> tuple[Path, list[float]]:
         stamps: list[float] = []
-        losses: list[float] = []
 
         def on_step(step: int, logs: dict) -> None:
             stamps.append(time.perf_counter())
             if step % max(steps // 10, 1) == 0 or step == steps:
                 msg = " ".join(f"{k}={float(v):.4f}" for k, v in logs.items())
                 print(f"stage {stage} step {step}/{steps} {msg} ({time.perf_counter() - t_start:.0f} s)", flush=True)
-            losses.append(float(logs.get("loss", 0.0)))
 
         model = train_stage(
             stage, config(stage, steps, init), [], out, resume=False, on_step=on_step, latent_pack=PACK_FILE
