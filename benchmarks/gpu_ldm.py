@@ -283,16 +283,14 @@ def evaluate(args: argparse.Namespace) -> None:
     adapt_flow(doc)
     wall = round(time.perf_counter() - t0, 1)
     sys.path.insert(0, str(Path(__file__).parent))
-    from run_aerial_v1 import collect
+    from run_aerial_v1 import collect, copy_report
 
     results = collect(GPU_WORK, doc, wall)
     training = json.loads((RESULTS / "aerial-v1-gpu-ldm-training" / "gpu_training.json").read_text())
     results["machine"] = f"LDM stages A-C: {training.get('gpu', training['device'])}; everything else: 2 CPU cores"
     results["ldm_training"] = training
     (RESULTS / "aerial-v1-gpu-ldm.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    report_copy = RESULTS / "aerial-v1-gpu-ldm-report"
-    shutil.rmtree(report_copy, ignore_errors=True)
-    shutil.copytree(GPU_WORK / "report", report_copy)
+    copy_report(GPU_WORK / "report", RESULTS / "aerial-v1-gpu-ldm-report")
     print(json.dumps({k: v["ap50_mean"] for k, v in results["variants"].items()}, indent=1))
 
 

@@ -587,7 +587,7 @@ def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) ->
         rows += [band, np.concatenate(tops, 1), np.concatenate(bottoms, 1)]
     if not rows:
         return None
-    return write_png(out_png, np.concatenate(rows, 0))
+    return write_png(out_png, np.concatenate(rows, 0), palette=True)
 
 
 def _mean_ap50(paths: list[Path]) -> float:

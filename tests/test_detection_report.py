@@ -74,3 +74,18 @@ def test_write_report_files(tmp_path):
     red = (grid[..., 0] == 255) & (grid[..., 1] == 0) & (grid[..., 2] == 0)
     green = (grid[..., 0] == 0) & (grid[..., 1] == 255) & (grid[..., 2] == 0)
     assert red.sum() > 0 and green.sum() > 0
+
+
+def test_palette_png_keeps_shape_and_colours_and_is_smaller(tmp_path):
+    """Report figures for committing: 256 colours, same size, close to the original, fewer bytes."""
+    from data.imageio import write_png
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(120, 40, (96, 96, 3)), 0, 255).astype(np.uint8)
+    img[10:12, :] = (255, 0, 0)
+    full, small = write_png(tmp_path / "full.png", img), write_png(tmp_path / "small.png", img, palette=True)
+    back = read_rgb(small)
+    assert back.shape == img.shape
+    assert len(np.unique(back.reshape(-1, 3), axis=0)) <= 256
+    assert np.abs(back.astype(int) - img.astype(int)).mean() < 12
+    assert small.stat().st_size < full.stat().st_size

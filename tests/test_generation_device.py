@@ -28,7 +28,7 @@ from generation.training import (
     StageCConfig,
     train_stage,
 )
-from tests.test_generation_helpers import make_split
+from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)
 
@@ -45,10 +45,7 @@ FAST = SamplingConfig(steps=3, batch_size=2, shard_size=3, use_learned_tokens=Tr
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("tiles")
-    return [
-        make_split(root, "source-train", "madison_drone", weak=False),
-        make_split(root, "target-train", "kit_munich_aerial", seed=1),
-    ]
+    return make_training_splits(root)
 
 
 @pytest.fixture(scope="module")

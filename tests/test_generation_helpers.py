@@ -45,3 +45,11 @@ def make_split(
     if not weak:
         write_coco(split / "annotations.json", items, ["vehicle"])
     return split
+
+
+def make_training_splits(root: Path, n_source: int = 8, n_target: int = 8) -> list[Path]:
+    """A labelled source-train (Madison) and a weak target-train (Munich) split: what stages A-C read."""
+    return [
+        make_split(root, "source-train", "madison_drone", n=n_source, weak=False),
+        make_split(root, "target-train", "kit_munich_aerial", n=n_target, seed=1),
+    ]

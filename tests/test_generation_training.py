@@ -22,7 +22,7 @@ from generation.training import (
     train_stage,
 )
 from generation.vocab import VEHICLE_TOKEN, background_token
-from tests.test_generation_helpers import make_split
+from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)
 
@@ -30,10 +30,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("tiles")
-    return [
-        make_split(root, "source-train", "madison_drone", weak=False),
-        make_split(root, "target-train", "kit_munich_aerial", seed=1),
-    ]
+    return make_training_splits(root)
 
 
 @pytest.fixture(scope="module")

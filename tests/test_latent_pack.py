@@ -15,7 +15,7 @@ from data.manifest import file_sha256
 from generation.latent_pack import dequantise, quantise, read_latent_pack, thin_groups, write_latent_pack
 from generation.models import build_ldm
 from generation.training import StageAConfig, StageBConfig, load_tiles, train_stage
-from tests.test_generation_helpers import make_split
+from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)
 
@@ -23,10 +23,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("tiles")
-    return [
-        make_split(root, "source-train", "madison_drone", n=12, weak=False),
-        make_split(root, "target-train", "kit_munich_aerial", n=8, seed=1),
-    ]
+    return make_training_splits(root, n_source=12)
 
 
 @pytest.fixture(scope="module")
