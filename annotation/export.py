@@ -34,14 +34,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from aerosynth.data.atomic import atomic_directory, atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.exporters import LabelledImage, write_coco, write_data_yaml
+from aerosynth.data.imageio import read_rgb, write_png
+from aerosynth.data.manifest import file_sha256
 from affine import Affine
-
-from data.atomic import atomic_directory, atomic_write_json
-from data.detections import Detections
-from data.errors import InputError
-from data.exporters import LabelledImage, write_coco, write_data_yaml
-from data.imageio import read_rgb, write_png
-from data.manifest import file_sha256
 
 SYNTHETIC_CRS = "EPSG:3857"
 GEOREF_GAP_M = 10.0
@@ -95,7 +94,7 @@ def synthetic_transform(index: int, count: int, width: int, height: int, gsd: fl
 def _geojson_features(dets: Detections, transform: Affine, props: list[dict]) -> list[dict]:
     """Box polygons (counter-clockwise rings) in map coordinates of ``transform``."""
     try:
-        from data.geo import detections_to_geojson
+        from aerosynth.data.geo import detections_to_geojson
     except ImportError:  # pragma: no cover - data.geo is part of the core
         detections_to_geojson = None
     if detections_to_geojson is not None:

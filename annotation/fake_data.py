@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from data.atomic import atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.exporters import LabelledImage, write_coco
-from data.imageio import write_png
-from data.tileset import SplitInfo, TileRecord, tiles_document
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.exporters import LabelledImage, write_coco
+from aerosynth.data.imageio import write_png
+from aerosynth.data.tileset import SplitInfo, TileRecord, tiles_document
 
 #: Background colour of each domain's scenes.
 DOMAIN_BACKGROUND = {"madison_drone": (90, 90, 95), "kit_munich_aerial": (120, 110, 80)}

@@ -18,7 +18,7 @@ Steps, for one ``(H, W)`` map with values in ``[0, 1]``:
 6. confidence = the peak (or mean) heat of the component; boxes clipped to the image,
    then non-maximum suppression.
 
-Pixel convention (as :mod:`data.detections`): the top-left pixel's corner is ``(0, 0)``,
+Pixel convention (as :mod:`aerosynth.data.detections`): the top-left pixel's corner is ``(0, 0)``,
 so a component covering columns ``c0..c1`` gives ``x1 = c0, x2 = c1 + 1`` and a peak at
 ``(row, col)`` is centred at ``(col + 0.5, row + 0.5)``.
 """
@@ -30,10 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from aerosynth.data.detections import Detections, nms
+from aerosynth.data.errors import InputError
 from scipy import ndimage
-
-from data.detections import Detections, nms
-from data.errors import InputError
 
 THRESHOLD_MODES = ("fixed", "max_fraction", "otsu")
 BOX_MODES = ("component", "fixed")
@@ -270,15 +269,15 @@ def annotate_direct(
 
     Args:
         set_dir: a synthetic set folder, or a list of them.
-        out_dir: the export folder (replaced atomically; see :func:`annotation.export.export_dataset`).
+        out_dir: the export folder (replaced atomically; see :func:`aerosynth.annotation.export.export_dataset`).
         config: the heat-map -> boxes options.
         preview_count: images in the preview grid.
 
     Returns:
         ``out_dir``.
     """
-    from annotation.export import AnnotatedImage, export_dataset
-    from annotation.synthetic_set import open_synthetic_set
+    from aerosynth.annotation.export import AnnotatedImage, export_dataset
+    from aerosynth.annotation.synthetic_set import open_synthetic_set
 
     config = (config or HeatmapBoxConfig()).validate()
     dirs = [set_dir] if isinstance(set_dir, (str, Path)) else list(set_dir)

@@ -12,18 +12,18 @@ direct method's settings; target labels only through the evaluation API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
-from annotation.metrics import f1_optimal_threshold, match_all, score_at
-from data.atomic import atomic_write_json
-from data.detections import Detections
-from data.errors import InputError
-from data.tileset import LabelledTileSplit, open_split
+from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
+from aerosynth.annotation.metrics import f1_optimal_threshold, match_all, score_at
+from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.tileset import LabelledTileSplit, open_split
 
 MapFunction = Callable[[np.ndarray], np.ndarray]
 DEFAULT_SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -72,7 +72,7 @@ def evaluate_map_quality(
 
     Args:
         split: a labelled split folder (source) or an opened :class:`LabelledTileSplit`
-            (target splits through :func:`data.tileset.open_evaluation_split` only).
+            (target splits through :func:`aerosynth.data.tileset.open_evaluation_split` only).
         map_fn: ``rgb (H, W, 3) uint8 -> (h, w)`` "cars" map of that image (any resolution;
             boxes are scaled to the tile).
         out_json: where to write the report (atomically); ``None`` = don't write.
@@ -89,6 +89,9 @@ def evaluate_map_quality(
         InputError: a weak split passed by path, or a map function returning a bad map.
     """
     config = (config or HeatmapBoxConfig()).validate()
+    if not isinstance(split, (str, Path, LabelledTileSplit)):
+        where = getattr(split, "root", "split")
+        raise InputError(where, "a weak split has no boxes to score against (open it with the evaluation API)")
     if not isinstance(split, LabelledTileSplit):
         opened = open_split(split)
         if not isinstance(opened, LabelledTileSplit):
@@ -111,12 +114,58 @@ def evaluate_map_quality(
     report = {
         "split": split.info.name,
         "domain": split.info.domain,
+        "weak_split": bool(split.info.weak),
         "gsd": gsd,
         "tiles": len(tiles),
         "ground_truth_boxes": int(sum(len(g) for g in gts)),
         "normalise": normalise,
         **_score_maps(maps, sizes, gts, ignores, gsd, config, sweep_thresholds),
     }
+    if out_json is not None:
+        atomic_write_json(out_json, report)
+    return report
+
+
+def evaluate_map_quality_levels(
+    split: str | Path | LabelledTileSplit,
+    map_fns: Mapping[float, MapFunction],
+    out_json: str | Path | None = None,
+    **options: Any,
+) -> dict:
+    """:func:`evaluate_map_quality` at several noise levels of the single pass, in one report.
+
+    Args:
+        split: as for :func:`evaluate_map_quality` (a target split only as opened by
+            :func:`aerosynth.data.tileset.open_evaluation_split`: a diagnostic, never used to choose anything).
+        map_fns: one map function per noise level (fraction of the schedule), in report order.
+        out_json: where to write the report (atomically); ``None`` = don't write.
+        **options: passed on to :func:`evaluate_map_quality` (``config``, ``limit``, ...).
+
+    Returns:
+        With one level, the report of :func:`evaluate_map_quality` plus ``noise``; with several, the
+        split's counts, ``noise_levels`` and ``by_noise``: one entry per level (``noise``, ``config``,
+        ``scores``, ``sweep``, ``best_sweep``).
+
+    Raises:
+        InputError: no level given, or what :func:`evaluate_map_quality` raises.
+    """
+    if not map_fns:
+        raise InputError("noise", "no noise level given")
+    reports = [
+        {"noise": float(level), **evaluate_map_quality(split, fn, None, **options)} for level, fn in map_fns.items()
+    ]
+    if len(reports) == 1:
+        report = reports[0]
+    else:
+        shared = ("split", "domain", "weak_split", "gsd", "tiles", "ground_truth_boxes", "normalise")
+        per_level = ("noise", "config", "scores", "sweep", "best_sweep")
+        report = {
+            **{k: reports[0][k] for k in shared},
+            "noise_levels": [r["noise"] for r in reports],
+            "by_noise": [{k: r[k] for k in per_level} for r in reports],
+        }
+    if report["weak_split"]:
+        report["note"] = "target labels read through the evaluation API: a diagnostic, never used to choose settings"
     if out_json is not None:
         atomic_write_json(out_json, report)
     return report
@@ -163,7 +212,7 @@ def evaluate_translation_set(
     Raises:
         InputError: a set that is not a translation set.
     """
-    from annotation.synthetic_set import open_synthetic_set
+    from aerosynth.annotation.synthetic_set import open_synthetic_set
 
     config = (config or HeatmapBoxConfig()).validate()
     sset = open_synthetic_set(set_dir)

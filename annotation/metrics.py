@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from data.detections import Detections, box_iou
+from aerosynth.data.detections import Detections, box_iou
 
 
 @dataclass

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from annotation.export import AnnotatedImage
-from data.detections import Detections
-from data.errors import InputError
-from data.imageio import read_rgb
+from aerosynth.annotation.export import AnnotatedImage
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
 
 CHANNEL_MODES = ("rgb", "heatmap", "rgb+heatmap")
 
@@ -193,8 +192,7 @@ class CropClassifier:
     def save(self, path: str | Path) -> Path:
         """Write the weights (``state_dict``) atomically."""
         import torch
-
-        from data.atomic import atomic_output_path
+        from aerosynth.data.atomic import atomic_output_path
 
         with atomic_output_path(path, ".pt") as tmp:
             torch.save(self.model.state_dict(), tmp)

@@ -10,7 +10,7 @@
 5. ``lambda_high`` / ``lambda_low`` are chosen on that held-out synthetic source part:
    the lowest threshold where F_A's precision against the pseudo-labels is still
    ``precision_target`` and the highest where its recall reaches ``recall_target``.
-6. F_A predicts on the synthetic *target* heat-map stacks; :mod:`annotation.refinement`
+6. F_A predicts on the synthetic *target* heat-map stacks; :mod:`aerosynth.annotation.refinement`
    keeps, refines or drops each box. Images generated without vehicles get no box.
 
 No target label is read anywhere: the relay takes the labelled *source* splits and the
@@ -21,7 +21,7 @@ synthetic data.
 Output::
 
     OUT/
-      dataset/      the labelled synthetic target set (:mod:`annotation.export` layout)
+      dataset/      the labelled synthetic target set (:mod:`aerosynth.annotation.export` layout)
       relay.json    thresholds, F_S / F_A scores, refinement report, counts
       work/         F_S, F_A (``detector.pt`` + ultralytics runs), pseudo-labels, CNN weights
 
@@ -38,21 +38,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from annotation.export import export_dataset
-from annotation.metrics import (
+from aerosynth.annotation.export import export_dataset
+from aerosynth.annotation.metrics import (
     f1_optimal_threshold,
     match_all,
     score_at,
     threshold_for_precision,
     threshold_for_recall,
 )
-from annotation.refinement import Candidate, RefinementConfig, refine
-from annotation.synthetic_set import SyntheticSet, open_synthetic_set
-from data.atomic import atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.errors import InputError
-from data.tileset import EVALUATION_DIR, LabelledTileSplit, open_split
+from aerosynth.annotation.refinement import Candidate, RefinementConfig, refine
+from aerosynth.annotation.synthetic_set import SyntheticSet, open_synthetic_set
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.tileset import EVALUATION_DIR, LabelledTileSplit, open_split
 
 RELAY_FILE = "relay.json"
 
@@ -154,9 +153,9 @@ def open_source_split(split_dir: str | Path, role: str) -> LabelledTileSplit:
 # ------------------------------------------------------------------------- detectors
 def _train(config: RelayConfig, epochs: int, heatmap: bool, train_spec: dict, val_spec: dict, out_dir: Path) -> Path:
     """Train through the detection stage (imported lazily: annotation may import detection)."""
-    from detection.augment import AugmentConfig
-    from detection.datasets import DatasetSpec
-    from detection.training import DetectorTrainConfig, train_detector
+    from aerosynth.detection.augment import AugmentConfig
+    from aerosynth.detection.datasets import DatasetSpec
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
 
     augment = AugmentConfig(heatmap=heatmap) if config.augment else AugmentConfig.none(heatmap=heatmap)
     train_cfg = DetectorTrainConfig(
@@ -173,7 +172,7 @@ def _train(config: RelayConfig, epochs: int, heatmap: bool, train_spec: dict, va
 
 
 def _predict(config: RelayConfig, weights: Path, images: Sequence[Path]) -> list[Detections]:
-    from detection.prediction import predict
+    from aerosynth.detection.prediction import predict
 
     if not images:
         return []

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from data.errors import InputError
-from data.imageio import read_rgb
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
 
 SYNTHETIC_FILE = "synthetic.json"
 DEFAULT_CHANNELS = ["cars", "V1", "255-background"]
@@ -158,7 +157,7 @@ class SyntheticSet:
 
     def yolo_labels(self, name: str):
         """Boxes carried over from the real source tile (``translation`` sets only)."""
-        from data.detections import Detections
+        from aerosynth.data.detections import Detections
 
         path = self.label_path(name)
         if not path.is_file():

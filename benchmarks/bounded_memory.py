@@ -22,8 +22,8 @@ CHILD = r"""
 import resource, sys, time, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from generation.models import build_ldm, save_ldm
-from generation.sampling import SamplingConfig, generate_set
+from aerosynth.generation.models import build_ldm, save_ldm
+from aerosynth.generation.sampling import SamplingConfig, generate_set
 preset, count, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 model = save_ldm(build_ldm(preset, domains=["kit_munich_aerial"]), out / "model")
 t0 = time.perf_counter()

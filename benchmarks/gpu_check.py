@@ -6,12 +6,12 @@ is the ``sd15`` preset: Stable Diffusion 1.x's architecture built from config wi
 12-layer CLIP text encoder; 4-channel AutoencoderKL; 512 px images, 64x64 latents). Nothing is
 downloaded.
 
-* training: ``generation.training.train_stage("A", ...)`` itself on synthetic 512 px tiles, on the
+* training: ``aerosynth.generation.training.train_stage("A", ...)`` itself on synthetic 512 px tiles, on the
   GPU with ``mixed_precision`` autocast (default fp16; a non-finite fp16 loss falls back to bf16
   and says so), ``batch`` tiles per step; ``warmup`` steps, then ``train_steps`` timed steps (the
   run is stopped from ``on_step`` before any checkpoint or model is written);
 * sampling: ``sample_steps`` DDIM steps, guidance 7.5, ``batch`` images per batch, the same
-  autocast; *capture on* is :func:`generation.sampling.denoise` (cross-attention maps captured)
+  autocast; *capture on* is :func:`aerosynth.generation.sampling.denoise` (cross-attention maps captured)
   plus decoding and heat maps, *capture off* the same loop with diffusers' default attention
   processors plus decoding. One warm-up each, then ``repeats`` alternating timed batches
   (medians). Then one ``generate_set`` call of two batches end to end (PNG writing included).
@@ -66,10 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _write_tiles(root: Path, size: int, n: int) -> list[Path]:
     """Two weak tile splits (the flags are all stage A needs) of ``n`` tiles of ``size`` px."""
     import numpy as np
-
-    from data.atomic import atomic_write_json
-    from data.imageio import write_png
-    from data.tileset import SplitInfo, TileRecord, tiles_document
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.imageio import write_png
+    from aerosynth.data.tileset import SplitInfo, TileRecord, tiles_document
 
     rng = np.random.default_rng(0)
     splits = []
@@ -120,8 +119,7 @@ class _Probe:
 def time_training(preset: str, splits: list[Path], work: Path, args, device, precision: str) -> dict:
     """Time ``train_stage("A")``: ``warmup`` untimed steps, then ``train_steps`` timed ones."""
     import torch
-
-    from generation.training import StageAConfig, train_stage
+    from aerosynth.generation.training import StageAConfig, train_stage
 
     stamps: list[float] = []
     total = args.warmup + args.train_steps
@@ -167,10 +165,9 @@ def time_training(preset: str, splits: list[Path], work: Path, args, device, pre
 
 
 def _plain_denoise(ldm, latents, ids, scheduler, steps: int, guidance: float, precision: str):
-    """:func:`generation.sampling.denoise` without capture (diffusers' default attention processors)."""
+    """:func:`aerosynth.generation.sampling.denoise` without capture (diffusers' default attention processors)."""
     import torch
-
-    from generation.device import autocast
+    from aerosynth.generation.device import autocast
 
     scheduler.set_timesteps(steps)
     with torch.no_grad():
@@ -188,10 +185,9 @@ def _plain_denoise(ldm, latents, ids, scheduler, steps: int, guidance: float, pr
 def time_sampling(ldm, args, device, precision: str, work: Path) -> tuple[dict, dict]:
     """Capture on vs off (median of ``repeats`` alternating batches), then one ``generate_set`` call."""
     import torch
-
-    from generation.attention import default_capture_sides
-    from generation.models import token_positions
-    from generation.sampling import (
+    from aerosynth.generation.attention import default_capture_sides
+    from aerosynth.generation.models import token_positions
+    from aerosynth.generation.sampling import (
         SamplingConfig,
         _seed_noise,
         capture_token_ids,
@@ -280,8 +276,11 @@ def time_sampling(ldm, args, device, precision: str, work: Path) -> tuple[dict, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from data.offline import apply_offline_settings
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from checkout import use_checkout
+
+    use_checkout()
+    from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
     import torch
@@ -299,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from data.errors import InputError
-    from generation.device import resolve_device
-    from generation.models import PRESETS, build_ldm
+    from aerosynth.data.errors import InputError
+    from aerosynth.generation.device import resolve_device
+    from aerosynth.generation.models import PRESETS, build_ldm
 
     try:
         device = resolve_device(args.device, "--device")

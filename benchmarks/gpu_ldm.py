@@ -1,7 +1,7 @@
 """Protocol aerial-v1 with the LDM fine-tuned on a GPU: pack here, train there, bring it back, evaluate here.
 
 The GPU box gets no imagery: a latent pack (uint8 TAEF2 latents of the training tiles, see
-:mod:`generation.latent_pack`) and the TAEF2 weights. Stages A-C run there on a wall-clock budget
+:mod:`aerosynth.generation.latent_pack`) and the TAEF2 weights. Stages A-C run there on a wall-clock budget
 (step counts come from a short calibration of each stage), the stage-C model comes back as fp16
 files under 16 MB each, and everything after fine-tuning (synthesis, annotation, detectors,
 evaluation) runs here with the ``cpu-bench`` settings, so the only difference from
@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the GPU machine runs it from a plain checkout, nothing installed
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import use_checkout  # noqa: E402  (the GPU machine runs it from a plain checkout)
+
+use_checkout()
 PACK_DIR = REPO / ".gpu_pack"
 PACK_FILE = PACK_DIR / "aerial-v1-latents.npz"
 CPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-cpu"
@@ -40,7 +42,7 @@ SHARD_BYTES = 15_000_000
 
 # ----------------------------------------------------------------------------- here: pack
 def pack(args: argparse.Namespace) -> None:
-    from generation.latent_pack import write_latent_pack
+    from aerosynth.generation.latent_pack import write_latent_pack
 
     tiles = CPU_WORK / "tiles"
     if not (tiles / "source-train").is_dir():
@@ -98,8 +100,7 @@ def _export_fp16(model_dir: Path, dest: Path) -> list[str]:
 
 def train(args: argparse.Namespace) -> None:
     import torch
-
-    from generation.training import StageAConfig, StageBConfig, StageCConfig, train_stage
+    from aerosynth.generation.training import StageAConfig, StageBConfig, StageCConfig, train_stage
 
     if args.device != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -244,7 +245,7 @@ def unpack(args: argparse.Namespace) -> None:
     doc = json.loads((records / "ldm.json").read_text())
     doc["autoencoder_dir"] = str(Path(args.autoencoder_dir).resolve())  # the GPU box's path means nothing here
     (model / "ldm.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    from generation.models import load_ldm
+    from aerosynth.generation.models import load_ldm
 
     ldm = load_ldm(model)
     n = sum(p.numel() for p in ldm.unet.parameters())
@@ -253,11 +254,11 @@ def unpack(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- here: evaluate
 def evaluate(args: argparse.Namespace) -> None:
-    from data.offline import apply_offline_settings
+    from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
-    from flows.adapt import adapt_flow
-    from flows.config import load_config
+    from aerosynth.flows.adapt import adapt_flow
+    from aerosynth.flows.config import load_config
 
     model = GPU_WORK / "model"
     if not (model / "ldm.json").is_file():

@@ -70,7 +70,7 @@ def collect(work: Path, config: dict, wall_seconds: float | None) -> dict:
 
 def copy_report(src: Path, dest: Path) -> None:
     """Copy a run's report for committing: PNG figures stored with a 256-colour palette (about 1/4 the bytes)."""
-    from data.imageio import read_rgb, write_png
+    from aerosynth.data.imageio import read_rgb, write_png
 
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
@@ -84,16 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true", help="only rewrite the JSON from a finished run")
     args = parser.parse_args(argv)
 
-    from data.offline import apply_offline_settings
+    from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
-    from flows.config import load_config
+    from aerosynth.flows.config import load_config
 
     cfg = load_config(preset="cpu-bench", overrides={"work_dir": str(args.work_dir)})
     doc = cfg.model_dump(mode="json")
     wall = None
     if not args.collect_only:
-        from flows.adapt import adapt_flow
+        from aerosynth.flows.adapt import adapt_flow
 
         t0 = time.perf_counter()
         adapt_flow(doc)

@@ -2,7 +2,7 @@
 
 Both sides use the same UNet, text encoder, autoencoder (an ``AutoencoderKL`` from config, so
 that diffusers' ``StableDiffusionPipeline`` can drive it), DDIM scheduler, steps, guidance and
-batch. The capture side runs :func:`generation.sampling.denoise` (explicit probabilities on the
+batch. The capture side runs :func:`aerosynth.generation.sampling.denoise` (explicit probabilities on the
 captured cross-attention layers, running-sum maps) plus decoding and heat-map rendering; the
 plain side runs the pipeline with diffusers' default SDPA processors. Runs alternate
 (plain, capture, plain, ...), each in a fresh process with one warm-up, measuring wall time of
@@ -38,16 +38,17 @@ def _rss_mb() -> float:
 
 def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict:
     """Build the model, warm up once, time one sampling call; return the figures."""
-    sys.path.insert(0, str(REPO))
-    from data.offline import apply_offline_settings
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from checkout import use_checkout
+
+    use_checkout()
+    from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
     import torch
-    from diffusers import StableDiffusionPipeline
-
-    from generation.attention import default_capture_sides
-    from generation.models import build_ldm, token_positions
-    from generation.sampling import (
+    from aerosynth.generation.attention import default_capture_sides
+    from aerosynth.generation.models import build_ldm, token_positions
+    from aerosynth.generation.sampling import (
         SamplingConfig,
         _seed_noise,
         capture_token_ids,
@@ -56,6 +57,7 @@ def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict
         make_scheduler,
         to_uint8,
     )
+    from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(threads)
     ldm = build_ldm(preset)  # AutoencoderKL from config: diffusers' pipeline can use it

@@ -18,16 +18,16 @@ WORK = HERE / "work" / "aerial-v1-cpu"
 
 
 def main() -> None:
-    from data.offline import apply_offline_settings
+    from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
-    from data.tileset import open_evaluation_split
-    from detection.augment import AugmentConfig
-    from detection.datasets import DatasetSpec
-    from detection.evaluation import evaluate_split
-    from detection.prediction import predict
-    from detection.training import DetectorTrainConfig, train_detector
-    from generation.sampling import TranslationConfig, translate_split
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.augment import AugmentConfig
+    from aerosynth.detection.datasets import DatasetSpec
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
+    from aerosynth.generation.sampling import TranslationConfig, translate_split
 
     out = WORK / "extra-translation-keep-all"
     t0 = time.time()

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from aerosynth.data.atomic import atomic_directory, atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.domains import geotiff_domain
+from aerosynth.data.geo import detections_to_geojson
+from aerosynth.data.prepare import PrepareSpec, SplitSpec
+from aerosynth.data.rasters import write_geotiff
 from affine import Affine
-
-from data.atomic import atomic_directory, atomic_write_json
-from data.detections import Detections
-from data.domains import geotiff_domain
-from data.geo import detections_to_geojson
-from data.prepare import PrepareSpec, SplitSpec
-from data.rasters import write_geotiff
 
 CAR_COLOURS = [
     (235, 235, 235),

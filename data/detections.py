@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from data.errors import InputError
+from aerosynth.data.errors import InputError
 
 
 def _as_xyxy(xyxy: Any) -> np.ndarray:

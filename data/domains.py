@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.geo import geojson_to_detections, read_geojson
+from aerosynth.data.imageio import IMAGE_SUFFIXES, image_size, read_rgb
+from aerosynth.data.rasters import read_raster
 from affine import Affine
-
-from data.detections import Detections
-from data.errors import InputError
-from data.geo import geojson_to_detections, read_geojson
-from data.imageio import IMAGE_SUFFIXES, image_size, read_rgb
-from data.rasters import read_raster
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 

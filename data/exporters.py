@@ -1,6 +1,6 @@
 """Dataset exports: YOLO (images, labels, data.yaml) and COCO json.
 
-GeoJSON export lives in :mod:`data.geo`, next to the coordinate conversions it needs.
+GeoJSON export lives in :mod:`aerosynth.data.geo`, next to the coordinate conversions it needs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-
-from data.atomic import atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.imageio import image_size, write_png
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.imageio import image_size, write_png
 
 
 @dataclass

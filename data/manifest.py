@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data.atomic import atomic_write_json
+from aerosynth.data.atomic import atomic_write_json
 
 MANIFEST_FILE = "manifest.json"
 

@@ -1,4 +1,4 @@
-"""Turn domains into normalised tile splits (the format of :mod:`data.tileset`)."""
+"""Turn domains into normalised tile splits (the format of :mod:`aerosynth.data.tileset`)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from aerosynth.data.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from aerosynth.data.domains import Domain, check_image_headers
+from aerosynth.data.errors import InputError
+from aerosynth.data.exporters import LabelledImage, write_coco
+from aerosynth.data.geo import crs_to_string
+from aerosynth.data.imageio import write_png
+from aerosynth.data.manifest import tree_sha256, write_manifest
+from aerosynth.data.tileset import COCO_FILE, EVALUATION_DIR, TILES_FILE, SplitInfo, TileRecord, tiles_document
+from aerosynth.data.tiling import cut_tiles, resample, resample_labels, resample_transform
 from affine import Affine
-
-from data.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from data.domains import Domain, check_image_headers
-from data.errors import InputError
-from data.exporters import LabelledImage, write_coco
-from data.geo import crs_to_string
-from data.imageio import write_png
-from data.manifest import tree_sha256, write_manifest
-from data.tileset import COCO_FILE, EVALUATION_DIR, TILES_FILE, SplitInfo, TileRecord, tiles_document
-from data.tiling import cut_tiles, resample, resample_labels, resample_transform
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ class SplitSpec:
         domain: the imagery.
         groups: groups to include (``None``: all not excluded).
         exclude_groups: groups to leave out.
-        mode: tiling, ``"grid"`` or ``"cover"`` (see :func:`data.tiling.tile_offsets`).
+        mode: tiling, ``"grid"`` or ``"cover"`` (see :func:`aerosynth.data.tiling.tile_offsets`).
         weak: expose only the per-tile vehicle flag; boxes go to ``evaluation/<name>``.
         scale: fixed resampling factor (overrides ``domain.gsd / target_gsd``).
     """

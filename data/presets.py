@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.domains import yolo_folder_domain
-from data.errors import InputError
-from data.prepare import PrepareSpec, SplitSpec
+from aerosynth.data.domains import yolo_folder_domain
+from aerosynth.data.errors import InputError
+from aerosynth.data.prepare import PrepareSpec, SplitSpec
 
 #: Protocol aerial-v1 (``shared/benchmarks/aerial-v1.md``): fixed scale per domain to 0.125 m/px.
 AERIAL_V1_SCALES = {"madison_drone": 0.384, "kit_munich_aerial": 1.0}

@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from data.detections import Detections
-from data.errors import InputError
-from data.imageio import read_rgb
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
 
 TILES_FILE = "tiles.json"
 COCO_FILE = "annotations.json"

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
 from affine import Affine
-
-from data.detections import Detections
-from data.errors import InputError
 
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:

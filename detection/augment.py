@@ -40,10 +40,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from data.detections import Detections
-from data.imageio import read_rgb, write_png
-from data.offline import apply_offline_settings
+from aerosynth.data.detections import Detections
+from aerosynth.data.imageio import read_rgb, write_png
+from aerosynth.data.offline import apply_offline_settings
 
 apply_offline_settings()  # NO_ALBUMENTATIONS_UPDATE before albumentations is imported
 
@@ -248,10 +247,10 @@ def _draw_boxes(image: np.ndarray, dets: Detections, colour: tuple[int, int, int
 
 
 def _preview_inputs(source) -> list[tuple[np.ndarray, Detections]]:
-    from detection.datasets import DatasetSpec, list_samples
+    from aerosynth.detection.datasets import DatasetSpec, list_samples
 
     if isinstance(source, (str, Path)):
-        from data.tileset import TILES_FILE, open_split
+        from aerosynth.data.tileset import TILES_FILE, open_split
 
         path = Path(source)
         source = open_split(path) if (path / TILES_FILE).is_file() else DatasetSpec(path)
@@ -279,7 +278,7 @@ def write_augmentation_preview(
     """Write a PNG grid: per row one sample, its original then ``variants`` augmented copies, boxes drawn.
 
     Args:
-        split_or_images: a split or dataset folder, a :class:`~detection.datasets.DatasetSpec`, a
+        split_or_images: a split or dataset folder, a :class:`~aerosynth.detection.datasets.DatasetSpec`, a
             ``LabelledTileSplit``, or a sequence of ``(image or path, Detections)``.
         out_png: the PNG to write.
         config: augmentations to show (defaults of :class:`AugmentConfig` if ``None``).

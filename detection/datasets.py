@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from data.atomic import atomic_write_json
-from data.detections import Detections
-from data.errors import InputError
-from data.exporters import LabelledImage, write_data_yaml, write_yolo_split
-from data.imageio import IMAGE_SUFFIXES, image_size
-from data.tileset import TILES_FILE, read_tiles_file
+from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.exporters import LabelledImage, write_data_yaml, write_yolo_split
+from aerosynth.data.imageio import IMAGE_SUFFIXES, image_size
+from aerosynth.data.tileset import TILES_FILE, read_tiles_file
 
 SYNTHETIC_FILE = "synthetic.json"
 

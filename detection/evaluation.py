@@ -22,10 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
-from data.detections import Detections
-from data.errors import InputError
-from data.tileset import LabelledTileSplit
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.tileset import LabelledTileSplit
 
 MAX_DETS = 100
 

@@ -1,4 +1,4 @@
-"""Run a trained YOLO detector on images and return :class:`~data.detections.Detections`.
+"""Run a trained YOLO detector on images and return :class:`~aerosynth.data.detections.Detections`.
 
 Images are RGB (``(H, W, 3)`` uint8 arrays or files); ultralytics wants BGR arrays, the
 conversion happens here. A model is loaded once per path (and file modification time).
@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from data.detections import Detections
-from data.errors import InputError
-from data.imageio import read_rgb
-from data.offline import apply_offline_settings
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
+from aerosynth.data.offline import apply_offline_settings
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,7 +57,8 @@ def predict(
     """Detections for each image, in pixels of that image, with confidences.
 
     Args:
-        model_path: a ``.pt`` written by :func:`detection.training.train_detector` (or any local YOLO checkpoint).
+        model_path: a ``.pt`` written by :func:`aerosynth.detection.training.train_detector` (or any local
+            YOLO checkpoint).
         images: RGB arrays or image files.
         conf: lowest confidence kept (0.001 for AP evaluation).
         imgsz: inference size.
@@ -95,18 +95,19 @@ def predict_split(
     max_det: int = 100,
     device: str = "cpu",
 ) -> list[Detections]:
-    """Detections for every tile of a split, in ``split.tiles`` order (what :mod:`detection.evaluation` takes).
+    """Detections for every tile of a split, in ``split.tiles`` order (what :mod:`aerosynth.detection.evaluation`
+    takes).
 
     Args:
         model_path: detector weights.
-        split: an opened split (``data.tileset.open_split`` / ``open_evaluation_split``) or its folder.
+        split: an opened split (``aerosynth.data.tileset.open_split`` / ``open_evaluation_split``) or its folder.
         conf: lowest confidence kept.
         imgsz: inference size; the split's tile size when ``None``.
         max_det: most detections per tile.
         device: inference device.
     """
     if isinstance(split, (str, Path)):
-        from data.tileset import open_split
+        from aerosynth.data.tileset import open_split
 
         split = open_split(split)
     size = imgsz or split.info.tile_size

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.errors import InputError
-from data.imageio import write_png
-from data.tileset import LabelledTileSplit
-from detection.evaluation import EvaluationResult
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import write_png
+from aerosynth.data.tileset import LabelledTileSplit
+from aerosynth.detection.evaluation import EvaluationResult
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"

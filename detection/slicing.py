@@ -1,6 +1,6 @@
 """Sliced detection over a large raster, written as GeoJSON in the raster's CRS.
 
-The raster (read by :func:`data.rasters.read_raster`, 8-bit RGB) is optionally resampled to the
+The raster (read by :func:`aerosynth.data.rasters.read_raster`, 8-bit RGB) is optionally resampled to the
 detector's ground sampling distance, cut into overlapping square windows (the last row and
 column of windows are shifted back so that they end at the border; a raster smaller than a
 window is padded), each window goes through the detector, and the boxes, moved to raster pixels,
@@ -8,7 +8,7 @@ are merged by a greedy NMS. Two boxes are the same vehicle when their IoU exceed
 when the smaller lies mostly inside the larger (intersection over the smaller area above
 ``ios``): a vehicle cut by a window edge leaves a partial box that plain IoU would keep. Boxes
 touching an inner window edge rank after complete boxes. Windows that are entirely nodata are
-skipped. The boxes are converted with :func:`data.geo.detections_to_geojson` (pixel corner
+skipped. The boxes are converted with :func:`aerosynth.data.geo.detections_to_geojson` (pixel corner
 convention of the raster's affine transform).
 """
 
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from data.detections import Detections, box_iou
-from data.errors import InputError
+from aerosynth.data.detections import Detections, box_iou
+from aerosynth.data.errors import InputError
 
 Predictor = Callable[[list[np.ndarray]], list[Detections]]
 EDGE_PX = 2.0  # a box this close to an inner window edge is "cut"
@@ -199,7 +198,7 @@ def detect_raster(
         conf: lowest confidence kept.
         target_gsd: the detector's GSD in m/px; the raster is resampled to it first (needs a CRS).
             ``None``: the ``gsd`` recorded in the ``detector.json`` next to the model, when there is one.
-        bands: 1-based band selection passed to :func:`data.rasters.read_raster`.
+        bands: 1-based band selection passed to :func:`aerosynth.data.rasters.read_raster`.
         iou: merge threshold (see :func:`merge_boxes`).
         to_wgs84: write longitude/latitude instead of the raster's CRS.
         device: inference device.
@@ -208,8 +207,8 @@ def detect_raster(
     Raises:
         InputError: unreadable raster, no CRS, bad window settings, missing model.
     """
-    from data.geo import detections_to_geojson, write_geojson
-    from data.rasters import read_raster
+    from aerosynth.data.geo import detections_to_geojson, write_geojson
+    from aerosynth.data.rasters import read_raster
 
     raster = read_raster(raster_path, bands)
     if raster.crs is None or raster.transform is None:
@@ -227,7 +226,7 @@ def detect_raster(
         if abs(factor - 1) > 1e-3:
             rgb, valid = _resample(rgb, valid, factor)
     if predictor is None:
-        from detection.prediction import load_model, predict
+        from aerosynth.detection.prediction import load_model, predict
 
         load_model(model_path)  # fail early on a missing file
         predictor = functools.partial(predict, model_path, conf=conf, imgsz=tile, max_det=300, device=device)

@@ -2,12 +2,12 @@
 
 The model is built from a model yaml that ultralytics ships (``"yolov8n.yaml"``: random
 initialisation, nothing downloaded) or loaded from a local ``.pt`` the user gives. Training data
-is one or several :class:`~detection.datasets.DatasetSpec` mixed into a symlinked YOLO view
-(:func:`~detection.datasets.build_yolo_view`); early stopping watches the given validation set
+is one or several :class:`~aerosynth.detection.datasets.DatasetSpec` mixed into a symlinked YOLO view
+(:func:`~aerosynth.detection.datasets.build_yolo_view`); early stopping watches the given validation set
 (source-val or a synthetic set, never target labels). Augmentation is ours
-(:mod:`detection.augment`); ultralytics' built-ins are switched off so nothing runs twice.
+(:mod:`aerosynth.detection.augment`); ultralytics' built-ins are switched off so nothing runs twice.
 
-Offline: ultralytics is imported only after :func:`data.offline.apply_offline_settings`
+Offline: ultralytics is imported only after :func:`aerosynth.data.offline.apply_offline_settings`
 (font from matplotlib, ``YOLO_OFFLINE``), ``amp=False`` skips the AMP check (it downloads a
 checkpoint), a ``.pt`` name that is not a local file is refused instead of being fetched.
 
@@ -29,12 +29,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data.atomic import atomic_output_path, atomic_write_json
-from data.errors import InputError
-from data.manifest import file_sha256
-from data.offline import apply_offline_settings
-from detection.augment import AugmentConfig, ultralytics_augmentations, ultralytics_overrides
-from detection.datasets import DatasetSpec, build_yolo_view, dataset_gsd
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json
+from aerosynth.data.errors import InputError
+from aerosynth.data.manifest import file_sha256
+from aerosynth.data.offline import apply_offline_settings
+from aerosynth.detection.augment import AugmentConfig, ultralytics_augmentations, ultralytics_overrides
+from aerosynth.detection.datasets import DatasetSpec, build_yolo_view, dataset_gsd
 
 WEIGHTS_FILE = "detector.pt"
 MANIFEST_FILE = "detector.json"

@@ -1,7 +1,7 @@
 """The ``adapt`` flow: tiles -> LDM stages 0/A/B/C -> synthesis -> annotation -> detectors -> report.
 
 Thin orchestration only: every step calls one stage's public function, inside
-:func:`flows.stage_cache.run_stage`, so a rerun skips what is finished and a config change
+:func:`aerosynth.flows.stage_cache.run_stage`, so a rerun skips what is finished and a config change
 reruns only what depends on it. Each step is a Prefect task with a retry.
 
 Work folder of a run::
@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.errors import InputError
+from aerosynth.flows.config import AdaptConfig, build_config, dump_config
+from aerosynth.flows.scale import map_shards, task_runner
+from aerosynth.flows.stage_cache import clear_stale_stage, run_stage, stage_is_current
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-
-from data.atomic import atomic_write_json, atomic_write_text
-from data.errors import InputError
-from flows.config import AdaptConfig, build_config, dump_config
-from flows.scale import map_shards, task_runner
-from flows.stage_cache import clear_stale_stage, run_stage, stage_is_current
 
 SOURCE_ONLY, ORACLE = "source-only", "oracle"
 
@@ -65,17 +64,17 @@ def _key_path(path: Path | None, work: Path) -> str:
 
 # ------------------------------------------------------------------------------- data
 def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
-    from data.prepare import prepare_dataset
+    from aerosynth.data.prepare import prepare_dataset
 
     d = config.data
 
     def build(out: Path) -> None:
         if d.preset == "aerial-v1":
-            from data.presets import aerial_v1, default_aerial_root
+            from aerosynth.data.presets import aerial_v1, default_aerial_root
 
             spec = aerial_v1(_repo_relative(d.aerial_root) or default_aerial_root())
         elif d.preset == "demo":
-            from data.demo import DemoConfig, demo_spec, write_demo_data
+            from aerosynth.data.demo import DemoConfig, demo_spec, write_demo_data
 
             raw = work / "demo-raw"
             write_demo_data(
@@ -83,8 +82,8 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
             )
             spec = demo_spec(raw, d.gsd, d.tile_size)
         else:
-            from data.domains import open_domain
-            from data.prepare import custom_spec
+            from aerosynth.data.domains import open_domain
+            from aerosynth.data.prepare import custom_spec
 
             for field in ("source", "target"):
                 if getattr(d, field) is None:
@@ -159,7 +158,7 @@ def _val_split(tiles: Path) -> Path:
 # ------------------------------------------------------------------------- generation
 def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     """Stages 0 (when no pretrained autoencoder), A, B, C; returns the last model folder."""
-    from generation.training import Stage0Config, StageAConfig, StageBConfig, StageCConfig, train_stage
+    from aerosynth.generation.training import Stage0Config, StageAConfig, StageBConfig, StageCConfig, train_stage
 
     g = config.generation
     splits = [tiles / "source-train", tiles / "target-train"]
@@ -238,7 +237,7 @@ def _import_model(work: Path, model: Path) -> Path:
     """Copy a model trained elsewhere (``generation.init_model``, all stage steps 0) into ``ldm/imported``."""
     import shutil
 
-    from data.manifest import tree_sha256
+    from aerosynth.data.manifest import tree_sha256
 
     if not (model / "ldm.json").is_file():
         raise InputError(model, "generation.init_model is not an aerosynth model folder (no ldm.json)")
@@ -256,10 +255,16 @@ def _import_model(work: Path, model: Path) -> Path:
 def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dict[str, Path]:
     """The three text-to-image sets and the source-guided translation.
 
-    Shards are mapped over the flow's task runner first (see :mod:`flows.scale`), then the stage
+    Shards are mapped over the flow's task runner first (see :mod:`aerosynth.flows.scale`), then the stage
     is closed by one call that finds every shard done.
     """
-    from generation.sampling import SamplingConfig, TranslationConfig, generate_set, shard_ranges, translate_split
+    from aerosynth.generation.sampling import (
+        SamplingConfig,
+        TranslationConfig,
+        generate_set,
+        shard_ranges,
+        translate_split,
+    )
 
     g = config.generation
     source, target = split_domains(tiles)
@@ -306,7 +311,7 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
             ),
         )
     if g.translation.enabled:
-        from data.tileset import open_split
+        from aerosynth.data.tileset import open_split
 
         tcfg = TranslationConfig(
             **g.sampling.model_dump(),
@@ -345,7 +350,7 @@ def annotate(
     upstream = {k: v for k, v in sets.items() if k != "translation"}
     out: dict[str, Path] = {}
     if a.relay.enabled:
-        from annotation.relay import RelayConfig, run_relay
+        from aerosynth.annotation.relay import RelayConfig, run_relay
 
         rcfg = RelayConfig(
             model=config.detection.model,
@@ -373,7 +378,7 @@ def annotate(
             _logger().warning("relay skipped: %s", exc)
             _record_skipped(work, "relay", str(exc))
     if a.threshold.enabled:
-        from annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
+        from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
 
         hcfg = HeatmapBoxConfig(**a.threshold.options)
         stage_dir, _ = run_stage(
@@ -413,7 +418,7 @@ class Variant:
 
 
 def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: dict[str, Path]) -> list[Variant]:
-    from detection.datasets import DatasetSpec
+    from aerosynth.detection.datasets import DatasetSpec
 
     d = config.detection
     whole = 1.0 if d.max_train_images else None  # with a cap, every variant sees the same number of images
@@ -455,11 +460,11 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
 
 def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Variant, seed: int) -> Path:
     """Train one detector, predict on target-test, write ``metrics.json`` and ``predictions.json``."""
-    from data.tileset import open_evaluation_split
-    from detection.augment import AugmentConfig
-    from detection.evaluation import evaluate_split
-    from detection.prediction import predict
-    from detection.training import DetectorTrainConfig, train_detector
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.augment import AugmentConfig
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
 
     d = config.detection
     augment = AugmentConfig() if d.augment else AugmentConfig.none()
@@ -476,7 +481,7 @@ def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Va
     )
 
     def build(out: Path) -> None:
-        from detection.datasets import DatasetSpec
+        from aerosynth.detection.datasets import DatasetSpec
 
         weights = train_detector(dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train")
         test = open_evaluation_split(tiles, "target-test")
@@ -512,10 +517,10 @@ def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Va
 
 
 def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[str, list[Path]]) -> Path:
-    from data.detections import Detections
-    from data.tileset import open_evaluation_split
-    from detection.evaluation import EvaluationResult
-    from detection.report import write_report
+    from aerosynth.data.detections import Detections
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import EvaluationResult
+    from aerosynth.detection.report import write_report
 
     results = {
         name: [EvaluationResult.from_dict(json.loads((p / "metrics.json").read_text())) for p in paths]
@@ -559,9 +564,8 @@ def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) ->
     """A grid: for each synthetic set, a row of its first images and a row of their heat maps."""
     import cv2
     import numpy as np
-
-    from data.detections import Detections
-    from data.imageio import read_rgb, write_png
+    from aerosynth.data.detections import Detections
+    from aerosynth.data.imageio import read_rgb, write_png
 
     rows = []
     for name in ("source_cars", "target_cars", "target_empty", "translation"):

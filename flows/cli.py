@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from aerosynth.data.errors import InputError
+from aerosynth.data.offline import apply_offline_settings
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-
-from data.errors import InputError
-from data.offline import apply_offline_settings
 
 app = typer.Typer(
     help="aerosynth: adapt aerial vehicle detectors to unseen regions with generated data.",
@@ -79,14 +78,14 @@ def data_prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Resample, tile and split domains into the normalised tile dataset (prints counts, writes manifest.json)."""
-    from data.prepare import prepare_dataset
+    from aerosynth.data.prepare import prepare_dataset
 
     if preset == "aerial-v1":
-        from data.presets import aerial_v1, default_aerial_root
+        from aerosynth.data.presets import aerial_v1, default_aerial_root
 
         spec = aerial_v1(aerial_root or default_aerial_root())
     elif preset == "demo":
-        from data.demo import demo_spec, write_demo_data
+        from aerosynth.data.demo import demo_spec, write_demo_data
 
         raw = out.parent / f"{out.name}-raw"
         if not raw.exists():
@@ -97,8 +96,8 @@ def data_prepare(
     else:
         if source is None or target is None:
             raise InputError("--source/--target", "give --preset, or both --source and --target")
-        from data.domains import open_domain
-        from data.prepare import custom_spec
+        from aerosynth.data.domains import open_domain
+        from aerosynth.data.prepare import custom_spec
 
         band_list = [int(b) for b in bands.split(",")] if bands else None
         src = open_domain(source, source_gsd, band_list)
@@ -129,7 +128,7 @@ def data_demo(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write the embedded demo domains (leafy_suburb -> arid_carpark) as GeoTIFF + GeoJSON."""
-    from data.demo import DemoConfig, write_demo_data
+    from aerosynth.data.demo import DemoConfig, write_demo_data
 
     if scenes < 2:
         raise InputError("--scenes", "need at least 2 scenes per domain (one is held out)")
@@ -167,8 +166,8 @@ def _run_adapt(
 ) -> Path:
     import shutil
 
-    from flows.adapt import run_adapt
-    from flows.config import load_config
+    from aerosynth.flows.adapt import run_adapt
+    from aerosynth.flows.config import load_config
 
     overrides: dict = {"work_dir": str(work_dir)} if work_dir is not None else {}
     if runner is not None:
@@ -238,7 +237,7 @@ def generate(
     raw_maps: Annotated[bool, typer.Option(help="Also save float maps (maps/*.npy).")] = False,
 ) -> None:
     """Synthesise a set with its cross-attention heat maps (resumable, in shards)."""
-    from generation.sampling import SamplingConfig, generate_set
+    from aerosynth.generation.sampling import SamplingConfig, generate_set
 
     cfg = SamplingConfig(
         steps=steps, guidance_scale=guidance, scheduler=scheduler, shard_size=shard_size, save_raw_maps=raw_maps
@@ -261,11 +260,11 @@ def annotate(
 ) -> None:
     """Turn synthetic images and heat maps into a labelled dataset (YOLO, COCO, GeoJSON, preview)."""
     if method == "threshold":
-        from annotation.heatmap_boxes import annotate_direct
+        from aerosynth.annotation.heatmap_boxes import annotate_direct
 
         path = annotate_direct(target_sets, out)
     elif method == "relay":
-        from annotation.relay import RelayConfig, run_relay
+        from aerosynth.annotation.relay import RelayConfig, run_relay
 
         if source_set is None or tiles is None:
             raise InputError("--source-set/--tiles", "the relay needs a synthetic source set and the prepared tiles")
@@ -287,25 +286,59 @@ def map_quality(
     model: Annotated[Path, typer.Option(help="Trained LDM folder (ldm/stageC/model).")],
     tiles: Annotated[Path, typer.Option(help="Prepared tiles folder.")],
     out: Annotated[Path, typer.Option(help="Report JSON.")],
-    split: Annotated[str, typer.Option(help="A labelled source split.")] = "source-val",
-    noise: Annotated[float, typer.Option(help="Timestep of the single pass, as a fraction of the schedule.")] = 0.3,
+    split: Annotated[
+        str, typer.Option(help="A split of TILES: source-val, or target-test (labels via the evaluation API).")
+    ] = "source-val",
+    noise: Annotated[
+        str, typer.Option(help="Timestep(s) of the single pass as fractions of the schedule, e.g. 0.3 or 0.1,0.3,0.5.")
+    ] = "0.3",
     limit: Annotated[int | None, typer.Option(help="Score only the first N tiles.")] = None,
 ) -> None:
-    """Precision, recall and AP50 of heat-map boxes on real labelled tiles (the direct method's quality)."""
-    from annotation.map_quality import evaluate_map_quality
-    from data.tileset import open_split
-    from generation.real_maps import cars_map_function
+    """Precision, recall and AP50 of heat-map boxes on real labelled tiles (the direct method's quality).
 
-    labelled = open_split(tiles / split)
-    fn = cars_map_function(model, labelled.info.domain, noise_fraction=noise)
-    report = evaluate_map_quality(labelled, fn, out, limit=limit, only_with_vehicles=False)
-    sc = report["scores"]
-    Console().print(
-        f"{report['tiles']} tiles, {report['ground_truth_boxes']} boxes: precision {sc['precision']:.3f}  "
-        f"recall {sc['recall']:.3f}  AP50 {sc['ap50']:.3f}  (best fixed threshold "
-        f"{report['best_sweep'].get('fixed_threshold')}: F1 {report['best_sweep']['f1']:.3f})"
-    )
+    A target split's boxes are read through the evaluation API only: the scores are a diagnostic.
+    """
+    from aerosynth.annotation.map_quality import evaluate_map_quality_levels
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.generation.models import load_ldm
+    from aerosynth.generation.real_maps import cars_map_function
+
+    levels = _noise_levels(noise)
+    if not (tiles / split / "tiles.json").is_file():
+        known = sorted(p.parent.name for p in tiles.glob("*/tiles.json"))
+        raise InputError("--split", f"no split {split!r} in {tiles} (there: {', '.join(known) or 'none'})")
+    labelled = open_evaluation_split(tiles, split)  # opened once; weak splits get their boxes from evaluation/
+    ldm = load_ldm(model)
+    fns = {level: cars_map_function(ldm, labelled.info.domain, noise_fraction=level) for level in levels}
+    report = evaluate_map_quality_levels(labelled, fns, out, limit=limit, only_with_vehicles=False)
+    entries = report["by_noise"] if "by_noise" in report else [report]
+    for e in entries:
+        sc = e["scores"]
+        best = e["best_sweep"]
+        Console().print(
+            f"noise {e['noise']:g}: {report['tiles']} tiles, {report['ground_truth_boxes']} boxes: precision "
+            f"{sc['precision']:.3f}  recall {sc['recall']:.3f}  AP50 {sc['ap50']:.3f}  (best fixed threshold "
+            f"{best.get('fixed_threshold')}: F1 {best['f1']:.3f})"
+        )
+    if report.get("note"):
+        Console().print(report["note"])
     Console().print(f"report: {out}")
+
+
+def _noise_levels(text: str) -> list[float]:
+    """``--noise`` values: comma-separated fractions of the schedule in (0, 1], no duplicates."""
+    levels: list[float] = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError("--noise", f"{part.strip()!r} is not a number (e.g. 0.3 or 0.1,0.3,0.5)") from None
+        if not 0 < value <= 1:
+            raise InputError("--noise", f"{value:g} is not in (0, 1]")
+        if value in levels:
+            raise InputError("--noise", f"{value:g} given twice")
+        levels.append(value)
+    return levels
 
 
 @app.command("train")
@@ -322,8 +355,8 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or a CUDA device such as 0.")] = "cpu",
 ) -> None:
     """Train a detector on one or more labelled folders."""
-    from detection.datasets import DatasetSpec
-    from detection.training import DetectorTrainConfig, train_detector
+    from aerosynth.detection.datasets import DatasetSpec
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
 
     cfg = DetectorTrainConfig(model=model, epochs=epochs, seed=seed, imgsz=imgsz, device=device)
     weights = train_detector(cfg, [DatasetSpec(p) for p in data], DatasetSpec(val), out)
@@ -339,10 +372,10 @@ def evaluate(
     imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
 ) -> None:
     """COCO AP50, AP50:95 and P/R at the F1-optimal threshold of a detector on a split."""
-    from data.atomic import atomic_write_json
-    from data.tileset import open_evaluation_split
-    from detection.evaluation import evaluate_split
-    from detection.prediction import predict
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict
 
     test = open_evaluation_split(tiles, split)
     result = evaluate_split(test, predict(model, [test.image_path(t.tile_id) for t in test], imgsz=imgsz))
@@ -366,7 +399,7 @@ def detect(
     bands: Annotated[str, typer.Option(help="Band selection, e.g. 3,2,1.")] = "",
 ) -> None:
     """Sliced detection over a whole GeoTIFF, merged by NMS, written as GeoJSON."""
-    from detection.slicing import detect_raster
+    from aerosynth.detection.slicing import detect_raster
 
     band_list = [int(b) for b in bands.split(",")] if bands else None
     n = detect_raster(raster, model, out, conf=conf, target_gsd=gsd, overlap=overlap, to_wgs84=wgs84, bands=band_list)
@@ -391,7 +424,7 @@ def request(
     ] = None,
 ) -> None:
     """N labelled tiles in a domain's style: GeoTIFF, GeoJSON, COCO, YOLO, a STAC catalog and a preview."""
-    from flows.request import request_flow
+    from aerosynth.flows.request import request_flow
 
     path = request_flow(
         run,
@@ -432,9 +465,9 @@ def retrain(
     ] = None,
 ) -> None:
     """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
-    from flows.config import load_config
-    from flows.registry import version_rows
-    from flows.retrain import ensure_registry, run_retrain
+    from aerosynth.flows.config import load_config
+    from aerosynth.flows.registry import version_rows
+    from aerosynth.flows.retrain import ensure_registry, run_retrain
 
     cfg = load_config(config, preset=preset or (None if config else "demo"))
     reg = ensure_registry(registry, tiles, eval_split, baseline, cfg.detection.imgsz, cfg.device)
@@ -470,8 +503,8 @@ def serve(
     retrain_cron: Annotated[str, typer.Option(help="Cron schedule of retrain.")] = "0 3 * * *",
 ) -> None:
     """Register adapt, request and retrain as scheduled deployments on a Prefect server and serve them."""
-    from flows.config import load_config
-    from flows.deployments import build_deployments, serve_deployments
+    from aerosynth.flows.config import load_config
+    from aerosynth.flows.deployments import build_deployments, serve_deployments
 
     if (watch is None) != (registry is None):
         raise InputError("--watch/--registry", "the retrain deployment needs both")
@@ -484,7 +517,7 @@ def serve(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print bad input as one line, exit non-zero."""
     apply_offline_settings()
-    from flows.server_cleanup import mark_owner, stop_orphan_servers
+    from aerosynth.flows.server_cleanup import mark_owner, stop_orphan_servers
 
     stop_orphan_servers()  # temporary Prefect servers of earlier runs that were killed
     mark_owner()

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from aerosynth.data.errors import InputError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from data.errors import InputError
 
 
 class Strict(BaseModel):
@@ -81,7 +80,7 @@ class GenerationSettings(Strict):
     ``model`` is a preset built from config; ``pretrained_dir`` a local Stable Diffusion 1.x folder
     to start stage A from (``image_size``: its training side, default 512; tiles are resized);
     ``init_model`` an aerosynth model folder to continue from (e.g. one fine-tuned on several GPUs
-    with ``generation.train_cli``).
+    with ``aerosynth.generation.train_cli``).
     """
 
     model: Literal["tiny", "cpu", "sd15"] = "tiny"
@@ -99,14 +98,14 @@ class GenerationSettings(Strict):
 
 
 class ThresholdSettings(Strict):
-    """The direct method (heat map -> boxes); fields of ``annotation.heatmap_boxes.HeatmapBoxConfig``."""
+    """The direct method (heat map -> boxes); fields of ``aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig``."""
 
     enabled: bool = True
     options: dict[str, Any] = {}
 
 
 class RelaySettings(Strict):
-    """The AGenDA relay; fields of ``annotation.relay.RelayConfig``."""
+    """The AGenDA relay; fields of ``aerosynth.annotation.relay.RelayConfig``."""
 
     enabled: bool = True
     source_epochs: int = Field(10, ge=1)

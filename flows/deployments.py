@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.adapt import adapt_flow
-from flows.config import AdaptConfig
-from flows.request import request_flow
-from flows.retrain import retrain_flow
+from aerosynth.flows.adapt import adapt_flow
+from aerosynth.flows.config import AdaptConfig
+from aerosynth.flows.request import request_flow
+from aerosynth.flows.retrain import retrain_flow
 
 
 def build_deployments(

@@ -39,9 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from data.atomic import atomic_write_json, atomic_write_text
-from data.errors import InputError
-from data.manifest import file_sha256
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.errors import InputError
+from aerosynth.data.manifest import file_sha256
 
 REGISTRY_FILE = "registry.json"
 VERSIONS_DIR = "versions"
@@ -104,7 +104,7 @@ class EvaluationSet:
     """The split every version is compared on, and the tiles a retrain adapts from.
 
     Attributes:
-        tiles: a prepared tiles folder (``data.prepare``): source splits and the evaluation split.
+        tiles: a prepared tiles folder (``aerosynth.data.prepare``): source splits and the evaluation split.
         split: the evaluation split (it must have boxes, e.g. ``target-test`` via ``evaluation/``).
     """
 
@@ -152,7 +152,7 @@ class Registry:
             InputError: the evaluation split has no boxes, or the registry exists (with another
                 evaluation set, or at all when not ``exist_ok``).
         """
-        from data.tileset import open_evaluation_split
+        from aerosynth.data.tileset import open_evaluation_split
 
         root, tiles = Path(root), Path(tiles).resolve()
         open_evaluation_split(tiles, split)  # it must have boxes

@@ -2,7 +2,7 @@
 
 For GIS analysts: "give me 200 tiles that look like Munich, with vehicles, labelled". A request
 synthesises ``count`` images with the adapted latent diffusion model (image ``i`` from seed
-``seed + i``), labels them from their cross-attention heat maps (:mod:`annotation.heatmap_boxes`,
+``seed + i``), labels them from their cross-attention heat maps (:mod:`aerosynth.annotation.heatmap_boxes`,
 the default) or with a trained detector (``detector=PATH.pt``, boxes of confidence >= 0.25), and
 writes one new dated export folder, never touching an earlier one::
 
@@ -25,7 +25,7 @@ writes one new dated export folder, never touching an earlier one::
       request.json              the request, model, seeds, counts and the sha256 of every file above
 
 Synthetic georeference: generated images have no place on Earth. Tile ``i`` is laid on the grid
-that :mod:`annotation.export` uses for ``georef.json``: EPSG:3857 near (0, 0), ``ceil(sqrt(N))``
+that :mod:`aerosynth.annotation.export` uses for ``georef.json``: EPSG:3857 near (0, 0), ``ceil(sqrt(N))``
 tiles per row, 10 m apart, north up, one pixel = the tile GSD. STAC geometries are the same
 footprints in WGS84 (a few metres off Null Island); every Item says ``aerosynth:synthetic: true``.
 
@@ -35,7 +35,7 @@ tiles at 0.125 m/px makes 0.5 m/px images), read from ``WORK/tiles/manifest.json
 
 Safety: the request name must match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`` (no path); every input is
 checked before anything is written; the export is built under a temporary name and renamed into
-place (:func:`data.atomic.atomic_directory`), under an exclusive lock file
+place (:func:`aerosynth.data.atomic.atomic_directory`), under an exclusive lock file
 ``OUT_ROOT/.<folder>.lock`` so two concurrent requests of one name cannot both publish; an existing
 export of that name and date is an error.
 
@@ -62,14 +62,13 @@ from typing import Any
 import numpy as np
 import pystac
 import yaml
+from aerosynth.data.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.manifest import file_sha256
 from prefect import flow, get_run_logger
 from pystac.errors import STACValidationError
 from pystac.validation.stac_validator import GetSchemaError, JsonSchemaSTACValidator
-
-from data.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.errors import InputError
-from data.manifest import file_sha256
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 CLASS_NAMES = ["vehicle"]
@@ -226,7 +225,7 @@ class TileRequest:
         batch_size: images per UNet batch.
         detector: a detector ``.pt`` labelling the tiles instead of the heat maps, or ``None``.
         detector_conf: lowest detector confidence kept.
-        heatmap_options: fields of :class:`annotation.heatmap_boxes.HeatmapBoxConfig`.
+        heatmap_options: fields of :class:`aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig`.
         gsd: metres per pixel of the tiles (``None``: from the run, see the module docstring).
     """
 
@@ -260,7 +259,7 @@ class TileRequest:
                 raise InputError(name, f"got {getattr(self, name)!r}, expected {expected}")
         if not isinstance(self.with_vehicles, bool):
             raise InputError("with_vehicles", f"got {self.with_vehicles!r}, expected true or false")
-        from generation.sampling import SCHEDULERS
+        from aerosynth.generation.sampling import SCHEDULERS
 
         if self.scheduler not in SCHEDULERS:
             raise InputError("scheduler", f"unknown scheduler {self.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
@@ -272,8 +271,8 @@ class TileRequest:
         return self
 
     def heatmap_config(self):
-        """The :class:`annotation.heatmap_boxes.HeatmapBoxConfig` of ``heatmap_options`` (validated)."""
-        from annotation.heatmap_boxes import HeatmapBoxConfig
+        """The :class:`aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` of ``heatmap_options`` (validated)."""
+        from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
 
         try:
             return HeatmapBoxConfig(**(self.heatmap_options or {})).validate()
@@ -292,8 +291,8 @@ class TileRequest:
 
 def heatmap_labels(set_dir: Path, request: TileRequest, names: list[str] | None = None) -> list[Detections]:
     """Boxes of images of a synthetic set (all, or ``names``) from their heat maps (none for an empty-prompt set)."""
-    from annotation.heatmap_boxes import boxes_from_heatmap
-    from annotation.synthetic_set import open_synthetic_set
+    from aerosynth.annotation.heatmap_boxes import boxes_from_heatmap
+    from aerosynth.annotation.synthetic_set import open_synthetic_set
 
     sset = open_synthetic_set(set_dir)
     names = sset.names if names is None else names
@@ -326,8 +325,7 @@ def _detector_settings(detector: Path) -> tuple[int, float | None]:
 def detector_labels(images: list[np.ndarray], detector: Path, tile_gsd: float, conf: float) -> list[Detections]:
     """Boxes of a trained detector on RGB tiles, resampled to the detector's training GSD when it is recorded."""
     import cv2
-
-    from detection.prediction import predict
+    from aerosynth.detection.prediction import predict
 
     imgsz, det_gsd = _detector_settings(detector)
     scale = 1.0 if det_gsd is None else tile_gsd / det_gsd
@@ -354,7 +352,7 @@ def detector_labels(images: list[np.ndarray], detector: Path, tile_gsd: float, c
 # ------------------------------------------------------------------------------ STAC
 def _footprint_wgs84(transform, width: int, height: int, crs: str) -> tuple[dict, list[float]]:
     """GeoJSON polygon (counter-clockwise) and bbox in WGS84 of a tile's footprint."""
-    from data.geo import WGS84, pixel_to_map, transformer
+    from aerosynth.data.geo import WGS84, pixel_to_map, transformer
 
     px = np.array([0, width, width, 0, 0], dtype=np.float64)
     py = np.array([height, height, 0, 0, height], dtype=np.float64)
@@ -776,7 +774,7 @@ def request_tiles(
         batch_size: images per UNet batch.
         detector: label with this detector ``.pt`` (confidence >= ``detector_conf``) instead of the heat maps.
         detector_conf: lowest detector confidence kept.
-        heatmap_options: :class:`annotation.heatmap_boxes.HeatmapBoxConfig` fields for heat-map labels.
+        heatmap_options: :class:`aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields for heat-map labels.
         gsd: metres per pixel of the tiles (default: from the run; see the module docstring).
         day: the export's date (default: today, local time).
         progress: show the synthesis progress bar.
@@ -835,12 +833,12 @@ def request_tiles(
 def _build(
     tmp: Path, folder: Path, req: TileRequest, model: ModelSource, domain: str, tile_gsd: float, progress: bool
 ) -> None:
-    from annotation.export import SYNTHETIC_CRS, AnnotatedImage, preview_grid, synthetic_transform
-    from data.exporters import LabelledImage, write_coco, write_yolo_split
-    from data.geo import detections_to_geojson, write_geojson
-    from data.imageio import read_rgb, write_png
-    from data.rasters import write_geotiff
-    from generation.sampling import SamplingConfig, generate_set
+    from aerosynth.annotation.export import SYNTHETIC_CRS, AnnotatedImage, preview_grid, synthetic_transform
+    from aerosynth.data.exporters import LabelledImage, write_coco, write_yolo_split
+    from aerosynth.data.geo import detections_to_geojson, write_geojson
+    from aerosynth.data.imageio import read_rgb, write_png
+    from aerosynth.data.rasters import write_geotiff
+    from aerosynth.generation.sampling import SamplingConfig, generate_set
 
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     set_name = "target_cars" if req.with_vehicles else "target_empty"

@@ -4,7 +4,7 @@ One run:
 
 1. **Watch**: the GeoTIFFs of the watched folder whose sha256 is not yet in the registry's
    ``seen.json`` are the new imagery. None: the run stops there and says so.
-2. **Weak flags** per 128 px tile (tile grid and ids exactly as ``data.prepare`` cuts target splits):
+2. **Weak flags** per 128 px tile (tile grid and ids exactly as ``aerosynth.data.prepare`` cuts target splits):
    given — a ``flags.json`` entry for the tile id, else the raster's ``<stem>.geojson`` labels
    (a tile with a kept box has a vehicle), else a ``flags.json`` entry for the raster (file name
    or stem) — or computed by the production detector (a detection with confidence >= the
@@ -39,16 +39,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.flows.config import AdaptConfig, build_config, dump_config
+from aerosynth.flows.registry import Registry, Version
+from aerosynth.flows.stage_cache import run_stage, stage_record
 from affine import Affine
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-
-from data.atomic import atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.errors import InputError
-from flows.config import AdaptConfig, build_config, dump_config
-from flows.registry import Registry, Version
-from flows.stage_cache import run_stage, stage_record
 
 FLAGS_FILE = "flags.json"
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -88,7 +87,7 @@ def find_new_imagery(watch_dir: str | Path, registry: Registry) -> list[NewRaste
     Raises:
         InputError: the folder does not exist.
     """
-    from data.manifest import file_sha256
+    from aerosynth.data.manifest import file_sha256
 
     watch_dir = Path(watch_dir)
     if not watch_dir.is_dir():
@@ -134,7 +133,7 @@ def read_flags_file(path: str | Path) -> dict[str, bool]:
 # ----------------------------------------------------------------------------- weak flags
 def detector_predictor(weights: str | Path, conf: float, imgsz: int = 128, device: str = "cpu") -> Predictor:
     """A :data:`Predictor` running a trained detector (detections down to ``conf``)."""
-    from detection.prediction import predict
+    from aerosynth.detection.prediction import predict
 
     def run(images: list[np.ndarray]) -> list[Detections]:
         return predict(weights, images, conf=conf, imgsz=imgsz, device=device) if images else []
@@ -172,7 +171,7 @@ def build_weak_split(
 ) -> WeakSplitSummary:
     """Cut new rasters into a weak tile split (``images/``, ``tiles.json``) with one flag per tile.
 
-    Tiles are cut like ``data.prepare`` cuts target splits: resampled to ``gsd``, a grid from the
+    Tiles are cut like ``aerosynth.data.prepare`` cuts target splits: resampled to ``gsd``, a grid from the
     top-left corner, tiles with less than ``min_valid_fraction`` valid pixels skipped.
 
     Args:
@@ -193,11 +192,11 @@ def build_weak_split(
         InputError: a raster without georeference, a tile without a flag (``"given"``, or no
             predictor), no tile cut at all.
     """
-    from data.domains import Domain, DomainImage
-    from data.geo import crs_to_string
-    from data.imageio import write_png
-    from data.tileset import TILES_FILE, SplitInfo, TileRecord, tiles_document
-    from data.tiling import cut_tiles, resample, resample_labels, resample_transform
+    from aerosynth.data.domains import Domain, DomainImage
+    from aerosynth.data.geo import crs_to_string
+    from aerosynth.data.imageio import write_png
+    from aerosynth.data.tileset import TILES_FILE, SplitInfo, TileRecord, tiles_document
+    from aerosynth.data.tiling import cut_tiles, resample, resample_labels, resample_transform
 
     if flags not in ("auto", "given", "detector"):
         raise InputError("flags", f"unknown flag source {flags!r} (auto, given or detector)")
@@ -333,8 +332,8 @@ def build_run_tiles(
     """The run's tiles folder (stage ``tiles``): registry source splits, new weak target-train,
     evaluation split as target-test. Writes ``work/flags.json`` (each tile's flag and its source).
     """
-    from data.manifest import tree_sha256, write_manifest
-    from data.tileset import EVALUATION_DIR, open_evaluation_split
+    from aerosynth.data.manifest import tree_sha256, write_manifest
+    from aerosynth.data.tileset import EVALUATION_DIR, open_evaluation_split
 
     base, split = registry.evaluation.tiles, registry.evaluation.split
     base_manifest = json.loads((base / "manifest.json").read_text()) if (base / "manifest.json").is_file() else {}
@@ -411,7 +410,7 @@ def build_run_tiles(
 # ------------------------------------------------------------------------------ readapt
 def run_config(config: dict | AdaptConfig | None, registry: Registry, work: Path) -> AdaptConfig:
     """The adapt config of a run: GSD and tile size of the registry's tiles, no oracle, ``work`` as run folder."""
-    from data.tileset import open_evaluation_split
+    from aerosynth.data.tileset import open_evaluation_split
 
     if isinstance(config, AdaptConfig):
         cfg = config.model_copy(deep=True)
@@ -443,7 +442,7 @@ def readapt(
     Raises:
         InputError: the named variant is not produced by this config.
     """
-    from flows import adapt
+    from aerosynth.flows import adapt
 
     train_ldm = adapt.train_ldm_task if use_tasks else adapt.train_ldm
     annotate = adapt.annotate_task if use_tasks else adapt.annotate
@@ -467,10 +466,10 @@ def readapt(
 
 # ------------------------------------------------------------------- evaluate and decide
 def evaluate_detector(weights: str | Path, registry: Registry, imgsz: int = 128, device: str = "cpu"):
-    """COCO metrics of a detector on the registry's evaluation split (``detection.evaluation``)."""
-    from data.tileset import open_evaluation_split
-    from detection.evaluation import evaluate_split
-    from detection.prediction import predict
+    """COCO metrics of a detector on the registry's evaluation split (``aerosynth.detection.evaluation``)."""
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict
 
     split = open_evaluation_split(registry.evaluation.tiles, registry.evaluation.split)
     preds = predict(
@@ -522,7 +521,7 @@ def write_retrain_report(
     new_imagery: Sequence[NewRaster],
 ) -> dict[str, Path]:
     """``report.md``, ``report.json`` and ``pr_curves.png`` of a retrain run; returns them by name."""
-    from detection.report import plot_pr_curves
+    from aerosynth.detection.report import plot_pr_curves
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [("candidate", variant, candidate)]
@@ -580,7 +579,7 @@ def record_candidate(
     Args:
         registry: the registry.
         detector: candidate weights.
-        candidate: its :class:`~detection.evaluation.EvaluationResult` on the evaluation split.
+        candidate: its :class:`~aerosynth.detection.evaluation.EvaluationResult` on the evaluation split.
         production: production's result on the same split, or ``None`` when there is no production.
         production_version: production's version name.
         provenance: run and data provenance (``provenance.json``).
@@ -718,7 +717,7 @@ class _Steps:
 
 
 def _sha_or_none(path: Path) -> str | None:
-    from data.manifest import file_sha256
+    from aerosynth.data.manifest import file_sha256
 
     return file_sha256(path) if path.is_file() else None
 
@@ -744,7 +743,7 @@ def retrain(
     """One retrain run (see the module docstring); plain function, no Prefect needed.
 
     Args:
-        registry_dir: the registry (made with :meth:`flows.registry.Registry.create`).
+        registry_dir: the registry (made with :meth:`aerosynth.flows.registry.Registry.create`).
         watch_dir: the watched folder of GeoTIFFs (+ ``<stem>.geojson``, ``flags.json``).
         config: an adapt config document (or :class:`AdaptConfig`); default ``{"preset": "demo"}``.
         settings: flag source, threshold, candidate variant.
@@ -866,7 +865,7 @@ def run_retrain(
     work_root: str | Path | None = None,
 ) -> dict:
     """Run :func:`retrain_flow` with the task runner the config names (sequential or Dask), as ``run_adapt`` does."""
-    from flows.scale import task_runner
+    from aerosynth.flows.scale import task_runner
 
     cfg = config if isinstance(config, AdaptConfig) else build_config(config or {"preset": "demo"})
     RunSettings(flags=flags, flag_threshold=flag_threshold)  # type: ignore[arg-type]  # bad input before any work

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data.atomic import atomic_write_json, remove_partial_files
-from data.manifest import tree_sha256
+from aerosynth.data.atomic import atomic_write_json, remove_partial_files
+from aerosynth.data.manifest import tree_sha256
 
 STAGE_RECORD = "stage_done.json"
 log = logging.getLogger("aerosynth.flows")

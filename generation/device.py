@@ -3,7 +3,7 @@
 Device strings (``StageConfig.device``, ``SamplingConfig.device``): ``"cpu"`` (the default),
 ``"cuda"`` (the current CUDA device, normally ``cuda:0``), ``"cuda:N"``, or a bare index ``"N"``
 meaning ``"cuda:N"`` (the flows' ``device: "0"``). Asking for CUDA where
-``torch.cuda.is_available()`` is False is an :class:`~data.errors.InputError` naming the field.
+``torch.cuda.is_available()`` is False is an :class:`~aerosynth.data.errors.InputError` naming the field.
 
 Mixed precision (``mixed_precision``): ``"no"`` (default), ``"fp16"`` or ``"bf16"``. It is
 ``torch.autocast`` around the UNet and text-encoder forward passes on CUDA (the autoencoder and
@@ -24,8 +24,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-
-from data.errors import InputError
+from aerosynth.data.errors import InputError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from data.atomic import atomic_output_path
-from data.errors import InputError
+from aerosynth.data.atomic import atomic_output_path
+from aerosynth.data.errors import InputError
 
 PACK_FORMAT = 1
 
@@ -98,7 +97,7 @@ def write_latent_pack(
     """Encode the tiles of ``train_splits`` with a model's autoencoder and write them as a pack.
 
     Args:
-        train_splits: tile split folders (``data.tileset`` layout).
+        train_splits: tile split folders (``aerosynth.data.tileset`` layout).
         out: the ``.npz`` file to write (atomically).
         preset: model preset whose image size and autoencoder are used.
         autoencoder_dir: TAEF2 weights folder or stage-0 output.
@@ -111,8 +110,8 @@ def write_latent_pack(
     Raises:
         InputError: no split, or a split is not a tile split.
     """
-    from generation.models import build_ldm
-    from generation.training import _encode_latents, load_tiles
+    from aerosynth.generation.models import build_ldm
+    from aerosynth.generation.training import _encode_latents, load_tiles
 
     if not train_splits:
         raise InputError("train_splits", "no training split given")

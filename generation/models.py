@@ -19,14 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-from data.atomic import atomic_output_path, atomic_write_json
-from data.errors import InputError
-from generation import taef2
-from generation.vocab import (
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json
+from aerosynth.data.errors import InputError
+from aerosynth.generation import taef2
+from aerosynth.generation.vocab import (
     DEFAULT_DOMAINS,
     VEHICLE_TOKEN,
     background_token,
@@ -34,6 +30,9 @@ from generation.vocab import (
     domain_words,
     learned_tokens,
 )
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 LDM_FILE = "ldm.json"
 AUTOENCODER_FILE = "autoencoder.json"

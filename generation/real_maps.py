@@ -1,6 +1,6 @@
 """Cross-attention maps of *real* images: what the model "sees" as vehicles in a labelled tile.
 
-Used to measure how good heat-map pseudo-boxes are (``annotation.map_quality``): a real tile is
+Used to measure how good heat-map pseudo-boxes are (``aerosynth.annotation.map_quality``): a real tile is
 encoded, noised to a chosen fraction of the schedule with a seeded noise, and passed once through
 the UNet with the domain's vehicle prompt while the "cars" token's cross-attention is captured
 (conditional branch, every captured layer, heads averaged).
@@ -14,11 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-
-from data.errors import InputError
-from generation.attention import AttentionStore, capturing, default_capture_sides
-from generation.models import LDM, load_ldm, token_positions
-from generation.sampling import SamplingConfig, capture_token_ids, make_scheduler
+from aerosynth.data.errors import InputError
+from aerosynth.generation.attention import AttentionStore, capturing, default_capture_sides
+from aerosynth.generation.models import LDM, load_ldm, token_positions
+from aerosynth.generation.sampling import SamplingConfig, capture_token_ids, make_scheduler
 
 
 def cars_map_function(

@@ -44,18 +44,17 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import write_png
+from aerosynth.data.manifest import file_sha256
+from aerosynth.data.tileset import LabelledTileSplit, open_split
+from aerosynth.generation.attention import AttentionStore, capturing, default_capture_sides
+from aerosynth.generation.device import autocast, check_mixed_precision, resolve_device
+from aerosynth.generation.models import LDM, load_ldm, noise_schedule, token_positions
+from aerosynth.generation.vocab import VEHICLE_TOKEN, background_token
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
-from data.detections import Detections
-from data.errors import InputError
-from data.imageio import write_png
-from data.manifest import file_sha256
-from data.tileset import LabelledTileSplit, open_split
-from generation.attention import AttentionStore, capturing, default_capture_sides
-from generation.device import autocast, check_mixed_precision, resolve_device
-from generation.models import LDM, load_ldm, noise_schedule, token_positions
-from generation.vocab import VEHICLE_TOKEN, background_token
 
 HEATMAP_CHANNELS = ["cars", "V1", "255-background"]
 SETS = {"source_cars": True, "target_cars": True, "target_empty": False}

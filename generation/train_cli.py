@@ -2,14 +2,14 @@
 
 Usage::
 
-    python -m generation.train_cli --stage A --config stage.yaml \\
+    python -m aerosynth.generation.train_cli --stage A --config stage.yaml \\
         --split tiles/source-train --split tiles/target-train --out runs/ldm/stageA
-    accelerate launch --multi_gpu --num_processes 4 -m generation.train_cli --stage A --config stage.yaml ...
-    torchrun --standalone --nproc_per_node 2 -m generation.train_cli ...   # also DDP over gloo with device: cpu
+    accelerate launch --multi_gpu --num_processes 4 -m aerosynth.generation.train_cli --stage A --config stage.yaml ...
+    torchrun --standalone --nproc_per_node 2 -m aerosynth.generation.train_cli ...  # DDP over gloo on CPU too
 
-``stage.yaml`` (or ``.json``) is a mapping of :class:`generation.training.StageConfig` fields (plus
+``stage.yaml`` (or ``.json``) is a mapping of :class:`aerosynth.generation.training.StageConfig` fields (plus
 ``kl_weight`` for stage 0), for example ``{steps: 2000, batch_size: 8, device: cuda,
-mixed_precision: fp16, init_model: runs/ldm/stageA/model}``. See :mod:`generation.training` for
+mixed_precision: fp16, init_model: runs/ldm/stageA/model}``. See :mod:`aerosynth.generation.training` for
 what a multi-process launch does. Exit status 2 on a bad input (the message names the field).
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from data.errors import InputError
+from aerosynth.data.errors import InputError
 
 _PATH_FIELDS = {"init_model", "pretrained_dir", "autoencoder_dir"}
 
@@ -34,7 +34,7 @@ def load_stage_config(stage: str, path: str | Path | None, overrides: dict | Non
     Raises:
         InputError: unreadable file, not a mapping, unknown stage or field.
     """
-    from generation import training
+    from aerosynth.generation import training
 
     classes = {
         "0": training.Stage0Config,
@@ -72,7 +72,9 @@ def load_stage_config(stage: str, path: str | Path | None, overrides: dict | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m generation.train_cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m aerosynth.generation.train_cli", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--stage", required=True, help="0, A, B or C")
     parser.add_argument("--config", help="YAML/JSON mapping of StageConfig fields")
     parser.add_argument("--split", action="append", required=True, help="a tile split folder (repeat)")
@@ -80,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, N)")
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     args = parser.parse_args(argv)
-    from generation.device import world_size
-    from generation.training import train_stage
+    from aerosynth.generation.device import world_size
+    from aerosynth.generation.training import train_stage
 
     overrides = {"device": args.device} if args.device else {}
     try:

@@ -6,7 +6,7 @@
   or, for tiles flagged empty, ``an aerial view image in D``.
 * stage ``B``: learned tokens ([V1] before "cars", one background token per domain) and the
   UNet, on tiles with vehicles, with ``L = L_LDM + l_obj L_obj + l_bg L_bg`` over every
-  cross-attention layer (see :mod:`generation.attention`).
+  cross-attention layer (see :mod:`aerosynth.generation.attention`).
 * stage ``C``: tokens frozen, the UNet fine-tuned further with the same losses.
 
 Each stage writes ``OUT/`` with ``model/`` (or ``autoencoder/`` for stage 0), ``losses.csv``,
@@ -15,7 +15,7 @@ and on SIGINT/SIGTERM). ``resume=True`` continues from the checkpoint; on CPU th
 bit-identical to an uninterrupted run with the same seed (RNG states, data order position,
 optimizer and EMA are in the checkpoint).
 
-Device (see :mod:`generation.device`): ``StageConfig.device`` is ``"cpu"`` (default), ``"cuda"``,
+Device (see :mod:`aerosynth.generation.device`): ``StageConfig.device`` is ``"cpu"`` (default), ``"cuda"``,
 ``"cuda:N"`` or ``"N"``; models and batches move there, while data order and noise still come from
 CPU generators seeded by ``seed`` (so the CPU path is exactly what it was). ``mixed_precision``
 (``"no"``/``"fp16"``/``"bf16"``, CUDA only, refused on CPU) autocasts the UNet and text encoder of
@@ -25,11 +25,11 @@ another device or precision; only the same device and precision give bit-identic
 
 Multi-GPU fine-tuning (DDP through ``accelerate``)::
 
-    accelerate launch --multi_gpu --num_processes 4 -m generation.train_cli --stage A \
+    accelerate launch --multi_gpu --num_processes 4 -m aerosynth.generation.train_cli --stage A \
         --config stage.yaml --split tiles/source-train --split tiles/target-train --out runs/ldm/stageA
 
 ``stage.yaml`` holds StageConfig fields, e.g. ``{steps: 2000, batch_size: 8, device: cuda,
-mixed_precision: fp16}``. ``torchrun --standalone --nproc_per_node 4 -m generation.train_cli ...``
+mixed_precision: fp16}``. ``torchrun --standalone --nproc_per_node 4 -m aerosynth.generation.train_cli ...``
 works the same way; with ``device: cpu`` it runs DDP over gloo on CPU processes (``accelerate
 launch --cpu`` starts one process only, without ``mpirun``).
 When ``WORLD_SIZE > 1`` the stage builds an ``accelerate.Accelerator`` (its ``mixed_precision`` is
@@ -70,16 +70,14 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-
-from data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
-from data.errors import InputError
-from data.manifest import file_sha256
-from data.tileset import open_split
-from generation.attention import AttentionStore, attention_losses, capturing
-from generation.device import Runtime, make_runtime
-from generation.latent_pack import LatentPack, read_latent_pack
-from generation.models import (
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
+from aerosynth.data.errors import InputError
+from aerosynth.data.manifest import file_sha256
+from aerosynth.data.tileset import open_split
+from aerosynth.generation.attention import AttentionStore, attention_losses, capturing
+from aerosynth.generation.device import Runtime, make_runtime
+from aerosynth.generation.latent_pack import LatentPack, read_latent_pack
+from aerosynth.generation.models import (
     LDM,
     KLCodec,
     build_ldm,
@@ -92,7 +90,8 @@ from generation.models import (
     save_ldm,
     token_positions,
 )
-from generation.vocab import DEFAULT_DOMAINS, VEHICLE_TOKEN, background_token
+from aerosynth.generation.vocab import DEFAULT_DOMAINS, VEHICLE_TOKEN, background_token
+from diffusers import DDPMScheduler
 
 STAGES = ("0", "A", "B", "C")
 CHECKPOINT = "checkpoints/last.pt"
@@ -903,17 +902,17 @@ def train_stage(
     Args:
         stage: ``"0"``, ``"A"``, ``"B"`` or ``"C"``.
         config: its settings (``init_model`` is the previous stage's returned folder).
-        train_splits: tile split folders (``data.tileset`` layout); domain and weak flag come
+        train_splits: tile split folders (``aerosynth.data.tileset`` layout); domain and weak flag come
             from each split's ``tiles.json``.
         out_dir: the stage's output folder.
         resume: continue from ``out_dir/checkpoints/last.pt`` when present; ``False`` starts over.
         on_step: called after every optimizer step with the step number and its losses.
-        latent_pack: train stages A-C from a :mod:`generation.latent_pack` file instead of the tiles
+        latent_pack: train stages A-C from a :mod:`aerosynth.generation.latent_pack` file instead of the tiles
             (``train_splits`` may then be empty; ``max_tiles_per_split`` does not apply).
 
     Returns:
         The trained model folder (``out_dir/model``; ``out_dir/autoencoder`` for stage 0),
-        loadable with :func:`generation.models.load_ldm` (or as ``autoencoder_dir``).
+        loadable with :func:`aerosynth.generation.models.load_ldm` (or as ``autoencoder_dir``).
 
     Raises:
         InputError: unknown stage, bad splits, missing ``init_model``, corrupt checkpoint.

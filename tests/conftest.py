@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from data.offline import apply_offline_settings
-from flows.config import PRESETS
+from aerosynth.data.offline import apply_offline_settings
+from aerosynth.flows.config import PRESETS
 
 _CFG = Path(os.environ.get("AEROSYNTH_TEST_HOME", "/tmp/aerosynth-test-home"))
 os.environ.setdefault("AEROSYNTH_HOME", str(_CFG))

@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-
-from annotation.fake_data import write_fake_synthetic_set
-from annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct, boxes_from_heatmap, otsu_threshold
-from annotation.synthetic_set import open_synthetic_set
-from data.detections import Detections
-from data.errors import InputError
+from aerosynth.annotation.fake_data import write_fake_synthetic_set
+from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct, boxes_from_heatmap, otsu_threshold
+from aerosynth.annotation.synthetic_set import open_synthetic_set
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
 
 
 def _planted(shape=(64, 64)) -> np.ndarray:
@@ -184,7 +183,7 @@ def test_annotate_direct_exports_loadable_dataset(tmp_path) -> None:
     origins = {(t[2], t[5]) for t in georef["transforms"].values()}
     assert len(origins) == 9  # images do not overlap on the map
 
-    from data.imageio import read_rgb
+    from aerosynth.data.imageio import read_rgb
 
     preview = read_rgb(out / "preview.png")
     assert preview.shape[0] >= 128 and preview.shape[1] == 4 * (2 * 128 + 8)

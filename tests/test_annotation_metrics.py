@@ -6,19 +6,18 @@ import json
 
 import numpy as np
 import pytest
-
-from annotation.fake_data import write_fake_split, write_fake_synthetic_set
-from annotation.heatmap_boxes import HeatmapBoxConfig
-from annotation.map_quality import evaluate_map_quality, evaluate_translation_set, normalise_map
-from annotation.metrics import (
+from aerosynth.annotation.fake_data import write_fake_split, write_fake_synthetic_set
+from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+from aerosynth.annotation.map_quality import evaluate_map_quality, evaluate_translation_set, normalise_map
+from aerosynth.annotation.metrics import (
     f1_optimal_threshold,
     match_all,
     score_at,
     threshold_for_precision,
     threshold_for_recall,
 )
-from data.detections import Detections
-from data.errors import InputError
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
 
 
 def _random_case(seed: int, n_images: int = 8):

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from annotation.fake_data import write_fake_synthetic_set
-from annotation.refinement import Candidate, RefinementConfig, extract_crops, partition, refine
-from annotation.relay import RelayConfig, _choose_lambdas
-from annotation.synthetic_set import open_synthetic_set
-from data.detections import Detections, box_iou
-from data.errors import InputError
+from aerosynth.annotation.fake_data import write_fake_synthetic_set
+from aerosynth.annotation.refinement import Candidate, RefinementConfig, extract_crops, partition, refine
+from aerosynth.annotation.relay import RelayConfig, _choose_lambdas
+from aerosynth.annotation.synthetic_set import open_synthetic_set
+from aerosynth.data.detections import Detections, box_iou
+from aerosynth.data.errors import InputError
 
 
 def _true_boxes(sset, name: str) -> Detections:
     """The planted vehicles of a fake set, recovered from its heat map (blob per vehicle)."""
-    from annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
+    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
 
     cfg = HeatmapBoxConfig(threshold_mode="fixed", threshold=0.5, min_area_px=4)
     return Detections(boxes_from_heatmap(sset.heatmap(name), cfg).xyxy)

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from annotation.fake_data import write_fake_root, write_fake_synthetic_set
-from annotation.metrics import f1_optimal_threshold, match_all
-from annotation.refinement import RefinementConfig
-from annotation.relay import RelayConfig, run_relay
-from data.detections import Detections
-from data.errors import InputError
+from aerosynth.annotation.fake_data import write_fake_root, write_fake_synthetic_set
+from aerosynth.annotation.metrics import f1_optimal_threshold, match_all
+from aerosynth.annotation.refinement import RefinementConfig
+from aerosynth.annotation.relay import RelayConfig, run_relay
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
 
 torch.set_num_threads(2)
 
@@ -111,8 +110,8 @@ def test_default_cap_follows_the_source_pseudo_labels(relay_run, tmp_path) -> No
 
 
 def test_source_threshold_is_f1_optimal_on_real_source_val(relay_run) -> None:
-    from data.tileset import open_split
-    from detection.prediction import predict
+    from aerosynth.data.tileset import open_split
+    from aerosynth.detection.prediction import predict
 
     out, root = relay_run["out"], relay_run["root"]
     relay = json.loads((out / "relay.json").read_text())

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from aerosynth.flows.cli import main
 from affine import Affine
-
-from flows.cli import main
 
 FIXTURES = Path(__file__).parent / "data"
 T = Affine(0.25, 0, 690_000.0, 0, -0.25, 5_336_000.0)
@@ -346,7 +345,7 @@ def test_hostile_input_fails_cleanly(case, tmp_path, capsys):
 
 
 def test_zero_byte_yolo_label_is_a_negative_tile(tmp_path):
-    from data.domains import yolo_folder_domain
+    from aerosynth.data.domains import yolo_folder_domain
 
     src = _yolo(tmp_path)
     (src / "labels" / "b_0.txt").write_bytes(b"")

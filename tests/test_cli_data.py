@@ -6,8 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from flows.cli import main
+from aerosynth.flows.cli import main
 
 FIXTURES = Path(__file__).parent / "data"
 
@@ -108,8 +107,8 @@ def test_bad_source_files_fail_cleanly(tmp_path, capsys, breaker, problem):
 
 
 def test_image_without_label_is_a_negative_only_when_allowed(tmp_path):
-    from data.domains import yolo_folder_domain
-    from data.errors import InputError
+    from aerosynth.data.domains import yolo_folder_domain
+    from aerosynth.data.errors import InputError
 
     src = _copy(tmp_path, "yolo_domain")
     (src / "labels" / "c_0.txt").unlink()

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aerosynth.data.detections import Detections
+from aerosynth.data.domains import coco_domain, geotiff_domain, yolo_folder_domain
+from aerosynth.data.errors import InputError
+from aerosynth.data.exporters import LabelledImage, write_yolo_split
+from aerosynth.data.prepare import PrepareSpec, SplitSpec, prepare_dataset
+from aerosynth.data.tileset import LabelledTileSplit, WeakTileSplit, open_evaluation_split, open_split
+from aerosynth.data.tiling import assign_boxes, resample, tile_offsets
 from affine import Affine
-
-from data.detections import Detections
-from data.domains import coco_domain, geotiff_domain, yolo_folder_domain
-from data.errors import InputError
-from data.exporters import LabelledImage, write_yolo_split
-from data.prepare import PrepareSpec, SplitSpec, prepare_dataset
-from data.tileset import LabelledTileSplit, WeakTileSplit, open_evaluation_split, open_split
-from data.tiling import assign_boxes, resample, tile_offsets
 
 FIXTURES = Path(__file__).parent / "data"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from flows.config import load_config
-from flows.deployments import build_deployments
+from aerosynth.flows.config import load_config
+from aerosynth.flows.deployments import build_deployments
 
 
 def test_deployments_register_with_schedules(prefect_harness, tmp_path):
@@ -36,7 +36,7 @@ def test_deployments_register_with_schedules(prefect_harness, tmp_path):
 
 
 def test_serve_needs_watch_and_registry_together(capsys):
-    from flows.cli import main
+    from aerosynth.flows.cli import main
 
     assert main(["serve", "--watch", "incoming"]) == 2
     assert "--watch/--registry" in capsys.readouterr().err

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data.atomic import atomic_write_text
-from data.detections import Detections
-from data.imageio import read_rgb, write_png
-from detection.augment import (
+from aerosynth.data.atomic import atomic_write_text
+from aerosynth.data.detections import Detections
+from aerosynth.data.imageio import read_rgb, write_png
+from aerosynth.detection.augment import (
     AugmentConfig,
     Augmenter,
     augment_sample,
@@ -18,8 +17,8 @@ from detection.augment import (
     ultralytics_overrides,
     write_augmentation_preview,
 )
-from detection.datasets import DatasetSpec, build_yolo_view
-from detection.toydata import write_toy_split
+from aerosynth.detection.datasets import DatasetSpec, build_yolo_view
+from aerosynth.detection.toydata import write_toy_split
 
 GEOMETRIC_ONLY = AugmentConfig(rotate90_p=1.0, hflip_p=0.5, vflip_p=0.5, scale_jitter=0.0, heatmap=True)
 
@@ -108,12 +107,11 @@ def test_ultralytics_settings_and_serialisation():
 
 def test_ultralytics_dataset_applies_our_transforms_once(tmp_path):
     """Through ultralytics' own training dataset: boxes follow the object, no HSV/colour on heat maps."""
+    from aerosynth.detection.training import DetectorTrainConfig, train_args
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.augment import Albumentations
     from ultralytics.data.utils import check_det_dataset
-
-    from detection.training import DetectorTrainConfig, train_args
 
     img, dets = _planted()
     write_png(tmp_path / "yolo" / "images" / "a.png", img)

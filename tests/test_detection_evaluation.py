@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data.atomic import atomic_write_json
-from data.detections import Detections
-from data.errors import InputError
-from data.exporters import LabelledImage, write_coco
-from data.imageio import write_png
-from data.tileset import SplitInfo, TileRecord, open_evaluation_split, tiles_document
-from detection.evaluation import EvaluationResult, evaluate_coco, evaluate_split
-from detection.toydata import write_toy_split
+from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.exporters import LabelledImage, write_coco
+from aerosynth.data.imageio import write_png
+from aerosynth.data.tileset import SplitInfo, TileRecord, open_evaluation_split, tiles_document
+from aerosynth.detection.evaluation import EvaluationResult, evaluate_coco, evaluate_split
+from aerosynth.detection.toydata import write_toy_split
 
 
 def _write_split(root: Path, boxes: list[list[list[float]]], ignore: list[list[list[float]]] | None = None) -> Path:

@@ -7,13 +7,12 @@ import json
 
 import numpy as np
 import pytest
-
-from data.detections import Detections
-from data.imageio import read_rgb
-from data.tileset import open_evaluation_split
-from detection.evaluation import EvaluationResult, PRCurve, evaluate_split
-from detection.report import Stat, gap_closure, summarise, write_report
-from detection.toydata import write_toy_split
+from aerosynth.data.detections import Detections
+from aerosynth.data.imageio import read_rgb
+from aerosynth.data.tileset import open_evaluation_split
+from aerosynth.detection.evaluation import EvaluationResult, PRCurve, evaluate_split
+from aerosynth.detection.report import Stat, gap_closure, summarise, write_report
+from aerosynth.detection.toydata import write_toy_split
 
 
 def _result(ap50: float) -> EvaluationResult:
@@ -78,7 +77,7 @@ def test_write_report_files(tmp_path):
 
 def test_palette_png_keeps_shape_and_colours_and_is_smaller(tmp_path):
     """Report figures for committing: 256 colours, same size, close to the original, fewer bytes."""
-    from data.imageio import write_png
+    from aerosynth.data.imageio import write_png
 
     rng = np.random.default_rng(0)
     img = np.clip(rng.normal(120, 40, (96, 96, 3)), 0, 255).astype(np.uint8)

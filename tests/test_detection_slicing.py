@@ -8,15 +8,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from aerosynth.data.detections import Detections, box_iou
+from aerosynth.data.errors import InputError
+from aerosynth.data.rasters import write_geotiff
+from aerosynth.detection.datasets import DatasetSpec
+from aerosynth.detection.slicing import detect_array, detect_raster, detector_gsd, merge_boxes, window_origins, windows
+from aerosynth.detection.toydata import background, write_toy_split
+from aerosynth.detection.training import DetectorTrainConfig, train_detector
 from affine import Affine
-
-from data.detections import Detections, box_iou
-from data.errors import InputError
-from data.rasters import write_geotiff
-from detection.datasets import DatasetSpec
-from detection.slicing import detect_array, detect_raster, detector_gsd, merge_boxes, window_origins, windows
-from detection.toydata import background, write_toy_split
-from detection.training import DetectorTrainConfig, train_detector
 
 torch.set_num_threads(2)
 

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.atomic import atomic_write_json, atomic_write_text
-from data.errors import InputError
-from data.imageio import write_png
-from detection.augment import AugmentConfig
-from detection.datasets import DatasetSpec, build_yolo_view, list_samples, mix_counts, resample
-from detection.toydata import toy_scene, write_toy_split
-from detection.training import DetectorTrainConfig, resolve_model, train_detector
+from aerosynth.data.atomic import atomic_write_json, atomic_write_text
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import write_png
+from aerosynth.detection.augment import AugmentConfig
+from aerosynth.detection.datasets import DatasetSpec, build_yolo_view, list_samples, mix_counts, resample
+from aerosynth.detection.toydata import toy_scene, write_toy_split
+from aerosynth.detection.training import DetectorTrainConfig, resolve_model, train_detector
 
 torch.set_num_threads(2)
 
@@ -148,9 +147,9 @@ def no_network(monkeypatch):
 
 
 def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monkeypatch, no_network):
-    from data.tileset import open_evaluation_split
-    from detection.evaluation import evaluate_split
-    from detection.prediction import predict, predict_split
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict, predict_split
 
     data = tmp_path / "data"
     real = write_toy_split(data / "source-train", 12, tile_size=64)

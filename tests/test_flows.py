@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from aerosynth.flows.config import build_config, load_config
+from aerosynth.flows.stage_cache import STAGE_RECORD
 
-from flows.config import build_config, load_config
-from flows.stage_cache import STAGE_RECORD
 from tests.conftest import TINY_ADAPT
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def _records(work: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def tiny_run(prefect_harness, tmp_path_factory):
     """``aerosynth demo --quick`` end to end (the smoke preset: every stage, seconds each)."""
-    from flows.cli import main
+    from aerosynth.flows.cli import main
 
     work = tmp_path_factory.mktemp("adapt") / "run"
     assert main(["demo", "--quick", "--work-dir", str(work)]) == 0
@@ -60,7 +60,7 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
 
 
 def test_rerun_skips_finished_stages(tiny_run):
-    from flows.adapt import adapt_flow
+    from aerosynth.flows.adapt import adapt_flow
 
     work, cfg, _ = tiny_run
     before = _records(work)
@@ -71,7 +71,7 @@ def test_rerun_skips_finished_stages(tiny_run):
 
 
 def test_config_change_reruns_only_dependants(tiny_run):
-    from flows.adapt import adapt_flow
+    from aerosynth.flows.adapt import adapt_flow
 
     work, cfg, _ = tiny_run
     before = _records(work)
@@ -84,7 +84,7 @@ def test_config_change_reruns_only_dependants(tiny_run):
 
 
 def test_unknown_config_key_is_named():
-    from data.errors import InputError
+    from aerosynth.data.errors import InputError
 
     with pytest.raises(InputError, match=r"config.detection.epochz: unknown key"):
         build_config({"preset": "demo", "detection": {"epochz": 3}})
@@ -112,7 +112,7 @@ def test_flow_publishes_report_table_image_and_progress_artifacts(tiny_run):
 
 
 def test_custom_data_config_prepares_tiles(tmp_path):
-    from flows.adapt import prepare_tiles
+    from aerosynth.flows.adapt import prepare_tiles
 
     fixtures = Path(__file__).parent / "data"
     cfg = build_config(
@@ -151,9 +151,9 @@ def test_custom_data_config_prepares_tiles(tmp_path):
 
 def test_model_trained_elsewhere_is_imported_as_a_stage(tiny_run, tmp_path):
     """``generation.init_model`` with every stage at 0 steps: the model is copied in and keyed on its content."""
-    from data.errors import InputError
-    from data.manifest import tree_sha256
-    from flows.adapt import train_ldm
+    from aerosynth.data.errors import InputError
+    from aerosynth.data.manifest import tree_sha256
+    from aerosynth.flows.adapt import train_ldm
 
     work, cfg, _ = tiny_run
     model = work / "ldm" / "stageC" / "model"
@@ -180,7 +180,7 @@ def test_moved_run_folder_is_still_current(tiny_run, tmp_path):
     """Stage keys name paths inside the work folder relatively: a copied run skips every stage."""
     import shutil
 
-    from flows.adapt import adapt_flow
+    from aerosynth.flows.adapt import adapt_flow
 
     work, cfg, _ = tiny_run
     adapt_flow(copy.deepcopy(cfg))  # current for cfg, whatever other tests changed

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor
-
-from generation.attention import (
+from aerosynth.generation.attention import (
     AttentionStore,
     CaptureAttnProcessor,
     attention_losses,
@@ -14,7 +12,8 @@ from generation.attention import (
     default_capture_sides,
     object_loss,
 )
-from generation.models import build_ldm, token_positions
+from aerosynth.generation.models import build_ldm, token_positions
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 torch.set_num_threads(1)
 

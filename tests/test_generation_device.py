@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.errors import InputError
-from data.imageio import read_rgb
-from generation.device import check_mixed_precision, resolve_device
-from generation.models import load_ldm
-from generation.sampling import SCHEDULERS, SamplingConfig, TranslationConfig, generate_set, translate_split
-from generation.train_cli import load_stage_config
-from generation.train_cli import main as train_cli_main
-from generation.training import (
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
+from aerosynth.generation.device import check_mixed_precision, resolve_device
+from aerosynth.generation.models import load_ldm
+from aerosynth.generation.sampling import SCHEDULERS, SamplingConfig, TranslationConfig, generate_set, translate_split
+from aerosynth.generation.train_cli import load_stage_config
+from aerosynth.generation.train_cli import main as train_cli_main
+from aerosynth.generation.training import (
     Stage0Config,
     StageAConfig,
     StageBConfig,
     StageCConfig,
     train_stage,
 )
+
 from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)

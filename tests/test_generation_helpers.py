@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from data.atomic import atomic_write_json
-from data.detections import Detections
-from data.exporters import LabelledImage, write_coco
-from data.imageio import write_png
-from data.tileset import SplitInfo, TileRecord, tiles_document
+from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.exporters import LabelledImage, write_coco
+from aerosynth.data.imageio import write_png
+from aerosynth.data.tileset import SplitInfo, TileRecord, tiles_document
 
 DOMAIN_COLOURS = {"madison_drone": (90, 110, 80), "kit_munich_aerial": (120, 120, 130)}
 

@@ -8,13 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.errors import InputError
-from data.imageio import read_rgb
-from generation.models import build_ldm, check_sd_folder, load_ldm, load_pretrained_sd, save_ldm, token_positions
-from generation.taef2 import TAEF2
-from generation.training import psnr
-from generation.vocab import VEHICLE_TOKEN, background_token, build_tokenizer
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
+from aerosynth.generation.models import (
+    build_ldm,
+    check_sd_folder,
+    load_ldm,
+    load_pretrained_sd,
+    save_ldm,
+    token_positions,
+)
+from aerosynth.generation.taef2 import TAEF2
+from aerosynth.generation.training import psnr
+from aerosynth.generation.vocab import VEHICLE_TOKEN, background_token, build_tokenizer
 
 torch.set_num_threads(1)
 
@@ -89,9 +95,8 @@ def test_incomplete_stable_diffusion_folder_names_the_missing_part(tmp_path):
 
 
 def test_local_stable_diffusion_folder_loads_offline(tmp_path):
+    from aerosynth.generation.models import NOISE_SCHEDULE
     from diffusers import DDIMScheduler
-
-    from generation.models import NOISE_SCHEDULE
 
     tiny = build_ldm("tiny")
     sd = tmp_path / "sd"

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.detections import Detections
-from data.errors import InputError
-from data.imageio import read_rgb
-from generation.models import load_ldm
-from generation.sampling import (
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.imageio import read_rgb
+from aerosynth.generation.models import load_ldm
+from aerosynth.generation.sampling import (
     SamplingConfig,
     TranslationConfig,
     box_heat,
@@ -23,7 +22,8 @@ from generation.sampling import (
     shard_done,
     translate_split,
 )
-from generation.training import StageAConfig, train_stage
+from aerosynth.generation.training import StageAConfig, train_stage
+
 from tests.test_generation_helpers import make_split
 
 torch.set_num_threads(1)

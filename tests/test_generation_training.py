@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from data.errors import InputError
-from generation.models import load_ldm
-from generation.training import (
+from aerosynth.data.errors import InputError
+from aerosynth.generation.models import load_ldm
+from aerosynth.generation.training import (
     Stage0Config,
     StageAConfig,
     StageBConfig,
     StageCConfig,
     train_stage,
 )
-from generation.vocab import VEHICLE_TOKEN, background_token
+from aerosynth.generation.vocab import VEHICLE_TOKEN, background_token
+from safetensors.torch import load_file
+
 from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)

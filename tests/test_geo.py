@@ -7,13 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from affine import Affine
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from data.detections import Detections
-from data.errors import InputError
-from data.geo import (
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.geo import (
     detections_to_geojson,
     geojson_to_detections,
     map_to_pixel,
@@ -21,7 +17,10 @@ from data.geo import (
     pixel_to_map,
     transformer,
 )
-from data.rasters import read_raster, write_geotiff
+from aerosynth.data.rasters import read_raster, write_geotiff
+from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 FIXTURES = Path(__file__).parent / "data"
 T = Affine(0.25, 0, 690_000.0, 0, -0.25, 5_336_000.0)

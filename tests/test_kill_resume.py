@@ -51,7 +51,7 @@ def partial_files(work: Path) -> list[Path]:
 
 
 def _start(config: Path, work: Path, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "flows.cli", "adapt", "--config", str(config), "--work-dir", str(work)]
+    cmd = [sys.executable, "-m", "aerosynth.flows.cli", "adapt", "--config", str(config), "--work-dir", str(work)]
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1]
     )
@@ -72,9 +72,8 @@ def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
 
 
 def test_sigkill_during_training_and_synthesis_then_resume(prefect_harness, tmp_path):
+    from aerosynth.flows.adapt import run_adapt
     from prefect.settings import PREFECT_API_URL
-
-    from flows.adapt import run_adapt
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(KILL_CONFIG))

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from annotation.fake_data import write_fake_split
-from data.errors import InputError
-from flows.cli import main
-from generation.models import build_ldm, save_ldm
-from generation.real_maps import cars_map_function
+from aerosynth.annotation.fake_data import write_fake_split
+from aerosynth.data.errors import InputError
+from aerosynth.flows.cli import main
+from aerosynth.generation.models import build_ldm, save_ldm
+from aerosynth.generation.real_maps import cars_map_function
 
 
 @pytest.fixture(scope="module")

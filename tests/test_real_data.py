@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from data.prepare import prepare_dataset
-from data.presets import AERIAL_V1_EXPECTED_TILES, aerial_v1
-from data.tileset import WeakTileSplit, open_evaluation_split, open_split
+from aerosynth.data.prepare import prepare_dataset
+from aerosynth.data.presets import AERIAL_V1_EXPECTED_TILES, aerial_v1
+from aerosynth.data.tileset import WeakTileSplit, open_evaluation_split, open_split
 
 pytestmark = pytest.mark.realdata
 

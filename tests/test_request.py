@@ -13,18 +13,17 @@ import pystac
 import pytest
 import torch
 import yaml
-
-from annotation.export import synthetic_transform
-from data.atomic import atomic_write_json
-from data.detections import Detections
-from data.domains import yolo_folder_domain
-from data.errors import InputError
-from data.geo import geojson_to_detections, read_geojson
-from data.imageio import read_rgb
-from data.manifest import file_sha256
-from data.rasters import read_raster
-from flows.request import check_label_item, request_flow, request_tiles, resolve_model, validate_export
-from generation.models import build_ldm, save_ldm
+from aerosynth.annotation.export import synthetic_transform
+from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.domains import yolo_folder_domain
+from aerosynth.data.errors import InputError
+from aerosynth.data.geo import geojson_to_detections, read_geojson
+from aerosynth.data.imageio import read_rgb
+from aerosynth.data.manifest import file_sha256
+from aerosynth.data.rasters import read_raster
+from aerosynth.flows.request import check_label_item, request_flow, request_tiles, resolve_model, validate_export
+from aerosynth.generation.models import build_ldm, save_ldm
 
 torch.set_num_threads(2)
 
@@ -38,10 +37,14 @@ def run_dir(tmp_path_factory) -> Path:
     """An adapted run folder: an untrained tiny model as ldm/stageB/model and the tiles manifest."""
     work = tmp_path_factory.mktemp("request") / "work"
     save_ldm(build_ldm("tiny", domains=[SOURCE, TARGET]), work / "ldm" / "stageB" / "model")
-    atomic_write_json(work / "tiles" / "manifest.json", {
-        "target_gsd": 0.125, "tile_size": 128,
-        "splits": {"source-train": {"domain": SOURCE}, "target-train": {"domain": TARGET}},
-    })
+    atomic_write_json(
+        work / "tiles" / "manifest.json",
+        {
+            "target_gsd": 0.125,
+            "tile_size": 128,
+            "splits": {"source-train": {"domain": SOURCE}, "target-train": {"domain": TARGET}},
+        },
+    )
     return work
 
 
@@ -49,8 +52,9 @@ def run_dir(tmp_path_factory) -> Path:
 def exports(run_dir) -> dict[str, Path]:
     out = run_dir.parent / "exports"
     cars = request_tiles(run_dir, out, "munich-cars", "target", 3, with_vehicles=True, seed=5, **FAST)
-    empty = request_tiles(run_dir / "ldm" / "stageB" / "model", out, "munich_empty", TARGET, 2, with_vehicles=False,
-                          seed=9, **FAST)
+    empty = request_tiles(
+        run_dir / "ldm" / "stageB" / "model", out, "munich_empty", TARGET, 2, with_vehicles=False, seed=9, **FAST
+    )
     return {"root": out, "cars": cars, "empty": empty}
 
 
@@ -103,13 +107,17 @@ def test_export_loads_back_as_geotiff_geojson_coco_yolo_and_stac(exports):
         assert raster.transform.almost_equals(synthetic_transform(i, 3, 32, 32, request["gsd"]))
         assert raster.gsd == pytest.approx(request["gsd"])
         assert np.array_equal(raster.rgb, read_rgb(export / "yolo" / "images" / f"{tile}.png"))
-        geo = geojson_to_detections(read_geojson(export / "labels" / f"{tile}.geojson"), tile, raster.transform,
-                                    raster.crs, 32, 32, raster.gsd)
+        geo = geojson_to_detections(
+            read_geojson(export / "labels" / f"{tile}.geojson"), tile, raster.transform, raster.crs, 32, 32, raster.gsd
+        )
         assert len(geo) == len(coco[tile])
         np.testing.assert_allclose(geo.xyxy, coco[tile].xyxy, atol=1e-6)
         np.testing.assert_allclose(yolo_boxes[tile].detections.xyxy, coco[tile].xyxy, atol=1e-3)
     assert yaml.safe_load((export / "yolo" / "data.yaml").read_text()) == {
-        "train": "images", "val": "images", "names": {0: "vehicle"}}  # no absolute path: the folder can move
+        "train": "images",
+        "val": "images",
+        "names": {0: "vehicle"},
+    }  # no absolute path: the folder can move
 
     assert validate_export(export) == {"catalogs": 3, "items": 6, "label_items": 3}
     catalog = pystac.Catalog.from_file(str(export / "catalog.json"))
@@ -176,19 +184,19 @@ def test_an_export_is_never_overwritten(run_dir, exports, monkeypatch):
         request_tiles(run_dir, root, "other", TARGET, 1, **FAST)
     lock.unlink()
     # a failure while building leaves neither a folder nor debris
-    import flows.request
+    import aerosynth.flows.request
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(flows.request, "_write_stac", broken)
+    monkeypatch.setattr(aerosynth.flows.request, "_write_stac", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         request_tiles(run_dir, root, "other", TARGET, 1, **FAST)
     assert sorted(p.name for p in root.iterdir()) == ["2025-06-01_munich-cars", "2025-06-01_munich_empty"]
 
 
 def test_detector_labels_replace_heatmaps(run_dir, tmp_path, monkeypatch):
-    import detection.prediction
+    import aerosynth.detection.prediction
 
     weights = tmp_path / "det" / "detector.pt"
     weights.parent.mkdir()
@@ -201,7 +209,7 @@ def test_detector_labels_replace_heatmaps(run_dir, tmp_path, monkeypatch):
         # boxes in pixels of the 128 px input (tiles are resampled from 0.5 to the detector's 0.125 m/px)
         return [Detections([[8, 8, 40, 24], [60, 60, 80, 80]], [0.9, 0.3], [2, 0]) for _ in images]
 
-    monkeypatch.setattr(detection.prediction, "predict", fake_predict)
+    monkeypatch.setattr(aerosynth.detection.prediction, "predict", fake_predict)
     cars = request_tiles(run_dir, tmp_path / "out", "det", TARGET, 2, detector=weights, **FAST)
     assert seen["model"] == weights and seen["sizes"] == [(128, 128, 3)] * 2 and seen["conf"] == 0.25
     for dets in _coco_boxes(cars).values():
@@ -211,8 +219,9 @@ def test_detector_labels_replace_heatmaps(run_dir, tmp_path, monkeypatch):
     assert request["request"]["labels_from"] == "detector" and request["counts"]["boxes"] == 4
     validate_export(cars)
     # tiles requested without vehicles stay empty; what the detector saw there is reported
-    empty = request_tiles(run_dir, tmp_path / "out", "det-empty", TARGET, 2, with_vehicles=False, detector=weights,
-                          **FAST)
+    empty = request_tiles(
+        run_dir, tmp_path / "out", "det-empty", TARGET, 2, with_vehicles=False, detector=weights, **FAST
+    )
     request = json.loads((empty / "request.json").read_text())
     assert request["counts"]["boxes"] == 0 and request["counts"]["detector_boxes_in_empty_tiles"] == 2
 
@@ -239,10 +248,16 @@ def test_validator_rejects_broken_exports_offline(exports, tmp_path):
         (image, lambda d: d.pop("geometry"), "Validation failed"),
         (image, lambda d: d["assets"]["image"].update(href="/etc/passwd"), "not a relative path"),
         (image, lambda d: d["assets"]["image"].update(href="../../tiles/gone.tif"), "not a relative path"),
-        ("catalog.json", lambda d: d["links"].append({"rel": "child", "href": "https://example.com/c.json"}),
-         "non-relative href"),
-        (image, lambda d: d.update(stac_extensions=["https://stac-extensions.github.io/eo/v1.1.0/schema.json"]),
-         "cannot be validated offline"),
+        (
+            "catalog.json",
+            lambda d: d["links"].append({"rel": "child", "href": "https://example.com/c.json"}),
+            "non-relative href",
+        ),
+        (
+            image,
+            lambda d: d.update(stac_extensions=["https://stac-extensions.github.io/eo/v1.1.0/schema.json"]),
+            "cannot be validated offline",
+        ),
     ]
     for rel, change, message in cases:
         broken = _corrupt(export, tmp_path, rel, change)

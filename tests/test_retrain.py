@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data.detections import Detections
-from data.errors import InputError
-from data.manifest import file_sha256
-from flows.registry import Registry, version_rows
-from flows.retrain import (
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.manifest import file_sha256
+from aerosynth.flows.registry import Registry, version_rows
+from aerosynth.flows.retrain import (
     FLAGS_FILE,
     RunSettings,
     build_weak_split,
@@ -25,6 +24,7 @@ from flows.retrain import (
     record_candidate,
     retrain,
 )
+
 from tests.conftest import TINY_ADAPT
 
 
@@ -32,8 +32,8 @@ from tests.conftest import TINY_ADAPT
 @pytest.fixture(scope="module")
 def demo_tiles(tmp_path_factory) -> Path:
     """The tiny demo prepared into tiles (source-train/-val, target-train, target-test with boxes)."""
-    from data.demo import DemoConfig, demo_spec, write_demo_data
-    from data.prepare import prepare_dataset
+    from aerosynth.data.demo import DemoConfig, demo_spec, write_demo_data
+    from aerosynth.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("retrain-base")
     write_demo_data(root / "raw", DemoConfig(scenes_per_domain=2, size_px=256, seed=0))
@@ -44,7 +44,7 @@ def demo_tiles(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def new_scenes(tmp_path_factory) -> Path:
     """Fresh target-domain rasters (another seed): scene_00 with labels, scene_01 without."""
-    from data.demo import DemoConfig, write_demo_data
+    from aerosynth.data.demo import DemoConfig, write_demo_data
 
     root = tmp_path_factory.mktemp("retrain-new")
     write_demo_data(root / "raw", DemoConfig(scenes_per_domain=2, size_px=256, seed=7))
@@ -61,11 +61,22 @@ def _watch(folder: Path, scenes: Path, labels: bool = True) -> Path:
 
 
 def _result(ap50: float):
-    from detection.evaluation import EvaluationResult
+    from aerosynth.detection.evaluation import EvaluationResult
 
-    return EvaluationResult.from_dict({"ap50": ap50, "ap50_95": ap50 / 2, "precision": 0.5, "recall": 0.5, "f1": 0.5,
-                                       "threshold": 0.3, "n_images": 4, "n_ground_truth": 9, "n_ignore": 1,
-                                       "n_predictions": 20})
+    return EvaluationResult.from_dict(
+        {
+            "ap50": ap50,
+            "ap50_95": ap50 / 2,
+            "precision": 0.5,
+            "recall": 0.5,
+            "f1": 0.5,
+            "threshold": 0.3,
+            "n_images": 4,
+            "n_ground_truth": 9,
+            "n_ignore": 1,
+            "n_predictions": 20,
+        }
+    )
 
 
 def _fake_detector(path: Path, payload: bytes) -> Path:
@@ -87,13 +98,25 @@ def test_registry_register_promote_list_round_trip(tmp_path, demo_tiles):
 
     det1 = _fake_detector(tmp_path / "a" / "detector.pt", b"weights one")
     (det1.parent / "detector.json").write_text('{"epochs_run": 1}')
-    v1 = reg.register(det1, {"ap50": 0.4}, {"run_id": "r-1"}, config_yaml="seed: 0\n",
-                      files={"report.md": _fake_detector(tmp_path / "report.md", b"# report")})
+    v1 = reg.register(
+        det1,
+        {"ap50": 0.4},
+        {"run_id": "r-1"},
+        config_yaml="seed: 0\n",
+        files={"report.md": _fake_detector(tmp_path / "report.md", b"# report")},
+    )
     v2 = reg.register(_fake_detector(tmp_path / "b" / "detector.pt", b"weights two"), {"ap50": 0.5}, {"run_id": "r-2"})
     assert [v.name for v in reg.list_versions()] == ["v0001", "v0002"]
     assert v1.detector.read_bytes() == b"weights one" and v2.detector.read_bytes() == b"weights two"
-    assert {p.name for p in v1.path.iterdir()} == {"detector.pt", "detector.json", "config.yaml", "metrics.json",
-                                                   "provenance.json", "report.md", "version.json"}
+    assert {p.name for p in v1.path.iterdir()} == {
+        "detector.pt",
+        "detector.json",
+        "config.yaml",
+        "metrics.json",
+        "provenance.json",
+        "report.md",
+        "version.json",
+    }
     assert v1.metrics == {"ap50": 0.4} and v1.provenance == {"run_id": "r-1"}
     assert v1.record["files"]["detector.pt"] == file_sha256(v1.detector)
 
@@ -116,7 +139,10 @@ def test_registry_register_promote_list_round_trip(tmp_path, demo_tiles):
 
     rows = version_rows(reg)
     assert [(r["version"], r["ap50"], r["production"]) for r in rows] == [
-        ("v0001", 0.4, False), ("v0002", 0.5, True), ("v0004", 0.1, False)]
+        ("v0001", 0.4, False),
+        ("v0002", 0.5, True),
+        ("v0004", 0.1, False),
+    ]
 
     reg.mark_seen({"abc": "x.tif"}, "v0004")
     reg.mark_seen({"abc": "y.tif", "def": "z.tif"}, None)
@@ -150,21 +176,35 @@ def test_record_candidate_promotes_only_when_not_worse(tmp_path, demo_tiles):
     base = reg.register(_fake_detector(tmp_path / "p" / "detector.pt", b"prod"), {"ap50": 0.6}, {})
     reg.promote(base.name)
 
-    worse, d = record_candidate(reg, _fake_detector(tmp_path / "w" / "detector.pt", b"worse"), _result(0.4),
-                                _result(0.6), base.name, {"run_id": "r-w"})
+    worse, d = record_candidate(
+        reg,
+        _fake_detector(tmp_path / "w" / "detector.pt", b"worse"),
+        _result(0.4),
+        _result(0.6),
+        base.name,
+        {"run_id": "r-w"},
+    )
     assert not d.promote and reg.production().name == base.name
     m = worse.metrics
     assert m["candidate"]["ap50"] == 0.4 and m["production"]["ap50"] == 0.6 and m["production"]["version"] == "v0001"
     assert m["decision"]["promote"] is False
 
-    better, d = record_candidate(reg, _fake_detector(tmp_path / "b" / "detector.pt", b"better"), _result(0.6),
-                                 _result(0.6), base.name, {"run_id": "r-b"})
+    better, d = record_candidate(
+        reg,
+        _fake_detector(tmp_path / "b" / "detector.pt", b"better"),
+        _result(0.6),
+        _result(0.6),
+        base.name,
+        {"run_id": "r-b"},
+    )
     assert d.promote and reg.production().name == better.name == "v0003"
     assert better.metrics["decision"]["promote"] is True
 
     log = reg.decisions()
     assert [(e["version"], e["promoted"], e["candidate_ap50"], e["production_ap50"], e["run"]) for e in log] == [
-        ("v0002", False, 0.4, 0.6, "r-w"), ("v0003", True, 0.6, 0.6, "r-b")]
+        ("v0002", False, 0.4, 0.6, "r-w"),
+        ("v0003", True, 0.6, 0.6, "r-b"),
+    ]
 
 
 # --------------------------------------------------------------------------- watch, flags
@@ -179,7 +219,7 @@ def test_nothing_new_means_no_run(tmp_path, demo_tiles, new_scenes):
     def boom(*args, **kwargs):
         raise AssertionError("no step may run when nothing is new")
 
-    from flows.retrain import _Steps
+    from aerosynth.flows.retrain import _Steps
 
     out = retrain(reg.root, watch, dict(TINY_ADAPT), steps=_Steps(boom, boom, boom))
     assert out.status == "nothing-new" and "nothing new" in out.message and out.version is None
@@ -199,8 +239,10 @@ def test_flags_from_labels_flag_file_and_stub_detector(tmp_path, demo_tiles, new
         calls.append(len(images))
         means = [float(im.mean()) for im in images]
         med = float(np.median(means))
-        return [Detections(np.array([[10.0, 10.0, 40.0, 30.0]]), np.array([0.9 if m > med else 0.1]), np.array([0]))
-                for m in means]
+        return [
+            Detections(np.array([[10.0, 10.0, 40.0, 30.0]]), np.array([0.9 if m > med else 0.1]), np.array([0]))
+            for m in means
+        ]
 
     summary = build_weak_split(rasters, tmp_path / "split", "arid_carpark", 0.125, 128, "auto", {}, stub, 0.5)
     doc = json.loads((tmp_path / "split" / "tiles.json").read_text())
@@ -218,8 +260,9 @@ def test_flags_from_labels_flag_file_and_stub_detector(tmp_path, demo_tiles, new
     tile = "scene_00_0_0"
     given = {tile: not flags[tile], "scene_01.tif": False}
     (watch / FLAGS_FILE).write_text(json.dumps(given))
-    s2 = build_weak_split(rasters, tmp_path / "split2", "arid_carpark", 0.125, 128, "given", read_flags_file(
-        watch / FLAGS_FILE))
+    s2 = build_weak_split(
+        rasters, tmp_path / "split2", "arid_carpark", 0.125, 128, "given", read_flags_file(watch / FLAGS_FILE)
+    )
     f2 = {t["tile_id"]: t["has_vehicle"] for t in json.loads((tmp_path / "split2" / "tiles.json").read_text())["tiles"]}
     assert f2[tile] is (not flags[tile]) and not any(f2[t] for t in det_tiles)
     assert s2.by_source == {"labels": 3, "flags.json": 5}
@@ -239,7 +282,7 @@ def test_flags_from_labels_flag_file_and_stub_detector(tmp_path, demo_tiles, new
 # ----------------------------------------------------------- the run, with stubbed training
 def _stub_steps(candidate_ap50: float, production_ap50: float, calls: list[str]):
     """Real tile building (stub detector for flags); readapt writes fake weights; fixed metrics."""
-    from flows.retrain import _Steps, build_run_tiles
+    from aerosynth.flows.retrain import _Steps, build_run_tiles
 
     def readapt(cfg, work, tiles, variant, use_tasks):
         calls.append("readapt")
@@ -264,8 +307,14 @@ def test_retrain_run_with_fixed_metrics(tmp_path, demo_tiles, new_scenes, candid
     reg.promote(prod.name)
     watch = _watch(tmp_path / "watch", new_scenes)
     calls: list[str] = []
-    out = retrain(reg.root, watch, _tiny_retrain_config(), RunSettings(flag_threshold=0.5),
-                  predictor=_always_vehicle, steps=_stub_steps(candidate_ap50, 0.5, calls))
+    out = retrain(
+        reg.root,
+        watch,
+        _tiny_retrain_config(),
+        RunSettings(flag_threshold=0.5),
+        predictor=_always_vehicle,
+        steps=_stub_steps(candidate_ap50, 0.5, calls),
+    )
     assert out.status == "registered" and out.version == "v0002" and out.promoted is promoted and calls == ["readapt"]
     assert reg.production().name == ("v0002" if promoted else "v0001")
     v2 = reg.version("v0002")
@@ -294,20 +343,23 @@ def _tiny_retrain_config() -> dict:
 
 
 @pytest.mark.slow
-def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(prefect_harness, tmp_path, demo_tiles,
-                                                                          new_scenes):
+def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(
+    prefect_harness, tmp_path, demo_tiles, new_scenes
+):
     import torch
-
-    from detection.augment import AugmentConfig
-    from detection.datasets import DatasetSpec
-    from detection.training import DetectorTrainConfig, train_detector
-    from flows.retrain import ensure_registry, retrain_flow, run_retrain
+    from aerosynth.detection.augment import AugmentConfig
+    from aerosynth.detection.datasets import DatasetSpec
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
+    from aerosynth.flows.retrain import ensure_registry, retrain_flow, run_retrain
 
     torch.set_num_threads(2)
     # production: a 1-epoch source-only detector (it also computes the flags of the unlabelled raster)
-    weights = train_detector(DetectorTrainConfig(epochs=1, patience=1, batch=4, augment=AugmentConfig.none()),
-                             [DatasetSpec(demo_tiles / "source-train")], DatasetSpec(demo_tiles / "source-val"),
-                             tmp_path / "baseline")
+    weights = train_detector(
+        DetectorTrainConfig(epochs=1, patience=1, batch=4, augment=AugmentConfig.none()),
+        [DatasetSpec(demo_tiles / "source-train")],
+        DatasetSpec(demo_tiles / "source-val"),
+        tmp_path / "baseline",
+    )
     reg = ensure_registry(tmp_path / "reg", demo_tiles, baseline=weights)
     assert reg.production().name == "v0001" and reg.production().metrics["decision"]["promote"] is True
     assert ensure_registry(tmp_path / "reg", demo_tiles, baseline=weights).list_versions()[-1].name == "v0001"
@@ -324,7 +376,8 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(prefect
     assert reg.production().name == ("v0002" if cand >= prod else "v0001")
     assert reg.decisions()[-1]["version"] == "v0002" and reg.decisions()[-1]["production_ap50"] == prod
     assert {"detector.pt", "report.md", "report.json", "config.yaml", "provenance.json"} <= {
-        p.name for p in v2.path.iterdir()}
+        p.name for p in v2.path.iterdir()
+    }
 
     prov = v2.provenance
     assert prov["parent_version"] == "v0001" and prov["variant"] == "threshold"

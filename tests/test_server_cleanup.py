@@ -11,8 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from flows.server_cleanup import EPHEMERAL_MARK, OWNER_PID, OWNER_START, stop_orphan_servers
+from aerosynth.flows.server_cleanup import EPHEMERAL_MARK, OWNER_PID, OWNER_START, stop_orphan_servers
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -58,7 +57,7 @@ def _temporary_server(parent: psutil.Process) -> psutil.Process | None:
 def test_killed_run_leaves_a_server_that_the_next_command_stops(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", OWNER_PID, OWNER_START)}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "flows.cli", "demo", "--quick", "--work-dir", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "aerosynth.flows.cli", "demo", "--quick", "--work-dir", str(tmp_path / "run")]
     run = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(run.pid)
     server = None
@@ -72,7 +71,9 @@ def test_killed_run_leaves_a_server_that_the_next_command_stops(tmp_path):
         run.wait()
         time.sleep(1)
         assert server.is_running()  # the orphan this fixes
-        out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], env=env, cwd=REPO, capture_output=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "aerosynth.flows.cli", "--help"], env=env, cwd=REPO, capture_output=True
+        )
         assert out.returncode == 0
         psutil.wait_procs([server], timeout=10)
         assert not server.is_running()
