@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
+
 from aerosynth.data.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from aerosynth.data.domains import Domain, check_image_headers
 from aerosynth.data.errors import InputError
@@ -17,7 +19,6 @@ from aerosynth.data.imageio import write_png
 from aerosynth.data.manifest import tree_sha256, write_manifest
 from aerosynth.data.tileset import COCO_FILE, EVALUATION_DIR, TILES_FILE, SplitInfo, TileRecord, tiles_document
 from aerosynth.data.tiling import cut_tiles, resample, resample_labels, resample_transform
-from affine import Affine
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +214,31 @@ def custom_spec(
     test_groups: list[str],
     target_gsd: float = 0.125,
     tile_size: int = 128,
+    train_groups: list[str] | None = None,
+    exclude_groups: list[str] | None = None,
 ) -> PrepareSpec:
-    """Source (train, and val when ``val_groups``) and weak target (train, test) splits of two domains."""
+    """Source (train, and val when ``val_groups``) and weak target (train, test) splits of two domains.
+
+    Target-train is every target group not in ``test_groups``, or only ``train_groups`` when given;
+    ``exclude_groups`` are used by neither target split (e.g. Minsk's oblique ``photos``).
+    """
     if not test_groups:
         raise InputError("test_groups", "name the target groups held out for target-test")
+    both = sorted(set(train_groups or []) & set(test_groups))
+    if both:
+        raise InputError("train_groups", f"group(s) {', '.join(both)} named for both target-train and target-test")
+    excluded = sorted(set(exclude_groups or []) & (set(test_groups) | set(train_groups or [])))
+    if excluded:
+        raise InputError("exclude_groups", f"group(s) {', '.join(excluded)} are excluded and named for a split")
     splits = [SplitSpec("source-train", source, exclude_groups=list(val_groups), mode="cover")]
     if val_groups:
         splits.append(SplitSpec("source-val", source, groups=list(val_groups), mode="cover"))
     splits += [
-        SplitSpec("target-train", target, exclude_groups=list(test_groups), mode="grid", weak=True),
+        SplitSpec("target-train", target, groups=list(train_groups), mode="grid", weak=True)
+        if train_groups
+        else SplitSpec(
+            "target-train", target, exclude_groups=[*test_groups, *(exclude_groups or [])], mode="grid", weak=True
+        ),
         SplitSpec("target-test", target, groups=list(test_groups), mode="grid", weak=True),
     ]
     return PrepareSpec("custom", splits, target_gsd=target_gsd, tile_size=tile_size)

@@ -3,9 +3,20 @@
 The model is built from a model yaml that ultralytics ships (``"yolov8n.yaml"``: random
 initialisation, nothing downloaded) or loaded from a local ``.pt`` the user gives. Training data
 is one or several :class:`~aerosynth.detection.datasets.DatasetSpec` mixed into a symlinked YOLO view
-(:func:`~aerosynth.detection.datasets.build_yolo_view`); early stopping watches the given validation set
-(source-val or a synthetic set, never target labels). Augmentation is ours
-(:mod:`aerosynth.detection.augment`); ultralytics' built-ins are switched off so nothing runs twice.
+(:func:`~aerosynth.detection.datasets.build_yolo_view`); the validation set (source-val or a synthetic set,
+never target labels) is watched for early stopping and, with ``checkpoint="best"``, for the checkpoint.
+
+Two recipes:
+
+* ``recipe="aerosynth"``: our augmentation (:mod:`aerosynth.detection.augment`), ultralytics' built-ins
+  switched off so nothing runs twice; AdamW/auto optimizer.
+* ``recipe="reference"``: protocol aerial-v1 item 9, the recipe behind its reference figures:
+  ultralytics' default augmentations (mosaic with ``close_mosaic=10``, HSV, horizontal flip, scale 0.5,
+  translate 0.1), SGD lr0 0.01, momentum 0.937, weight decay 5e-4, nbs 64, 3 warm-up epochs.
+
+The checkpoint rule is label-free and fixed: ``checkpoint="last"`` (the default) keeps the final
+weights; ``"best"`` the epoch with the best validation fitness. On aerial-v1 best-on-source-val once
+picked a 0.69 epoch over a final 0.83 on the target, so the default is the final epoch.
 
 Offline: ultralytics is imported only after :func:`aerosynth.data.offline.apply_offline_settings`
 (font from matplotlib, ``YOLO_OFFLINE``), ``amp=False`` skips the AMP check (it downloads a
@@ -14,7 +25,7 @@ checkpoint), a ``.pt`` name that is not a local file is refused instead of being
 Output folder::
 
     OUT/
-      detector.pt        the best checkpoint (by validation fitness), copied atomically
+      detector.pt        the final weights (``checkpoint="last"``) or the best by validation fitness
       detector.json      manifest: config, datasets and mix counts, GSD of the training data (when the
                          datasets declare one and agree), epochs, metrics, sha256
       view/              the YOLO view (symlinks) trained on
@@ -25,9 +36,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json
 from aerosynth.data.errors import InputError
@@ -58,6 +71,9 @@ class DetectorTrainConfig:
         workers: data-loader workers.
         class_names: class names (aerial-v1: one class, ``vehicle``).
         plots: let ultralytics draw its plots (off for tests; it needs a font).
+        recipe: ``"aerosynth"`` (our augmentation) or ``"reference"`` (aerial-v1 item 9: ultralytics'
+            default augmentations with mosaic, SGD).
+        checkpoint: ``"last"`` keeps the final weights, ``"best"`` the best epoch on ``val``.
         extra: further ultralytics train arguments (e.g. ``{"lr0": 0.005}``); they win over ours.
     """
 
@@ -73,6 +89,8 @@ class DetectorTrainConfig:
     workers: int = 0
     class_names: tuple[str, ...] = ("vehicle",)
     plots: bool = False
+    recipe: Literal["aerosynth", "reference"] = "aerosynth"
+    checkpoint: Literal["last", "best"] = "last"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -119,8 +137,44 @@ def _check_datasets(config: DetectorTrainConfig, train: Sequence[DatasetSpec], v
             raise InputError(f"{spec.path}:labels_dir", "early stopping on target evaluation labels is not allowed")
 
 
+#: Protocol aerial-v1 item 9: ultralytics' default augmentations and SGD (nbs 64: 2 batches of 32 per step).
+REFERENCE_RECIPE = {
+    "optimizer": "SGD",
+    "lr0": 0.01,
+    "momentum": 0.937,
+    "weight_decay": 5e-4,
+    "nbs": 64,
+    "warmup_epochs": 3.0,
+    "mosaic": 1.0,
+    "close_mosaic": 10,
+    "hsv_h": 0.015,
+    "hsv_s": 0.7,
+    "hsv_v": 0.4,
+    "fliplr": 0.5,
+    "flipud": 0.0,
+    "scale": 0.5,
+    "translate": 0.1,
+    "degrees": 0.0,
+    "shear": 0.0,
+    "perspective": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "copy_paste": 0.0,
+    "multi_scale": 0.0,
+}
+
+
 def train_args(config: DetectorTrainConfig, data_yaml: Path, project: Path) -> dict:
-    """The ultralytics ``train()`` arguments for a config (offline, our augmentations)."""
+    """The ultralytics ``train()`` arguments for a config (offline; the config's recipe)."""
+    if config.recipe not in ("aerosynth", "reference"):
+        raise InputError("recipe", f"unknown detector recipe {config.recipe!r} (aerosynth or reference)")
+    if config.checkpoint not in ("last", "best"):
+        raise InputError("checkpoint", f"unknown checkpoint rule {config.checkpoint!r} (last or best)")
+    recipe = (
+        dict(REFERENCE_RECIPE)
+        if config.recipe == "reference"
+        else {"augmentations": ultralytics_augmentations(config.augment), **ultralytics_overrides()}
+    )
     args = {
         "data": str(data_yaml),
         "epochs": config.epochs,
@@ -139,8 +193,7 @@ def train_args(config: DetectorTrainConfig, data_yaml: Path, project: Path) -> d
         "exist_ok": True,
         "verbose": False,
         "cache": False,
-        "augmentations": ultralytics_augmentations(config.augment),
-        **ultralytics_overrides(),
+        **recipe,
     }
     args.update(config.extra)
     return args
@@ -170,12 +223,16 @@ def train_detector(
     from ultralytics import YOLO
 
     model = YOLO(model_ref)
+    started = time.perf_counter()
     model.train(**train_args(config, view.data_yaml, out_dir))
+    wall = time.perf_counter() - started
     trainer = model.trainer
-    best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
+    chosen = Path(trainer.last)
+    if config.checkpoint == "best" and Path(trainer.best).is_file():
+        chosen = Path(trainer.best)
     weights = out_dir / WEIGHTS_FILE
     with atomic_output_path(weights, ".pt") as tmp:
-        shutil.copyfile(best, tmp)
+        shutil.copyfile(chosen, tmp)
     stopper = getattr(trainer, "stopper", None)
     gsds = {g for g in (dataset_gsd(s) for s in train) if g is not None}
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
@@ -192,6 +249,10 @@ def train_detector(
             "gsd": gsds.pop() if len(gsds) == 1 else None,
             "val_count": view.val_count,
             "epochs_run": int(trainer.epoch) + 1,
+            "train_images": sum(view.counts.values()),
+            "wall_s": round(wall, 1),
+            "images_per_s": round((int(trainer.epoch) + 1) * sum(view.counts.values()) / max(wall, 1e-9), 1),
+            "checkpoint": config.checkpoint,
             "best_epoch": None if stopper is None else int(stopper.best_epoch),
             "best_fitness": None if trainer.best_fitness is None else float(trainer.best_fitness),
             "final_val_metrics": metrics,

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
 from aerosynth.data.atomic import atomic_write_json, atomic_write_text
 from aerosynth.data.errors import InputError
 from aerosynth.flows.config import AdaptConfig, build_config, dump_config
 from aerosynth.flows.scale import map_shards, task_runner
 from aerosynth.flows.stage_cache import clear_stale_stage, run_stage, stage_is_current
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 SOURCE_ONLY, ORACLE = "source-only", "oracle"
 
@@ -69,10 +70,10 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
     d = config.data
 
     def build(out: Path) -> None:
-        if d.preset == "aerial-v1":
-            from aerosynth.data.presets import aerial_v1, default_aerial_root
+        if d.preset in ("aerial-v1", "aerial-v1-minsk"):
+            from aerosynth.data.presets import AERIAL_V1_PRESETS, aerial_v1, default_aerial_root
 
-            spec = aerial_v1(_repo_relative(d.aerial_root) or default_aerial_root())
+            spec = aerial_v1(_repo_relative(d.aerial_root) or default_aerial_root(), AERIAL_V1_PRESETS[d.preset])
         elif d.preset == "demo":
             from aerosynth.data.demo import DemoConfig, demo_spec, write_demo_data
 
@@ -92,7 +93,16 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
                 raise InputError("config.data.test_groups", "name the target groups held out for target-test")
             src = open_domain(d.source, d.source_gsd, d.bands)
             tgt = open_domain(d.target, d.target_gsd, d.bands)
-            spec = custom_spec(src, tgt, d.val_groups, d.test_groups, d.gsd, d.tile_size)
+            spec = custom_spec(
+                src,
+                tgt,
+                d.val_groups,
+                d.test_groups,
+                d.gsd,
+                d.tile_size,
+                train_groups=d.train_groups,
+                exclude_groups=d.exclude_groups,
+            )
         prepare_dataset(spec, out, overwrite=True)
 
     out, _ = run_stage(
@@ -544,6 +554,7 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         predictions=predictions,
         manifests=manifests,
         title=title,
+        diagnostics=synthetic_diagnostics(config, work, tiles, runs[SOURCE_ONLY][0]) if runs.get(SOURCE_ONLY) else None,
     )
     samples = write_synthetic_samples(work / "synthetic", report.parent / "synthetic_samples.png")
     if samples is not None:
@@ -564,6 +575,7 @@ def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) ->
     """A grid: for each synthetic set, a row of its first images and a row of their heat maps."""
     import cv2
     import numpy as np
+
     from aerosynth.data.detections import Detections
     from aerosynth.data.imageio import read_rgb, write_png
 
@@ -592,6 +604,67 @@ def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) ->
     if not rows:
         return None
     return write_png(out_png, np.concatenate(rows, 0), palette=True)
+
+
+def synthetic_diagnostics(config: AdaptConfig, work: Path, tiles: Path, source_only: Path) -> dict:
+    """Label-free checks of each synthetic set, for the report (stage ``diagnostics/``; nothing is chosen with them).
+
+    * two-sample accuracy (:mod:`aerosynth.detection.two_sample`): real tiles of the set's domain and kind
+      (weak flags: with or without vehicles) against the set's images; 0.5 = indistinguishable;
+    * heat-map agreement (:mod:`aerosynth.annotation.agreement`), sets with vehicles: AP50 of the threshold
+      method's boxes taking F_S's detections (``source_only``'s detector, at its F1-optimal confidence on real
+      source-val) as the truth.
+    """
+    from aerosynth.annotation.agreement import heatmap_agreement, truth_threshold
+    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+    from aerosynth.annotation.synthetic_set import open_synthetic_set
+    from aerosynth.data.tileset import open_split
+    from aerosynth.detection.prediction import predict
+    from aerosynth.detection.two_sample import two_sample_accuracy
+
+    names = ("source_cars", "target_cars", "target_empty", "translation")
+    folders = {n: work / "synthetic" / n for n in names if (work / "synthetic" / n / "stage_done.json").is_file()}
+    settings = {"seed": config.seed, "threshold": config.annotation.threshold.options, "imgsz": config.detection.imgsz}
+
+    def build(out: Path) -> None:
+        weights = source_only / "train" / "detector.pt"
+
+        def detect(paths: list[Path]) -> list:
+            return predict(weights, paths, conf=0.001, imgsz=config.detection.imgsz, device=config.device)
+
+        val = open_split(_val_split(tiles))
+        tau = truth_threshold(
+            detect([val.image_path(t.tile_id) for t in val]),
+            [val.labels(t.tile_id) for t in val],
+            [val.ignore_regions(t.tile_id) for t in val],
+        )
+        hcfg = HeatmapBoxConfig(**config.annotation.threshold.options)
+        source, target = open_split(tiles / "source-train"), open_split(tiles / "target-train")
+        real = {"source_cars": (source, True), "target_cars": (target, True), "target_empty": (target, False)}
+        doc: dict[str, Any] = {"truth_threshold": tau, "sets": {}}
+        for name, folder in folders.items():
+            sset = open_synthetic_set(folder)
+            split, flag = real.get(name, (target, True))
+            entry: dict[str, Any] = {
+                "images": len(sset),
+                "real": f"{split.name} ({'with' if flag else 'without'} vehicles)",
+                "notes": [],
+            }
+            images = [sset.image_path(n) for n in sset.names]
+            try:
+                real_images = [split.image_path(t.tile_id) for t in split if t.has_vehicle == flag]
+                entry["two_sample"] = two_sample_accuracy(real_images, images, seed=config.seed)
+            except InputError as exc:
+                entry["two_sample"] = None
+                entry["notes"].append(f"two-sample test not run: {exc}")
+            entry["agreement"] = heatmap_agreement(folder, detect(images), hcfg, tau) if sset.with_vehicles else None
+            doc["sets"][name] = entry
+        atomic_write_json(out / "diagnostics.json", doc)
+
+    out, _ = run_stage(
+        "diagnostics", work / "diagnostics", settings, {"source_only": source_only, **folders}, build, _logger()
+    )
+    return json.loads((out / "diagnostics.json").read_text())
 
 
 def _mean_ap50(paths: list[Path]) -> float:

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from aerosynth.data.errors import InputError
-from aerosynth.data.offline import apply_offline_settings
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from aerosynth.data.errors import InputError
+from aerosynth.data.offline import apply_offline_settings
 
 app = typer.Typer(
     help="aerosynth: adapt aerial vehicle detectors to unseen regions with generated data.",
@@ -62,7 +63,9 @@ def _counts_table(manifest: dict) -> Table:
 @data_app.command("prepare")
 def data_prepare(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
-    preset: Annotated[str | None, typer.Option(help="aerial-v1 (../shared/data/aerial) or demo.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="aerial-v1 (Madison -> KIT), aerial-v1-minsk (Madison -> Minsk) or demo.")
+    ] = None,
     aerial_root: Annotated[Path | None, typer.Option(help="Folder with the aerial-v1 domains.")] = None,
     source: Annotated[
         Path | None, typer.Option(help="Source domain: YOLO folder, GeoTIFF folder or COCO json.")
@@ -72,6 +75,10 @@ def data_prepare(
     target_gsd: Annotated[float | None, typer.Option(help="Target m/px (plain images).")] = None,
     val_groups: Annotated[str, typer.Option(help="Comma-separated source groups for source-val.")] = "",
     test_groups: Annotated[str, typer.Option(help="Comma-separated target groups for target-test.")] = "",
+    train_groups: Annotated[
+        str, typer.Option(help="Comma-separated target groups for target-train (default: all but the test groups).")
+    ] = "",
+    exclude_groups: Annotated[str, typer.Option(help="Comma-separated target groups used by neither split.")] = "",
     bands: Annotated[str, typer.Option(help="Band selection for rasters, e.g. 3,2,1.")] = "",
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 128,
     gsd: Annotated[float, typer.Option(help="Target ground sample distance, m/px.")] = 0.125,
@@ -79,11 +86,12 @@ def data_prepare(
 ) -> None:
     """Resample, tile and split domains into the normalised tile dataset (prints counts, writes manifest.json)."""
     from aerosynth.data.prepare import prepare_dataset
+    from aerosynth.data.presets import AERIAL_V1_PRESETS
 
-    if preset == "aerial-v1":
+    if preset in AERIAL_V1_PRESETS:
         from aerosynth.data.presets import aerial_v1, default_aerial_root
 
-        spec = aerial_v1(aerial_root or default_aerial_root())
+        spec = aerial_v1(aerial_root or default_aerial_root(), AERIAL_V1_PRESETS[preset])
     elif preset == "demo":
         from aerosynth.data.demo import demo_spec, write_demo_data
 
@@ -92,7 +100,7 @@ def data_prepare(
             write_demo_data(raw)
         spec = demo_spec(raw, gsd, tile_size)
     elif preset is not None:
-        raise InputError("--preset", f"unknown preset {preset!r} (aerial-v1 or demo)")
+        raise InputError("--preset", f"unknown preset {preset!r} (aerial-v1, aerial-v1-minsk or demo)")
     else:
         if source is None or target is None:
             raise InputError("--source/--target", "give --preset, or both --source and --target")
@@ -105,7 +113,16 @@ def data_prepare(
         tg = [g for g in test_groups.split(",") if g]
         if not tg:
             raise InputError("--test-groups", "name the target groups held out for target-test")
-        spec = custom_spec(src, tgt, [g for g in val_groups.split(",") if g], tg, gsd, tile_size)
+        spec = custom_spec(
+            src,
+            tgt,
+            [g for g in val_groups.split(",") if g],
+            tg,
+            gsd,
+            tile_size,
+            train_groups=[g for g in train_groups.split(",") if g],
+            exclude_groups=[g for g in exclude_groups.split(",") if g],
+        )
     with _progress() as progress:
         tasks: dict[str, int] = {}
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from aerosynth.data.errors import InputError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aerosynth.data.errors import InputError
 
 
 class Strict(BaseModel):
@@ -23,7 +24,7 @@ class Strict(BaseModel):
 class DataSettings(Strict):
     """Where the tiles come from (see ``aerosynth data prepare``)."""
 
-    preset: Literal["demo", "aerial-v1", "custom"] = "demo"
+    preset: Literal["demo", "aerial-v1", "aerial-v1-minsk", "custom"] = "demo"
     aerial_root: Path | None = None
     demo_scenes: int = Field(4, ge=2)
     demo_size: int = Field(384, ge=128)
@@ -33,6 +34,8 @@ class DataSettings(Strict):
     target_gsd: float | None = Field(None, gt=0)
     val_groups: list[str] = []
     test_groups: list[str] = []
+    train_groups: list[str] = []
+    exclude_groups: list[str] = []
     bands: list[int] | None = None
     gsd: float = Field(0.125, gt=0)
     tile_size: int = Field(128, ge=32)
