@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
 from aerosynth.annotation.metrics import f1_optimal_threshold, match_all, score_at
 from aerosynth.data.atomic import atomic_write_json
@@ -86,7 +87,8 @@ def evaluate_map_quality(
         The report: split, counts, the config's scores, the sweep, the best sweep entry by F1.
 
     Raises:
-        InputError: a weak split passed by path, or a map function returning a bad map.
+        InputError: a weak split passed by path or as an opened :class:`WeakTileSplit`, or a map
+            function returning a bad map.
     """
     config = (config or HeatmapBoxConfig()).validate()
     if not isinstance(split, (str, Path, LabelledTileSplit)):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
@@ -204,6 +205,7 @@ def write_report(
     manifests: Sequence[str | Path] = (),
     title: str = "aerosynth: detection on the target domain",
     grid_tiles: int = 8,
+    diagnostics: Mapping | None = None,
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the figures; return the markdown path.
 
@@ -217,6 +219,8 @@ def write_report(
         manifests: config and data manifests behind the run, listed with their sha256.
         title: first heading.
         grid_tiles: rows of the prediction grid.
+        diagnostics: label-free checks of the synthetic sets (see :func:`diagnostics_lines`): a table in
+            ``report.md`` and the document under ``synthetic_diagnostics`` in ``report.json``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +251,8 @@ def write_report(
     lines += ["", f"![PR curves]({PR_PNG})", ""]
     if grid is not None:
         lines += [f"![predictions (green) and truth (red)]({GRID_PNG})", ""]
+    if diagnostics:
+        lines += diagnostics_lines(diagnostics)
     lines += ["## Manifests", ""]
     lines += [f"- `{m['path']}` sha256 `{m['sha256'] or 'missing'}`" for m in listed] or ["- none given"]
     md = atomic_write_text(out_dir / REPORT_MD, "\n".join(lines) + "\n")
@@ -266,6 +272,50 @@ def write_report(
             "variants": [row_json(r) for r in rows],
             "figures": {"pr_curves": PR_PNG, "predictions_grid": None if grid is None else GRID_PNG},
             "manifests": listed,
+            "synthetic_diagnostics": dict(diagnostics) if diagnostics else None,
         },
     )
     return md
+
+
+def _number(entry: Mapping | None, key: str) -> str:
+    value = None if entry is None else entry.get(key)
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def diagnostics_lines(diagnostics: Mapping) -> list[str]:
+    """The markdown section of the synthetic sets' label-free checks.
+
+    Args:
+        diagnostics: ``{"sets": {name: {"images", "real", "two_sample", "agreement", "notes"}},
+            "truth_threshold": float | None}``: ``two_sample`` as returned by
+            :func:`aerosynth.detection.two_sample.two_sample_accuracy`, ``agreement`` as returned by
+            :func:`aerosynth.annotation.agreement.heatmap_agreement` (``None`` when not measured, the
+            reason in ``notes``).
+    """
+    tau = diagnostics.get("truth_threshold")
+    lines = [
+        "## Synthetic sets: label-free checks",
+        "",
+        "Two-sample accuracy: held-out accuracy of a small CNN telling real tiles from the set's images",
+        "(0.5 = indistinguishable, 1.0 = always told apart). Heat-map agreement with F_S: AP50 of the set's",
+        "heat-map boxes (threshold method) taking the source-only detector's detections as the truth"
+        + ("." if tau is None else f" (confidence >= {tau:.3f},"),
+        *([] if tau is None else ["its F1-optimal threshold on real source-val)."]),
+        "No target label is read; nothing is chosen with these numbers.",
+        "",
+        "| synthetic set | images | compared with | two-sample accuracy | held out | "
+        "heat-map agreement with F_S (AP50) | F_S boxes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name, entry in diagnostics.get("sets", {}).items():
+        ts, ag = entry.get("two_sample"), entry.get("agreement")
+        held = "" if ts is None else ts["held_out"]
+        fs_boxes = "" if ag is None else ag["truth_boxes"]
+        lines.append(
+            f"| {name} | {entry.get('images', '')} | {entry.get('real', '')} | {_number(ts, 'accuracy')} | "
+            f"{held} | {_number(ag, 'ap50')} | {fs_boxes} |"
+        )
+        notes += [f"- `{name}`: {n}" for n in entry.get("notes", [])]
+    return lines + [""] + (notes + [""] if notes else [])

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from aerosynth.flows.cli import main
 from affine import Affine
+
+from aerosynth.flows.cli import main
 
 FIXTURES = Path(__file__).parent / "data"
 T = Affine(0.25, 0, 690_000.0, 0, -0.25, 5_336_000.0)
@@ -280,6 +281,27 @@ def unknown_runner(tmp):
     return ["adapt", "--preset", "demo", "--runner", "spark", "--work-dir", str(tmp / "out")], "--runner"
 
 
+def _map_quality(tmp: Path, *extra: str) -> list[str]:
+    from aerosynth.annotation.fake_data import write_fake_root
+
+    tiles = write_fake_root(tmp / "tiles", count=4, size=64)
+    (tmp / "model").mkdir()
+    (tmp / "model" / "notes.txt").write_text("not an LDM")
+    return ["map-quality", "--model", str(tmp / "model"), "--tiles", str(tiles), "--out", str(tmp / "q.json"), *extra]
+
+
+def map_quality_unknown_split(tmp):
+    return _map_quality(tmp, "--split", "target-val"), "target-val"
+
+
+def map_quality_not_a_model(tmp):
+    return _map_quality(tmp, "--split", "target-test"), "not a model folder"
+
+
+def map_quality_bad_noise(tmp):
+    return _map_quality(tmp, "--noise", "0.1,1.5"), "--noise"
+
+
 def read_only_output(tmp):
     ro = tmp / "ro"
     ro.mkdir()
@@ -325,6 +347,9 @@ CASES: list[Case] = [
     config_unknown_preset,
     config_missing_file,
     unknown_runner,
+    map_quality_unknown_split,
+    map_quality_not_a_model,
+    map_quality_bad_noise,
     read_only_output,
 ]
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.annotation.fake_data import write_fake_split
 from aerosynth.data.errors import InputError
 from aerosynth.flows.cli import main
@@ -49,3 +50,48 @@ def test_map_quality_command_writes_scores(tiny_model, tmp_path, capsys):
     for key in ("precision", "recall", "ap50"):
         assert 0.0 <= report["scores"][key] <= 1.0
     assert "AP50" in capsys.readouterr().out
+
+
+def test_map_quality_on_a_weak_target_split_at_several_noise_levels(tiny_model, tmp_path, capsys):
+    """target-test is weak: its boxes come from evaluation/ (the evaluation API); one entry per noise level."""
+    from aerosynth.annotation.fake_data import write_fake_split
+    from aerosynth.generation.models import build_ldm, save_ldm
+
+    tiles = tmp_path / "tiles"
+    write_fake_split(
+        tiles / "target-test",
+        "kit_munich_aerial",
+        5,
+        seed=3,
+        weak=True,
+        labels_dir=tiles / "evaluation" / "target-test",
+    )
+    model = save_ldm(build_ldm("tiny", domains=["kit_munich_aerial"]), tmp_path / "model")
+    out = tmp_path / "q.json"
+    args = ["map-quality", "--model", str(model), "--tiles", str(tiles), "--split", "target-test", "--out", str(out)]
+    rc = main([*args, "--noise", "0.1,0.3,0.5"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["split"] == "target-test" and report["weak_split"] and "diagnostic" in report["note"]
+    assert report["tiles"] == 5 and report["ground_truth_boxes"] > 0
+    assert report["noise_levels"] == [0.1, 0.3, 0.5]
+    assert [e["noise"] for e in report["by_noise"]] == [0.1, 0.3, 0.5]
+    for e in report["by_noise"]:
+        assert 0.0 <= e["scores"]["ap50"] <= 1.0
+    assert capsys.readouterr().out.count("AP50") == 3
+    # one level: the flat report, the same scores as that level's entry
+    single = tmp_path / "q1.json"
+    assert main([*args[:-1], str(single), "--noise", "0.3"]) == 0
+    flat = json.loads(single.read_text())
+    assert flat["noise"] == 0.3 and flat["scores"] == report["by_noise"][1]["scores"]
+
+
+def test_map_quality_refuses_an_opened_weak_split(tmp_path):
+    """Passing a WeakTileSplit object is one clear error, not a TypeError."""
+    from aerosynth.annotation.fake_data import write_fake_root
+    from aerosynth.annotation.map_quality import evaluate_map_quality
+    from aerosynth.data.tileset import open_split
+
+    root = write_fake_root(tmp_path / "tiles", count=4)
+    with pytest.raises(InputError, match="evaluation API"):
+        evaluate_map_quality(open_split(root / "target-test"), lambda rgb: np.zeros(rgb.shape[:2]))
