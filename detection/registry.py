@@ -22,6 +22,8 @@ Layout::
 A version is built in a hidden temporary folder and moved into place under the next free number,
 claimed with an atomic ``mkdir`` (two processes registering at once get two numbers). Updates of
 ``production.json`` and ``seen.json`` happen under an exclusive ``flock`` on ``REGISTRY/.lock``.
+
+Which candidate becomes production (the promotion rule) is :mod:`aerosynth.detection.promotion`.
 """
 
 from __future__ import annotations

@@ -13,16 +13,19 @@ import pystac
 import pytest
 import torch
 import yaml
+
 from aerosynth.annotation.export import synthetic_transform
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.domains import yolo_folder_domain
 from aerosynth.data.errors import InputError
+from aerosynth.data.export_validation import validate_export
 from aerosynth.data.geo import geojson_to_detections, read_geojson
 from aerosynth.data.imageio import read_rgb
 from aerosynth.data.manifest import file_sha256
 from aerosynth.data.rasters import read_raster
-from aerosynth.flows.request import check_label_item, request_flow, request_tiles, resolve_model, validate_export
+from aerosynth.data.stac_labels import check_label_item
+from aerosynth.flows.request import request_flow, request_tiles, resolve_model
 from aerosynth.generation.models import build_ldm, save_ldm
 
 torch.set_num_threads(2)
@@ -184,12 +187,12 @@ def test_an_export_is_never_overwritten(run_dir, exports, monkeypatch):
         request_tiles(run_dir, root, "other", TARGET, 1, **FAST)
     lock.unlink()
     # a failure while building leaves neither a folder nor debris
-    import aerosynth.flows.request
+    import aerosynth.data.stac
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(aerosynth.flows.request, "_write_stac", broken)
+    monkeypatch.setattr(aerosynth.data.stac, "write_stac_catalog", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         request_tiles(run_dir, root, "other", TARGET, 1, **FAST)
     assert sorted(p.name for p in root.iterdir()) == ["2025-06-01_munich-cars", "2025-06-01_munich_empty"]

@@ -10,21 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
-from aerosynth.flows.registry import Registry, version_rows
-from aerosynth.flows.retrain import (
-    FLAGS_FILE,
-    RunSettings,
-    build_weak_split,
-    decide,
-    find_new_imagery,
-    read_flags_file,
-    record_candidate,
-    retrain,
-)
-
+from aerosynth.data.watch import FLAGS_FILE, read_flags_file
+from aerosynth.data.weak_split import build_weak_split
+from aerosynth.detection.promotion import decide, record_candidate
+from aerosynth.detection.registry import Registry, version_rows
+from aerosynth.flows.retrain import RunSettings, find_new_imagery, retrain
 from tests.conftest import TINY_ADAPT
 
 
@@ -347,10 +341,12 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(
     prefect_harness, tmp_path, demo_tiles, new_scenes
 ):
     import torch
+
     from aerosynth.detection.augment import AugmentConfig
     from aerosynth.detection.datasets import DatasetSpec
+    from aerosynth.detection.promotion import ensure_registry
     from aerosynth.detection.training import DetectorTrainConfig, train_detector
-    from aerosynth.flows.retrain import ensure_registry, retrain_flow, run_retrain
+    from aerosynth.flows.retrain import retrain_flow, run_retrain
 
     torch.set_num_threads(2)
     # production: a 1-epoch source-only detector (it also computes the flags of the unlabelled raster)
