@@ -299,7 +299,7 @@ def diagnostics_lines(diagnostics: Mapping) -> list[str]:
         "",
         "Two-sample accuracy: held-out accuracy of a small CNN telling real tiles from the set's images",
         "(0.5 = indistinguishable, 1.0 = always told apart). Heat-map agreement with F_S: AP50 of the set's",
-        "heat-map boxes (threshold method) taking the source-only detector's detections as the truth"
+        "heat-map boxes (default rule) taking the source-only detector's detections as the truth"
         + ("." if tau is None else f" (confidence >= {tau:.3f},"),
         *([] if tau is None else ["its F1-optimal threshold on real source-val)."]),
         "No target label is read; nothing is chosen with these numbers.",

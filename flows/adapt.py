@@ -611,9 +611,9 @@ def synthetic_diagnostics(config: AdaptConfig, work: Path, tiles: Path, source_o
 
     * two-sample accuracy (:mod:`aerosynth.detection.two_sample`): real tiles of the set's domain and kind
       (weak flags: with or without vehicles) against the set's images; 0.5 = indistinguishable;
-    * heat-map agreement (:mod:`aerosynth.annotation.agreement`), sets with vehicles: AP50 of the threshold
-      method's boxes taking F_S's detections (``source_only``'s detector, at its F1-optimal confidence on real
-      source-val) as the truth.
+    * heat-map agreement (:mod:`aerosynth.annotation.agreement`), sets with vehicles: AP50 of the boxes of the
+      default heat-map rule (not the run's threshold options, so runs compare) taking F_S's detections
+      (``source_only``'s detector, at its F1-optimal confidence on real source-val) as the truth.
     """
     from aerosynth.annotation.agreement import heatmap_agreement, truth_threshold
     from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
@@ -624,7 +624,7 @@ def synthetic_diagnostics(config: AdaptConfig, work: Path, tiles: Path, source_o
 
     names = ("source_cars", "target_cars", "target_empty", "translation")
     folders = {n: work / "synthetic" / n for n in names if (work / "synthetic" / n / "stage_done.json").is_file()}
-    settings = {"seed": config.seed, "threshold": config.annotation.threshold.options, "imgsz": config.detection.imgsz}
+    settings = {"seed": config.seed, "imgsz": config.detection.imgsz}
 
     def build(out: Path) -> None:
         weights = source_only / "train" / "detector.pt"
@@ -638,7 +638,7 @@ def synthetic_diagnostics(config: AdaptConfig, work: Path, tiles: Path, source_o
             [val.labels(t.tile_id) for t in val],
             [val.ignore_regions(t.tile_id) for t in val],
         )
-        hcfg = HeatmapBoxConfig(**config.annotation.threshold.options)
+        hcfg = HeatmapBoxConfig()  # the default rule (as map-quality's): comparable across runs
         source, target = open_split(tiles / "source-train"), open_split(tiles / "target-train")
         real = {"source_cars": (source, True), "target_cars": (target, True), "target_empty": (target, False)}
         doc: dict[str, Any] = {"truth_threshold": tau, "sets": {}}
