@@ -34,13 +34,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from affine import Affine
+
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_coco, write_data_yaml
 from aerosynth.data.imageio import read_rgb, write_png
 from aerosynth.data.manifest import file_sha256
-from affine import Affine
 
 SYNTHETIC_CRS = "EPSG:3857"
 GEOREF_GAP_M = 10.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from aerosynth.data.atomic import atomic_write_json, atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.exporters import LabelledImage, write_coco

@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+
 from aerosynth.data.detections import Detections, nms
 from aerosynth.data.errors import InputError
-from scipy import ndimage
 
 THRESHOLD_MODES = ("fixed", "max_fraction", "otsu")
 BOX_MODES = ("component", "fixed")

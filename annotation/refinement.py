@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from aerosynth.annotation.export import AnnotatedImage
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
@@ -192,6 +193,7 @@ class CropClassifier:
     def save(self, path: str | Path) -> Path:
         """Write the weights (``state_dict``) atomically."""
         import torch
+
         from aerosynth.data.atomic import atomic_output_path
 
         with atomic_output_path(path, ".pt") as tmp:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from aerosynth.annotation.export import export_dataset
 from aerosynth.annotation.metrics import (
     f1_optimal_threshold,

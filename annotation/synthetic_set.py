@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
 

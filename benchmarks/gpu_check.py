@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _write_tiles(root: Path, size: int, n: int) -> list[Path]:
     """Two weak tile splits (the flags are all stage A needs) of ``n`` tiles of ``size`` px."""
     import numpy as np
+
     from aerosynth.data.atomic import atomic_write_json
     from aerosynth.data.imageio import write_png
     from aerosynth.data.tileset import SplitInfo, TileRecord, tiles_document
@@ -119,6 +120,7 @@ class _Probe:
 def time_training(preset: str, splits: list[Path], work: Path, args, device, precision: str) -> dict:
     """Time ``train_stage("A")``: ``warmup`` untimed steps, then ``train_steps`` timed ones."""
     import torch
+
     from aerosynth.generation.training import StageAConfig, train_stage
 
     stamps: list[float] = []
@@ -167,6 +169,7 @@ def time_training(preset: str, splits: list[Path], work: Path, args, device, pre
 def _plain_denoise(ldm, latents, ids, scheduler, steps: int, guidance: float, precision: str):
     """:func:`aerosynth.generation.sampling.denoise` without capture (diffusers' default attention processors)."""
     import torch
+
     from aerosynth.generation.device import autocast
 
     scheduler.set_timesteps(steps)
@@ -185,6 +188,7 @@ def _plain_denoise(ldm, latents, ids, scheduler, steps: int, guidance: float, pr
 def time_sampling(ldm, args, device, precision: str, work: Path) -> tuple[dict, dict]:
     """Capture on vs off (median of ``repeats`` alternating batches), then one ``generate_set`` call."""
     import torch
+
     from aerosynth.generation.attention import default_capture_sides
     from aerosynth.generation.models import token_positions
     from aerosynth.generation.sampling import (

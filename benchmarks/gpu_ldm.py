@@ -100,6 +100,7 @@ def _export_fp16(model_dir: Path, dest: Path) -> list[str]:
 
 def train(args: argparse.Namespace) -> None:
     import torch
+
     from aerosynth.generation.training import StageAConfig, StageBConfig, StageCConfig, train_stage
 
     if args.device != "cpu":

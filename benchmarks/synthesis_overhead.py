@@ -46,6 +46,8 @@ def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict
 
     apply_offline_settings()
     import torch
+    from diffusers import StableDiffusionPipeline
+
     from aerosynth.generation.attention import default_capture_sides
     from aerosynth.generation.models import build_ldm, token_positions
     from aerosynth.generation.sampling import (
@@ -57,7 +59,6 @@ def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict
         make_scheduler,
         to_uint8,
     )
-    from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(threads)
     ldm = build_ldm(preset)  # AutoencoderKL from config: diffusers' pipeline can use it

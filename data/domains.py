@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.geo import geojson_to_detections, read_geojson
 from aerosynth.data.imageio import IMAGE_SUFFIXES, image_size, read_rgb
 from aerosynth.data.rasters import read_raster
-from affine import Affine
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
 from aerosynth.data.atomic import atomic_write_json, atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.imageio import image_size, write_png

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from affine import Affine
+from pyproj import CRS, Transformer
+
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
-from affine import Affine
-from pyproj import CRS, Transformer
 
 WGS84 = CRS.from_epsg(4326)
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+
 from aerosynth.data.atomic import atomic_output_path
 from aerosynth.data.errors import InputError
-from PIL import Image
 
 #: Largest image aerosynth will decode (pixels); a header claiming more is refused unread.
 MAX_IMAGE_PIXELS = 20_000 * 20_000

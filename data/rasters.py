@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
 from aerosynth.data.atomic import atomic_output_path
 from aerosynth.data.errors import InputError
 from aerosynth.data.geo import pixel_size_m
 from aerosynth.data.imageio import MAX_IMAGE_PIXELS
-from affine import Affine
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 
 @dataclass

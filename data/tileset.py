@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from affine import Affine
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
-from affine import Affine
 
 
 def resample(image: np.ndarray, scale: float) -> np.ndarray:

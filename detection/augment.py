@@ -40,6 +40,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.imageio import read_rgb, write_png
 from aerosynth.data.offline import apply_offline_settings

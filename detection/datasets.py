@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError

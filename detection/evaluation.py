@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.tileset import LabelledTileSplit

@@ -7,14 +7,75 @@ conversion happens here. A model is loaded once per path (and file modification 
 from __future__ import annotations
 
 import functools
+import pickletools
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
 from aerosynth.data.offline import apply_offline_settings
+
+#: Largest pickle part of a checkpoint that is read (an ultralytics detector's is about 100 kB).
+_MAX_PICKLE_BYTES = 64 * 1024 * 1024
+_NOT_A_DETECTOR = "not a detector (expected an ultralytics .pt checkpoint, e.g. a run's train/detector.pt)"
+
+
+def _pickle_names(data: bytes) -> set[str]:
+    """Module and class names a pickle refers to, and its other strings, read without running it."""
+    names: set[str] = set()
+    for op, arg, _ in pickletools.genops(data):
+        if isinstance(arg, str):
+            names.update(arg.split(" ") if op.name in ("GLOBAL", "INST") else [arg])
+    return names
+
+
+@functools.lru_cache(maxsize=16)
+def _check_detector(path: str, mtime: float) -> None:  # mtime in the key: a rewritten file is checked again
+    where = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise InputError(where, _NOT_A_DETECTOR)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickles = [i for i in zf.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            usable = len(pickles) == 1 and pickles[0].file_size <= _MAX_PICKLE_BYTES
+            names = _pickle_names(zf.read(pickles[0])) if usable else set()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise InputError(where, f"{_NOT_A_DETECTOR}: unreadable ({type(exc).__name__})") from None
+    if not usable:
+        raise InputError(where, _NOT_A_DETECTOR)
+    if not any(n.startswith("ultralytics") for n in names):
+        raise InputError(where, f"{_NOT_A_DETECTOR}: a torch file without an ultralytics model")
+    if not any(n.endswith("DetectionModel") for n in names):
+        kinds = sorted(n for n in names if n.endswith("Model") and n[:1].isupper())
+        found = f" ({', '.join(kinds)})" if kinds else ""
+        raise InputError(where, f"{_NOT_A_DETECTOR}: an ultralytics model of another task{found}")
+
+
+def check_detector_file(model_path: str | Path) -> Path:
+    """Check, without loading it, that a file is an ultralytics detector checkpoint.
+
+    Reads the zip structure of a torch ``.pt`` and the names its pickle refers to (nothing in it
+    is executed): it must hold an ultralytics ``DetectionModel``. Cheap (a few ms), cached per
+    path and modification time; every command taking a detector calls it before any work.
+
+    Args:
+        model_path: the file given as a detector.
+
+    Returns:
+        The path, unchanged.
+
+    Raises:
+        InputError: the file does not exist or is not a detector (one line naming it).
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise InputError(path, "model weights not found" if not path.is_dir() else f"a folder, {_NOT_A_DETECTOR}")
+    _check_detector(str(path.resolve()), path.stat().st_mtime)
+    return path
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,11 +90,9 @@ def load_model(model_path: str | Path):
     """The ultralytics model of a local ``.pt`` (cached).
 
     Raises:
-        InputError: the file does not exist.
+        InputError: the file does not exist or is not a detector (:func:`check_detector_file`).
     """
-    path = Path(model_path)
-    if not path.is_file():
-        raise InputError(path, "model weights not found")
+    path = check_detector_file(model_path)
     return _load(str(path.resolve()), path.stat().st_mtime)
 
 

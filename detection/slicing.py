@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from aerosynth.data.detections import Detections, box_iou
 from aerosynth.data.errors import InputError
 

@@ -37,6 +37,7 @@ def generation_shard(
 ) -> int:
     """Produce one shard of a synthetic set (``kind`` = ``set``) or of a translation (``translation``)."""
     import torch
+
     from aerosynth.generation.sampling import SamplingConfig, TranslationConfig, generate_set, translate_split
 
     torch.set_num_threads(torch_threads)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from aerosynth.data.offline import apply_offline_settings
 from aerosynth.flows.config import PRESETS
 

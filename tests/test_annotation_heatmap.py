@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from aerosynth.annotation.fake_data import write_fake_synthetic_set
 from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct, boxes_from_heatmap, otsu_threshold
 from aerosynth.annotation.synthetic_set import open_synthetic_set

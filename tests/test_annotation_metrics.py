@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from aerosynth.annotation.fake_data import write_fake_split, write_fake_synthetic_set
 from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
 from aerosynth.annotation.map_quality import evaluate_map_quality, evaluate_translation_set, normalise_map

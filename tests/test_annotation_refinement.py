@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from aerosynth.annotation.fake_data import write_fake_synthetic_set
 from aerosynth.annotation.refinement import Candidate, RefinementConfig, extract_crops, partition, refine
 from aerosynth.annotation.relay import RelayConfig, _choose_lambdas

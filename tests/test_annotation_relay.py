@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.annotation.fake_data import write_fake_root, write_fake_synthetic_set
 from aerosynth.annotation.metrics import f1_optimal_threshold, match_all
 from aerosynth.annotation.refinement import RefinementConfig

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from aerosynth.flows.cli import main
 
 FIXTURES = Path(__file__).parent / "data"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from affine import Affine
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.domains import coco_domain, geotiff_domain, yolo_folder_domain
 from aerosynth.data.errors import InputError
@@ -14,7 +16,6 @@ from aerosynth.data.exporters import LabelledImage, write_yolo_split
 from aerosynth.data.prepare import PrepareSpec, SplitSpec, prepare_dataset
 from aerosynth.data.tileset import LabelledTileSplit, WeakTileSplit, open_evaluation_split, open_split
 from aerosynth.data.tiling import assign_boxes, resample, tile_offsets
-from affine import Affine
 
 FIXTURES = Path(__file__).parent / "data"
 

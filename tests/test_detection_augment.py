@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from aerosynth.data.atomic import atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.imageio import read_rgb, write_png
@@ -107,11 +108,12 @@ def test_ultralytics_settings_and_serialisation():
 
 def test_ultralytics_dataset_applies_our_transforms_once(tmp_path):
     """Through ultralytics' own training dataset: boxes follow the object, no HSV/colour on heat maps."""
-    from aerosynth.detection.training import DetectorTrainConfig, train_args
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.augment import Albumentations
     from ultralytics.data.utils import check_det_dataset
+
+    from aerosynth.detection.training import DetectorTrainConfig, train_args
 
     img, dets = _planted()
     write_png(tmp_path / "yolo" / "images" / "a.png", img)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.imageio import read_rgb
 from aerosynth.data.tileset import open_evaluation_split

@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from affine import Affine
+
 from aerosynth.data.detections import Detections, box_iou
 from aerosynth.data.errors import InputError
 from aerosynth.data.rasters import write_geotiff
@@ -15,7 +17,6 @@ from aerosynth.detection.datasets import DatasetSpec
 from aerosynth.detection.slicing import detect_array, detect_raster, detector_gsd, merge_boxes, window_origins, windows
 from aerosynth.detection.toydata import background, write_toy_split
 from aerosynth.detection.training import DetectorTrainConfig, train_detector
-from affine import Affine
 
 torch.set_num_threads(2)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.data.atomic import atomic_write_json, atomic_write_text
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import write_png

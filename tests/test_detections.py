@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from aerosynth.data.detections import Detections, box_iou, nms
-from aerosynth.data.errors import InputError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from aerosynth.data.detections import Detections, box_iou, nms
+from aerosynth.data.errors import InputError
 
 
 def test_yolo_round_trip_is_exact_to_six_decimals():

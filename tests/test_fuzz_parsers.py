@@ -7,13 +7,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.domains import coco_domain
 from aerosynth.data.errors import InputError
 from aerosynth.data.geo import geojson_to_detections, read_geojson
-from affine import Affine
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FIXTURES = Path(__file__).parent / "data"
 T = Affine(0.25, 0, 690_000.0, 0, -0.25, 5_336_000.0)

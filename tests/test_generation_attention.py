@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor
+
 from aerosynth.generation.attention import (
     AttentionStore,
     CaptureAttnProcessor,
@@ -13,7 +15,6 @@ from aerosynth.generation.attention import (
     object_loss,
 )
 from aerosynth.generation.models import build_ldm, token_positions
-from diffusers.models.attention_processor import Attention, AttnProcessor
 
 torch.set_num_threads(1)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
 from aerosynth.generation.device import check_mixed_precision, resolve_device
@@ -27,7 +28,6 @@ from aerosynth.generation.training import (
     StageCConfig,
     train_stage,
 )
-
 from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)

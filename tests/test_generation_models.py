@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
 from aerosynth.generation.models import (
@@ -95,8 +96,9 @@ def test_incomplete_stable_diffusion_folder_names_the_missing_part(tmp_path):
 
 
 def test_local_stable_diffusion_folder_loads_offline(tmp_path):
-    from aerosynth.generation.models import NOISE_SCHEDULE
     from diffusers import DDIMScheduler
+
+    from aerosynth.generation.models import NOISE_SCHEDULE
 
     tiny = build_ldm("tiny")
     sd = tmp_path / "sd"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
@@ -23,7 +24,6 @@ from aerosynth.generation.sampling import (
     translate_split,
 )
 from aerosynth.generation.training import StageAConfig, train_stage
-
 from tests.test_generation_helpers import make_split
 
 torch.set_num_threads(1)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from aerosynth.data.errors import InputError
 from aerosynth.generation.models import load_ldm
 from aerosynth.generation.training import (
@@ -20,8 +22,6 @@ from aerosynth.generation.training import (
     train_stage,
 )
 from aerosynth.generation.vocab import VEHICLE_TOKEN, background_token
-from safetensors.torch import load_file
-
 from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)

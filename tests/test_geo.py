@@ -7,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.geo import (
@@ -18,9 +22,6 @@ from aerosynth.data.geo import (
     transformer,
 )
 from aerosynth.data.rasters import read_raster, write_geotiff
-from affine import Affine
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 FIXTURES = Path(__file__).parent / "data"
 T = Affine(0.25, 0, 690_000.0, 0, -0.25, 5_336_000.0)

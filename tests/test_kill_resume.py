@@ -72,8 +72,9 @@ def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
 
 
 def test_sigkill_during_training_and_synthesis_then_resume(prefect_harness, tmp_path):
-    from aerosynth.flows.adapt import run_adapt
     from prefect.settings import PREFECT_API_URL
+
+    from aerosynth.flows.adapt import run_adapt
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(KILL_CONFIG))

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
 from aerosynth.generation.latent_pack import dequantise, quantise, read_latent_pack, thin_groups, write_latent_pack
 from aerosynth.generation.models import build_ldm
 from aerosynth.generation.training import StageAConfig, StageBConfig, load_tiles, train_stage
-
 from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from aerosynth.data.prepare import prepare_dataset
 from aerosynth.data.presets import AERIAL_V1_EXPECTED_TILES, aerial_v1
 from aerosynth.data.tileset import WeakTileSplit, open_evaluation_split, open_split

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefect import flow
+
 from aerosynth.flows.scale import map_shards, task_runner
 from aerosynth.generation.sampling import SamplingConfig, generate_set
 from aerosynth.generation.training import StageAConfig, train_stage
-from prefect import flow
-
 from tests.test_generation_helpers import make_split
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from aerosynth.flows.server_cleanup import EPHEMERAL_MARK, OWNER_PID, OWNER_START, stop_orphan_servers
 
 REPO = Path(__file__).resolve().parents[1]
