@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+
 from aerosynth.data.errors import InputError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")

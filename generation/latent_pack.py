@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
 from aerosynth.data.atomic import atomic_output_path
 from aerosynth.data.errors import InputError
 
@@ -42,6 +43,9 @@ class LatentPack:
         codec: autoencoder kind (``taef2`` or ``kl``) the latents came from.
         scaling: that codec's latent scaling.
         image_size: tile side the latents were encoded at.
+        box_masks: ``(N, S, S)`` uint8 box masks of labelled (source) tiles, zeros elsewhere (``None`` in
+            packs written before box supervision).
+        has_boxes: the tile is labelled and has a box (the box loss trains on these only).
     """
 
     latents: torch.Tensor
@@ -51,6 +55,8 @@ class LatentPack:
     codec: str
     scaling: float
     image_size: int
+    box_masks: torch.Tensor | None = None
+    has_boxes: list[bool] = field(default_factory=list)
 
 
 def quantise(latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,13 +138,21 @@ def write_latent_pack(
         "names": [tiles.names[i] for i in keep],
         "domains": [tiles.domains[i] for i in keep],
         "has_vehicle": [bool(tiles.has_vehicle[i]) for i in keep],
+        "has_boxes": [bool(tiles.has_boxes[i]) for i in keep],
         "tiles_before_thinning": len(tiles.names),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_path(out, ".npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, codes=codes, low=low, high=high, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+            np.savez(
+                fh,
+                codes=codes,
+                low=low,
+                high=high,
+                box_masks=tiles.box_masks[keep].numpy(),
+                meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+            )
     return out
 
 
@@ -154,6 +168,7 @@ def read_latent_pack(path: str | Path) -> LatentPack:
     try:
         with np.load(path, allow_pickle=False) as doc:
             codes, low, high = doc["codes"], doc["low"], doc["high"]
+            masks = torch.from_numpy(doc["box_masks"]) if "box_masks" in doc.files else None
             meta = json.loads(doc["meta"].tobytes().decode())
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(path, f"not a latent pack ({exc})") from None
@@ -170,4 +185,6 @@ def read_latent_pack(path: str | Path) -> LatentPack:
         codec=str(meta["codec"]),
         scaling=float(meta["scaling"]),
         image_size=int(meta["image_size"]),
+        box_masks=masks,
+        has_boxes=[bool(f) for f in meta.get("has_boxes", [False] * n)],
     )

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json
 from aerosynth.data.errors import InputError
 from aerosynth.generation import taef2
@@ -30,9 +34,6 @@ from aerosynth.generation.vocab import (
     domain_words,
     learned_tokens,
 )
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 LDM_FILE = "ldm.json"
 AUTOENCODER_FILE = "autoencoder.json"
@@ -504,6 +505,36 @@ def save_ldm(ldm: LDM, out_dir: str | Path, unet_state: dict[str, torch.Tensor] 
     doc = {"spec": _json_safe(asdict(ldm.spec)), "autoencoder_dir": ae_dir, "format": 1}
     atomic_write_json(out_dir / LDM_FILE, doc)
     return out_dir
+
+
+def check_ldm_folder(model_dir: str | Path) -> Path:
+    """Check, without building the model, that a path is a model folder written by :func:`save_ldm`.
+
+    Args:
+        model_dir: the folder given as a latent diffusion model (e.g. ``ldm/stageC/model``).
+
+    Returns:
+        The folder, unchanged.
+
+    Raises:
+        InputError: not a folder, no readable ``ldm.json`` with a spec, or a weights file missing.
+    """
+    model_dir = Path(model_dir)
+    expected = f"not an LDM model folder (expected a folder with {LDM_FILE}, e.g. a run's ldm/stageC/model)"
+    if not model_dir.exists():
+        raise InputError(model_dir, f"not found; {expected}")
+    if not model_dir.is_dir() or not (model_dir / LDM_FILE).is_file():
+        raise InputError(model_dir, expected)
+    try:
+        doc = json.loads((model_dir / LDM_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(model_dir / LDM_FILE, f"malformed model description ({type(exc).__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise InputError(model_dir / LDM_FILE, "malformed model description (no spec)")
+    for name in ("unet", "text_encoder"):
+        if not (model_dir / f"{name}.safetensors").is_file():
+            raise InputError(model_dir / f"{name}.safetensors", "weights file missing from the model folder")
+    return model_dir
 
 
 def load_ldm(model_dir: str | Path) -> LDM:

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
 from aerosynth.data.errors import InputError
 from aerosynth.generation.attention import AttentionStore, capturing, default_capture_sides
 from aerosynth.generation.models import LDM, load_ldm, token_positions

@@ -44,6 +44,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
@@ -54,7 +56,6 @@ from aerosynth.generation.attention import AttentionStore, capturing, default_ca
 from aerosynth.generation.device import autocast, check_mixed_precision, resolve_device
 from aerosynth.generation.models import LDM, load_ldm, noise_schedule, token_positions
 from aerosynth.generation.vocab import VEHICLE_TOKEN, background_token
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 HEATMAP_CHANNELS = ["cars", "V1", "255-background"]
 SETS = {"source_cars": True, "target_cars": True, "target_empty": False}

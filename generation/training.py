@@ -9,6 +9,18 @@
   cross-attention layer (see :mod:`aerosynth.generation.attention`).
 * stage ``C``: tokens frozen, the UNet fine-tuned further with the same losses.
 
+Two additions a model trained from scratch needs (Stable Diffusion brings both from pretraining):
+
+* **Box-supervised attention** (``lambda_box``, stages A-C): on labelled (source) tiles with vehicles,
+  the "cars" map of every cross-attention layer (from stage B also [V1]) is pulled toward the tile's box
+  mask at the layer's resolution, the background token toward its complement
+  (:func:`aerosynth.generation.attention.box_attention_loss`; ``box_loss`` ``l1`` or ``bce``,
+  ``box_max_timestep`` restricts it to the lower noise levels). Target tiles keep their weak flag only:
+  a weak split has no boxes to read.
+* **Conditioning dropout** (``cond_dropout``): that share of the tiles is trained with the empty prompt,
+  the unconditional branch classifier-free guidance extrapolates from; ``train_text`` also trains the
+  text encoder's token embeddings (or the whole encoder) in stage A, so that prompts differ for the UNet.
+
 Each stage writes ``OUT/`` with ``model/`` (or ``autoencoder/`` for stage 0), ``losses.csv``,
 ``stage.json`` and ``checkpoints/last.pt`` (written atomically every ``checkpoint_every`` steps
 and on SIGINT/SIGTERM). ``resume=True`` continues from the checkpoint; on CPU the result is
@@ -70,11 +82,19 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
 from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
-from aerosynth.data.tileset import open_split
-from aerosynth.generation.attention import AttentionStore, attention_losses, capturing
+from aerosynth.data.tileset import LabelledTileSplit, open_split
+from aerosynth.generation.attention import (
+    BOX_LOSS_FORMS,
+    AttentionStore,
+    attention_losses,
+    box_attention_loss,
+    capturing,
+)
 from aerosynth.generation.device import Runtime, make_runtime
 from aerosynth.generation.latent_pack import LatentPack, read_latent_pack
 from aerosynth.generation.models import (
@@ -91,13 +111,15 @@ from aerosynth.generation.models import (
     token_positions,
 )
 from aerosynth.generation.vocab import DEFAULT_DOMAINS, VEHICLE_TOKEN, background_token
-from diffusers import DDPMScheduler
 
 STAGES = ("0", "A", "B", "C")
 CHECKPOINT = "checkpoints/last.pt"
 LOSSES_CSV = "losses.csv"
 STAGE_FILE = "stage.json"
-LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "lr")
+LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "loss_box", "lr")
+#: Side of the box masks kept per tile (fraction of each cell covered; pooled to each layer's side).
+MASK_SIDE = 32
+TEXT_TRAINING = ("none", "embeddings", "encoder")
 
 
 @dataclass
@@ -119,6 +141,12 @@ class StageConfig:
         seed: seed of data order and noise.
         lambda_obj: weight of L_obj (stages B, C).
         lambda_bg: weight of L_bg (stages B, C).
+        lambda_box: weight of the box-supervised attention loss on labelled tiles with vehicles (0: off).
+        box_loss: its form, ``l1`` (maps as distributions) or ``bce`` (per-pixel attention probability).
+        box_max_timestep: apply it only below this fraction of the noise schedule (1: every timestep).
+        cond_dropout: share of tiles trained with the empty prompt (classifier-free guidance's branch).
+        train_text: stage A also trains the text encoder's ``embeddings`` or the whole ``encoder``
+            (``none``: frozen, as before); its learning rate is ``token_learning_rate``.
         init_model: the previous stage's ``model/`` folder (required for B and C).
         pretrained_dir: a local Stable Diffusion v1.x folder to start stage A from (instead of a preset).
         image_size: training image side for ``pretrained_dir`` (default 512; tiles are resized).
@@ -146,6 +174,11 @@ class StageConfig:
     seed: int = 0
     lambda_obj: float = 1.0
     lambda_bg: float = 1.0
+    lambda_box: float = 1.0
+    box_loss: str = "l1"
+    box_max_timestep: float = 1.0
+    cond_dropout: float = 0.1
+    train_text: str = "embeddings"
     init_model: Path | None = None
     pretrained_dir: Path | None = None
     image_size: int | None = None
@@ -206,12 +239,17 @@ class TileSet:
         domains: domain of each tile.
         has_vehicle: weak flag of each tile.
         names: ``split/tile_id`` of each tile.
+        box_masks: ``(N, MASK_SIDE, MASK_SIDE)`` uint8, 255 x the fraction of each cell covered by a box
+            (zeros for weak tiles, which have no boxes).
+        has_boxes: the tile comes from a labelled split and has at least one box.
     """
 
     images: torch.Tensor
     domains: list[str]
     has_vehicle: list[bool]
     names: list[str] = field(default_factory=list)
+    box_masks: torch.Tensor | None = None
+    has_boxes: list[bool] = field(default_factory=list)
 
     def digest(self) -> str:
         h = hashlib.sha256("\n".join(self.names).encode())
@@ -219,8 +257,21 @@ class TileSet:
         return h.hexdigest()[:16]
 
 
+def box_mask(boxes: np.ndarray, width: int, height: int, side: int = MASK_SIDE) -> np.ndarray:
+    """``(side, side)`` uint8: 255 x the fraction of each cell covered by the union of ``xyxy`` boxes."""
+    full = np.zeros((height, width), np.uint8)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+        c1, r1 = min(int(np.ceil(x1)), width), min(int(np.ceil(y1)), height)
+        if c1 > c0 and r1 > r0:
+            full[r0:r1, c0:c1] = 255
+    return cv2.resize(full, (side, side), interpolation=cv2.INTER_AREA)
+
+
 def load_tiles(splits: Sequence[Path], image_size: int, max_per_split: int | None = None) -> TileSet:
-    """Read the tiles of splits (resized to ``image_size``), with their domain and weak flag.
+    """Read the tiles of splits (resized to ``image_size``), with their domain, weak flag and box mask.
+
+    Box masks come from labelled (source) splits only; a weak (target) split has no boxes to read.
 
     Raises:
         InputError: a split is not a tile split, or no tile is found.
@@ -229,14 +280,20 @@ def load_tiles(splits: Sequence[Path], image_size: int, max_per_split: int | Non
     domains: list[str] = []
     flags: list[bool] = []
     names: list[str] = []
+    masks: list[np.ndarray] = []
+    boxed: list[bool] = []
     for split_dir in splits:
         split = open_split(Path(split_dir))
+        labelled = isinstance(split, LabelledTileSplit)
         records = sorted(split.tiles, key=lambda r: r.tile_id)
         if max_per_split is not None and len(records) > max_per_split:
             picks = np.linspace(0, len(records) - 1, max_per_split).round().astype(int)
             records = [records[i] for i in picks]
         for rec in records:
             rgb = split.image(rec.tile_id)
+            boxes = split.labels(rec.tile_id).xyxy if labelled else np.zeros((0, 4))
+            masks.append(box_mask(boxes, rgb.shape[1], rgb.shape[0]))
+            boxed.append(bool(len(boxes)))
             if rgb.shape[0] != image_size or rgb.shape[1] != image_size:
                 rgb = cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_AREA)
             images.append(rgb)
@@ -246,7 +303,7 @@ def load_tiles(splits: Sequence[Path], image_size: int, max_per_split: int | Non
     if not images:
         raise InputError(",".join(str(s) for s in splits), "no tiles in the training splits")
     arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return TileSet(arr, domains, flags, names)
+    return TileSet(arr, domains, flags, names, torch.from_numpy(np.stack(masks)), boxed)
 
 
 class BalancedSampler:
@@ -684,7 +741,8 @@ def _pack_tiles(pack: LatentPack, ldm: LDM, where: Path) -> tuple[TileSet, torch
         raise InputError(
             where, f"latent pack holds latents {tuple(pack.latents.shape[1:])}; the model needs {expected}"
         )
-    return TileSet(torch.empty(0), pack.domains, pack.has_vehicle, pack.names), pack.latents
+    tiles = TileSet(torch.empty(0), pack.domains, pack.has_vehicle, pack.names, pack.box_masks, pack.has_boxes)
+    return tiles, pack.latents
 
 
 def _diffusion_stage(
@@ -697,6 +755,7 @@ def _diffusion_stage(
     runtime: Runtime,
     latent_pack: Path | None = None,
 ) -> Path:
+    _check_box_settings(config)
     pack = read_latent_pack(latent_pack) if latent_pack is not None else None
     split_domains = sorted(set(pack.domains)) if pack else sorted({open_split(Path(s)).info.domain for s in splits})
     ldm = _prepare_model(stage, config, split_domains)
@@ -710,6 +769,12 @@ def _diffusion_stage(
         latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt", runtime)
     del tiles.images
     learned = stage in ("B", "C")
+    n_tiles = len(tiles.names)
+    masks = tiles.box_masks
+    if masks is None:
+        masks = torch.zeros((n_tiles, MASK_SIDE, MASK_SIDE), dtype=torch.uint8)
+    has_boxes = torch.tensor(tiles.has_boxes or [False] * n_tiles, dtype=torch.bool)
+    use_box = config.lambda_box > 0 and bool(has_boxes.any())
     n = len(tiles.names)
     if learned:
         groups = {
@@ -762,6 +827,19 @@ def _diffusion_stage(
     groups_opt = [{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": config.weight_decay}]
     embedding = text_encoder.get_input_embeddings().weight
     train_tokens = stage == "B"
+    text_params: dict[str, torch.nn.Parameter] = {}
+    if stage == "A" and config.train_text != "none":
+        text_params = (
+            {"text_encoder.token_embedding": embedding}
+            if config.train_text == "embeddings"
+            else {f"text_encoder.{n_}": p for n_, p in text_encoder.named_parameters()}
+        )
+        for p in text_params.values():
+            p.requires_grad_(True)
+        text_encoder.train()
+        trainable.update(text_params)
+        groups_opt.append({"params": list(text_params.values()), "lr": config.token_learning_rate, "weight_decay": 0.0})
+    empty_ids = ldm.token_ids([""])
     token_rows = [v1_id] + [bg_ids[d] for d in split_domains]
     frozen_rows = torch.ones(embedding.shape[0], dtype=torch.bool, device=device)
     frozen_rows[token_rows] = False
@@ -778,42 +856,61 @@ def _diffusion_stage(
     cached_text: dict[int, torch.Tensor] = {}
     latent_hw = tuple(latents.shape[-2:])
 
-    def text_embeddings(idx: list[int]) -> torch.Tensor:
-        if train_tokens:
-            return text_encoder(ids[idx].to(device))[0]
+    def text_embeddings(batch_ids: torch.Tensor, idx: list[int], dropped: torch.Tensor) -> torch.Tensor:
+        if train_tokens or text_params:
+            return text_encoder(batch_ids.to(device))[0]
         with torch.no_grad():
             for i in idx:
                 if i not in cached_text:
                     cached_text[i] = text_encoder(ids[i : i + 1].to(device))[0][0]
-        return torch.stack([cached_text[i] for i in idx])
+            if bool(dropped.any()) and -1 not in cached_text:
+                cached_text[-1] = text_encoder(empty_ids.to(device))[0][0]
+        return torch.stack([cached_text[-1 if bool(d) else i] for i, d in zip(idx, dropped, strict=True)])
+
+    num_t = schedule.config.num_train_timesteps
+    capture = learned or use_box
 
     def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
-        # noise and timesteps come from the CPU generator for the whole (global) batch, then move
+        # noise, timesteps and dropout come from the CPU generator for the whole (global) batch, then move
         eps = torch.randn((len(idx), *latents.shape[1:]), generator=noise)
-        t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=noise)
+        t = torch.randint(0, num_t, (len(idx),), generator=noise)
+        dropped = (
+            torch.rand(len(idx), generator=noise) < config.cond_dropout
+            if config.cond_dropout > 0
+            else torch.zeros(len(idx), dtype=torch.bool)
+        )
         part = runtime.local_part(len(idx))
-        idx, eps, t = idx[part], eps[part].to(device), t[part].to(device)
+        idx, eps, t, dropped = idx[part], eps[part].to(device), t[part].to(device), dropped[part]
         x0 = latents[idx].to(device)
         noisy = schedule.add_noise(x0, eps, t)
+        batch_ids = torch.where(dropped[:, None], empty_ids, ids[idx])
         with runtime.autocast():
-            cond = text_embeddings(idx)
-            if learned:
-                store = AttentionStore(positions[idx], latent_hw, keep_layer_maps=True)
+            cond = text_embeddings(batch_ids, idx, dropped)
+            if capture:
+                # a dropped (empty) prompt has none of the captured tokens
+                pos = torch.where(dropped.to(device)[:, None], torch.full_like(positions[idx], -1), positions[idx])
+                store = AttentionStore(pos, latent_hw, keep_layer_maps=True)
                 with capturing(unet, store):
                     pred = unet_forward(noisy, t, cond, return_dict=False)[0]
             else:
                 pred = unet_forward(noisy, t, cond, return_dict=False)[0]
-        if learned:
-            l_obj, l_bg = attention_losses(store)
-        else:
-            l_obj = l_bg = torch.zeros((), device=device)
+        zero = torch.zeros((), device=device)
+        l_obj, l_bg = attention_losses(store) if learned else (zero, zero)
+        l_box = zero
+        if use_box:
+            valid = has_boxes[idx] & ~dropped & (t.cpu() < config.box_max_timestep * num_t)
+            l_box = box_attention_loss(
+                store, masks[idx].float() / 255, valid.to(device), config.box_loss, learned_tokens=learned
+            )
         per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = alphas[t] / (1 - alphas[t])
             per_sample = per_sample * torch.clamp(snr, max=config.min_snr_gamma) / snr
         l_ldm = per_sample.mean()
-        loss = l_ldm + config.lambda_obj * l_obj + config.lambda_bg * l_bg if learned else l_ldm
-        return {"loss": loss, "loss_ldm": l_ldm, "loss_obj": l_obj, "loss_bg": l_bg}
+        loss = l_ldm + config.lambda_box * l_box
+        if learned:
+            loss = loss + config.lambda_obj * l_obj + config.lambda_bg * l_bg
+        return {"loss": loss, "loss_ldm": l_ldm, "loss_obj": l_obj, "loss_bg": l_bg, "loss_box": l_box}
 
     def after_step() -> None:
         if train_tokens:
@@ -821,7 +918,7 @@ def _diffusion_stage(
                 embedding[frozen_rows] = embedding_init[frozen_rows]
 
     modules: dict[str, torch.nn.Module] = {"unet": unet}
-    if train_tokens:
+    if train_tokens or text_params:
         modules["text_encoder"] = text_encoder
     job = _Job(
         stage,
@@ -845,7 +942,9 @@ def _diffusion_stage(
     with _ema_swapped(job, ema):
         unet_state = _merged_unet_state(unet, lora)
         embedding.requires_grad_(False)
+        text_encoder.requires_grad_(False).eval()
         unet.eval()
+        gap = conditioning_gap(ldm, latents, ids, empty_ids, schedule, config.seed)
         if lora:
             ldm.unet = build_ldm(ldm.spec, ldm.autoencoder_dir).unet
         target = out_dir / "model"
@@ -853,7 +952,13 @@ def _diffusion_stage(
             ldm.spec.tokens_trained = True
         save_ldm(ldm, target, unet_state=unet_state)
     moved = float((embedding.detach()[token_rows] - embedding_init[token_rows]).norm())
-    metrics = {"tiles": n, "token_embedding_change": moved, "final_loss": _last_logged_loss(out_dir)}
+    metrics = {
+        "tiles": n,
+        "tiles_with_boxes": int(has_boxes.sum()),
+        "token_embedding_change": moved,
+        "final_loss": _last_logged_loss(out_dir),
+        "conditioning_gap": gap,
+    }
     if latent_pack is not None:
         metrics["latent_pack"] = {"file": Path(latent_pack).name, "sha256": file_sha256(Path(latent_pack))}
     atomic_write_json(
@@ -863,6 +968,52 @@ def _diffusion_stage(
     )
     runtime.wait()
     return target
+
+
+def _check_box_settings(config: StageConfig) -> None:
+    if config.box_loss not in BOX_LOSS_FORMS:
+        raise InputError("box_loss", f"unknown box loss {config.box_loss!r} ({', '.join(BOX_LOSS_FORMS)})")
+    if not 0 < config.box_max_timestep <= 1:
+        raise InputError("box_max_timestep", f"{config.box_max_timestep} is not in (0, 1]")
+    if not 0 <= config.cond_dropout < 1:
+        raise InputError("cond_dropout", f"{config.cond_dropout} is not in [0, 1)")
+    if config.train_text not in TEXT_TRAINING:
+        raise InputError("train_text", f"unknown text training {config.train_text!r} ({', '.join(TEXT_TRAINING)})")
+    if config.lambda_box < 0:
+        raise InputError("lambda_box", "must not be negative")
+
+
+@torch.no_grad()
+def conditioning_gap(
+    ldm: LDM,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    schedule: DDPMScheduler,
+    seed: int,
+    tiles: int = 16,
+    fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+) -> dict:
+    """How much the UNet uses its prompt: ``mean |eps_cond - eps_uncond| / mean |eps_cond|``.
+
+    Evenly spaced tiles, each with its training prompt against the empty prompt, at a few noise levels
+    with seeded noise. 0 means the prompt changes nothing (classifier-free guidance has nothing to amplify).
+    """
+    device = next(ldm.unet.parameters()).device
+    pick = torch.from_numpy(np.linspace(0, len(latents) - 1, min(tiles, len(latents))).round().astype(np.int64))
+    x0 = latents[pick].to(device)
+    gen = torch.Generator().manual_seed(seed + 7)
+    cond = ldm.text_encoder(ids[pick].to(device))[0]
+    uncond = ldm.text_encoder(empty_ids.expand(len(pick), -1).to(device))[0]
+    out = {}
+    for frac in fractions:
+        t = torch.full((len(pick),), int(frac * (schedule.config.num_train_timesteps - 1)), device=device)
+        noisy = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), t)
+        e_c = ldm.unet(noisy, t, cond).sample.float()
+        e_u = ldm.unet(noisy, t, uncond).sample.float()
+        out[f"t{frac:g}"] = round(float((e_c - e_u).abs().mean() / (e_c.abs().mean() + 1e-12)), 5)
+    out["mean"] = round(float(np.mean(list(out.values()))), 5)
+    return out
 
 
 def _runtime_record(config: StageConfig, runtime: Runtime) -> dict:

@@ -1,0 +1,324 @@
+"""aerial-v1, paired design: every variant fine-tunes from the same source-only detector of its seed.
+
+Protocol ``../shared/benchmarks/aerial-v1.md`` (items 9 and 10): the source-only detector of each seed is
+the reference recipe (yolov8n from yaml, 128 px, batch 32, 8 epochs of the 5320 source-train tiles,
+ultralytics' default augmentations with mosaic, SGD) with a fixed, label-free checkpoint rule (final
+weights). Every variant then fine-tunes from those weights for the same short budget
+(:data:`FINETUNE`), so that variants of one seed differ by their data only:
+
+* ``continued``: source-train only (the control: what the extra budget alone gives);
+* ``self-training``: source-train + the real target-train tiles labelled by F_S (the seed's source-only
+  detector) with the weak flag as a constraint (:mod:`aerosynth.annotation.real_target`);
+* ``heatmap``: source-train + the real target-train tiles labelled from the box-supervised LDM's
+  cross-attention maps of the real tile (threshold chosen on source-val);
+* ``oracle``: source-train + target-train with its true boxes (an upper bound in the same design).
+
+Each task is a subprocess on one thread; ``--jobs 2`` runs two at once on the 2 cores. Finished tasks
+(``metrics.json``) are skipped, so a rerun resumes. Figures: ``benchmarks/results/aerial-v1-paired.json``.
+
+    python benchmarks/aerial_v1_paired.py run --seeds 0,1,2 --targets minsk,kit --jobs 2
+    python benchmarks/aerial_v1_paired.py collect
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import use_checkout  # noqa: E402
+
+use_checkout()
+
+WORK = REPO / "benchmarks" / "work" / "paired"
+RESULTS = REPO / "benchmarks" / "results" / "aerial-v1-paired.json"
+TILES = {"kit": REPO / "benchmarks" / "work" / "tiles-kit", "minsk": REPO / "benchmarks" / "work" / "tiles-minsk"}
+PRESETS = {"kit": "aerial-v1", "minsk": "aerial-v1-minsk"}
+#: Default LDM for the heat-map variant (benchmarks/box_ldm.py writes it).
+LDM_MODEL = REPO / "benchmarks" / "work" / "box-ldm" / "stageA" / "model"
+#: Source-only: protocol item 9 (8 epochs of 5320 tiles at batch 32, about 1330 batches).
+SOURCE_ONLY = {"epochs": 8, "batch": 32, "recipe": "reference", "checkpoint": "last", "patience": 100}
+#: Fine-tuning from source-only: 4 epochs of 1600 images (half source, half target data), lower lr, no warm-up.
+FINETUNE = {
+    "epochs": 4,
+    "batch": 32,
+    "recipe": "reference",
+    "checkpoint": "last",
+    "patience": 100,
+    "mix_total": 1600,
+    "extra": {"lr0": 0.002, "warmup_epochs": 0.0, "close_mosaic": 1},
+}
+TARGET_VARIANTS = ("self-training", "heatmap", "oracle")
+
+
+def _run_dir(name: str, seed: int) -> Path:
+    return WORK / name / f"seed{seed}"
+
+
+def _evaluate(weights: Path, targets: list[str]) -> dict:
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict
+
+    out = {}
+    for target in targets:
+        test = open_evaluation_split(TILES[target], "target-test")
+        preds = predict(weights, [test.image_path(t.tile_id) for t in test], conf=0.001, imgsz=128)
+        result = evaluate_split(test, preds)
+        out[target] = {"ap50": round(float(result.ap50), 4), "ap": round(float(result.ap), 4)}
+    return out
+
+
+def _train(out: Path, settings: dict, seed: int, model: str, train: list, val) -> Path:
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
+
+    cfg = DetectorTrainConfig(
+        model=model,
+        epochs=settings["epochs"],
+        imgsz=128,
+        batch=settings["batch"],
+        seed=seed,
+        patience=settings["patience"],
+        recipe=settings["recipe"],
+        checkpoint=settings["checkpoint"],
+        mix_total=settings.get("mix_total"),
+        extra=dict(settings.get("extra", {})),
+    )
+    return train_detector(cfg, train, val, out / "train")
+
+
+def task_source_only(seed: int) -> None:
+    """The reference source-only detector of one seed, evaluated on both targets."""
+    from aerosynth.detection.datasets import DatasetSpec
+
+    out = _run_dir("source-only", seed)
+    tiles = TILES["kit"]
+    weights = _train(
+        out,
+        SOURCE_ONLY,
+        seed,
+        "yolov8n.yaml",
+        [DatasetSpec(tiles / "source-train", name="source")],
+        DatasetSpec(tiles / "source-val", name="val"),
+    )
+    _finish(out, weights, ["kit", "minsk"], {"settings": SOURCE_ONLY})
+
+
+def _finish(out: Path, weights: Path, targets: list[str], extra: dict) -> None:
+    from aerosynth.data.atomic import atomic_write_json
+
+    manifest = json.loads((weights.parent / "detector.json").read_text())
+    atomic_write_json(
+        out / "metrics.json",
+        {
+            "target_test": _evaluate(weights, targets),
+            "images_per_s": manifest.get("images_per_s"),
+            "wall_s": manifest.get("wall_s"),
+            "train_counts": manifest.get("mix_counts"),
+            **extra,
+        },
+    )
+
+
+def _labels_dir(variant: str, target: str, seed: int) -> Path:
+    from aerosynth.annotation.real_target import (
+        HeatmapLabelConfig,
+        label_with_detector,
+        label_with_heatmaps,
+    )
+
+    tiles = TILES[target]
+    out = WORK / "labels" / target / variant / (f"seed{seed}" if variant == "self-training" else "ldm")
+    if (out / "summary.json").is_file():
+        return out / "labels"
+    if variant == "self-training":
+        detector = _run_dir("source-only", seed) / "train" / "detector.pt"
+        label_with_detector(detector, tiles / "target-train", tiles / "source-val", out)
+    elif variant == "heatmap":
+        label_with_heatmaps(LDM_MODEL, tiles / "target-train", tiles / "source-val", out, HeatmapLabelConfig())
+    else:
+        raise ValueError(variant)
+    return out / "labels"
+
+
+def task_finetune(variant: str, target: str, seed: int) -> None:
+    """Fine-tune the seed's source-only detector on source-train plus a variant's target data."""
+    from aerosynth.detection.datasets import DatasetSpec
+
+    tiles = TILES[target if variant != "continued" else "kit"]
+    base = _run_dir("source-only", seed) / "train" / "detector.pt"
+    source = DatasetSpec(tiles / "source-train", name="source", fraction=0.5 if variant != "continued" else 1.0)
+    train = [source]
+    if variant == "oracle":
+        labels = tiles / "evaluation" / "target-train" / "labels"
+    elif variant != "continued":
+        labels = _labels_dir(variant, target, seed)
+    if variant != "continued":
+        train.append(
+            DatasetSpec(
+                tiles / "target-train", labels_dir=labels, name=variant, fraction=0.5, missing_labels_are_empty=True
+            )
+        )
+    name = variant if variant == "continued" else f"{target}/{variant}"
+    out = _run_dir(name, seed)
+    weights = _train(out, FINETUNE, seed, str(base), train, DatasetSpec(tiles / "source-val", name="val"))
+    targets = ["kit", "minsk"] if variant == "continued" else [target]
+    _finish(out, weights, targets, {"settings": FINETUNE, "from": str(base.relative_to(REPO))})
+
+
+def tasks(seeds: list[int], targets: list[str], variants: list[str]) -> list[tuple[str, list[str], str | None]]:
+    """(name, argv, dependency) in the order they should run."""
+    out: list[tuple[str, list[str], str | None]] = []
+    for seed in seeds:
+        out.append((f"source-only/seed{seed}", ["task", "source-only", "--seed", str(seed)], None))
+    for seed in seeds:
+        dep = f"source-only/seed{seed}"
+        for target in targets:
+            for variant in variants:
+                if variant == "continued":
+                    continue
+                out.append(
+                    (f"{target}/{variant}/seed{seed}", ["task", variant, "--target", target, "--seed", str(seed)], dep)
+                )
+        if "continued" in variants:
+            out.append((f"continued/seed{seed}", ["task", "continued", "--seed", str(seed)], dep))
+    return out
+
+
+def _done(name: str) -> bool:
+    return (WORK / name / "metrics.json").is_file()
+
+
+def run(seeds: list[int], targets: list[str], variants: list[str], jobs: int) -> None:
+    """Run the task list, ``jobs`` subprocesses at a time (one thread each); finished tasks are skipped."""
+    pending = [t for t in tasks(seeds, targets, variants) if not _done(t[0])]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed: set[str] = set()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                status = "done" if proc.returncode == 0 and _done(name) else f"FAILED ({proc.returncode})"
+                if status != "done":
+                    failed.add(name)
+                print(f"{time.strftime('%H:%M:%S')} {name}: {status} in {time.time() - started:.0f} s", flush=True)
+        ready = [t for t in pending if t[2] is None or _done(t[2])]
+        blocked = [t for t in pending if t[2] in failed]
+        for t in blocked:
+            pending.remove(t)
+            print(f"{t[0]}: skipped, {t[2]} failed", flush=True)
+        while ready and len(running) < jobs:
+            name, argv, _ = ready.pop(0)
+            pending.remove((name, argv, _))
+            log = open(logs / (name.replace("/", "_") + ".log"), "w")  # noqa: SIM115
+            cmd = [sys.executable, __file__, *argv]
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+            print(f"{time.strftime('%H:%M:%S')} {name}: started", flush=True)
+        if not ready and not running and pending:
+            print(f"waiting tasks have no runnable dependency: {[t[0] for t in pending]}", flush=True)
+            break
+        time.sleep(5)
+
+
+def collect() -> dict:
+    """Per target: every variant's AP50 per seed, its paired difference to source-only, mean ± std, closure."""
+    import numpy as np
+
+    from aerosynth.data.atomic import atomic_write_json
+
+    def ap(name: str, seed: int, target: str) -> float | None:
+        path = _run_dir(name, seed) / "metrics.json"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())["target_test"].get(target, {}).get("ap50")
+
+    seeds = sorted(int(p.name[4:]) for p in (WORK / "source-only").glob("seed*") if (p / "metrics.json").is_file())
+    doc: dict = {"protocol": "aerial-v1 items 9-10, paired fine-tuning", "seeds": seeds, "targets": {}}
+    for target in ("minsk", "kit"):
+        base = {s: ap("source-only", s, target) for s in seeds}
+        rows = {"source-only": base}
+        for variant in ("continued", *TARGET_VARIANTS):
+            name = variant if variant == "continued" else f"{target}/{variant}"
+            rows[variant] = {s: ap(name, s, target) for s in seeds}
+        table = {}
+        oracle = rows["oracle"]
+        for variant, per_seed in rows.items():
+            got = {s: v for s, v in per_seed.items() if v is not None}
+            if not got:
+                continue
+            vals = np.array(list(got.values()))
+            diffs = np.array([v - base[s] for s, v in got.items()])
+            closure = [
+                (v - base[s]) / (oracle[s] - base[s])
+                for s, v in got.items()
+                if oracle.get(s) is not None and oracle[s] != base[s]
+            ]
+            table[variant] = {
+                "per_seed": {str(s): v for s, v in got.items()},
+                "mean": round(float(vals.mean()), 4),
+                "std": round(float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, 4),
+                "paired_diff_mean": round(float(diffs.mean()), 4),
+                "paired_diff_std": round(float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0, 4),
+                "above_source_only_on_every_seed": bool((diffs > 0).all()) if variant != "source-only" else None,
+                "gap_closure_mean": round(float(np.mean(closure)), 3) if closure else None,
+                "gap_closure_std": round(float(np.std(closure, ddof=1)), 3) if len(closure) > 1 else None,
+            }
+        doc["targets"][target] = table
+    speeds = [
+        json.loads(p.read_text()).get("images_per_s") for p in WORK.glob("**/metrics.json") if "source-only" in str(p)
+    ]
+    doc["source_only_images_per_s_one_thread"] = [s for s in speeds if s]
+    doc["settings"] = {"source_only": SOURCE_ONLY, "finetune": FINETUNE}
+    atomic_write_json(RESULTS, doc)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--targets", default="minsk,kit")
+    r.add_argument("--variants", default="continued,self-training,heatmap,oracle")
+    r.add_argument("--jobs", type=int, default=2)
+    t = sub.add_parser("task")
+    t.add_argument("name", choices=["source-only", "continued", *TARGET_VARIANTS])
+    t.add_argument("--seed", type=int, required=True)
+    t.add_argument("--target", choices=list(TILES), default="minsk")
+    sub.add_parser("collect")
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        run(
+            [int(s) for s in args.seeds.split(",")],
+            args.targets.split(","),
+            args.variants.split(","),
+            args.jobs,
+        )
+        print(json.dumps(collect(), indent=1))
+    elif args.cmd == "task":
+        import torch
+
+        from aerosynth.data.offline import apply_offline_settings
+
+        torch.set_num_threads(1)
+        apply_offline_settings()
+        if args.name == "source-only":
+            task_source_only(args.seed)
+        else:
+            task_finetune(args.name, args.target, args.seed)
+    else:
+        print(json.dumps(collect(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
