@@ -44,14 +44,14 @@ PRESETS = {"kit": "aerial-v1", "minsk": "aerial-v1-minsk"}
 LDM_MODEL = REPO / "benchmarks" / "work" / "box-ldm" / "stageA" / "model"
 #: Source-only: protocol item 9 (8 epochs of 5320 tiles at batch 32, about 1330 batches).
 SOURCE_ONLY = {"epochs": 8, "batch": 32, "recipe": "reference", "checkpoint": "last", "patience": 100}
-#: Fine-tuning from source-only: 4 epochs of 1600 images (half source, half target data), lower lr, no warm-up.
+#: Fine-tuning from source-only: 3 epochs of 1280 images (half source, half target data), lower lr, no warm-up.
 FINETUNE = {
-    "epochs": 4,
+    "epochs": 3,
     "batch": 32,
     "recipe": "reference",
     "checkpoint": "last",
     "patience": 100,
-    "mix_total": 1600,
+    "mix_total": 1280,
     "extra": {"lr0": 0.002, "warmup_epochs": 0.0, "close_mosaic": 1},
 }
 TARGET_VARIANTS = ("self-training", "heatmap", "oracle")
@@ -127,24 +127,51 @@ def _finish(out: Path, weights: Path, targets: list[str], extra: dict) -> None:
 
 
 def _labels_dir(variant: str, target: str, seed: int) -> Path:
-    from aerosynth.annotation.real_target import (
-        HeatmapLabelConfig,
-        label_with_detector,
-        label_with_heatmaps,
-    )
+    """Label the real target-train tiles (weak flags + proposals, threshold from source-val); cached."""
+    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
+    from aerosynth.data.manifest import file_sha256
+    from aerosynth.data.tileset import open_split
 
     tiles = TILES[target]
     out = WORK / "labels" / target / variant / (f"seed{seed}" if variant == "self-training" else "ldm")
     if (out / "summary.json").is_file():
         return out / "labels"
+    train_split, val_split = open_split(tiles / "target-train"), open_split(tiles / "source-val")
     if variant == "self-training":
+        from aerosynth.detection.prediction import predict_split
+
         detector = _run_dir("source-only", seed) / "train" / "detector.pt"
-        label_with_detector(detector, tiles / "target-train", tiles / "source-val", out)
+        threshold, scores = source_threshold(predict_split(detector, val_split), val_split)
+        proposals = predict_split(detector, train_split)
+        provenance = {"detector": str(detector.relative_to(REPO)), "sha256": file_sha256(detector)}
+        method = "detector"
     elif variant == "heatmap":
-        label_with_heatmaps(LDM_MODEL, tiles / "target-train", tiles / "source-val", out, HeatmapLabelConfig())
+        from aerosynth.generation.models import load_ldm
+        from aerosynth.generation.real_maps import cars_map_function
+
+        ldm = load_ldm(LDM_MODEL)
+        noise = _heatmap_noise()
+        threshold, scores = source_threshold(
+            heatmap_proposals(val_split, cars_map_function(ldm, "madison_drone", noise)), val_split
+        )
+        proposals = heatmap_proposals(train_split, cars_map_function(ldm, train_split.info.domain, noise))
+        provenance = {"model": str(LDM_MODEL.relative_to(REPO)), "noise_fraction": noise}
+        method = "heatmap"
     else:
         raise ValueError(variant)
+    provenance["source_val_at_threshold"] = scores
+    label_real_tiles(tiles / "target-train", proposals, threshold, out, method, provenance=provenance)
     return out / "labels"
+
+
+def _heatmap_noise() -> float:
+    """The noise level with the best heat-map AP50 on real *source-val* (box_ldm.py quality), else 0.3."""
+    path = RESULTS.parent / "box_ldm_stageA.json"
+    if not path.is_file():
+        return 0.3
+    quality = json.loads(path.read_text())["map_quality"]
+    levels = {float(k.split("@")[1]): v["ap50"] for k, v in quality.items() if k.startswith("source-val@")}
+    return max(levels, key=lambda n: (levels[n], -n)) if levels else 0.3
 
 
 def task_finetune(variant: str, target: str, seed: int) -> None:

@@ -1,0 +1,185 @@
+"""Label the *real* target tiles without target boxes: weak flags plus boxes from a label-free source.
+
+A target-train tile carries one flag, "contains a vehicle or not". Two sources propose boxes on the
+real tile itself:
+
+* ``detector``: F_S, the source-only detector (one round of self-training with the flag as a
+  constraint, the weakly supervised baseline AGenDA compares against);
+* ``heatmap``: the generator's "cars" cross-attention map of the real tile (one UNet pass, as
+  ``aerosynth map-quality`` does), turned into boxes by :func:`aerosynth.annotation.heatmap_boxes.boxes_from_heatmap`.
+
+Both are passed in as per-tile :class:`~aerosynth.data.detections.Detections` with confidences, so this
+module needs neither a detector nor an LDM. The flag decides the rest:
+
+* a tile flagged empty gets no box, whatever was proposed (its negatives are real);
+* a flagged tile keeps the proposals at or above ``threshold`` (chosen on labelled *source-val*:
+  the F1-optimal confidence of the same proposer there, :func:`source_threshold`), and at least its
+  best proposal (the flag says there is a vehicle).
+
+The output is a labelled folder (``images/`` symlinks, ``labels/`` YOLO, ``summary.json``) that the
+detector trains on and that ``aerosynth request --real`` exports for an analyst. Target boxes are never
+read: only :class:`~aerosynth.data.tileset.WeakTileSplit` is accepted, and nothing under ``evaluation/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
+from aerosynth.annotation.map_quality import MapFunction, normalise_map
+from aerosynth.annotation.metrics import f1_optimal_threshold, match_all
+from aerosynth.data.atomic import atomic_directory, atomic_write_json
+from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
+from aerosynth.data.exporters import LabelledImage, write_yolo_split
+from aerosynth.data.tileset import EVALUATION_DIR, LabelledTileSplit, WeakTileSplit, open_split
+
+SUMMARY_FILE = "summary.json"
+METHODS = ("detector", "heatmap")
+
+
+@dataclass
+class RealTargetConfig:
+    """How proposals and flags become labels.
+
+    Attributes:
+        keep_best_on_flagged: a flagged tile keeps its best proposal even below the threshold.
+        max_boxes: at most this many boxes per tile (highest confidence first).
+    """
+
+    keep_best_on_flagged: bool = True
+    max_boxes: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heatmap_proposals(
+    split: WeakTileSplit | LabelledTileSplit,
+    map_fn: MapFunction,
+    config: HeatmapBoxConfig | None = None,
+    normalise: str = "minmax",
+) -> list[Detections]:
+    """Heat-map boxes (with peak confidences) of every real tile of a split, in ``split.tiles`` order.
+
+    Args:
+        split: any opened split (only its images are read).
+        map_fn: ``rgb -> (h, w)`` "cars" map of a real tile (e.g. ``generation.real_maps.cars_map_function``).
+        config: the direct method's options.
+        normalise: how maps are brought to ``[0, 1]`` (:func:`aerosynth.annotation.map_quality.normalise_map`).
+    """
+    config = (config or HeatmapBoxConfig()).validate()
+    out = []
+    for tile in split.tiles:
+        rgb = split.image(tile.tile_id)
+        heat = normalise_map(map_fn(rgb), normalise)
+        out.append(boxes_from_heatmap(heat, config, gsd=split.info.gsd, image_size=(rgb.shape[1], rgb.shape[0])))
+    return out
+
+
+def source_threshold(
+    proposals: Sequence[Detections], split: LabelledTileSplit, floor: float = 0.0
+) -> tuple[float, dict]:
+    """The F1-optimal confidence of a proposer on a labelled *source* split, and its scores there.
+
+    Args:
+        proposals: the proposer's boxes for every tile of ``split``, in ``split.tiles`` order.
+        split: a labelled source split (source-val); a target split is refused.
+        floor: lowest threshold returned.
+    """
+    if not isinstance(split, LabelledTileSplit) or EVALUATION_DIR in Path(split.labels_dir).parts:
+        raise InputError(getattr(split, "root", "split"), "thresholds are chosen on labelled source tiles only")
+    if len(proposals) != len(split.tiles):
+        raise InputError("proposals", f"{len(proposals)} entries for {len(split.tiles)} tiles of {split.name}")
+    gts = [split.labels(t.tile_id) for t in split.tiles]
+    ignores = [split.ignore_regions(t.tile_id) for t in split.tiles]
+    best = f1_optimal_threshold(match_all(list(proposals), gts, ignores))
+    scores = best.to_dict()
+    return max(float(scores["threshold"]), floor), scores
+
+
+def apply_flags(
+    split: WeakTileSplit, proposals: Sequence[Detections], threshold: float, config: RealTargetConfig | None = None
+) -> list[Detections]:
+    """Per tile of a weak split: no box when flagged empty, else the proposals kept by the threshold rule."""
+    config = config or RealTargetConfig()
+    if not isinstance(split, WeakTileSplit):
+        raise InputError(getattr(split, "root", "split"), "real-target labelling takes a weak target split")
+    if len(proposals) != len(split.tiles):
+        raise InputError("proposals", f"{len(proposals)} entries for {len(split.tiles)} tiles of {split.name}")
+    out = []
+    for tile, dets in zip(split.tiles, proposals, strict=True):
+        if not tile.has_vehicle or len(dets) == 0:
+            out.append(Detections.empty(with_confidence=True))
+            continue
+        conf = dets.confidence if dets.confidence is not None else np.ones(len(dets))
+        order = np.argsort(-conf, kind="stable")
+        keep = [i for i in order if conf[i] >= threshold]
+        if not keep and config.keep_best_on_flagged:
+            keep = [int(order[0])]
+        out.append(dets[np.asarray(keep[: config.max_boxes], dtype=int)].with_class(0))
+    return out
+
+
+def label_real_tiles(
+    split_dir: str | Path,
+    proposals: Sequence[Detections],
+    threshold: float,
+    out_dir: str | Path,
+    method: str,
+    config: RealTargetConfig | None = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write the labelled real target tiles (``images/``, ``labels/``, ``summary.json``) atomically.
+
+    Args:
+        split_dir: the weak target split (target-train).
+        proposals: boxes with confidences for every tile, in ``split.tiles`` order.
+        threshold: confidence threshold (from source-val, :func:`source_threshold`).
+        out_dir: the output folder (replaced as a whole).
+        method: ``detector`` or ``heatmap`` (recorded).
+        config: the flag rule.
+        provenance: what proposed the boxes (model path, sha256, settings), recorded in the summary.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        InputError: a labelled (non-weak) split, a split under ``evaluation/``, or a bad method.
+    """
+    if method not in METHODS:
+        raise InputError("method", f"unknown labelling method {method!r} ({', '.join(METHODS)})")
+    if EVALUATION_DIR in Path(split_dir).resolve().parts:
+        raise InputError(split_dir, "target labels under evaluation/ are never read for training")
+    split = open_split(split_dir)
+    config = config or RealTargetConfig()
+    labels = apply_flags(split, proposals, threshold, config)  # type: ignore[arg-type]
+    items = [
+        LabelledImage(t.tile_id, split.image_path(t.tile_id), d.with_class(0))
+        for t, d in zip(split.tiles, labels, strict=True)
+    ]
+    flagged = [t.has_vehicle for t in split.tiles]
+    summary = {
+        "method": method,
+        "split": split.info.name,
+        "domain": split.info.domain,
+        "gsd": split.info.gsd,
+        "tiles": len(items),
+        "flagged_tiles": int(sum(flagged)),
+        "boxes": int(sum(len(d) for d in labels)),
+        "flagged_tiles_with_boxes": int(sum(1 for d, f in zip(labels, flagged, strict=True) if f and len(d))),
+        "kept_below_threshold": int(
+            sum(1 for d in labels if len(d) and d.confidence is not None and float(d.confidence.max()) < threshold)
+        ),
+        "threshold": float(threshold),
+        "config": config.to_dict(),
+        "provenance": provenance or {},
+    }
+    with atomic_directory(Path(out_dir), overwrite=True) as tmp:
+        write_yolo_split(tmp, items)
+        atomic_write_json(tmp / SUMMARY_FILE, summary)
+    return Path(out_dir)

@@ -1,0 +1,143 @@
+"""Box-supervised cross-attention, conditioning dropout and trained text embeddings (stages A-C)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aerosynth.data.errors import InputError
+from aerosynth.generation.attention import AttentionStore, box_attention_loss, box_map_loss, pool_masks
+from aerosynth.generation.latent_pack import read_latent_pack, write_latent_pack
+from aerosynth.generation.training import MASK_SIDE, StageAConfig, StageBConfig, box_mask, load_tiles, train_stage
+from tests.test_generation_helpers import make_training_splits
+
+torch.set_num_threads(1)
+FAST = {"steps": 12, "batch_size": 4, "learning_rate": 1e-3, "progress": False, "checkpoint_every": 6}
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> list[Path]:
+    return make_training_splits(tmp_path_factory.mktemp("tiles"))
+
+
+def _losses(stage_dir: Path) -> list[dict]:
+    return list(csv.DictReader((stage_dir / "losses.csv").read_text().splitlines()))
+
+
+def test_box_mask_is_the_covered_fraction_per_cell():
+    mask = box_mask(np.array([[0, 0, 64, 32]]), 128, 128, side=4)
+    assert mask.shape == (4, 4) and mask.dtype == np.uint8
+    assert (mask[0, :2] == 255).all() and (mask[1:] == 0).all() and (mask[0, 2:] == 0).all()
+    half = box_mask(np.array([[0, 0, 16, 32]]), 128, 128, side=4)  # half of the first cell
+    assert 120 <= half[0, 0] <= 135
+    assert not box_mask(np.zeros((0, 4)), 128, 128).any()
+
+
+def test_box_map_loss_is_zero_on_the_mask_and_grows_away_from_it():
+    mask = torch.zeros(2, 16)
+    mask[:, :4] = 1
+    on = mask / 4
+    off = torch.roll(on, 8, dims=1)
+    assert torch.allclose(box_map_loss(on, mask, "l1"), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(box_map_loss(off, mask, "l1"), torch.ones(2), atol=1e-6)  # disjoint: total variation 1
+    assert (box_map_loss(mask.clamp(0.01, 0.99), mask, "bce") < box_map_loss(1 - mask, mask, "bce")).all()
+    with pytest.raises(ValueError):
+        box_map_loss(on, mask, "l2")
+
+
+def test_box_attention_loss_uses_valid_rows_every_layer_and_learned_tokens():
+    masks = torch.zeros(2, 8, 8)
+    masks[:, :4, :4] = 1
+    store = AttentionStore(torch.tensor([[3, 4, 5], [3, 4, 5]]), (8, 8), keep_layer_maps=True)
+    for side in (8, 4):
+        target = pool_masks(masks, (side, side))
+        maps = torch.stack([target, target, 1 - target], dim=1).requires_grad_(True)  # cars, v1, bg all right
+        store.layer_maps.append(maps)
+        store.layer_sides.append((side, side))
+    valid = torch.tensor([True, False])
+    assert float(box_attention_loss(store, masks, valid, learned_tokens=True)) < 1e-6
+    store.layer_maps[0] = torch.rand(2, 3, 64, requires_grad=True)
+    loss = box_attention_loss(store, masks, valid, learned_tokens=True)
+    assert float(loss) > 0.05
+    loss.backward()
+    assert store.layer_maps[0].grad[1].abs().sum() == 0  # an invalid row takes no gradient
+    assert float(box_attention_loss(store, masks, torch.tensor([False, False]))) == 0
+
+
+def test_source_tiles_carry_box_masks_target_tiles_none(splits):
+    tiles = load_tiles(splits, 32)
+    source = [i for i, n in enumerate(tiles.names) if n.startswith("source-train/")]
+    target = [i for i, n in enumerate(tiles.names) if n.startswith("target-train/")]
+    assert tiles.box_masks.shape == (len(tiles.names), MASK_SIDE, MASK_SIDE)
+    assert all(tiles.has_boxes[i] == tiles.has_vehicle[i] for i in source) and any(tiles.has_boxes)
+    assert not any(tiles.has_boxes[i] for i in target) and not tiles.box_masks[target].any()
+    assert all(bool(tiles.box_masks[i].any()) == tiles.has_boxes[i] for i in source)
+
+
+def test_stage_a_trains_the_box_loss_dropout_and_text_embeddings(splits, tmp_path):
+    on = train_stage("A", StageAConfig(**FAST), splits, tmp_path / "on")
+    rows = _losses(tmp_path / "on")
+    assert all(float(r["loss_box"]) >= 0 for r in rows) and any(float(r["loss_box"]) > 0 for r in rows)
+    record = json.loads((tmp_path / "on" / "stage.json").read_text())
+    assert record["metrics"]["tiles_with_boxes"] == 4
+    gap = record["metrics"]["conditioning_gap"]
+    assert set(gap) == {"t0.1", "t0.3", "t0.5", "t0.7", "t0.9", "mean"} and gap["mean"] > 0
+    assert record["config"]["lambda_box"] == 1.0 and record["config"]["cond_dropout"] == 0.1
+
+    off = train_stage(
+        "A", StageAConfig(**FAST, lambda_box=0.0, cond_dropout=0.0, train_text="none"), splits, tmp_path / "off"
+    )
+    assert all(float(r["loss_box"]) == 0 for r in _losses(tmp_path / "off"))
+    # stage A with train_text moved the embeddings of the prompt words; without it they stay the built ones
+    from aerosynth.generation.models import load_ldm
+
+    emb_on = load_ldm(on).text_encoder.get_input_embeddings().weight
+    emb_off = load_ldm(off).text_encoder.get_input_embeddings().weight
+    cars = load_ldm(on).token_id("cars")
+    assert not torch.equal(emb_on[cars], emb_off[cars])
+
+    # the box loss and the stage-B tokens together
+    b = train_stage("B", StageBConfig(**FAST, init_model=on), splits, tmp_path / "b")
+    assert any(float(r["loss_box"]) > 0 for r in _losses(tmp_path / "b"))
+    assert (b / "unet.safetensors").is_file()
+
+
+def test_poisoned_target_labels_change_no_trained_byte(splits, tmp_path):
+    """Target boxes never reach training: labels planted under evaluation/ leave the weights identical."""
+    cfg = StageAConfig(**FAST)
+    first = train_stage("A", cfg, splits, tmp_path / "clean")
+    root = splits[1].parent
+    poison = root / "evaluation" / "target-train" / "labels"
+    poison.mkdir(parents=True)
+    for image in (splits[1] / "images").glob("*.png"):
+        (poison / f"{image.stem}.txt").write_text("0 0.5 0.5 0.9 0.9\n")
+    (splits[1] / "labels").mkdir()
+    for image in (splits[1] / "images").glob("*.png"):
+        (splits[1] / "labels" / f"{image.stem}.txt").write_text("0 0.2 0.2 0.3 0.3\n")
+    try:
+        second = train_stage("A", cfg, splits, tmp_path / "poisoned")
+        for name in ("unet.safetensors", "text_encoder.safetensors"):
+            assert (first / name).read_bytes() == (second / name).read_bytes()
+    finally:
+        import shutil
+
+        shutil.rmtree(root / "evaluation")
+        shutil.rmtree(splits[1] / "labels")
+
+
+def test_latent_pack_carries_the_source_box_masks(splits, tmp_path):
+    pack = read_latent_pack(write_latent_pack(splits, tmp_path / "p.npz", "tiny"))
+    tiles = load_tiles(splits, 32)
+    assert pack.box_masks is not None and torch.equal(pack.box_masks, tiles.box_masks)
+    assert pack.has_boxes == tiles.has_boxes
+
+
+def test_bad_box_settings_are_named(splits, tmp_path):
+    for field, value in (("box_loss", "l2"), ("box_max_timestep", 0.0), ("cond_dropout", 1.0), ("train_text", "x")):
+        with pytest.raises(InputError, match=field):
+            train_stage("A", StageAConfig(**FAST, **{field: value}), splits, tmp_path / field)
