@@ -19,13 +19,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from affine import Affine
+
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.domains import geotiff_domain
 from aerosynth.data.geo import detections_to_geojson
 from aerosynth.data.prepare import PrepareSpec, SplitSpec
 from aerosynth.data.rasters import write_geotiff
-from affine import Affine
 
 CAR_COLOURS = [
     (235, 235, 235),
@@ -156,11 +157,12 @@ def render_suburb(rng: np.random.Generator, size: int, gsd: float, n_cars: int) 
         cv2.rectangle(img, (int(x), int(y)), (int(x + hw), int(y + hh / 2)), (roof * 1.1).tolist(), -1)
         cv2.rectangle(img, (int(x), int(y + hh / 2)), (int(x + hw), int(y + hh)), (roof * 0.8).tolist(), -1)
         occupied.append(np.array([x, y, x + hw, y + hh]))
-    # parked cars along the kerbs (heading along the road), some on driveways at an angle
+    # parked cars along the kerbs, heading along the road: half on the two cross streets, half on the
+    # main street (so both headings are common)
     placed = tries = 0
     while placed < n_cars and tries < n_cars * 30:
         tries += 1
-        if rng.random() < 0.8:
+        if rng.random() < 0.5:
             y = ys[rng.integers(2)] + rng.choice([-1, 1]) * road_w * 0.3
             x = rng.uniform(0, size)
             angle = rng.choice([0.0, math.pi]) + rng.normal(0, 0.03)
@@ -240,36 +242,66 @@ def write_demo_data(out_dir: str | Path, config: DemoConfig | None = None, overw
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for d_index, (name, (render, epsg, origin)) in enumerate(DEMO_DOMAINS.items()):
             gsd = config.source_gsd if d_index == 0 else config.target_gsd
+            digits = max(2, len(str(config.scenes_per_domain - 1)))  # names sort in scene order
             for i in range(config.scenes_per_domain):
                 rng = np.random.default_rng([config.seed, d_index, i])
-                # every third target scene is empty: negatives for the weak labels
+                # 10-19 vehicles (fewer where a small scene has no room); every third target scene is empty
                 empty = d_index == 1 and i % 3 == 2
-                n_cars = 0 if empty else int(rng.integers(6, 14))
+                n_cars = 0 if empty else int(rng.integers(10, 20))
                 rgb, dets = render(rng, config.size_px, gsd, n_cars)
                 x0, y0 = origin[0] + 500.0 * i, origin[1]
                 transform = Affine(gsd, 0, x0, 0, -gsd, y0)
                 crs = f"EPSG:{epsg}"
-                write_geotiff(tmp / name / f"scene_{i:02d}.tif", rgb, transform, crs)
+                write_geotiff(tmp / name / f"scene_{i:0{digits}d}.tif", rgb, transform, crs)
                 geo = detections_to_geojson(dets, transform, crs, to_wgs84=d_index == 1, class_names=["vehicle"])
-                atomic_write_json(tmp / name / f"scene_{i:02d}.geojson", geo)
+                atomic_write_json(tmp / name / f"scene_{i:0{digits}d}.geojson", geo)
         atomic_write_json(tmp / "demo.json", {"config": vars(config), "domains": list(DEMO_DOMAINS)})
     return out_dir
 
 
+def held_out_scenes(n_source: int, n_target: int) -> tuple[int, int]:
+    """Scenes held out for source-val and target-test: a sixth and a third, at least one, never all.
+
+    Args:
+        n_source: source scenes (groups).
+        n_target: target scenes (groups).
+
+    Returns:
+        ``(source-val scenes, target-test scenes)``.
+    """
+    n_val = min(max(1, n_source // 6), max(1, n_source - 1))
+    n_test = min(max(1, n_target // 3), max(1, n_target - 1))
+    return n_val, n_test
+
+
 def demo_spec(demo_dir: str | Path, target_gsd: float = 0.125, tile_size: int = 128) -> PrepareSpec:
-    """Splits of the demo: last scene of each domain held out (source-val, target-test)."""
+    """Splits of the demo: the last scenes of each domain are held out, each scene one group.
+
+    Source-val is the last sixth of the source scenes, target-test the last third of the target
+    scenes (at least one each), so with many small scenes the test figures rest on over a hundred
+    tiles; with four scenes per domain one scene of each is held out.
+
+    Args:
+        demo_dir: folder written by :func:`write_demo_data`.
+        target_gsd: ground sample distance of the tiles, m/px.
+        tile_size: tile side in pixels.
+
+    Returns:
+        The four splits (source-train, source-val, target-train, target-test).
+    """
     demo_dir = Path(demo_dir)
     source = geotiff_domain(demo_dir / "leafy_suburb", "leafy_suburb")
     target = geotiff_domain(demo_dir / "arid_carpark", "arid_carpark")
     s_groups, t_groups = source.groups, target.groups
+    n_val, n_test = held_out_scenes(len(s_groups), len(t_groups))
     return PrepareSpec(
         preset="demo",
         target_gsd=target_gsd,
         tile_size=tile_size,
         splits=[
-            SplitSpec("source-train", source, groups=s_groups[:-1], mode="cover"),
-            SplitSpec("source-val", source, groups=s_groups[-1:], mode="cover"),
-            SplitSpec("target-train", target, groups=t_groups[:-1], mode="grid", weak=True),
-            SplitSpec("target-test", target, groups=t_groups[-1:], mode="grid", weak=True),
+            SplitSpec("source-train", source, groups=s_groups[:-n_val], mode="cover"),
+            SplitSpec("source-val", source, groups=s_groups[-n_val:], mode="cover"),
+            SplitSpec("target-train", target, groups=t_groups[:-n_test], mode="grid", weak=True),
+            SplitSpec("target-test", target, groups=t_groups[-n_test:], mode="grid", weak=True),
         ],
     )

@@ -520,7 +520,7 @@ def check_ldm_folder(model_dir: str | Path) -> Path:
         InputError: not a folder, no readable ``ldm.json`` with a spec, or a weights file missing.
     """
     model_dir = Path(model_dir)
-    expected = f"not an LDM model folder (expected a folder with {LDM_FILE}, e.g. a run's ldm/stageC/model)"
+    expected = f"not a model folder (no {LDM_FILE}; an LDM is a folder such as a run's ldm/stageC/model)"
     if not model_dir.exists():
         raise InputError(model_dir, f"not found; {expected}")
     if not model_dir.is_dir() or not (model_dir / LDM_FILE).is_file():

@@ -311,6 +311,87 @@ def read_only_output(tmp):
     return args, "ro"
 
 
+def _notes(tmp: Path, name: str = "notes.txt") -> Path:
+    path = tmp / name
+    path.write_text("not a model, just notes\n")
+    return path
+
+
+def _detect(tmp: Path, model: Path) -> list[str]:
+    raster = FIXTURES / "geotiff_domain" / "scene_0.tif"
+    return ["detect", str(raster), "--model", str(model), "--out", str(tmp / "cars.geojson")]
+
+
+def detect_with_text_file_as_model(tmp):
+    return _detect(tmp, _notes(tmp)), "notes.txt: not a detector"
+
+
+def detect_with_torch_file_without_detector(tmp):
+    import torch
+
+    torch.save({"weights": torch.zeros(4)}, tmp / "weights.pt")
+    return _detect(tmp, tmp / "weights.pt"), "weights.pt: not a detector"
+
+
+def detect_with_folder_as_model(tmp):
+    (tmp / "model").mkdir()
+    return _detect(tmp, tmp / "model"), "not a detector"
+
+
+def evaluate_with_text_file_as_model(tmp):
+    return ["evaluate", "--model", str(_notes(tmp)), "--tiles", str(tmp / "tiles")], "notes.txt: not a detector"
+
+
+def _train(tmp: Path, model: str) -> list[str]:
+    src = FIXTURES / "yolo_domain"
+    return ["train", "--data", str(src), "--val", str(src), "--model", model, "--out", str(tmp / "out")]
+
+
+def train_from_text_file_as_pt(tmp):
+    return _train(tmp, str(_notes(tmp, "start.pt"))), "start.pt: not a detector"
+
+
+def train_from_unknown_model_yaml(tmp):
+    return _train(tmp, "nosuchnet.yaml"), "model=nosuchnet.yaml"
+
+
+def request_with_text_file_as_detector(tmp):
+    args = ["request", "--run", str(tmp / "run"), "--domain", "target", "--count", "2", "--name", "cars"]
+    return [*args, "--out", str(tmp / "exports"), "--detector", str(_notes(tmp, "det.pt"))], "det.pt: not a detector"
+
+
+def retrain_with_text_file_as_baseline(tmp):
+    args = ["retrain", "--registry", str(tmp / "registry"), "--watch", str(tmp / "incoming")]
+    return [*args, "--baseline", str(_notes(tmp, "base.pt"))], "base.pt: not a detector"
+
+
+def _generate(tmp: Path, model: Path) -> list[str]:
+    args = ["generate", "--model", str(model), "--out", str(tmp / "set"), "--set", "target_cars"]
+    return [*args, "--domain", "arid_carpark", "--count", "2"]
+
+
+def generate_with_text_file_as_ldm(tmp):
+    return _generate(tmp, _notes(tmp)), "notes.txt: not a model folder"
+
+
+def generate_with_malformed_ldm_json(tmp):
+    (tmp / "model").mkdir()
+    (tmp / "model" / "ldm.json").write_text("{not json")
+    return _generate(tmp, tmp / "model"), "ldm.json: malformed model description"
+
+
+def generate_with_ldm_missing_weights(tmp):
+    (tmp / "model").mkdir()
+    (tmp / "model" / "ldm.json").write_text(json.dumps({"spec": {}, "format": 1}))
+    return _generate(tmp, tmp / "model"), "unet.safetensors: weights file missing"
+
+
+def map_quality_with_text_file_as_model(tmp):
+    args = _map_quality(tmp)
+    args[args.index("--model") + 1] = str(_notes(tmp))
+    return args, "notes.txt: not a model folder"
+
+
 CASES: list[Case] = [
     corrupt_png,
     truncated_png,
@@ -351,6 +432,18 @@ CASES: list[Case] = [
     map_quality_not_a_model,
     map_quality_bad_noise,
     read_only_output,
+    detect_with_text_file_as_model,
+    detect_with_torch_file_without_detector,
+    detect_with_folder_as_model,
+    evaluate_with_text_file_as_model,
+    train_from_text_file_as_pt,
+    train_from_unknown_model_yaml,
+    request_with_text_file_as_detector,
+    retrain_with_text_file_as_baseline,
+    generate_with_text_file_as_ldm,
+    generate_with_malformed_ldm_json,
+    generate_with_ldm_missing_weights,
+    map_quality_with_text_file_as_model,
 ]
 
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from aerosynth.flows.config import build_config, load_config
 from aerosynth.flows.stage_cache import STAGE_RECORD
-
 from tests.conftest import TINY_ADAPT
 
 pytestmark = pytest.mark.slow
@@ -95,6 +95,27 @@ def test_unknown_config_key_is_named():
 def test_presets_validate():
     for preset in ("demo", "cpu-bench", "gpu"):
         assert load_config(preset=preset).name
+
+
+def test_demo_preset_tests_on_over_100_target_tiles():
+    """The demo's AP50 rests on >= 100 target-test tiles; small demos hold out one scene per domain."""
+    from aerosynth.data.demo import held_out_scenes
+
+    d = build_config({"preset": "demo"}).data
+    _, n_test = held_out_scenes(d.demo_scenes, d.demo_scenes)
+    assert n_test * (d.demo_size // d.tile_size) ** 2 >= 100  # target scenes are drawn at the tile GSD
+    assert held_out_scenes(2, 2) == (1, 1)
+    assert held_out_scenes(4, 4) == (1, 1)
+    assert held_out_scenes(12, 12) == (2, 4)
+
+
+def test_demo_note_explains_the_table_and_names_the_report(tiny_run):
+    from aerosynth.flows.cli import _demo_note
+
+    _, _, report = tiny_run
+    note = _demo_note(report, quick=True)
+    assert "target-test tiles of arid_carpark" in note and "oracle" in note
+    assert note.splitlines()[-1].endswith(str(report))
 
 
 def test_flow_publishes_report_table_image_and_progress_artifacts(tiny_run):
