@@ -352,9 +352,18 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
 
 # ------------------------------------------------------------------------- annotation
 def annotate(
-    config: AdaptConfig, work: Path, tiles: Path, sets: dict[str, Path], source_only: Path | None = None
+    config: AdaptConfig,
+    work: Path,
+    tiles: Path,
+    sets: dict[str, Path],
+    source_only: Path | None = None,
+    model: Path | None = None,
 ) -> dict[str, Path]:
-    """Label the synthetic target sets; the relay reuses the source-only detector as F_S when given."""
+    """Label the synthetic target sets and the real target-train tiles.
+
+    The relay and self-training reuse the source-only detector as F_S when given; the heat-map labels of
+    real tiles come from ``model`` (the LDM).
+    """
     a = config.annotation
     targets = [sets[k] for k in ("target_cars", "target_empty") if k in sets]
     upstream = {k: v for k, v in sets.items() if k != "translation"}
@@ -400,6 +409,62 @@ def annotate(
             _logger(),
         )
         out["threshold"] = stage_dir / "dataset"
+    if a.real_target.enabled:
+        out.update(label_real_target(config, work, tiles, source_only, model))
+    return out
+
+
+def label_real_target(
+    config: AdaptConfig, work: Path, tiles: Path, source_only: Path | None, model: Path | None
+) -> dict[str, Path]:
+    """The real target-train tiles labelled from weak flags and F_S's or the LDM's proposals.
+
+    Returns ``{"real-<method>": labelled folder}``; a method whose proposer is missing is skipped.
+    """
+    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
+    from aerosynth.data.tileset import open_split
+
+    r = config.annotation.real_target
+    out: dict[str, Path] = {}
+    for method in r.methods:
+        proposer = source_only if method == "self-training" else model
+        if proposer is None:
+            continue
+        upstream = {"tiles": tiles, ("source_only" if method == "self-training" else "model"): proposer}
+        key = {"method": method, "noise_fraction": r.noise_fraction, "heatmap_options": r.heatmap_options}
+
+        def build(o: Path, method: str = method, proposer: Path = proposer, key: dict = key) -> None:
+            train, val = open_split(tiles / "target-train"), open_split(_val_split(tiles))
+            if method == "self-training":
+                from aerosynth.detection.prediction import predict_split
+
+                weights = proposer / "train" / "detector.pt"
+                threshold, scores = source_threshold(predict_split(weights, val, device=config.device), val)
+                proposals = predict_split(weights, train, device=config.device)
+            else:
+                from aerosynth.generation.models import load_ldm
+                from aerosynth.generation.real_maps import cars_map_function
+
+                ldm = load_ldm(proposer)
+                hcfg = HeatmapBoxConfig(**r.heatmap_options)
+                val_maps = cars_map_function(ldm, val.info.domain, r.noise_fraction, seed=config.seed)
+                threshold, scores = source_threshold(heatmap_proposals(val, val_maps, hcfg), val)
+                train_maps = cars_map_function(ldm, train.info.domain, r.noise_fraction, seed=config.seed)
+                proposals = heatmap_proposals(train, train_maps, hcfg)
+            label_real_tiles(
+                tiles / "target-train",
+                proposals,
+                threshold,
+                o / "dataset",
+                "detector" if method == "self-training" else "heatmap",
+                provenance={"source_val_at_threshold": scores, **key},
+            )
+
+        stage_dir, _ = run_stage(
+            f"annotation/real-{method}", work / "annotation" / f"real-{method}", key, upstream, build, _logger()
+        )
+        out[f"real-{method}"] = stage_dir / "dataset"
     return out
 
 
@@ -435,6 +500,14 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
     source = DatasetSpec(tiles / "source-train", name="source", fraction=whole)
     out = [Variant(SOURCE_ONLY, [source], {"tiles": tiles})]
     for method, dataset in labelled.items():
+        if method.startswith("real-"):  # real target tiles, always trained with real source
+            f = d.mix_source_fraction
+            mix = [
+                DatasetSpec(dataset, name=method, fraction=1 - f),
+                DatasetSpec(tiles / "source-train", name="source", fraction=f),
+            ]
+            out.append(Variant(f"{method}+source", mix, {"tiles": tiles, method: dataset.parent}))
+            continue
         out.append(
             Variant(
                 f"{method}",
@@ -488,6 +561,8 @@ def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Va
         augment=augment,
         device=config.device,
         mix_total=d.max_train_images if any(s.fraction for s in variant.train) else None,
+        recipe=d.recipe,
+        checkpoint=d.checkpoint,
     )
 
     def build(out: Path) -> None:
@@ -724,7 +799,7 @@ def adapt_flow(config: dict) -> str:
     runs: dict[str, list[Path]] = {}
     plan = variants(cfg, tiles, {}, {})
     runs[SOURCE_ONLY] = [train_and_evaluate_task(cfg, work, tiles, plan[0], seed) for seed in d.seeds]
-    labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0])
+    labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0], model)
     adapted_seeds = d.adapted_seeds if d.adapted_seeds is not None else d.seeds
     for variant in variants(cfg, tiles, labelled, sets)[1:]:
         seeds = d.seeds if variant.name == ORACLE else adapted_seeds

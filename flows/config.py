@@ -119,9 +119,24 @@ class RelaySettings(Strict):
     reuse_source_only: bool = True
 
 
+class RealTargetSettings(Strict):
+    """The real target-train tiles labelled without target boxes (``aerosynth.annotation.real_target``).
+
+    ``self-training``: F_S (the source-only detector) proposes boxes; ``heatmap``: the LDM's "cars" map of
+    the real tile (one UNet pass at ``noise_fraction``). Tiles flagged empty get none; the threshold is
+    the proposer's F1-optimal confidence on real source-val. Each becomes a variant trained with real source.
+    """
+
+    enabled: bool = True
+    methods: list[Literal["self-training", "heatmap"]] = ["self-training", "heatmap"]
+    noise_fraction: float = Field(0.3, gt=0, le=1)
+    heatmap_options: dict[str, Any] = {}
+
+
 class AnnotationSettings(Strict):
     threshold: ThresholdSettings = ThresholdSettings()
     relay: RelaySettings = RelaySettings()
+    real_target: RealTargetSettings = RealTargetSettings()
 
 
 class DetectionSettings(Strict):
@@ -145,6 +160,8 @@ class DetectionSettings(Strict):
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     augment: bool = True
+    recipe: Literal["aerosynth", "reference"] = "aerosynth"
+    checkpoint: Literal["last", "best"] = "last"
 
 
 class AdaptConfig(Strict):
