@@ -199,10 +199,12 @@ def task_finetune(variant: str, target: str, seed: int) -> None:
     _finish(out, weights, targets, {"settings": FINETUNE, "from": str(base.relative_to(REPO))})
 
 
-def tasks(seeds: list[int], targets: list[str], variants: list[str]) -> list[tuple[str, list[str], str | None]]:
-    """(name, argv, dependency) in the order they should run."""
+def tasks(
+    seeds: list[int], targets: list[str], variants: list[str], source_only: bool = True
+) -> list[tuple[str, list[str], str | None]]:
+    """(name, argv, dependency) in the order they should run; ``source_only=False`` waits for another runner's."""
     out: list[tuple[str, list[str], str | None]] = []
-    for seed in seeds:
+    for seed in seeds if source_only else []:
         out.append((f"source-only/seed{seed}", ["task", "source-only", "--seed", str(seed)], None))
     for seed in seeds:
         dep = f"source-only/seed{seed}"
@@ -222,9 +224,9 @@ def _done(name: str) -> bool:
     return (WORK / name / "metrics.json").is_file()
 
 
-def run(seeds: list[int], targets: list[str], variants: list[str], jobs: int) -> None:
+def run(seeds: list[int], targets: list[str], variants: list[str], jobs: int, source_only: bool = True) -> None:
     """Run the task list, ``jobs`` subprocesses at a time (one thread each); finished tasks are skipped."""
-    pending = [t for t in tasks(seeds, targets, variants) if not _done(t[0])]
+    pending = [t for t in tasks(seeds, targets, variants, source_only) if not _done(t[0])]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed: set[str] = set()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -250,7 +252,7 @@ def run(seeds: list[int], targets: list[str], variants: list[str], jobs: int) ->
             cmd = [sys.executable, __file__, *argv]
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
             print(f"{time.strftime('%H:%M:%S')} {name}: started", flush=True)
-        if not ready and not running and pending:
+        if not ready and not running and pending and source_only:
             print(f"waiting tasks have no runnable dependency: {[t[0] for t in pending]}", flush=True)
             break
         time.sleep(5)
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--targets", default="minsk,kit")
     r.add_argument("--variants", default="continued,self-training,heatmap,oracle")
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--skip-source-only", action="store_true", help="wait for source-only runs of another runner")
     t = sub.add_parser("task")
     t.add_argument("name", choices=["source-only", "continued", *TARGET_VARIANTS])
     t.add_argument("--seed", type=int, required=True)
@@ -329,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             args.targets.split(","),
             args.variants.split(","),
             args.jobs,
+            not args.skip_source_only,
         )
         print(json.dumps(collect(), indent=1))
     elif args.cmd == "task":

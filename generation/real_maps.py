@@ -8,6 +8,7 @@ the UNet with the domain's vehicle prompt while the "cars" token's cross-attenti
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def cars_map_function(
     noise_fraction: float = 0.3,
     seed: int = 0,
     token: str = "cars",
+    encode_cache: dict[bytes, torch.Tensor] | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function ``rgb (H, W, 3) uint8 -> (S, S) float`` map of ``token`` for real images.
 
@@ -36,6 +38,8 @@ def cars_map_function(
         noise_fraction: timestep of the single pass, as a fraction of the training schedule (0..1].
         seed: seed of the noise (the same for every image, so maps are repeatable).
         token: which captured token's map to return: ``cars``, ``V1`` or ``background``.
+        encode_cache: a dict shared by several map functions of one model (e.g. one per noise level):
+            each image is encoded once (keyed by its bytes' digest).
     """
     if not 0 < noise_fraction <= 1:
         raise InputError("noise_fraction", f"{noise_fraction} is not in (0, 1]")
@@ -62,7 +66,13 @@ def cars_map_function(
         if rgb.shape[:2] != (size, size):
             rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        clean = ldm.codec.encode(x)
+        if encode_cache is None:
+            clean = ldm.codec.encode(x)
+        else:
+            key = hashlib.sha1(rgb.tobytes()).digest()
+            if key not in encode_cache:
+                encode_cache[key] = ldm.codec.encode(x)
+            clean = encode_cache[key]
         noise = torch.randn(clean.shape, generator=generator.manual_seed(seed))
         noisy = scheduler.add_noise(clean, noise, t)
         store = AttentionStore(positions, tuple(clean.shape[-2:]), sides)
