@@ -9,7 +9,8 @@ Layout inside the export folder::
     stac/labels/<id>.json     class ``vehicle``), asset ``labels`` = its GeoJSON, ``source`` link
                               to the image Item
 
-Geometries are the tile footprints in WGS84; synthetic tiles say ``aerosynth:synthetic: true``.
+Geometries are the tile footprints in WGS84; synthetic tiles say ``aerosynth:synthetic: true``,
+real tiles (``aerosynth request --real``) ``false``.
 Label Items come from :mod:`aerosynth.data.stac_labels`; the export is checked offline by
 :mod:`aerosynth.data.export_validation`.
 """
@@ -44,34 +45,44 @@ def write_stac_catalog(
     export: TileExport,
     catalog_id: str,
     request_name: str,
-    with_vehicles: bool,
+    with_vehicles: bool | None,
     domain: str,
     gsd: float,
     created: dt.datetime,
     label_method: str,
+    real: bool = False,
+    georeference: str = "the georeference of their source rasters",
 ) -> None:
-    """Write the self-contained STAC catalog of a synthetic tile export (layout in the module docstring).
+    """Write the self-contained STAC catalog of a tile export (layout in the module docstring).
 
     Args:
         export: the export's tiles (``tiles/<id>.tif`` and ``labels/<id>.geojson`` written), its folder,
             CRS and class names.
         catalog_id: id of the root catalog (the export folder's name).
         request_name: the request name, for the title.
-        with_vehicles: whether the tiles were made with the vehicle prompt.
-        domain: the domain whose style they take.
+        with_vehicles: whether the tiles were made with the vehicle prompt (real tiles: chosen with boxes,
+            without, or ``None``: either).
+        domain: the domain whose style they take (real tiles: whose tiles they are).
         gsd: metres per pixel.
         created: the Items' datetime.
         label_method: where the boxes came from, in words.
+        real: real tiles (``aerosynth:synthetic: false``, no seed).
+        georeference: where real tiles' georeference comes from, in words.
     """
     root, tiles, crs, class_names = export.root, export.tiles, export.crs, export.class_names
-    kind = "with vehicles" if with_vehicles else "without vehicles"
+    kind = {True: "with vehicles", False: "without vehicles", None: "all"}[with_vehicles]
+    if real:
+        what, where = f"real tiles of {domain}", georeference
+    else:
+        what, where = f"synthetic tiles in the style of {domain}", "synthetic georeference (no place on Earth)"
     catalog = pystac.Catalog(
         id=catalog_id,
         title=f"aerosynth request {request_name}",
-        description=f"{len(tiles)} synthetic tiles in the style of {domain} ({kind}), labelled "
-        f"from {label_method}; synthetic georeference (no place on Earth).",
+        description=f"{len(tiles)} {what} ({kind}), labelled from {label_method}; {where}.",
     )
-    images = pystac.Catalog(id=f"{catalog_id}-images", description="Synthetic RGB GeoTIFF tiles.")
+    images = pystac.Catalog(
+        id=f"{catalog_id}-images", description=f"{'Real' if real else 'Synthetic'} RGB GeoTIFF tiles."
+    )
     labels = pystac.Catalog(id=f"{catalog_id}-labels", description="Vehicle box labels (STAC label extension).")
     catalog.add_child(images)
     catalog.add_child(labels)
@@ -82,12 +93,13 @@ def write_stac_catalog(
         geometry, bbox = footprint_wgs84(tile.transform, tile.width, tile.height, crs)
         props = {
             "gsd": gsd,
-            "aerosynth:synthetic": True,
+            "aerosynth:synthetic": not real,
             "aerosynth:domain": domain,
-            "aerosynth:seed": tile.seed,
-            "aerosynth:with_vehicles": with_vehicles,
+            **({} if tile.seed is None else {"aerosynth:seed": tile.seed}),
+            **({} if with_vehicles is None else {"aerosynth:with_vehicles": with_vehicles}),
             "aerosynth:crs": crs,
             "aerosynth:transform": [float(v) for v in tile.transform[:6]],
+            **tile.properties,
         }
         item = pystac.Item(id=tile.tile_id, geometry=geometry, bbox=bbox, datetime=created, properties=props)
         item.add_asset(
@@ -96,7 +108,7 @@ def write_stac_catalog(
                 href=str(root / "tiles" / f"{tile.tile_id}.tif"),
                 media_type=pystac.MediaType.GEOTIFF,
                 roles=["data"],
-                title="RGB tile (synthetic georeference, EPSG:3857)",
+                title=f"RGB tile ({georeference})" if real else "RGB tile (synthetic georeference, EPSG:3857)",
             ),
         )
         images.add_item(item)

@@ -8,7 +8,7 @@ names the tile), ``coco.json`` (``file_name`` ``tiles/<id>.tif``) and the YOLO d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +30,21 @@ class GeoTile:
 
     Attributes:
         tile_id: file stem of the tile in the export.
-        seed: the seed it was generated from.
+        seed: the seed it was generated from (``None``: a real tile).
         transform: pixel -> map affine transform.
         width: width in pixels.
         height: height in pixels.
         detections: its boxes (pixels).
+        properties: extra properties of its STAC image Item.
     """
 
     tile_id: str
-    seed: int
+    seed: int | None
     transform: Affine
     width: int
     height: int
     detections: Detections
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 def _crs_member(crs: Any) -> dict:
@@ -69,17 +71,25 @@ class TileExport:
         self._png: list[LabelledImage] = []
 
     def add(
-        self, tile_id: str, seed: int, rgb: np.ndarray, detections: Detections, transform: Affine, png: Path
+        self,
+        tile_id: str,
+        seed: int | None,
+        rgb: np.ndarray,
+        detections: Detections,
+        transform: Affine,
+        png: Path,
+        properties: dict[str, Any] | None = None,
     ) -> GeoTile:
         """Write ``tiles/<id>.tif`` and ``labels/<id>.geojson`` of one tile.
 
         Args:
             tile_id: the tile's file stem.
-            seed: the seed it was generated from.
+            seed: the seed it was generated from (``None``: a real tile).
             rgb: ``(H, W, 3)`` uint8 pixels.
             detections: its boxes in pixels (checked against the tile size).
             transform: its georeference.
             png: the same pixels as a PNG file (copied into ``yolo/images/``).
+            properties: extra properties of its STAC image Item.
 
         Returns:
             The tile as recorded for :meth:`finish` and the STAC catalog.
@@ -95,7 +105,7 @@ class TileExport:
         self._features.extend(geo["features"])
         self._tif.append(LabelledImage(tile_id, tif, detections))
         self._png.append(LabelledImage(tile_id, png, detections))
-        tile = GeoTile(tile_id, seed, transform, w, h, detections)
+        tile = GeoTile(tile_id, seed, transform, w, h, detections, dict(properties or {}))
         self.tiles.append(tile)
         return tile
 

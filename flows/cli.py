@@ -467,20 +467,35 @@ def request(
     name: Annotated[str, typer.Option(help="Request name (letters, digits, _ -); export is OUT/<date>_<name>.")],
     out: Annotated[Path, typer.Option(help="Folder receiving the dated export.")] = Path("exports"),
     vehicles: Annotated[
-        bool, typer.Option("--vehicles/--no-vehicles", help="Tiles with vehicles, or empty tiles.")
-    ] = True,
-    seed: Annotated[int, typer.Option(help="Seed of tile 0 (tile i uses seed + i).")] = 0,
+        bool | None,
+        typer.Option(
+            "--vehicles/--no-vehicles",
+            help="Tiles with vehicles, or empty tiles (default: with; with --real: all tiles).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of tile 0 (tile i uses seed + i); with --real, of the draw.")] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     detector: Annotated[
         Path | None, typer.Option(help="Label with this detector .pt (conf >= 0.25) instead of heat maps.")
     ] = None,
+    real: Annotated[
+        str | None,
+        typer.Option(
+            help="self-training|heatmap: export the run's real target-train tiles with the labels adapt gave "
+            "them (annotation/real-<method>/dataset) instead of synthetic tiles; COUNT drawn with SEED."
+        ),
+    ] = None,
 ) -> None:
-    """N labelled tiles in a domain's style: GeoTIFF, GeoJSON, COCO, YOLO, a STAC catalog and a preview."""
+    """N labelled tiles in a domain's style (or the run's real tiles): GeoTIFF, GeoJSON, COCO, YOLO, STAC, preview."""
     if detector is not None:  # before the flow (and Prefect) is imported
         from aerosynth.detection.prediction import check_detector_file
 
         check_detector_file(detector)
+    if real is not None:  # a run without these labels: one error line, before Prefect starts
+        from aerosynth.data.real_tiles import real_dataset_dir
+
+        real_dataset_dir(run, real)
     from aerosynth.flows.request import request_flow
 
     path = request_flow(
@@ -494,6 +509,7 @@ def request(
         steps=steps,
         guidance_scale=guidance,
         detector=detector,
+        real=real,
     )
     Console().print(f"export: {path}")
 

@@ -6,7 +6,7 @@ synthesises ``count`` images with the adapted latent diffusion model (image ``i`
 the default) or with a trained detector (``detector=PATH.pt``, boxes of confidence >= 0.25), and
 writes one new dated export folder, never touching an earlier one. Its steps:
 
-1. check every input before anything is written, find the model (:func:`resolve_model`, :func:`resolve_domain`);
+1. check every input before anything is written, find the model (:mod:`aerosynth.data.run_model`);
 2. synthesise the images (:func:`aerosynth.generation.sampling.generate_set`);
 3. label them (:func:`heatmap_labels` or :func:`detector_labels`);
 4. export them into a new folder published atomically under a lock (:mod:`aerosynth.data.export_folder` has the
@@ -23,6 +23,13 @@ footprints in WGS84 (a few metres off Null Island); every Item says ``aerosynth:
 Tile GSD: the run's tile GSD times ``tile_size / image_size`` (a 32 px model trained on 128 px
 tiles at 0.125 m/px makes 0.5 m/px images), read from ``WORK/tiles/manifest.json``; 0.125 m/px at
 128 px without a run; ``gsd=`` overrides.
+
+Real tiles (``real="self-training"|"heatmap"``, ``aerosynth request --real``): nothing is synthesised; the
+run's real target-train tiles as the adapt flow labelled them (``RUN/annotation/real-<method>/dataset``,
+:mod:`aerosynth.data.real_tiles`) are exported in the same layout, each with the transform and CRS of its
+``tiles.json`` record (the synthetic grid when the split has none). ``count`` tiles are drawn with ``seed``
+(all when there are fewer): with boxes, without (``with_vehicles`` true/false) or either (``None``).
+``request.json`` records the method and its ``summary.json`` (threshold, provenance).
 
 Run it as :func:`request_tiles` (plain function) or :func:`request_flow` (Prefect flow ``request``).
 """
@@ -46,13 +53,13 @@ from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.export_folder import check_name, check_new_export, export_folder, file_inventory, publish_export
 from aerosynth.data.export_validation import validate_export
-from aerosynth.data.json_input import read_json_object
 from aerosynth.data.manifest import file_sha256
+from aerosynth.data.real_tiles import REAL_METHODS, RealChoice, choose_real_tiles
+from aerosynth.data.run_model import ModelSource, resolve_domain, resolve_model
+from aerosynth.data.tile_export import GeoTile
 
 CLASS_NAMES = ["vehicle"]
 DETECTOR_CONF = 0.25
-MODEL_STAGES = ("stageC", "stageB", "stageA")
-DEFAULT_TILE_GSD, DEFAULT_TILE_SIZE = 0.125, 128
 MAX_COUNT = 100_000
 REQUEST_FILE = "request.json"
 PREVIEW_COUNT = 16
@@ -68,103 +75,6 @@ def _logger() -> logging.Logger:
 
 # ------------------------------------------------------------------------------ inputs
 @dataclass
-class ModelSource:
-    """Where a request's model comes from.
-
-    Attributes:
-        model_dir: the model folder (``ldm.json``, weights).
-        stage: ``stageC``/``stageB``/``stageA`` when taken from a run, else ``None``.
-        run_dir: the adapted run folder (``WORK``), when known.
-        run_domains: ``{"source": ..., "target": ...}`` of the run's tiles, when known.
-        domains: domains the model knows (background tokens).
-        image_size: side of the images it makes.
-        tile_gsd: metres per pixel of the run's tiles (before resizing to ``image_size``).
-        tile_size: side of the run's tiles in pixels.
-    """
-
-    model_dir: Path
-    stage: str | None
-    run_dir: Path | None
-    run_domains: dict[str, str]
-    domains: list[str]
-    image_size: int
-    tile_gsd: float = DEFAULT_TILE_GSD
-    tile_size: int = DEFAULT_TILE_SIZE
-
-
-def _run_tiles(run_dir: Path) -> tuple[dict[str, str], float, int]:
-    """Domains, tile GSD and tile size of a run's ``tiles/manifest.json`` (defaults when absent)."""
-    path = run_dir / "tiles" / "manifest.json"
-    if not path.is_file():
-        return {}, DEFAULT_TILE_GSD, DEFAULT_TILE_SIZE
-    doc = read_json_object(path)
-    splits = doc.get("splits") or {}
-    domains = {
-        role: splits[split]["domain"]
-        for role, split in (("source", "source-train"), ("target", "target-train"))
-        if isinstance(splits.get(split), dict) and "domain" in splits[split]
-    }
-    gsd = float(doc.get("target_gsd") or DEFAULT_TILE_GSD)
-    size = int(doc.get("tile_size") or DEFAULT_TILE_SIZE)
-    return domains, gsd, size
-
-
-def resolve_model(source: str | Path) -> ModelSource:
-    """Find the model of an adapted run folder (``ldm/stageC/model``, else stage B, else A) or a model folder.
-
-    Reads only JSON (no weights are loaded).
-
-    Raises:
-        InputError: neither a run folder with a trained model nor a model folder.
-    """
-    source = Path(source)
-    if not source.exists():
-        raise InputError(source, "not found (give an adapted run folder or a model folder)")
-    run_dir: Path | None = None
-    stage: str | None = None
-    if (source / "ldm.json").is_file():
-        model_dir = source
-        # a model inside a run: WORK/ldm/stageX/model
-        parents = source.resolve().parents
-        if len(parents) >= 3 and parents[1].name == "ldm" and parents[0].name in MODEL_STAGES:
-            run_dir, stage = parents[2], parents[0].name
-    elif (source / "ldm").is_dir():
-        found = [s for s in MODEL_STAGES if (source / "ldm" / s / "model" / "ldm.json").is_file()]
-        if not found:
-            looked = ", ".join(f"{s}/model" for s in MODEL_STAGES)
-            raise InputError(source / "ldm", f"no trained model (looked for {looked})")
-        run_dir, stage = source, found[0]
-        model_dir = source / "ldm" / stage / "model"
-    else:
-        raise InputError(source, "neither an adapted run folder (no ldm/) nor a model folder (no ldm.json)")
-    spec = read_json_object(model_dir / "ldm.json").get("spec")
-    if not isinstance(spec, dict) or "domains" not in spec or "image_size" not in spec:
-        raise InputError(model_dir / "ldm.json", "malformed model description (no spec.domains / spec.image_size)")
-    run_domains, tile_gsd, tile_size = (
-        _run_tiles(run_dir) if run_dir is not None else ({}, DEFAULT_TILE_GSD, DEFAULT_TILE_SIZE)
-    )
-    return ModelSource(
-        model_dir, stage, run_dir, run_domains, sorted(spec["domains"]), int(spec["image_size"]), tile_gsd, tile_size
-    )
-
-
-def resolve_domain(model: ModelSource, domain: str) -> str:
-    """The domain name to generate: one the model knows; ``source``/``target`` name the run's domains.
-
-    Raises:
-        InputError: a domain the model does not know (the message lists those it knows).
-    """
-    if domain in model.domains:
-        return domain
-    if domain in model.run_domains and model.run_domains[domain] in model.domains:
-        return model.run_domains[domain]
-    aliases = f" (or {', '.join(sorted(model.run_domains))})" if model.run_domains else ""
-    raise InputError(
-        "domain", f"unknown domain {domain!r}: the model at {model.model_dir} knows {', '.join(model.domains)}{aliases}"
-    )
-
-
-@dataclass
 class TileRequest:
     """A validated request (what ``request.json`` records under ``request``).
 
@@ -172,8 +82,9 @@ class TileRequest:
         name: the request name (folder ``<date>_<name>``).
         domain: the domain whose style the tiles take.
         count: number of tiles.
-        with_vehicles: vehicle prompt (``target_cars`` style) or empty prompt (``target_empty``: no boxes).
-        seed: seed of tile 0 (tile ``i`` uses ``seed + i``).
+        with_vehicles: vehicle prompt (``target_cars`` style) or empty prompt (``target_empty``: no boxes);
+            real tiles: with boxes, without, or ``None``: either.
+        seed: seed of tile 0 (tile ``i`` uses ``seed + i``); real tiles: seed of the draw.
         steps: denoising steps.
         guidance_scale: classifier-free guidance scale.
         scheduler: ``ddim``, ``dpm``, ``euler`` or ``pndm``.
@@ -182,12 +93,13 @@ class TileRequest:
         detector_conf: lowest detector confidence kept.
         heatmap_options: fields of :class:`aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig`.
         gsd: metres per pixel of the tiles (``None``: from the run, see the module docstring).
+        real: export the run's real target tiles labelled by ``self-training`` or ``heatmap`` instead.
     """
 
     name: str
     domain: str
     count: int
-    with_vehicles: bool = True
+    with_vehicles: bool | None = True
     seed: int = 0
     steps: int = 25
     guidance_scale: float = 4.0
@@ -197,6 +109,7 @@ class TileRequest:
     detector_conf: float = DETECTOR_CONF
     heatmap_options: dict[str, Any] = field(default_factory=dict)
     gsd: float | None = None
+    real: str | None = None
 
     def validate(self) -> TileRequest:
         """Raise :class:`InputError` naming the first bad field (no file is touched)."""
@@ -212,8 +125,14 @@ class TileRequest:
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(name, f"got {getattr(self, name)!r}, expected {expected}")
-        if not isinstance(self.with_vehicles, bool):
+        if not isinstance(self.with_vehicles, bool) and not (self.real and self.with_vehicles is None):
             raise InputError("with_vehicles", f"got {self.with_vehicles!r}, expected true or false")
+        if self.real is not None:
+            if self.real not in REAL_METHODS:
+                raise InputError("real", f"unknown labelling method {self.real!r}; choose one of {REAL_METHODS}")
+            if self.detector is not None:
+                raise InputError("detector", "real tiles keep the labels of --real; a detector cannot relabel them")
+            return self
         from aerosynth.generation.sampling import SCHEDULERS
 
         if self.scheduler not in SCHEDULERS:
@@ -237,7 +156,7 @@ class TileRequest:
     def to_dict(self) -> dict:
         doc = asdict(self)
         doc["detector"] = None if self.detector is None else str(self.detector.resolve())
-        doc["labels_from"] = "detector" if self.detector is not None else "heatmap"
+        doc["labels_from"] = f"real-{self.real}" if self.real else "detector" if self.detector else "heatmap"
         return doc
 
 
@@ -302,7 +221,7 @@ def request_tiles(
     name: str,
     domain: str,
     count: int,
-    with_vehicles: bool = True,
+    with_vehicles: bool | None = None,
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 4.0,
@@ -314,6 +233,7 @@ def request_tiles(
     gsd: float | None = None,
     day: dt.date | None = None,
     progress: bool = False,
+    real: str | None = None,
 ) -> Path:
     """Synthesise, label and export ``count`` tiles in the style of ``domain`` (layout in the module docstring).
 
@@ -321,10 +241,12 @@ def request_tiles(
         source: an adapted run folder (``WORK`` of the adapt flow) or a model folder.
         out_root: where the dated export folder is created.
         name: the request name (``^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$``).
-        domain: a domain the model knows; with a run folder, ``source``/``target`` name its domains.
+        domain: a domain the model knows; with a run folder, ``source``/``target`` name its domains
+            (real tiles: ``target`` or the run's target domain).
         count: number of tiles.
-        with_vehicles: vehicle prompt; ``False``: the empty prompt, and no boxes at all.
-        seed: seed of tile 0 (tile ``i`` uses ``seed + i``).
+        with_vehicles: vehicle prompt (``None``: ``True``); ``False``: the empty prompt, and no boxes at all.
+            Real tiles: only tiles with boxes, only tiles without, or (``None``) either.
+        seed: seed of tile 0 (tile ``i`` uses ``seed + i``); real tiles: seed of their draw.
         steps: denoising steps.
         guidance_scale: classifier-free guidance scale.
         scheduler: ``ddim``, ``dpm``, ``euler`` or ``pndm``.
@@ -335,19 +257,22 @@ def request_tiles(
         gsd: metres per pixel of the tiles (default: from the run; see the module docstring).
         day: the export's date (default: today, local time).
         progress: show the synthesis progress bar.
+        real: ``self-training`` or ``heatmap``: export the run's real target-train tiles with the labels
+            that method gave them (``source`` must be the run folder; module docstring).
 
     Returns:
         The export folder.
 
     Raises:
-        InputError: a bad name or value, an unknown domain, no model, a missing detector, or an
-            export of that name and date that already exists. Nothing is written then.
+        InputError: a bad name or value, an unknown domain, no model, a missing detector, a run without
+            the real-tile labels asked for, or an export of that name and date that already exists.
+            Nothing is written then.
     """
     req = TileRequest(
         name=name,
         domain=domain,
         count=count,
-        with_vehicles=with_vehicles,
+        with_vehicles=True if with_vehicles is None and real is None else with_vehicles,
         seed=seed,
         steps=steps,
         guidance_scale=guidance_scale,
@@ -357,9 +282,12 @@ def request_tiles(
         detector_conf=detector_conf,
         heatmap_options=dict(heatmap_options or {}),
         gsd=gsd,
+        real=real,
     ).validate()
     folder = export_folder(out_root, req.name, day)
     check_new_export(folder)
+    if req.real is not None:
+        return _request_real(Path(source), folder, req)
     model = resolve_model(source)
     domain_name = resolve_domain(model, req.domain)
     tile_gsd = req.gsd or model.tile_gsd * model.tile_size / model.image_size
@@ -425,11 +353,9 @@ def _build(
     write_png(tmp / "preview.png", preview_grid(previews))
     write_stac_catalog(export, folder.name, req.name, req.with_vehicles, domain, tile_gsd, created, label_method)
     shutil.rmtree(work)
-
-    files = file_inventory(tmp)
-    boxes = [len(t.detections) for t in tiles]
-    atomic_write_json(
-        tmp / REQUEST_FILE,
+    _write_record(
+        tmp,
+        tiles,
         {
             "request": req.to_dict(),
             "domain": domain,
@@ -448,15 +374,76 @@ def _build(
             "georeference": "synthetic: annotation.export.synthetic_transform grid near (0, 0), north up",
             "labels_from": label_method,
             "seeds": {t.tile_id: t.seed for t in tiles},
-            "counts": {
-                "tiles": len(tiles),
-                "tiles_with_boxes": sum(1 for b in boxes if b),
-                "boxes": int(sum(boxes)),
-                "detector_boxes_in_empty_tiles": hits_in_empty,
-            },
-            "files": files,
         },
+        detector_boxes_in_empty_tiles=hits_in_empty,
     )
+
+
+def _write_record(tmp: Path, tiles: list[GeoTile], record: dict, **extra_counts: int) -> None:
+    """Write ``request.json``: ``record``, the counts of ``tiles`` (and ``extra_counts``), every file's sha256."""
+    boxes = [len(t.detections) for t in tiles]
+    counts = {"tiles": len(tiles), "tiles_with_boxes": sum(1 for b in boxes if b), "boxes": int(sum(boxes))}
+    record = {**record, "counts": {**counts, **extra_counts}, "files": file_inventory(tmp)}
+    atomic_write_json(tmp / REQUEST_FILE, record)
+
+
+def _request_real(run_dir: Path, folder: Path, req: TileRequest) -> Path:
+    """Check the run's labelled real tiles, draw ``req.count`` of them and export them as ``folder``."""
+    choice = choose_real_tiles(run_dir, str(req.real), req.domain, req.count, req.seed, req.with_vehicles)
+    log, domain = _logger(), choice.dataset.split.domain
+    log.info(
+        "request %s: %d of %d real %s tiles, labels %s",
+        req.name,
+        len(choice.tiles),
+        choice.candidates,
+        domain,
+        req.real,
+    )
+    with publish_export(folder) as tmp:
+        _build_real(tmp, folder, req, choice)
+    log.info("request %s: export %s", req.name, folder)
+    return folder
+
+
+def _build_real(tmp: Path, folder: Path, req: TileRequest, choice: RealChoice) -> None:
+    """Export real tiles with their labels into ``tmp`` (published as ``folder``)."""
+    from aerosynth.annotation.export import SYNTHETIC_CRS, AnnotatedImage, preview_grid, synthetic_transform
+    from aerosynth.data.imageio import read_rgb, write_png
+    from aerosynth.data.stac import write_stac_catalog
+    from aerosynth.data.tile_export import TileExport
+
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    split, crs, n = choice.dataset.split, choice.crs, len(choice.tiles)
+    threshold = float(choice.dataset.summary.get("threshold", float("nan")))
+    label_method = f"real-{req.real} labels (annotation.real_target, threshold {threshold:.3g})"
+    export = TileExport(tmp, crs or SYNTHETIC_CRS, CLASS_NAMES)
+    previews: list[AnnotatedImage] = []
+    for i, tile in enumerate(choice.tiles):
+        tile_id, rgb = f"{req.name}_{tile.tile_id}", read_rgb(tile.png)
+        h, w = rgb.shape[:2]
+        transform = tile.transform if crs is not None else synthetic_transform(i, n, w, h, split.gsd)
+        props = {"aerosynth:source_tile": tile.tile_id, "aerosynth:flagged_vehicle": tile.flagged}
+        export.add(tile_id, None, rgb, tile.detections, transform, tile.png, props)  # type: ignore[arg-type]
+        if i < PREVIEW_COUNT:
+            previews.append(AnnotatedImage(tile_id, tile.png, tile.detections))
+    tiles = export.finish()
+    write_png(tmp / "preview.png", preview_grid(previews))
+    georef = f"tiles.json of {split.name}" if crs else "synthetic grid: the split has no georeference"
+    write_stac_catalog(
+        export, folder.name, req.name, req.with_vehicles, split.domain, split.gsd, created, label_method, True, georef
+    )
+    record = {"request": req.to_dict(), "domain": split.domain, "created": created.isoformat(), "export": folder.name}
+    record.update(
+        run=str(choice.dataset.split_dir.parent.parent.resolve()),
+        real=choice.record(),
+        image_size=split.tile_size,
+        gsd=split.gsd,
+        crs=crs or SYNTHETIC_CRS,
+        georeference=georef,
+        labels_from=label_method,
+        source_tiles={t.tile_id: r.tile_id for t, r in zip(tiles, choice.tiles, strict=True)},
+    )
+    _write_record(tmp, tiles, record, flagged_tiles=sum(1 for t in choice.tiles if t.flagged))
 
 
 @flow(name="request", log_prints=True)
@@ -466,7 +453,7 @@ def request_flow(
     name: str,
     domain: str,
     count: int,
-    with_vehicles: bool = True,
+    with_vehicles: bool | None = None,
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 4.0,
@@ -474,6 +461,7 @@ def request_flow(
     detector: Path | None = None,
     heatmap_options: dict[str, Any] | None = None,
     gsd: float | None = None,
+    real: str | None = None,
 ) -> str:
     """Prefect flow ``request``: :func:`request_tiles`, then the export is validated; returns its path."""
     folder = request_tiles(
@@ -490,6 +478,7 @@ def request_flow(
         detector=detector,
         heatmap_options=heatmap_options,
         gsd=gsd,
+        real=real,
     )
     counts = validate_export(folder)
     _logger().info("STAC valid: %s", counts)
