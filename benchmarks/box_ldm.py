@@ -9,6 +9,7 @@ Minsk target-test tiles, at noise 0.1, 0.3 and 0.5.
 
     python benchmarks/box_ldm.py train --steps 1800 [--box-loss l1|bce] [--name stageA]
     python benchmarks/box_ldm.py quality [--name stageA]
+    python benchmarks/box_ldm.py samples [--name stageA] [--count 64]   # grids + two-sample test
 
 Resumable: training checkpoints every 50 steps; a rerun continues. Results:
 ``benchmarks/results/box_ldm_<name>.json`` (training record and map quality).
@@ -110,6 +111,43 @@ def quality(name: str, limit: int | None) -> dict:
     return doc
 
 
+def samples(name: str, count: int, steps: int) -> dict:
+    """Text-to-image ``target_cars`` per target at guidance 1 and 4: grids and the two-sample test.
+
+    The two-sample accuracy is a small CNN's held-out accuracy telling real target-train tiles flagged
+    with vehicles from the generated images (0.5 = indistinguishable).
+    """
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.tileset import open_split
+    from aerosynth.detection.two_sample import two_sample_accuracy
+    from aerosynth.flows.adapt import write_synthetic_samples
+    from aerosynth.generation.models import load_ldm
+    from aerosynth.generation.sampling import SamplingConfig, generate_set
+
+    ldm = load_ldm(WORK / name / "model")
+    doc: dict = {"model": str((WORK / name / "model").relative_to(REPO)), "count": count, "steps": steps, "sets": {}}
+    for target, domain in (("minsk", "minsk_drone"), ("kit", "kit_munich_aerial")):
+        split = open_split(TILES[target] / "target-train")
+        real = [split.image_path(t.tile_id) for t in split.tiles if t.has_vehicle]
+        for guidance in (1.0, 4.0):
+            started = time.perf_counter()
+            folder = WORK / name / "samples" / f"{target}-g{guidance:g}"
+            cfg = SamplingConfig(steps=steps, guidance_scale=guidance, batch_size=8, shard_size=64, progress=False)
+            set_dir = generate_set(ldm, folder / "target_cars", "target_cars", domain, count, config=cfg)
+            grid = write_synthetic_samples(folder, RESULTS / f"box_ldm_samples_{target}_g{guidance:g}.png")
+            synthetic = sorted((set_dir / "images").glob("*.png"))
+            test = two_sample_accuracy(real, synthetic, seed=0)
+            doc["sets"][f"{target}@g{guidance:g}"] = {
+                "two_sample_accuracy": test["accuracy"],
+                "two_sample": test,
+                "grid": str(grid.relative_to(REPO)) if grid else None,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            print(target, guidance, test["accuracy"], flush=True)
+    atomic_write_json(RESULTS / f"box_ldm_{name}_samples.json", doc)
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -123,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quality")
     q.add_argument("--name", default="stageA")
     q.add_argument("--limit", type=int, default=None)
+    sa = sub.add_parser("samples")
+    sa.add_argument("--name", default="stageA")
+    sa.add_argument("--count", type=int, default=64)
+    sa.add_argument("--steps", type=int, default=25)
     args = parser.parse_args(argv)
     import torch
 
@@ -132,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.cmd == "train":
         train(args.name, args.steps, args.box_loss, args.max_tiles, args.lr, args.box_max_timestep)
-    else:
+    elif args.cmd == "quality":
         quality(args.name, args.limit)
+    else:
+        samples(args.name, args.count, args.steps)
     return 0
 
 
