@@ -6,6 +6,7 @@ bad input into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,73 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare tile datasets and the embedded demo data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
+
+
+class _CurrentStream:
+    """A file that writes to whatever ``sys.stdout`` or ``sys.stderr`` is at the moment of writing."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _target(self):
+        return getattr(sys, self._name, None)
+
+    def write(self, text: str) -> int:
+        target = self._target()
+        return len(text) if target is None else target.write(text)
+
+    def flush(self) -> None:
+        target = self._target()
+        if target is not None:
+            target.flush()
+
+    def isatty(self) -> bool:
+        target = self._target()
+        return target is not None and target.isatty()
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._target(), name)
+
+
+_STDOUT = _CurrentStream("stdout")
+_STDERR = _CurrentStream("stderr")
+
+
+def _unbind_log_handlers(call_streams: tuple) -> None:
+    """Point log handlers bound to this call's stdout/stderr at the current streams instead.
+
+    Libraries configure logging once per process, on first import, with handlers bound to the
+    ``sys.stderr``/``sys.stdout`` of that moment (Prefect's console handler on the root logger, its
+    ``ext://sys.stderr`` handlers, ultralytics' logger). When ``main`` runs in-process with redirected
+    streams (pytest's capsys, typer's CliRunner), those streams are closed after the call, and every later
+    log line in the process would fail on them. Prefect's own stream handlers always follow ``sys.stderr``.
+    """
+    outs = (call_streams[0], sys.stdout)
+    errs = (call_streams[1], sys.stderr)
+    loggers = [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", ())):
+            if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+                continue
+            stream = handler.stream
+            if stream is _STDOUT or stream is _STDERR:
+                continue
+            if any(stream is s for s in outs):
+                follow = _STDOUT
+            elif any(stream is s for s in errs) or type(handler).__module__.startswith("prefect."):
+                follow = _STDERR
+            else:
+                continue
+            handler.acquire()
+            try:
+                handler.stream = follow  # not setStream: that flushes the old stream, which may be closed
+                rich_console = getattr(handler, "console", None)  # PrefectConsoleHandler prints through rich
+                if isinstance(rich_console, Console):
+                    rich_console.file = follow
+            finally:
+                handler.release()
 
 
 def _progress() -> Progress:
@@ -598,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_orphan_servers()  # temporary Prefect servers of earlier runs that were killed
     mark_owner()
+    call_streams = (sys.stdout, sys.stderr)
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:
@@ -622,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 1
         raise
+    finally:
+        _unbind_log_handlers(call_streams)
     return 0
 
 
