@@ -431,7 +431,9 @@ def label_real_target(
         proposer = source_only if method == "self-training" else model
         if proposer is None:
             continue
-        upstream = {"tiles": tiles, ("source_only" if method == "self-training" else "model"): proposer}
+        # the proposer's stage folder: the source-only detector's, or the LDM's (model/ inside its stage)
+        stage = proposer if method == "self-training" else proposer.parent
+        upstream = {"tiles": tiles, ("source_only" if method == "self-training" else "model"): stage}
         key = {"method": method, "noise_fraction": r.noise_fraction, "heatmap_options": r.heatmap_options}
 
         def build(o: Path, method: str = method, proposer: Path = proposer, key: dict = key) -> None:

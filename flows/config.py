@@ -189,8 +189,9 @@ def _tiny_stage(steps: int, **kw: Any) -> dict:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The main job: the embedded demo, tiny LDM, under 5 minutes on 2 busy cores. 78 small scenes per
-    # domain (104 target-test tiles); the detector budget goes to three variants (source-only, threshold,
-    # oracle), 8 epochs of 208 tiles each, so that the AP50 figures mean something.
+    # domain (104 target-test tiles); the detector budget goes to three variants (source-only, the real
+    # target tiles labelled by F_S with their weak flags, oracle), 8 epochs of 208 tiles each, so that the
+    # AP50 figures mean something.
     "demo": {
         "name": "demo",
         "work_dir": "runs/demo",
@@ -206,7 +207,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "counts": {"source_cars": 16, "target_cars": 16, "target_empty": 8},
             "translation": {"enabled": False},
         },
-        "annotation": {"relay": {"enabled": False}},
+        "annotation": {
+            "relay": {"enabled": False},
+            "threshold": {"enabled": False},
+            "real_target": {"methods": ["self-training"]},
+        },
         "detection": {
             "epochs": 8,
             "patience": 8,

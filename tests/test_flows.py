@@ -46,9 +46,20 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
         "synthetic/translation",
         "annotation/relay",
         "annotation/threshold",
+        "annotation/real-self-training",
+        "annotation/real-heatmap",
     }
     assert expected <= set(records)
-    variants = {"source-only", "relay", "relay+source", "threshold", "translation", "oracle"}
+    variants = {
+        "source-only",
+        "relay",
+        "relay+source",
+        "threshold",
+        "translation",
+        "real-self-training+source",
+        "real-heatmap+source",
+        "oracle",
+    }
     assert {k.split("/")[1] for k in records if k.startswith("detectors/")} == variants
     doc = json.loads((report.parent / "report.json").read_text())
     assert {r["variant"] for r in doc["variants"]} == variants
@@ -57,6 +68,16 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     assert (report.parent / "synthetic_samples.png").stat().st_size > 1000
     assert "synthetic_samples.png" in report.read_text()
     assert "gap closure" in report.read_text()
+    # the real target-train tiles were labelled from flags + proposals: tiles flagged empty have no box
+    for method in ("self-training", "heatmap"):
+        dataset = work / "annotation" / f"real-{method}" / "dataset"
+        summary = json.loads((dataset / "summary.json").read_text())
+        flags = json.loads((work / "tiles" / "target-train" / "tiles.json").read_text())
+        assert summary["tiles"] == len(list((dataset / "labels").glob("*.txt"))) > 0
+        assert summary["boxes"] >= summary["flagged_tiles_with_boxes"]
+        assert "source_val_at_threshold" in summary["provenance"]
+        empty = [t["tile_id"] for t in flags["tiles"] if not t["has_vehicle"]]
+        assert all((dataset / "labels" / f"{tid}.txt").read_text() == "" for tid in empty)
 
 
 def test_rerun_skips_finished_stages(tiny_run):
