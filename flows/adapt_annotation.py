@@ -1,0 +1,145 @@
+"""Adapt step ``annotation/``: synthetic sets labelled (relay, threshold) and real target tiles labelled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.errors import InputError
+from aerosynth.flows.adapt_common import _logger, _val_split
+from aerosynth.flows.config import AdaptConfig
+from aerosynth.flows.stage_cache import run_stage
+
+
+def annotate(
+    config: AdaptConfig,
+    work: Path,
+    tiles: Path,
+    sets: dict[str, Path],
+    source_only: Path | None = None,
+    model: Path | None = None,
+) -> dict[str, Path]:
+    """Label the synthetic target sets and the real target-train tiles.
+
+    The relay and self-training reuse the source-only detector as F_S when given; the heat-map labels of
+    real tiles come from ``model`` (the LDM).
+    """
+    a = config.annotation
+    targets = [sets[k] for k in ("target_cars", "target_empty") if k in sets]
+    upstream = {k: v for k, v in sets.items() if k != "translation"}
+    out: dict[str, Path] = {}
+    if a.relay.enabled:
+        from aerosynth.annotation.relay import RelayConfig, run_relay
+
+        rcfg = RelayConfig(
+            model=config.detection.model,
+            imgsz=config.detection.imgsz,
+            seed=config.seed,
+            device=config.device,
+            **a.relay.model_dump(exclude={"enabled", "reuse_source_only"}),
+        )
+        fs = source_only / "train" / "detector.pt" if (source_only is not None and a.relay.reuse_source_only) else None
+        relay_upstream = {**upstream, "tiles": tiles, **({"source_only": source_only} if fs else {})}
+        try:
+            stage_dir, _ = run_stage(
+                "annotation/relay",
+                work / "annotation" / "relay",
+                {**rcfg.to_dict(), "reuse_source_only": fs is not None},
+                relay_upstream,
+                lambda o: run_relay(
+                    tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg, source_detector=fs
+                ),
+                _logger(),
+            )
+            out["relay"] = stage_dir / "dataset"
+            _record_skipped(work, "relay", None)
+        except InputError as exc:  # e.g. F_S finds no vehicle in the synthetic source images
+            _logger().warning("relay skipped: %s", exc)
+            _record_skipped(work, "relay", str(exc))
+    if a.threshold.enabled:
+        from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
+
+        hcfg = HeatmapBoxConfig(**a.threshold.options)
+        stage_dir, _ = run_stage(
+            "annotation/threshold",
+            work / "annotation" / "threshold",
+            a.threshold.options,
+            {k: v for k, v in upstream.items() if k != "source_cars"},
+            lambda o: annotate_direct(targets, o / "dataset", hcfg),
+            _logger(),
+        )
+        out["threshold"] = stage_dir / "dataset"
+    if a.real_target.enabled:
+        out.update(label_real_target(config, work, tiles, source_only, model))
+    return out
+
+
+def label_real_target(
+    config: AdaptConfig, work: Path, tiles: Path, source_only: Path | None, model: Path | None
+) -> dict[str, Path]:
+    """The real target-train tiles labelled from weak flags and F_S's or the LDM's proposals.
+
+    Returns ``{"real-<method>": labelled folder}``; a method whose proposer is missing is skipped.
+    """
+    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
+    from aerosynth.data.tileset import open_split
+
+    r = config.annotation.real_target
+    out: dict[str, Path] = {}
+    for method in r.methods:
+        proposer = source_only if method == "self-training" else model
+        if proposer is None:
+            continue
+        # the proposer's stage folder: the source-only detector's, or the LDM's (model/ inside its stage)
+        stage = proposer if method == "self-training" else proposer.parent
+        upstream = {"tiles": tiles, ("source_only" if method == "self-training" else "model"): stage}
+        key = {"method": method, "noise_fraction": r.noise_fraction, "heatmap_options": r.heatmap_options}
+
+        def build(o: Path, method: str = method, proposer: Path = proposer, key: dict = key) -> None:
+            train, val = open_split(tiles / "target-train"), open_split(_val_split(tiles))
+            if method == "self-training":
+                from aerosynth.detection.prediction import predict_split
+
+                weights = proposer / "train" / "detector.pt"
+                threshold, scores = source_threshold(predict_split(weights, val, device=config.device), val)
+                proposals = predict_split(weights, train, device=config.device)
+            else:
+                from aerosynth.generation.models import load_ldm
+                from aerosynth.generation.real_maps import cars_map_function
+
+                ldm = load_ldm(proposer)
+                hcfg = HeatmapBoxConfig(**r.heatmap_options)
+                val_maps = cars_map_function(ldm, val.info.domain, r.noise_fraction, seed=config.seed)
+                threshold, scores = source_threshold(heatmap_proposals(val, val_maps, hcfg), val)
+                train_maps = cars_map_function(ldm, train.info.domain, r.noise_fraction, seed=config.seed)
+                proposals = heatmap_proposals(train, train_maps, hcfg)
+            label_real_tiles(
+                tiles / "target-train",
+                proposals,
+                threshold,
+                o / "dataset",
+                "detector" if method == "self-training" else "heatmap",
+                provenance={"source_val_at_threshold": scores, **key},
+            )
+
+        stage_dir, _ = run_stage(
+            f"annotation/real-{method}", work / "annotation" / f"real-{method}", key, upstream, build, _logger()
+        )
+        out[f"real-{method}"] = stage_dir / "dataset"
+    return out
+
+
+SKIPPED_FILE = "skipped.json"
+
+
+def _record_skipped(work: Path, variant: str, reason: str | None) -> None:
+    """Note (or, with ``reason=None``, forget) why a variant could not be built; the report lists it."""
+    path = work / "annotation" / SKIPPED_FILE
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if reason is None:
+        doc.pop(variant, None)
+    else:
+        doc[variant] = reason
+    atomic_write_json(path, doc)

@@ -1,0 +1,250 @@
+"""The commands that run a flow: ``demo``, ``adapt``, ``request``, ``retrain``, ``serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aerosynth.data.errors import InputError
+
+
+def _print_ap50_table(report_md: Path) -> None:
+    import json
+
+    doc = json.loads((report_md.parent / "report.json").read_text())
+    table = Table(title="AP50 on target-test (COCO, IoU 0.5)")
+    for col in ("variant", "role", "seeds", "AP50", "gap closure"):
+        table.add_column(col, justify="left" if col in ("variant", "role") else "right")
+    for row in doc.get("variants", []):
+        ap = row["ap50"]
+        gap = row.get("gap_closure")
+        table.add_row(
+            row["variant"],
+            row["role"],
+            str(row["seeds"]),
+            f"{ap['mean']:.3f}" + (f" ± {ap['std']:.3f}" if row["seeds"] > 1 else ""),
+            "" if not gap or gap.get("mean") is None else f"{gap['mean']:.2f}",
+        )
+    Console(width=max(Console().width, 100)).print(table)
+
+
+def _run_adapt(
+    config_path: Path | None,
+    preset: str | None,
+    work_dir: Path | None,
+    fresh: bool,
+    runner: str | None = None,
+    dask_address: str | None = None,
+) -> Path:
+    import shutil
+
+    from aerosynth.flows.adapt import run_adapt
+    from aerosynth.flows.config import load_config
+
+    overrides: dict = {"work_dir": str(work_dir)} if work_dir is not None else {}
+    if runner is not None:
+        overrides["runner"] = runner
+    if dask_address is not None:
+        overrides["runner"] = "dask"
+        overrides["dask_address"] = dask_address
+    cfg = load_config(config_path, preset=preset, overrides=overrides)
+    if cfg.torch_threads:  # also for this process's own training (on a busy machine one thread beats two)
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    if fresh and cfg.work_dir.exists():
+        shutil.rmtree(cfg.work_dir)
+    report = run_adapt(cfg)
+    _print_ap50_table(report)
+    Console().print(f"report: {report}")
+    return report
+
+
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Run folder (kept: a rerun skips finished stages).")] = Path(
+        "runs/demo"
+    ),
+    fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="The smallest run (smoke preset): checks an install in a minute.")
+    ] = False,
+) -> None:
+    """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
+    if quick and work_dir == Path("runs/demo"):
+        work_dir = Path("runs/smoke")
+    report = _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh)
+    Console(soft_wrap=True).print(_demo_note(report, quick), highlight=False, markup=False)
+
+
+def _demo_note(report_md: Path, quick: bool = False) -> str:
+    """What the demo's AP50 table means, in a few lines, and where the report is."""
+    import json
+
+    doc = json.loads((report_md.parent / "report.json").read_text())
+    split = doc.get("split", {})
+    ap = {row["variant"]: row["ap50"]["mean"] for row in doc.get("variants", [])}
+    lines = [
+        f"What the table means: AP50 of each detector on the {split.get('tiles', '?')} {split.get('name', 'test')} "
+        f"tiles of {split.get('domain', 'the target domain')}, whose boxes no detector trained on. source-only learnt "
+        f"the source domain only (AP50 {ap.get('source-only', 0.0):.3f}); the oracle learnt the target-train boxes, "
+        f"the ceiling (AP50 {ap.get('oracle', 0.0):.3f}); the other rows learnt from synthetic images of the demo's "
+        "tiny diffusion model, trained for seconds on a CPU, so they show that each route runs, not what AGenDA "
+        "gains (README: aerial-v1).",
+    ]
+    if quick:
+        lines.append("--quick trains every model for a step or two: its figures are near zero by design.")
+    lines.append(f"Report (AP50 table, PR curves, prediction grid, synthetic samples): {report_md}")
+    return "\n".join(lines)
+
+
+def adapt(
+    config: Annotated[Path | None, typer.Option(help="YAML config (see flows/config.py and configs/).")] = None,
+    preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (a config file may name one).")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Override the config's work_dir.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
+    runner: Annotated[
+        str | None, typer.Option(help="sequential or dask (a LocalCluster unless --dask-address).")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Scheduler of an existing Dask cluster, tcp://host:8786.")
+    ] = None,
+) -> None:
+    """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
+    if config is None and preset is None:
+        raise InputError("--config", "give a config file or --preset")
+    if runner not in (None, "sequential", "dask"):
+        raise InputError("--runner", f"unknown runner {runner!r} (sequential or dask)")
+    _run_adapt(config, preset, work_dir, fresh, runner, dask_address)
+
+
+def request(
+    run: Annotated[Path, typer.Option(help="Adapted run folder (WORK of adapt) or a model folder.")],
+    domain: Annotated[str, typer.Option(help="Domain style: one the model knows ('source'/'target' with a run).")],
+    count: Annotated[int, typer.Option(help="Number of tiles.")],
+    name: Annotated[str, typer.Option(help="Request name (letters, digits, _ -); export is OUT/<date>_<name>.")],
+    out: Annotated[Path, typer.Option(help="Folder receiving the dated export.")] = Path("exports"),
+    vehicles: Annotated[
+        bool | None,
+        typer.Option(
+            "--vehicles/--no-vehicles",
+            help="Tiles with vehicles, or empty tiles (default: with; with --real: all tiles).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of tile 0 (tile i uses seed + i); with --real, of the draw.")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    detector: Annotated[
+        Path | None, typer.Option(help="Label with this detector .pt (conf >= 0.25) instead of heat maps.")
+    ] = None,
+    real: Annotated[
+        str | None,
+        typer.Option(
+            help="self-training|heatmap: export the run's real target-train tiles with the labels adapt gave "
+            "them (annotation/real-<method>/dataset) instead of synthetic tiles; COUNT drawn with SEED."
+        ),
+    ] = None,
+) -> None:
+    """N labelled tiles in a domain's style (or the run's real tiles): GeoTIFF, GeoJSON, COCO, YOLO, STAC, preview."""
+    if detector is not None:  # before the flow (and Prefect) is imported
+        from aerosynth.detection.prediction import check_detector_file
+
+        check_detector_file(detector)
+    if real is not None:  # a run without these labels: one error line, before Prefect starts
+        from aerosynth.data.real_tiles import real_dataset_dir
+
+        real_dataset_dir(run, real)
+    from aerosynth.flows.request import request_flow
+
+    path = request_flow(
+        run,
+        out,
+        name,
+        domain,
+        count,
+        with_vehicles=vehicles,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        detector=detector,
+        real=real,
+    )
+    Console().print(f"export: {path}")
+
+
+def retrain(
+    registry: Annotated[Path, typer.Option(help="Model registry folder (made on first use with --tiles).")],
+    watch: Annotated[Path, typer.Option(help="Watched folder: new GeoTIFFs (+ <stem>.geojson labels, flags.json).")],
+    config: Annotated[Path | None, typer.Option(help="YAML adapt config of the re-adaptation.")] = None,
+    preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (default demo without --config).")] = None,
+    tiles: Annotated[
+        Path | None, typer.Option(help="Prepared tiles: source splits + evaluation split (new registry).")
+    ] = None,
+    eval_split: Annotated[
+        str, typer.Option(help="Evaluation split of --tiles (boxes; never trained on).")
+    ] = "target-test",
+    baseline: Annotated[
+        Path | None, typer.Option(help="Detector .pt made production when the registry has none.")
+    ] = None,
+    flags: Annotated[str, typer.Option(help="auto (given, else production detector), given or detector.")] = "auto",
+    flag_threshold: Annotated[
+        float, typer.Option(help="Detector confidence that flags a tile as a vehicle tile.")
+    ] = 0.25,
+    variant: Annotated[
+        str | None, typer.Option(help="Candidate variant (default relay+source, relay, threshold).")
+    ] = None,
+) -> None:
+    """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
+    if baseline is not None:  # before the flows (and Prefect) are imported
+        from aerosynth.detection.prediction import check_detector_file
+
+        check_detector_file(baseline)
+    from aerosynth.flows.config import load_config
+    from aerosynth.flows.registry import version_rows
+    from aerosynth.flows.retrain import ensure_registry, run_retrain
+
+    cfg = load_config(config, preset=preset or (None if config else "demo"))
+    reg = ensure_registry(registry, tiles, eval_split, baseline, cfg.detection.imgsz, cfg.device)
+    result = run_retrain(reg.root, watch, cfg, flags, flag_threshold, variant)
+    table = Table(title=f"registry {reg.root} (AP50 on {reg.evaluation.split})")
+    for col in ("version", "AP50", "vs production", "promoted", "parent", "run", ""):
+        table.add_column(col)
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
+    for r in version_rows(reg):
+        table.add_row(
+            r["version"],
+            fmt(r["ap50"]),
+            fmt(r["production_ap50"]),
+            str(r["promoted"]),
+            r["parent"] or "",
+            r["run"] or "",
+            "production" if r["production"] else "",
+        )
+    Console(width=max(Console().width, 100)).print(table)
+    Console().print(result["message"])
+
+
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML adapt config the scheduled runs use.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset when no config is given.")] = "demo",
+    watch: Annotated[Path | None, typer.Option(help="Watched folder of the retrain deployment.")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Model registry of the retrain deployment.")] = None,
+    adapt_cron: Annotated[str, typer.Option(help="Cron schedule of adapt.")] = "0 2 * * 0",
+    retrain_cron: Annotated[str, typer.Option(help="Cron schedule of retrain.")] = "0 3 * * *",
+) -> None:
+    """Register adapt, request and retrain as scheduled deployments on a Prefect server and serve them."""
+    from aerosynth.flows.config import load_config
+    from aerosynth.flows.deployments import build_deployments, serve_deployments
+
+    if (watch is None) != (registry is None):
+        raise InputError("--watch/--registry", "the retrain deployment needs both")
+    cfg = load_config(config, preset=None if config else preset)
+    deployments = build_deployments(cfg, watch, registry, adapt_cron, retrain_cron)
+    Console().print(f"serving {', '.join(d.name for d in deployments)} (Ctrl-C stops)")
+    serve_deployments(deployments)
