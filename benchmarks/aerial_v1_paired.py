@@ -71,11 +71,17 @@ def _evaluate(weights: Path, targets: list[str]) -> dict:
         test = open_evaluation_split(TILES[target], "target-test")
         preds = predict(weights, [test.image_path(t.tile_id) for t in test], conf=0.001, imgsz=128)
         result = evaluate_split(test, preds)
-        out[target] = {"ap50": round(float(result.ap50), 4), "ap": round(float(result.ap), 4)}
+        out[target] = {
+            "ap50": round(float(result.ap50), 4),
+            "ap50_95": round(float(result.ap50_95), 4),
+            "precision": round(float(result.precision), 4),
+            "recall": round(float(result.recall), 4),
+        }
     return out
 
 
 def _train(out: Path, settings: dict, seed: int, model: str, train: list, val) -> Path:
+    """Train (or, when a finished detector of these settings is there, reuse) one detector."""
     from aerosynth.detection.training import DetectorTrainConfig, train_detector
 
     cfg = DetectorTrainConfig(
@@ -90,6 +96,9 @@ def _train(out: Path, settings: dict, seed: int, model: str, train: list, val) -
         mix_total=settings.get("mix_total"),
         extra=dict(settings.get("extra", {})),
     )
+    done = out / "train" / "detector.json"
+    if done.is_file() and json.loads(done.read_text())["config"] == json.loads(json.dumps(cfg.to_dict())):
+        return out / "train" / "detector.pt"  # trained before the evaluation failed or was killed
     return train_detector(cfg, train, val, out / "train")
 
 
