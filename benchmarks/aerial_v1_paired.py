@@ -295,6 +295,8 @@ def collect() -> dict:
                 continue
             vals = np.array(list(got.values()))
             diffs = np.array([v - base[s] for s, v in got.items()])
+            cont = rows["continued"]
+            vs_cont = np.array([v - cont[s] for s, v in got.items() if cont.get(s) is not None])
             closure = [
                 (v - base[s]) / (oracle[s] - base[s])
                 for s, v in got.items()
@@ -307,6 +309,8 @@ def collect() -> dict:
                 "paired_diff_mean": round(float(diffs.mean()), 4),
                 "paired_diff_std": round(float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0, 4),
                 "above_source_only_on_every_seed": bool((diffs > 0).all()) if variant != "source-only" else None,
+                "paired_diff_to_continued_mean": round(float(vs_cont.mean()), 4) if len(vs_cont) else None,
+                "paired_diff_to_continued_std": round(float(vs_cont.std(ddof=1)), 4) if len(vs_cont) > 1 else None,
                 "gap_closure_mean": round(float(np.mean(closure)), 3) if closure else None,
                 "gap_closure_std": round(float(np.std(closure, ddof=1)), 3) if len(closure) > 1 else None,
             }
@@ -318,6 +322,50 @@ def collect() -> dict:
     doc["settings"] = {"source_only": SOURCE_ONLY, "finetune": FINETUNE}
     atomic_write_json(RESULTS, doc)
     return doc
+
+
+def markdown(doc: dict) -> str:
+    """The README tables of a collected document: one per target, a row per variant."""
+    lines = []
+    names = {
+        "source-only": "source-only (reference recipe, final weights)",
+        "continued": "source-only, continued (control: same fine-tuning on source only)",
+        "self-training": "real target-train labelled by F_S + flags, with source",
+        "heatmap": "real target-train labelled by LDM heat maps + flags, with source",
+        "oracle": "oracle (target-train true boxes, with source)",
+    }
+    for target, table in doc["targets"].items():
+        lines += [
+            f"**{target}** (seeds {', '.join(str(s) for s in doc['seeds'])})",
+            "",
+            "| variant | AP50 mean ± std | per seed | paired diff to source-only | above on every seed "
+            "| diff to continued | gap closure |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for variant, row in table.items():
+            per = ", ".join(f"{v:.3f}" for v in row["per_seed"].values())
+            diff = "" if variant == "source-only" else f"{row['paired_diff_mean']:+.3f} ± {row['paired_diff_std']:.3f}"
+            every = (
+                ""
+                if row["above_source_only_on_every_seed"] is None
+                else ("yes" if row["above_source_only_on_every_seed"] else "no")
+            )
+            closure = ""
+            if row["gap_closure_mean"] is not None and variant not in ("source-only", "oracle"):
+                closure = f"{row['gap_closure_mean']:.2f}" + (
+                    f" ± {row['gap_closure_std']:.2f}" if row["gap_closure_std"] is not None else ""
+                )
+            to_cont = ""
+            if row["paired_diff_to_continued_mean"] is not None and variant not in ("source-only", "continued"):
+                to_cont = f"{row['paired_diff_to_continued_mean']:+.3f}" + (
+                    f" ± {row['paired_diff_to_continued_std']:.3f}" if row["paired_diff_to_continued_std"] else ""
+                )
+            lines.append(
+                f"| {names.get(variant, variant)} | {row['mean']:.3f} ± {row['std']:.3f} | {per} | {diff} | {every} "
+                f"| {to_cont} | {closure} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, required=True)
     t.add_argument("--target", choices=list(TILES), default="minsk")
     sub.add_parser("collect")
+    sub.add_parser("table")
     args = parser.parse_args(argv)
     if args.cmd == "run":
         run(
@@ -355,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             task_source_only(args.seed)
         else:
             task_finetune(args.name, args.target, args.seed)
+    elif args.cmd == "table":
+        print(markdown(collect()))
     else:
         print(json.dumps(collect(), indent=1))
     return 0
