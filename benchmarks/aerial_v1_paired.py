@@ -155,16 +155,18 @@ def _labels_dir(variant: str, target: str, seed: int) -> Path:
         provenance = {"detector": str(detector.relative_to(REPO)), "sha256": file_sha256(detector)}
         method = "detector"
     elif variant == "heatmap":
+        from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
         from aerosynth.generation.models import load_ldm
         from aerosynth.generation.real_maps import cars_map_function
 
         ldm = load_ldm(LDM_MODEL)
-        noise = _heatmap_noise()
+        noise, options = _heatmap_choice()
+        hcfg = HeatmapBoxConfig(**options)
         threshold, scores = source_threshold(
-            heatmap_proposals(val_split, cars_map_function(ldm, "madison_drone", noise)), val_split
+            heatmap_proposals(val_split, cars_map_function(ldm, "madison_drone", noise), hcfg), val_split
         )
-        proposals = heatmap_proposals(train_split, cars_map_function(ldm, train_split.info.domain, noise))
-        provenance = {"model": str(LDM_MODEL.relative_to(REPO)), "noise_fraction": noise}
+        proposals = heatmap_proposals(train_split, cars_map_function(ldm, train_split.info.domain, noise), hcfg)
+        provenance = {"model": str(LDM_MODEL.relative_to(REPO)), "noise_fraction": noise, "heatmap_options": options}
         method = "heatmap"
     else:
         raise ValueError(variant)
@@ -173,14 +175,28 @@ def _labels_dir(variant: str, target: str, seed: int) -> Path:
     return out / "labels"
 
 
-def _heatmap_noise() -> float:
-    """The noise level with the best heat-map AP50 on real *source-val* (box_ldm.py quality), else 0.3."""
+def _heatmap_choice() -> tuple[float, dict]:
+    """Noise level and box rule with the best heat-map AP50 on real *source-val* (box_ldm.py quality).
+
+    Candidates per noise level: the default rule and the best fixed threshold of the sweep. Target
+    figures in that file are never read here.
+    """
     path = RESULTS.parent / "box_ldm_stageA.json"
     if not path.is_file():
-        return 0.3
+        return 0.3, {}
     quality = json.loads(path.read_text())["map_quality"]
-    levels = {float(k.split("@")[1]): v["ap50"] for k, v in quality.items() if k.startswith("source-val@")}
-    return max(levels, key=lambda n: (levels[n], -n)) if levels else 0.3
+    options: list[tuple[float, float, dict]] = []
+    for key, entry in quality.items():
+        if not key.startswith("source-val@"):
+            continue
+        noise = float(key.split("@")[1])
+        options.append((entry["ap50"], noise, {}))
+        sweep = entry["best_sweep"]
+        options.append((sweep["ap50"], noise, {"threshold_mode": "fixed", "threshold": sweep["fixed_threshold"]}))
+    if not options:
+        return 0.3, {}
+    _, noise, chosen = max(options, key=lambda o: (o[0], -o[1]))
+    return noise, chosen
 
 
 def task_finetune(variant: str, target: str, seed: int) -> None:

@@ -22,43 +22,29 @@ class Variant:
 
 
 def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: dict[str, Path]) -> list[Variant]:
+    """Source-only, every adapted dataset mixed with the real source tiles (``<name>+source``), the oracle.
+
+    Every adapted variant stands on the same footing: its target data (a labelled synthetic set, the
+    translated source tiles or the labelled real target tiles) makes up ``1 - mix_source_fraction`` of
+    its training images, real source tiles the rest.
+    """
     from aerosynth.detection.datasets import DatasetSpec
 
     d = config.detection
     whole = 1.0 if d.max_train_images else None  # with a cap, every variant sees the same number of images
     source = DatasetSpec(tiles / "source-train", name="source", fraction=whole)
     out = [Variant(SOURCE_ONLY, [source], {"tiles": tiles})]
-    for method, dataset in labelled.items():
-        if method.startswith("real-"):  # real target tiles, always trained with real source
-            f = d.mix_source_fraction
-            mix = [
-                DatasetSpec(dataset, name=method, fraction=1 - f),
-                DatasetSpec(tiles / "source-train", name="source", fraction=f),
-            ]
-            out.append(Variant(f"{method}+source", mix, {"tiles": tiles, method: dataset.parent}))
-            continue
-        out.append(
-            Variant(
-                f"{method}",
-                [DatasetSpec(dataset, name=method, fraction=whole)],
-                {"tiles": tiles, method: dataset.parent},
-            )
-        )
-        if method == "relay":
-            f = d.mix_source_fraction
-            mix = [
-                DatasetSpec(dataset, name=method, fraction=1 - f),
-                DatasetSpec(tiles / "source-train", name="source", fraction=f),
-            ]
-            out.append(Variant("relay+source", mix, {"tiles": tiles, method: dataset.parent}))
+    adapted = dict(labelled)
     if "translation" in sets:
-        out.append(
-            Variant(
-                "translation",
-                [DatasetSpec(sets["translation"], name="translation", fraction=whole)],
-                {"tiles": tiles, "translation": sets["translation"]},
-            )
-        )
+        adapted["translation"] = sets["translation"]
+    f = d.mix_source_fraction
+    for name, dataset in adapted.items():
+        mix = [
+            DatasetSpec(dataset, name=name, fraction=1 - f),
+            DatasetSpec(tiles / "source-train", name="source", fraction=f),
+        ]
+        stage = dataset if name == "translation" else dataset.parent  # a synthetic set is its own stage folder
+        out.append(Variant(f"{name}+source", mix, {"tiles": tiles, name: stage}))
     if d.oracle:
         oracle = DatasetSpec(
             tiles / "target-train",

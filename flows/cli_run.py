@@ -91,9 +91,10 @@ def _demo_note(report_md: Path, quick: bool = False) -> str:
         f"What the table means: AP50 of each detector on the {split.get('tiles', '?')} {split.get('name', 'test')} "
         f"tiles of {split.get('domain', 'the target domain')}, whose boxes no detector trained on. source-only learnt "
         f"the source domain only (AP50 {ap.get('source-only', 0.0):.3f}); the oracle learnt the target-train boxes, "
-        f"the ceiling (AP50 {ap.get('oracle', 0.0):.3f}); the other rows learnt from synthetic images of the demo's "
-        "tiny diffusion model, trained for seconds on a CPU, so they show that each route runs, not what AGenDA "
-        "gains (README: aerial-v1).",
+        f"the ceiling (AP50 {ap.get('oracle', 0.0):.3f}); real-<method>+source learnt the real target-train tiles "
+        "labelled without target boxes (weak flags plus F_S's or the diffusion model's boxes) beside the source; "
+        "rows from synthetic images come from a tiny diffusion model trained for seconds on a CPU, so they show "
+        "that each route runs, not what it gains (README: aerial-v1).",
     ]
     if quick:
         lines.append("--quick trains every model for a step or two: its figures are near zero by design.")
@@ -194,7 +195,11 @@ def retrain(
         float, typer.Option(help="Detector confidence that flags a tile as a vehicle tile.")
     ] = 0.25,
     variant: Annotated[
-        str | None, typer.Option(help="Candidate variant (default relay+source, relay, threshold).")
+        str | None,
+        typer.Option(
+            help="Candidate variant (default: the first of real-self-training+source, relay+source, "
+            "threshold+source, translation+source that the config makes)."
+        ),
     ] = None,
 ) -> None:
     """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""

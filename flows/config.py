@@ -73,7 +73,8 @@ class SetCounts(Strict):
 class TranslationSettings(Strict):
     enabled: bool = True
     strength: float = Field(0.5, gt=0, le=1)
-    keep_threshold: float = Field(0.3, ge=0, le=1)
+    # 0 keeps every source box (measured better while the maps were uninformative: 0.359 vs 0.278)
+    keep_threshold: float = Field(0.0, ge=0, le=1)
     max_tiles: int | None = Field(None, ge=1)
 
 

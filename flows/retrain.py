@@ -57,7 +57,13 @@ from aerosynth.flows.config import AdaptConfig, build_config, dump_config
 from aerosynth.flows.stage_cache import run_stage, stage_record
 
 #: Variants tried in this order when none is named (the first the config produces is the candidate).
-CANDIDATE_ORDER = ("relay+source", "relay", "threshold", "translation")
+CANDIDATE_ORDER = (
+    "real-self-training+source",
+    "relay+source",
+    "threshold+source",
+    "translation+source",
+    "real-heatmap+source",
+)
 
 
 def _logger() -> logging.Logger:
@@ -194,13 +200,12 @@ def readapt(
     seed = cfg.detection.seeds[0]
     model = train_ldm(cfg, work, tiles)
     sets = adapt.synthesise(cfg, work, tiles, model)
-    relay = cfg.annotation.relay
-    if relay.enabled and getattr(relay, "reuse_source_only", False):
-        # as in the adapt flow: the relay's source detector F_S is the source-only detector
+    relay, real = cfg.annotation.relay, cfg.annotation.real_target
+    source_only = None
+    if (relay.enabled and relay.reuse_source_only) or (real.enabled and "self-training" in real.methods):
+        # as in the adapt flow: F_S (relay, self-training) is the source-only detector
         source_only = train_and_evaluate(cfg, work, tiles, adapt.variants(cfg, tiles, {}, {})[0], seed)
-        labelled = annotate(cfg, work, tiles, sets, source_only)
-    else:
-        labelled = annotate(cfg, work, tiles, sets)
+    labelled = annotate(cfg, work, tiles, sets, source_only, model)
     available = {v.name: v for v in adapt.variants(cfg, tiles, labelled, sets) if v.name != adapt.ORACLE}
     name = variant or next((n for n in CANDIDATE_ORDER if n in available), None)
     if name not in available:

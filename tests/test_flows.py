@@ -52,10 +52,9 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     assert expected <= set(records)
     variants = {
         "source-only",
-        "relay",
         "relay+source",
-        "threshold",
-        "translation",
+        "threshold+source",
+        "translation+source",
         "real-self-training+source",
         "real-heatmap+source",
         "oracle",
@@ -101,7 +100,7 @@ def test_config_change_reruns_only_dependants(tiny_run):
     adapt_flow(changed)
     after = _records(work)
     rebuilt = {k for k in before if after[k]["key"] != before[k]["key"]}
-    assert rebuilt == {"annotation/threshold", "detectors/threshold/seed0"}
+    assert rebuilt == {"annotation/threshold", "detectors/threshold+source/seed0"}
 
 
 def test_unknown_config_key_is_named():

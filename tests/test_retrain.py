@@ -333,6 +333,7 @@ def _tiny_retrain_config() -> dict:
     cfg = copy.deepcopy(TINY_ADAPT)
     cfg["annotation"]["relay"]["enabled"] = False
     cfg["generation"]["translation"] = {"enabled": False}
+    cfg["annotation"]["real_target"] = {"enabled": False}
     return cfg
 
 
@@ -361,7 +362,9 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(
     assert ensure_registry(tmp_path / "reg", demo_tiles, baseline=weights).list_versions()[-1].name == "v0001"
     watch = _watch(tmp_path / "watch", new_scenes)
 
-    out = retrain_flow(str(reg.root), str(watch), _tiny_retrain_config(), flag_threshold=0.01, variant="threshold")
+    out = retrain_flow(
+        str(reg.root), str(watch), _tiny_retrain_config(), flag_threshold=0.01, variant="threshold+source"
+    )
     assert out["status"] == "registered" and out["version"] == "v0002"
     assert out["new_imagery"] == ["scene_00.tif", "scene_01.tif"]
     v2 = reg.version("v0002")
@@ -376,7 +379,7 @@ def test_retrain_flow_registers_candidate_and_promotes_only_if_not_worse(
     }
 
     prov = v2.provenance
-    assert prov["parent_version"] == "v0001" and prov["variant"] == "threshold"
+    assert prov["parent_version"] == "v0001" and prov["variant"] == "threshold+source"
     assert [r["sha256"] for r in prov["new_imagery"]] == [file_sha256(watch / n) for n in out["new_imagery"]]
     assert prov["flags"]["by_source"] == {"labels": 4, "detector": 4} and prov["flags"]["detector"] == "v0001"
     assert prov["data"]["splits"]["target-train"] and prov["data"]["base_manifest_sha256"] and prov["flow_run_id"]
