@@ -336,8 +336,39 @@ def collect() -> dict:
     ]
     doc["source_only_images_per_s_one_thread"] = [s for s in speeds if s]
     doc["settings"] = {"source_only": SOURCE_ONLY, "finetune": FINETUNE}
+    doc["pseudo_label_quality"] = label_quality()
     atomic_write_json(RESULTS, doc)
     return doc
+
+
+def label_quality() -> dict:
+    """Precision/recall of every real-target labelling against the true target-train boxes.
+
+    A diagnostic read through the evaluation API after the fact: nothing is chosen on it.
+    """
+    import numpy as np
+
+    from aerosynth.annotation.metrics import match_all, score_at
+    from aerosynth.data.detections import Detections
+    from aerosynth.data.tileset import open_evaluation_split
+
+    out: dict = {}
+    for summary in sorted((WORK / "labels").glob("*/*/*/summary.json")):
+        folder = summary.parent
+        target = folder.relative_to(WORK / "labels").parts[0]
+        truth = open_evaluation_split(TILES[target], "target-train")
+        preds = []
+        for t in truth.tiles:
+            text = (folder / "labels" / f"{t.tile_id}.txt").read_text()
+            d = Detections.from_yolo(text, t.width, t.height)
+            preds.append(Detections(d.xyxy, np.ones(len(d)), d.class_id))
+        gts = [truth.labels(t.tile_id) for t in truth.tiles]
+        ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
+        score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
+        key = str(folder.relative_to(WORK / "labels"))
+        fields = ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")
+        out[key] = {k: score[k] for k in fields}
+    return out
 
 
 def markdown(doc: dict) -> str:
