@@ -207,9 +207,10 @@ def retrain(
         from aerosynth.detection.prediction import check_detector_file
 
         check_detector_file(baseline)
+    from aerosynth.detection.promotion import ensure_registry
+    from aerosynth.detection.registry import version_rows
     from aerosynth.flows.config import load_config
-    from aerosynth.flows.registry import version_rows
-    from aerosynth.flows.retrain import ensure_registry, run_retrain
+    from aerosynth.flows.retrain import run_retrain
 
     cfg = load_config(config, preset=preset or (None if config else "demo"))
     reg = ensure_registry(registry, tiles, eval_split, baseline, cfg.detection.imgsz, cfg.device)

@@ -48,7 +48,6 @@ from aerosynth.data.weak_split import FlagMode, Predictor, assemble_run_tiles, r
 from aerosynth.detection.promotion import (
     Decision,
     decide,
-    ensure_registry,  # noqa: F401  (re-exported: flows/cli.py imports it from here)
     evaluate_detector,
     record_candidate,
 )
