@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--box-max-timestep", type=float, default=1.0)
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
     q = sub.add_parser("quality")
     q.add_argument("--name", default="stageA")
     q.add_argument("--limit", type=int, default=None)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
-    torch.set_num_threads(1)
+    torch.set_num_threads(getattr(args, "threads", 1))
     if args.cmd == "train":
         train(args.name, args.steps, args.box_loss, args.max_tiles, args.lr, args.box_max_timestep)
     elif args.cmd == "quality":
