@@ -54,6 +54,12 @@ class StageSettings(Strict):
     min_snr_gamma: float | None = 5.0
     checkpoint_every: int = Field(50, ge=1)
     max_tiles_per_split: int | None = Field(None, ge=1)
+    # box-supervised attention on labelled source tiles, conditioning dropout, text training (stage A)
+    lambda_box: float = Field(1.0, ge=0)
+    box_loss: Literal["l1", "bce"] = "l1"
+    box_max_timestep: float = Field(1.0, gt=0, le=1)
+    cond_dropout: float = Field(0.1, ge=0, lt=1)
+    train_text: Literal["none", "embeddings", "encoder"] = "embeddings"
 
 
 class SamplingSettings(Strict):
