@@ -137,41 +137,25 @@ def _finish(out: Path, weights: Path, targets: list[str], extra: dict) -> None:
 
 def _labels_dir(variant: str, target: str, seed: int) -> Path:
     """Label the real target-train tiles (weak flags + proposals, threshold from source-val); cached."""
-    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
     from aerosynth.data.manifest import file_sha256
-    from aerosynth.data.tileset import open_split
+    from aerosynth.flows.adapt_annotation import label_real_split
 
     tiles = TILES[target]
     out = WORK / "labels" / target / variant / (f"seed{seed}" if variant == "self-training" else "ldm")
     if (out / "summary.json").is_file():
         return out / "labels"
-    train_split, val_split = open_split(tiles / "target-train"), open_split(tiles / "source-val")
     if variant == "self-training":
-        from aerosynth.detection.prediction import predict_split
-
         detector = _run_dir("source-only", seed) / "train" / "detector.pt"
-        threshold, scores = source_threshold(predict_split(detector, val_split), val_split)
-        proposals = predict_split(detector, train_split)
         provenance = {"detector": str(detector.relative_to(REPO)), "sha256": file_sha256(detector)}
-        method = "detector"
+        label_real_split(variant, tiles / "target-train", tiles / "source-val", out, detector, provenance=provenance)
     elif variant == "heatmap":
-        from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
-        from aerosynth.generation.models import load_ldm
-        from aerosynth.generation.real_maps import cars_map_function
-
-        ldm = load_ldm(LDM_MODEL)
         noise, options = _heatmap_choice()
-        hcfg = HeatmapBoxConfig(**options)
-        threshold, scores = source_threshold(
-            heatmap_proposals(val_split, cars_map_function(ldm, "madison_drone", noise), hcfg), val_split
-        )
-        proposals = heatmap_proposals(train_split, cars_map_function(ldm, train_split.info.domain, noise), hcfg)
         provenance = {"model": str(LDM_MODEL.relative_to(REPO)), "noise_fraction": noise, "heatmap_options": options}
-        method = "heatmap"
+        label_real_split(
+            variant, tiles / "target-train", tiles / "source-val", out, LDM_MODEL, noise, options, provenance=provenance
+        )
     else:
         raise ValueError(variant)
-    provenance["source_val_at_threshold"] = scores
-    label_real_tiles(tiles / "target-train", proposals, threshold, out, method, provenance=provenance)
     return out / "labels"
 
 

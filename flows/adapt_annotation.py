@@ -82,10 +82,6 @@ def label_real_target(
 
     Returns ``{"real-<method>": labelled folder}``; a method whose proposer is missing is skipped.
     """
-    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
-    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
-    from aerosynth.data.tileset import open_split
-
     r = config.annotation.real_target
     out: dict[str, Path] = {}
     for method in r.methods:
@@ -98,30 +94,17 @@ def label_real_target(
         key = {"method": method, "noise_fraction": r.noise_fraction, "heatmap_options": r.heatmap_options}
 
         def build(o: Path, method: str = method, proposer: Path = proposer, key: dict = key) -> None:
-            train, val = open_split(tiles / "target-train"), open_split(_val_split(tiles))
-            if method == "self-training":
-                from aerosynth.detection.prediction import predict_split
-
-                weights = proposer / "train" / "detector.pt"
-                threshold, scores = source_threshold(predict_split(weights, val, device=config.device), val)
-                proposals = predict_split(weights, train, device=config.device)
-            else:
-                from aerosynth.generation.models import load_ldm
-                from aerosynth.generation.real_maps import cars_map_function
-
-                ldm = load_ldm(proposer)
-                hcfg = HeatmapBoxConfig(**r.heatmap_options)
-                val_maps = cars_map_function(ldm, val.info.domain, r.noise_fraction, seed=config.seed)
-                threshold, scores = source_threshold(heatmap_proposals(val, val_maps, hcfg), val)
-                train_maps = cars_map_function(ldm, train.info.domain, r.noise_fraction, seed=config.seed)
-                proposals = heatmap_proposals(train, train_maps, hcfg)
-            label_real_tiles(
+            label_real_split(
+                method,
                 tiles / "target-train",
-                proposals,
-                threshold,
+                _val_split(tiles),
                 o / "dataset",
-                "detector" if method == "self-training" else "heatmap",
-                provenance={"source_val_at_threshold": scores, **key},
+                proposer / "train" / "detector.pt" if method == "self-training" else proposer,
+                r.noise_fraction,
+                r.heatmap_options,
+                seed=config.seed,
+                device=config.device,
+                provenance=key,
             )
 
         stage_dir, _ = run_stage(
@@ -129,6 +112,61 @@ def label_real_target(
         )
         out[f"real-{method}"] = stage_dir / "dataset"
     return out
+
+
+def label_real_split(
+    method: str,
+    target_train: Path,
+    source_val: Path,
+    out: Path,
+    proposer: Path,
+    noise_fraction: float = 0.3,
+    heatmap_options: dict | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    provenance: dict | None = None,
+) -> Path:
+    """Label a weak target split with one proposer: F_S's detections or the LDM's heat-map boxes.
+
+    Args:
+        method: ``self-training`` (``proposer`` is a detector ``.pt``) or ``heatmap`` (a model folder).
+        target_train: the weak split to label.
+        source_val: the labelled source split the proposer's threshold is chosen on.
+        out: the labelled folder written (see :func:`aerosynth.annotation.real_target.label_real_tiles`).
+        noise_fraction: noise level of the single UNet pass (``heatmap``).
+        heatmap_options: :class:`~aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields (``heatmap``).
+        seed: seed of the heat-map noise.
+        device: inference device of the detector.
+        provenance: recorded in ``summary.json`` beside the proposer's scores on ``source_val``.
+    """
+    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
+    from aerosynth.data.tileset import open_split
+
+    train, val = open_split(target_train), open_split(source_val)
+    if method == "self-training":
+        from aerosynth.detection.prediction import predict_split
+
+        threshold, scores = source_threshold(predict_split(proposer, val, device=device), val)
+        proposals = predict_split(proposer, train, device=device)
+    else:
+        from aerosynth.generation.models import load_ldm
+        from aerosynth.generation.real_maps import cars_map_function
+
+        ldm = load_ldm(proposer)
+        hcfg = HeatmapBoxConfig(**(heatmap_options or {}))
+        val_maps = cars_map_function(ldm, val.info.domain, noise_fraction, seed=seed)
+        threshold, scores = source_threshold(heatmap_proposals(val, val_maps, hcfg), val)
+        train_maps = cars_map_function(ldm, train.info.domain, noise_fraction, seed=seed)
+        proposals = heatmap_proposals(train, train_maps, hcfg)
+    return label_real_tiles(
+        target_train,
+        proposals,
+        threshold,
+        out,
+        "detector" if method == "self-training" else "heatmap",
+        provenance={"source_val_at_threshold": scores, **(provenance or {})},
+    )
 
 
 SKIPPED_FILE = "skipped.json"
