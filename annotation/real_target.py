@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
-from aerosynth.annotation.map_quality import MapFunction, normalise_map
+from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+from aerosynth.annotation.map_quality import MapFunction, boxes_of_maps, normalise_maps
 from aerosynth.annotation.metrics import f1_optimal_threshold, match_all
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
 from aerosynth.data.detections import Detections
@@ -70,15 +70,19 @@ def heatmap_proposals(
         split: any opened split (only its images are read).
         map_fn: ``rgb -> (h, w)`` "cars" map of a real tile (e.g. ``generation.real_maps.cars_map_function``).
         config: the direct method's options.
-        normalise: how maps are brought to ``[0, 1]`` (:func:`aerosynth.annotation.map_quality.normalise_map`).
+        normalise: how maps are brought to ``[0, 1]`` (:func:`aerosynth.annotation.map_quality.normalise_maps`;
+            ``split`` scales by the maps of all of the split's tiles).
     """
     config = (config or HeatmapBoxConfig()).validate()
-    out = []
+    maps, sizes = [], set()
     for tile in split.tiles:
         rgb = split.image(tile.tile_id)
-        heat = normalise_map(map_fn(rgb), normalise)
-        out.append(boxes_from_heatmap(heat, config, gsd=split.info.gsd, image_size=(rgb.shape[1], rgb.shape[0])))
-    return out
+        maps.append(map_fn(rgb))
+        sizes.add((rgb.shape[1], rgb.shape[0]))
+    if len(sizes) > 1:
+        raise InputError(split.root, f"tiles of several sizes: {sorted(sizes)}")
+    size = sizes.pop() if sizes else (split.info.tile_size, split.info.tile_size)
+    return boxes_of_maps(normalise_maps(maps, normalise), config, split.info.gsd, size)
 
 
 def source_threshold(

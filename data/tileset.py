@@ -19,10 +19,12 @@ reachable only through :func:`open_evaluation_split`, the explicit evaluation/or
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -118,6 +120,21 @@ class _TileSplitBase:
 
     def record(self, tile_id: str) -> TileRecord:
         return self.tiles[self._index[tile_id]]
+
+    def subset(self, tile_ids: Iterable[str]) -> Self:
+        """The same split restricted to some of its tiles (in the order given; labels are shared).
+
+        Raises:
+            InputError: a tile id the split does not hold.
+        """
+        ids = list(tile_ids)
+        missing = [t for t in ids if t not in self._index]
+        if missing:
+            raise InputError(self.root, f"no tile {missing[0]!r} in split {self.info.name}")
+        part = copy.copy(self)
+        part.tiles = [self.tiles[self._index[t]] for t in ids]
+        part._index = {t.tile_id: i for i, t in enumerate(part.tiles)}
+        return part
 
     def image_path(self, tile_id: str) -> Path:
         return self.root / "images" / f"{tile_id}.png"

@@ -92,6 +92,8 @@ def label_real_target(
         stage = proposer if method == "self-training" else proposer.parent
         upstream = {"tiles": tiles, ("source_only" if method == "self-training" else "model"): stage}
         key = {"method": method, "noise_fraction": r.noise_fraction, "heatmap_options": r.heatmap_options}
+        if method == "heatmap" and not r.heatmap_options:
+            key["readout"] = "chosen on source-val"
 
         def build(o: Path, method: str = method, proposer: Path = proposer, key: dict = key) -> None:
             label_real_split(
@@ -134,12 +136,15 @@ def label_real_split(
         source_val: the labelled source split the proposer's threshold is chosen on.
         out: the labelled folder written (see :func:`aerosynth.annotation.real_target.label_real_tiles`).
         noise_fraction: noise level of the single UNet pass (``heatmap``).
-        heatmap_options: :class:`~aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields (``heatmap``).
+        heatmap_options: :class:`~aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields (``heatmap``, on
+            min-max normalised maps); empty or ``None``: the readout is chosen on ``source_val``
+            (:func:`aerosynth.annotation.map_quality.choose_readout`).
         seed: seed of the heat-map noise.
         device: inference device of the detector.
         provenance: recorded in ``summary.json`` beside the proposer's scores on ``source_val``.
     """
     from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+    from aerosynth.annotation.map_quality import MapReadout, choose_readout, memoised
     from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
     from aerosynth.data.tileset import open_split
 
@@ -154,11 +159,15 @@ def label_real_split(
         from aerosynth.generation.real_maps import cars_map_function
 
         ldm = load_ldm(proposer)
-        hcfg = HeatmapBoxConfig(**(heatmap_options or {}))
-        val_maps = cars_map_function(ldm, val.info.domain, noise_fraction, seed=seed)
-        threshold, scores = source_threshold(heatmap_proposals(val, val_maps, hcfg), val)
+        val_maps = memoised(cars_map_function(ldm, val.info.domain, noise_fraction, seed=seed))
+        if heatmap_options:
+            readout = MapReadout("minmax", HeatmapBoxConfig(**heatmap_options).validate())
+        else:  # the readout with the best AP50 on source-val
+            readout, _ = choose_readout(val, val_maps)
+        threshold, scores = source_threshold(heatmap_proposals(val, val_maps, readout.config, readout.normalise), val)
+        scores = {**scores, "readout": readout.to_dict()}
         train_maps = cars_map_function(ldm, train.info.domain, noise_fraction, seed=seed)
-        proposals = heatmap_proposals(train, train_maps, hcfg)
+        proposals = heatmap_proposals(train, train_maps, readout.config, readout.normalise)
     return label_real_tiles(
         target_train,
         proposals,

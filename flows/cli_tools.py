@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -83,12 +84,26 @@ def map_quality(
         str, typer.Option(help="Timestep(s) of the single pass as fractions of the schedule, e.g. 0.3 or 0.1,0.3,0.5.")
     ] = "0.3",
     limit: Annotated[int | None, typer.Option(help="Score only the first N tiles.")] = None,
+    choose_readout: Annotated[
+        bool,
+        typer.Option(
+            "--choose-readout",
+            help="Also choose the readout (normalisation, resampling, threshold) with the best AP50 (source only).",
+        ),
+    ] = False,
+    readout: Annotated[
+        Path | None,
+        typer.Option(help="Also score the readout chosen in this earlier report (made with --choose-readout)."),
+    ] = None,
 ) -> None:
     """Precision, recall and AP50 of heat-map boxes on real labelled tiles (the direct method's quality).
 
-    A target split's boxes are read through the evaluation API only: the scores are a diagnostic.
+    A target split's boxes are read through the evaluation API only: the scores are a diagnostic. A
+    readout is chosen on source-val (``--choose-readout``) and applied to target-test (``--readout``).
     """
-    from aerosynth.annotation.map_quality import evaluate_map_quality_levels
+    from aerosynth.annotation.map_quality import choose_readout as choose_readout_on
+    from aerosynth.annotation.map_quality import evaluate_map_quality, evaluate_map_quality_levels, memoised
+    from aerosynth.data.atomic import atomic_write_json
     from aerosynth.data.tileset import open_evaluation_split
     from aerosynth.generation.models import load_ldm
     from aerosynth.generation.real_maps import cars_map_function
@@ -98,9 +113,29 @@ def map_quality(
         known = sorted(p.parent.name for p in tiles.glob("*/tiles.json"))
         raise InputError("--split", f"no split {split!r} in {tiles} (there: {', '.join(known) or 'none'})")
     labelled = open_evaluation_split(tiles, split)  # opened once; weak splits get their boxes from evaluation/
+    if choose_readout and labelled.info.weak:
+        raise InputError("--choose-readout", f"{split} is a target split: readouts are chosen on source tiles only")
+    given = _readouts_from_report(readout, levels) if readout is not None else None
     ldm = load_ldm(model)
-    fns = {level: cars_map_function(ldm, labelled.info.domain, noise_fraction=level) for level in levels}
-    report = evaluate_map_quality_levels(labelled, fns, out, limit=limit, only_with_vehicles=False)
+    fns = {level: memoised(cars_map_function(ldm, labelled.info.domain, noise_fraction=level)) for level in levels}
+    report = evaluate_map_quality_levels(labelled, fns, None, limit=limit, only_with_vehicles=False)
+    readouts = {}
+    for level, fn in fns.items():
+        if choose_readout:
+            chosen, _ = choose_readout_on(labelled, fn, limit=limit)
+            readouts[level] = chosen
+        elif given is not None:
+            readouts[level] = given[level]
+    if readouts:
+        report["readout"] = {}
+        for level, r in readouts.items():
+            scored = evaluate_map_quality(labelled, fns[level], config=r.config, normalise=r.normalise, limit=limit)
+            report["readout"][f"{level:g}"] = {
+                **r.to_dict(),
+                **{k: scored["scores"][k] for k in ("ap50", "precision", "recall")},
+                "chosen_on": split if choose_readout else str(readout),
+            }
+    atomic_write_json(out, report)
     entries = report["by_noise"] if "by_noise" in report else [report]
     for e in entries:
         sc = e["scores"]
@@ -110,9 +145,35 @@ def map_quality(
             f"{sc['precision']:.3f}  recall {sc['recall']:.3f}  AP50 {sc['ap50']:.3f}  (best fixed threshold "
             f"{best.get('fixed_threshold')}: F1 {best['f1']:.3f})"
         )
+    for level, e in (report.get("readout") or {}).items():
+        cfg = e["config"]
+        Console().print(
+            f"noise {level} readout chosen on {e['chosen_on']} ({e['normalise']} maps, x{cfg['upsample']}, threshold "
+            f"{cfg['threshold']:g}{', split peaks' if cfg['split_peaks'] else ''}): precision {e['precision']:.3f}  "
+            f"recall {e['recall']:.3f}  AP50 {e['ap50']:.3f}"
+        )
     if report.get("note"):
         Console().print(report["note"])
     Console().print(f"report: {out}")
+
+
+def _readouts_from_report(path: Path, levels: list[float]) -> dict:
+    """The readouts of an earlier ``map-quality --choose-readout`` report, one per noise level asked for."""
+    from aerosynth.annotation.map_quality import MapReadout
+
+    try:
+        entries = json.loads(path.read_text()).get("readout") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(path, f"not a map-quality report ({exc})") from None
+    if not entries:
+        raise InputError(path, "holds no chosen readout (make it with --choose-readout on source-val)")
+    out = {}
+    for level in levels:
+        entry = entries.get(f"{level:g}") or (next(iter(entries.values())) if len(entries) == 1 else None)
+        if entry is None:
+            raise InputError(path, f"no readout for noise {level:g} (there: {', '.join(entries)})")
+        out[level] = MapReadout.from_dict(entry)
+    return out
 
 
 def _noise_levels(text: str) -> list[float]:

@@ -130,8 +130,9 @@ class RealTargetSettings(Strict):
     """The real target-train tiles labelled without target boxes (``aerosynth.annotation.real_target``).
 
     ``self-training``: F_S (the source-only detector) proposes boxes; ``heatmap``: the LDM's "cars" map of
-    the real tile (one UNet pass at ``noise_fraction``). Tiles flagged empty get none; the threshold is
-    the proposer's F1-optimal confidence on real source-val. Each becomes a variant trained with real source.
+    the real tile (one UNet pass at ``noise_fraction``), read by the readout with the best AP50 on real
+    source-val unless ``heatmap_options`` fixes one. Tiles flagged empty get none; the threshold is the
+    proposer's F1-optimal confidence on real source-val. Each becomes a variant trained with real source.
     """
 
     enabled: bool = True

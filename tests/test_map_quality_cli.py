@@ -95,3 +95,34 @@ def test_map_quality_refuses_an_opened_weak_split(tmp_path):
     root = write_fake_root(tmp_path / "tiles", count=4)
     with pytest.raises(InputError, match="evaluation API"):
         evaluate_map_quality(open_split(root / "target-test"), lambda rgb: np.zeros(rgb.shape[:2]))
+
+
+def test_readout_chosen_on_source_val_is_applied_to_target_test(tmp_path, capsys):
+    """--choose-readout on source-val records the readout; --readout scores target-test with it unchanged."""
+    tiles = tmp_path / "tiles"
+    write_fake_split(tiles / "source-val", "kit_munich_aerial", 5, seed=0, weak=False, size=64)
+    write_fake_split(
+        tiles / "target-test",
+        "kit_munich_aerial",
+        4,
+        seed=3,
+        weak=True,
+        labels_dir=tiles / "evaluation" / "target-test",
+    )
+    model = save_ldm(build_ldm("tiny", domains=["kit_munich_aerial"]), tmp_path / "model")
+    base = ["map-quality", "--model", str(model), "--tiles", str(tiles)]
+    val_out, test_out = tmp_path / "val.json", tmp_path / "test.json"
+    assert main([*base, "--out", str(val_out), "--noise", "0.1,0.3", "--choose-readout"]) == 0, capsys.readouterr()
+    chosen = json.loads(val_out.read_text())["readout"]
+    assert set(chosen) == {"0.1", "0.3"} and all(e["chosen_on"] == "source-val" for e in chosen.values())
+    assert "readout chosen on source-val" in capsys.readouterr().out
+    args = [*base, "--split", "target-test", "--out", str(test_out), "--noise", "0.3", "--readout", str(val_out)]
+    assert main(args) == 0, capsys.readouterr().err
+    applied = json.loads(test_out.read_text())["readout"]["0.3"]
+    assert applied["config"] == chosen["0.3"]["config"] and applied["normalise"] == chosen["0.3"]["normalise"]
+    assert 0.0 <= applied["ap50"] <= 1.0
+    # readouts are never chosen on target tiles, and a report without one is named
+    assert main([*base, "--split", "target-test", "--out", str(test_out), "--choose-readout"]) == 2
+    assert "source tiles only" in capsys.readouterr().err
+    assert main([*base, "--out", str(test_out), "--readout", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
