@@ -36,7 +36,9 @@ RESULTS = REPO / "benchmarks" / "results"
 NOISE = (0.1, 0.3, 0.5)
 
 
-def train(name: str, steps: int, box_loss: str, max_tiles: int, lr: float, box_max_timestep: float) -> Path:
+def train(
+    name: str, steps: int, box_loss: str, max_tiles: int, lr: float, box_max_timestep: float, lambda_empty: float = 0.0
+) -> Path:
     from aerosynth.generation.training import StageAConfig, train_stage
 
     cfg = StageAConfig(
@@ -48,6 +50,7 @@ def train(name: str, steps: int, box_loss: str, max_tiles: int, lr: float, box_m
         lambda_box=1.0,
         box_loss=box_loss,
         box_max_timestep=box_max_timestep,
+        lambda_empty=lambda_empty,
         cond_dropout=0.1,
         train_text="embeddings",
         max_tiles_per_split=max_tiles,
@@ -193,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=1800)
     t.add_argument("--box-loss", default="l1", choices=["l1", "bce"])
     t.add_argument("--box-max-timestep", type=float, default=1.0)
+    t.add_argument("--lambda-empty", type=float, default=0.0, help="empty-tile attention loss (flags only)")
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
     q = sub.add_parser("quality")
     q.add_argument("--name", default="stageA")
     q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--threads", type=int, default=1)
     sa = sub.add_parser("samples")
     sa.add_argument("--name", default="stageA")
     sa.add_argument("--count", type=int, default=64)
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_settings()
     torch.set_num_threads(getattr(args, "threads", 1))
     if args.cmd == "train":
-        train(args.name, args.steps, args.box_loss, args.max_tiles, args.lr, args.box_max_timestep)
+        train(args.name, args.steps, args.box_loss, args.max_tiles, args.lr, args.box_max_timestep, args.lambda_empty)
     elif args.cmd == "quality":
         quality(args.name, args.limit)
     else:

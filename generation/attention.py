@@ -280,6 +280,22 @@ def box_map_loss(token_map: torch.Tensor, target: torch.Tensor, form: str = "l1"
     raise ValueError(f"unknown box loss form {form!r} ({', '.join(BOX_LOSS_FORMS)})")
 
 
+def empty_attention_loss(store: AttentionStore, cars: int = 0) -> torch.Tensor:
+    """The "cars" attention of tiles flagged empty, pushed to zero: mean ``-log(1 - p)`` over layers and cells.
+
+    Args:
+        store: a training store (``keep_layer_maps=True``) of a pass with the vehicle prompt.
+        cars: index of the "cars" token among the captured ones.
+    """
+    if not store.layer_maps:
+        raise RuntimeError("no cross-attention maps were recorded")
+    per_layer = []
+    for maps in store.layer_maps:
+        p = maps[:, cars].float().clamp(0, 1 - 1e-6)
+        per_layer.append(-torch.log1p(-p).mean())
+    return torch.stack(per_layer).mean()
+
+
 def box_attention_loss(
     store: AttentionStore,
     masks: torch.Tensor,

@@ -17,6 +17,11 @@ Two additions a model trained from scratch needs (Stable Diffusion brings both f
   (:func:`aerosynth.generation.attention.box_attention_loss`; ``box_loss`` ``l1`` or ``bce``,
   ``box_max_timestep`` restricts it to the lower noise levels). Target tiles keep their weak flag only:
   a weak split has no boxes to read.
+* **Empty-tile attention** (``lambda_empty``, stage A, off by default): a tile flagged "no vehicle"
+  (source or target: the flag is the only label read) is passed a second time with its domain's
+  vehicle prompt, and the "cars" token's attention probability is pushed to zero everywhere
+  (:func:`aerosynth.generation.attention.empty_attention_loss`): what a domain's empty ground looks
+  like is what "cars" must not attend to. One extra UNet pass for those rows; single-process only.
 * **Conditioning dropout** (``cond_dropout``): that share of the tiles is trained with the empty prompt,
   the unconditional branch classifier-free guidance extrapolates from; ``train_text`` also trains the
   text encoder's token embeddings (or the whole encoder) in stage A, so that prompts differ for the UNet.
@@ -94,6 +99,7 @@ from aerosynth.generation.attention import (
     attention_losses,
     box_attention_loss,
     capturing,
+    empty_attention_loss,
 )
 from aerosynth.generation.device import Runtime, make_runtime
 from aerosynth.generation.latent_pack import LatentPack, read_latent_pack
@@ -116,7 +122,7 @@ STAGES = ("0", "A", "B", "C")
 CHECKPOINT = "checkpoints/last.pt"
 LOSSES_CSV = "losses.csv"
 STAGE_FILE = "stage.json"
-LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "loss_box", "lr")
+LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "loss_box", "loss_empty", "lr")
 #: Side of the box masks kept per tile (fraction of each cell covered; pooled to each layer's side).
 MASK_SIDE = 32
 TEXT_TRAINING = ("none", "embeddings", "encoder")
@@ -144,6 +150,7 @@ class StageConfig:
         lambda_box: weight of the box-supervised attention loss on labelled tiles with vehicles (0: off).
         box_loss: its form, ``l1`` (maps as distributions) or ``bce`` (per-pixel attention probability).
         box_max_timestep: apply it only below this fraction of the noise schedule (1: every timestep).
+        lambda_empty: weight of the empty-tile attention loss (stage A, tiles flagged empty; 0: off).
         cond_dropout: share of tiles trained with the empty prompt (classifier-free guidance's branch).
         train_text: stage A also trains the text encoder's ``embeddings`` or the whole ``encoder``
             (``none``: frozen, as before); its learning rate is ``token_learning_rate``.
@@ -177,6 +184,7 @@ class StageConfig:
     lambda_box: float = 1.0
     box_loss: str = "l1"
     box_max_timestep: float = 1.0
+    lambda_empty: float = 0.0
     cond_dropout: float = 0.1
     train_text: str = "embeddings"
     init_model: Path | None = None
@@ -796,6 +804,14 @@ def _diffusion_stage(
     positions = torch.cat(
         [token_positions(ids[i : i + 1], [cars_id, v1_id, bg_ids[tiles.domains[i]]]) for i in range(n)]
     )
+    flagged = torch.tensor(list(tiles.has_vehicle), dtype=torch.bool)
+    use_empty = stage == "A" and config.lambda_empty > 0 and bool((~flagged).any())
+    if use_empty and runtime.distributed:
+        raise InputError("lambda_empty", "the empty-tile attention loss runs in a single process only")
+    if use_empty:
+        # the vehicle prompt of each domain, for the second pass of tiles flagged empty
+        vehicle_ids = {d: ldm.token_ids([ldm.prompt(d, True, False)]) for d in split_domains}
+        vehicle_pos = {d: token_positions(vehicle_ids[d], [cars_id, v1_id, bg_ids[d]]) for d in split_domains}
 
     unet, text_encoder = ldm.unet, ldm.text_encoder
     lora = config.lora_rank > 0
@@ -902,15 +918,37 @@ def _diffusion_stage(
             l_box = box_attention_loss(
                 store, masks[idx].float() / 255, valid.to(device), config.box_loss, learned_tokens=learned
             )
+        l_empty = zero
+        if use_empty:
+            rows = [j for j in range(len(idx)) if not flagged[idx[j]] and not dropped[j]]
+            rows = [j for j in rows if int(t[j]) < config.box_max_timestep * num_t]
+            if rows:
+                doms = [tiles.domains[idx[j]] for j in rows]
+                v_ids = torch.cat([vehicle_ids[d] for d in doms])
+                v_pos = torch.cat([vehicle_pos[d] for d in doms]).to(device)
+                sel = torch.tensor(rows, device=device)
+                with runtime.autocast():
+                    if train_tokens or text_params:
+                        v_cond = text_encoder(v_ids.to(device))[0]
+                    else:
+                        with torch.no_grad():
+                            v_cond = text_encoder(v_ids.to(device))[0]
+                    v_store = AttentionStore(v_pos, latent_hw, keep_layer_maps=True)
+                    with capturing(unet, v_store):
+                        unet_forward(noisy[sel], t[sel], v_cond, return_dict=False)
+                l_empty = empty_attention_loss(v_store)
         per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = alphas[t] / (1 - alphas[t])
             per_sample = per_sample * torch.clamp(snr, max=config.min_snr_gamma) / snr
         l_ldm = per_sample.mean()
-        loss = l_ldm + config.lambda_box * l_box
+        loss = l_ldm + config.lambda_box * l_box + config.lambda_empty * l_empty
         if learned:
             loss = loss + config.lambda_obj * l_obj + config.lambda_bg * l_bg
-        return {"loss": loss, "loss_ldm": l_ldm, "loss_obj": l_obj, "loss_bg": l_bg, "loss_box": l_box}
+        out = {"loss": loss, "loss_ldm": l_ldm, "loss_obj": l_obj, "loss_bg": l_bg, "loss_box": l_box}
+        if use_empty:
+            out["loss_empty"] = l_empty
+        return out
 
     def after_step() -> None:
         if train_tokens:
@@ -981,6 +1019,8 @@ def _check_box_settings(config: StageConfig) -> None:
         raise InputError("train_text", f"unknown text training {config.train_text!r} ({', '.join(TEXT_TRAINING)})")
     if config.lambda_box < 0:
         raise InputError("lambda_box", "must not be negative")
+    if config.lambda_empty < 0:
+        raise InputError("lambda_empty", "must not be negative")
 
 
 @torch.no_grad()

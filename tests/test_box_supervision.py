@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from aerosynth.data.errors import InputError
-from aerosynth.generation.attention import AttentionStore, box_attention_loss, box_map_loss, pool_masks
+from aerosynth.generation.attention import (
+    AttentionStore,
+    box_attention_loss,
+    box_map_loss,
+    empty_attention_loss,
+    pool_masks,
+)
 from aerosynth.generation.latent_pack import read_latent_pack, write_latent_pack
 from aerosynth.generation.training import MASK_SIDE, StageAConfig, StageBConfig, box_mask, load_tiles, train_stage
 from tests.test_generation_helpers import make_training_splits
@@ -107,9 +113,37 @@ def test_stage_a_trains_the_box_loss_dropout_and_text_embeddings(splits, tmp_pat
     assert (b / "unet.safetensors").is_file()
 
 
+def test_empty_attention_loss_is_zero_without_cars_attention_and_grows_with_it():
+    store = AttentionStore(torch.tensor([[3, 4, 5]]), (8, 8), keep_layer_maps=True)
+    store.layer_maps.append(torch.zeros(1, 3, 64, requires_grad=True))
+    assert float(empty_attention_loss(store).detach()) == 0
+    store.layer_maps[0] = torch.full((1, 3, 64), 0.5, requires_grad=True)
+    loss = empty_attention_loss(store)
+    assert float(loss.detach()) == pytest.approx(np.log(2), rel=1e-5)
+    loss.backward()
+    assert store.layer_maps[0].grad[0, 0].abs().sum() > 0 and store.layer_maps[0].grad[0, 1:].abs().sum() == 0
+
+
+def test_stage_a_pushes_cars_attention_off_tiles_flagged_empty(splits, tmp_path):
+    """lambda_empty is logged and changes the weights (the poisoning test below runs with it on)."""
+    cfg = StageAConfig(**FAST, lambda_empty=1.0)
+    first = train_stage("A", cfg, splits, tmp_path / "empty")
+    rows = _losses(tmp_path / "empty")
+    assert any(float(r["loss_empty"]) > 0 for r in rows)
+    assert json.loads((tmp_path / "empty" / "stage.json").read_text())["config"]["lambda_empty"] == 1.0
+    plain = train_stage("A", StageAConfig(**FAST), splits, tmp_path / "plain")
+    assert (first / "unet.safetensors").read_bytes() != (plain / "unet.safetensors").read_bytes()
+    assert all(r["loss_empty"] == "" for r in _losses(tmp_path / "plain"))
+    with pytest.raises(InputError, match="lambda_empty"):
+        train_stage("A", StageAConfig(**FAST, lambda_empty=-1.0), splits, tmp_path / "bad")
+
+
 def test_poisoned_target_labels_change_no_trained_byte(splits, tmp_path):
-    """Target boxes never reach training: labels planted under evaluation/ leave the weights identical."""
-    cfg = StageAConfig(**FAST)
+    """Target boxes never reach training: labels planted under evaluation/ leave the weights identical.
+
+    The empty-tile loss is on: it reads target flags, never target boxes.
+    """
+    cfg = StageAConfig(**FAST, lambda_empty=1.0)
     first = train_stage("A", cfg, splits, tmp_path / "clean")
     root = splits[1].parent
     poison = root / "evaluation" / "target-train" / "labels"
