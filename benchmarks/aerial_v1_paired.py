@@ -11,6 +11,9 @@ weights). Every variant then fine-tunes from those weights for the same short bu
   detector) with the weak flag as a constraint (:mod:`aerosynth.annotation.real_target`);
 * ``heatmap``: source-train + the real target-train tiles labelled from the box-supervised LDM's
   cross-attention maps of the real tile (threshold chosen on source-val);
+* ``heatmap-readout``: the same, with the LDM (among ``box_ldm.py``'s models), noise level and readout
+  (normalisation, resampling, threshold, peak split) chosen on real source-val only
+  (:func:`aerosynth.annotation.map_quality.choose_readout`);
 * ``oracle``: source-train + target-train with its true boxes (an upper bound in the same design).
 
 Each task is a subprocess on one thread; ``--jobs 2`` runs two at once on the 2 cores. Finished tasks
@@ -54,7 +57,7 @@ FINETUNE = {
     "mix_total": 1280,
     "extra": {"lr0": 0.002, "warmup_epochs": 0.0, "close_mosaic": 1},
 }
-TARGET_VARIANTS = ("self-training", "heatmap", "oracle")
+TARGET_VARIANTS = ("self-training", "heatmap", "heatmap-readout", "oracle")
 
 
 def _run_dir(name: str, seed: int) -> Path:
@@ -154,9 +157,43 @@ def _labels_dir(variant: str, target: str, seed: int) -> Path:
         label_real_split(
             variant, tiles / "target-train", tiles / "source-val", out, LDM_MODEL, noise, options, provenance=provenance
         )
+    elif variant == "heatmap-readout":
+        model, noise, source_val_ap50 = _readout_model_choice()
+        out = WORK / "labels" / target / variant / model.parent.name
+        if (out / "summary.json").is_file():
+            return out / "labels"
+        provenance = {
+            "model": str(model.relative_to(REPO)),
+            "noise_fraction": noise,
+            "chosen_on": "source-val",
+            "source_val_ap50": source_val_ap50,
+        }
+        # no heatmap_options: label_real_split chooses the readout on source-val itself
+        label_real_split(
+            "heatmap", tiles / "target-train", tiles / "source-val", out, model, noise, None, provenance=provenance
+        )
     else:
         raise ValueError(variant)
     return out / "labels"
+
+
+def _readout_model_choice() -> tuple[Path, float, float]:
+    """The box_ldm.py model and noise level whose chosen readout scores best on real *source-val*.
+
+    Reads the ``readout`` entries of ``benchmarks/results/box_ldm_*.json`` (source-val AP50 only; the
+    target figures in those files are never read here).
+    """
+    best: tuple[float, float, Path] | None = None
+    for path in sorted(RESULTS.parent.glob("box_ldm_*.json")):
+        doc = json.loads(path.read_text())
+        model = REPO / doc.get("model", "")
+        for noise, entry in (doc.get("readout") or {}).items():
+            score = float(entry["source_val_ap50"])
+            if (model / "unet.safetensors").is_file() and (best is None or (score, -float(noise)) > best[:2]):
+                best = (score, -float(noise), model)
+    if best is None:
+        raise SystemExit("no box_ldm.py quality result with a chosen readout: run box_ldm.py quality first")
+    return best[2], -best[1], best[0]
 
 
 def _heatmap_choice() -> tuple[float, dict]:
@@ -363,6 +400,7 @@ def markdown(doc: dict) -> str:
         "continued": "source-only, continued (control: same fine-tuning on source only)",
         "self-training": "real target-train labelled by F_S + flags, with source",
         "heatmap": "real target-train labelled by LDM heat maps + flags, with source",
+        "heatmap-readout": "the same, model, noise and readout chosen on source-val",
         "oracle": "oracle (target-train true boxes, with source)",
     }
     for target, table in doc["targets"].items():
