@@ -296,6 +296,25 @@ def evaluate_map_quality(
     return report
 
 
+def flag_auc(maps: Sequence[np.ndarray], flags: Sequence[bool]) -> float | None:
+    """How well each tile's map maximum tells tiles flagged "vehicle" from tiles flagged empty (ROC AUC).
+
+    Reads weak flags only, so it may be computed on target-train: 0.5 is a map that ignores vehicles
+    (or attends nowhere in that domain), 1.0 one whose strongest response is always on a flagged tile.
+    ``None`` when one of the two kinds of tiles is missing.
+    """
+    peaks = np.array([float(_as_map(m).max()) for m in maps])
+    flags_arr = np.asarray(list(flags), dtype=bool)
+    if len(peaks) != len(flags_arr):
+        raise InputError("flags", f"{len(flags_arr)} flags for {len(peaks)} maps")
+    pos, neg = peaks[flags_arr], peaks[~flags_arr]
+    if not len(pos) or not len(neg):
+        return None
+    # Mann-Whitney U: the chance a flagged tile's peak is above an empty tile's (ties count half)
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
 def evaluate_map_quality_levels(
     split: str | Path | LabelledTileSplit,
     map_fns: Mapping[float, MapFunction],

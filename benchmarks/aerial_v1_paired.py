@@ -13,7 +13,8 @@ weights). Every variant then fine-tunes from those weights for the same short bu
   cross-attention maps of the real tile (threshold chosen on source-val);
 * ``heatmap-readout``: the same, with the LDM (among ``box_ldm.py``'s models), noise level and readout
   (normalisation, resampling, threshold, peak split) chosen on real source-val only
-  (:func:`aerosynth.annotation.map_quality.choose_readout`);
+  (:func:`aerosynth.annotation.map_quality.choose_readout`), among the models whose maps pass a weak-flag
+  check on the target's target-train tiles (:func:`aerosynth.annotation.map_quality.flag_auc`);
 * ``oracle``: source-train + target-train with its true boxes (an upper bound in the same design).
 
 Each task is a subprocess on one thread; ``--jobs 2`` runs two at once on the 2 cores. Finished tasks
@@ -158,7 +159,7 @@ def _labels_dir(variant: str, target: str, seed: int) -> Path:
             variant, tiles / "target-train", tiles / "source-val", out, LDM_MODEL, noise, options, provenance=provenance
         )
     elif variant == "heatmap-readout":
-        model, noise, source_val_ap50 = _readout_model_choice()
+        model, noise, source_val_ap50 = _readout_model_choice(target)
         out = WORK / "labels" / target / variant / model.parent.name
         if (out / "summary.json").is_file():
             return out / "labels"
@@ -175,25 +176,6 @@ def _labels_dir(variant: str, target: str, seed: int) -> Path:
     else:
         raise ValueError(variant)
     return out / "labels"
-
-
-def _readout_model_choice() -> tuple[Path, float, float]:
-    """The box_ldm.py model and noise level whose chosen readout scores best on real *source-val*.
-
-    Reads the ``readout`` entries of ``benchmarks/results/box_ldm_*.json`` (source-val AP50 only; the
-    target figures in those files are never read here).
-    """
-    best: tuple[float, float, Path] | None = None
-    for path in sorted(RESULTS.parent.glob("box_ldm_*.json")):
-        doc = json.loads(path.read_text())
-        model = REPO / doc.get("model", "")
-        for noise, entry in (doc.get("readout") or {}).items():
-            score = float(entry["source_val_ap50"])
-            if (model / "unet.safetensors").is_file() and (best is None or (score, -float(noise)) > best[:2]):
-                best = (score, -float(noise), model)
-    if best is None:
-        raise SystemExit("no box_ldm.py quality result with a chosen readout: run box_ldm.py quality first")
-    return best[2], -best[1], best[0]
 
 
 def _heatmap_choice() -> tuple[float, dict]:
@@ -218,6 +200,34 @@ def _heatmap_choice() -> tuple[float, dict]:
         return 0.3, {}
     _, noise, chosen = max(options, key=lambda o: (o[0], -o[1]))
     return noise, chosen
+
+
+#: A model's "cars" maps must tell flagged from empty target-train tiles at least this well (flag AUC).
+MIN_FLAG_AUC = 0.6
+
+
+def _readout_model_choice(target: str) -> tuple[Path, float, float]:
+    """The box_ldm.py model and noise level whose chosen readout scores best on real *source-val*.
+
+    Reads the ``readout`` entries of ``benchmarks/results/box_ldm_*.json`` (source-val AP50) and their
+    weak-flag check on the target's target-train tiles (``flag_auc_target_train``, flags only): a model
+    whose maps do not tell flagged from empty tiles of this target (AUC below :data:`MIN_FLAG_AUC`, or not
+    checked) is left out, however good on source-val. Target boxes in those files are never read here.
+    """
+    best: tuple[float, float, Path] | None = None
+    for path in sorted(RESULTS.parent.glob("box_ldm_*.json")):
+        doc = json.loads(path.read_text())
+        model = REPO / doc.get("model", "")
+        check = (doc.get("flag_auc_target_train") or {}).get(f"{target}@0.1") or {}
+        if not (model / "unet.safetensors").is_file() or (check.get("auc") or 0.0) < MIN_FLAG_AUC:
+            continue
+        for noise, entry in (doc.get("readout") or {}).items():
+            score = float(entry["source_val_ap50"])
+            if best is None or (score, -float(noise)) > best[:2]:
+                best = (score, -float(noise), model)
+    if best is None:
+        raise SystemExit(f"no box_ldm.py model with a chosen readout passes the {target} flag check")
+    return best[2], -best[1], best[0]
 
 
 def task_finetune(variant: str, target: str, seed: int) -> None:

@@ -37,7 +37,14 @@ NOISE = (0.1, 0.3, 0.5)
 
 
 def train(
-    name: str, steps: int, box_loss: str, max_tiles: int, lr: float, box_max_timestep: float, lambda_empty: float = 0.0
+    name: str,
+    steps: int,
+    box_loss: str,
+    max_tiles: int,
+    lr: float,
+    box_max_timestep: float,
+    lambda_empty: float = 0.0,
+    lambda_present: float = 0.0,
 ) -> Path:
     from aerosynth.generation.training import StageAConfig, train_stage
 
@@ -51,6 +58,7 @@ def train(
         box_loss=box_loss,
         box_max_timestep=box_max_timestep,
         lambda_empty=lambda_empty,
+        lambda_present=lambda_present,
         cond_dropout=0.1,
         train_text="embeddings",
         max_tiles_per_split=max_tiles,
@@ -151,6 +159,35 @@ def quality(name: str, limit: int | None, suffix: str = "") -> dict:
     return doc
 
 
+def flags(name: str, limit: int, noise: float) -> dict:
+    """Weak-flag check of the "cars" maps on target-train (flags only): AUC of each tile's map peak.
+
+    A model whose maps ignore vehicles in a target domain (or never attend there) scores about 0.5, however
+    good it is on source-val; the check reads only the weak flags the method is allowed.
+    """
+    from aerosynth.annotation.map_quality import flag_auc
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.tileset import open_split
+    from aerosynth.generation.models import load_ldm
+    from aerosynth.generation.real_maps import cars_map_function
+
+    ldm = load_ldm(WORK / name / "model")
+    path = RESULTS / f"box_ldm_{name}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {"model": str((WORK / name / "model").relative_to(REPO))}
+    checks = doc.setdefault("flag_auc_target_train", {})
+    for target, domain in (("kit", "kit_munich_aerial"), ("minsk", "minsk_drone")):
+        split = open_split(TILES[target] / "target-train")
+        step = max(1, len(split.tiles) // limit)
+        tiles = split.tiles[::step][:limit]
+        fn = cars_map_function(ldm, domain, noise, seed=0)
+        maps = [fn(split.image(t.tile_id)) for t in tiles]
+        auc = flag_auc(maps, [t.has_vehicle for t in tiles])
+        checks[f"{target}@{noise}"] = {"auc": auc, "tiles": len(tiles), "flagged": sum(t.has_vehicle for t in tiles)}
+        print(name, target, noise, auc, flush=True)
+    atomic_write_json(path, doc)
+    return doc
+
+
 def samples(name: str, count: int, steps: int) -> dict:
     """Text-to-image ``target_cars`` per target at guidance 1 and 4: grids and the two-sample test.
 
@@ -197,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--box-loss", default="l1", choices=["l1", "bce"])
     t.add_argument("--box-max-timestep", type=float, default=1.0)
     t.add_argument("--lambda-empty", type=float, default=0.0, help="empty-tile attention loss (flags only)")
+    t.add_argument("--lambda-present", type=float, default=0.0, help="flagged-tile attention loss (flags only)")
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
@@ -204,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--name", default="stageA")
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--threads", type=int, default=1)
+    f = sub.add_parser("flags")
+    f.add_argument("--name", default="stageA")
+    f.add_argument("--limit", type=int, default=300)
+    f.add_argument("--noise", type=float, default=0.1)
+    f.add_argument("--threads", type=int, default=1)
     sa = sub.add_parser("samples")
     sa.add_argument("--name", default="stageA")
     sa.add_argument("--count", type=int, default=64)
@@ -216,7 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_settings()
     torch.set_num_threads(getattr(args, "threads", 1))
     if args.cmd == "train":
-        train(args.name, args.steps, args.box_loss, args.max_tiles, args.lr, args.box_max_timestep, args.lambda_empty)
+        train(
+            args.name,
+            args.steps,
+            args.box_loss,
+            args.max_tiles,
+            args.lr,
+            args.box_max_timestep,
+            args.lambda_empty,
+            args.lambda_present,
+        )
+    elif args.cmd == "flags":
+        flags(args.name, args.limit, args.noise)
     elif args.cmd == "quality":
         quality(args.name, args.limit)
     else:

@@ -296,6 +296,33 @@ def empty_attention_loss(store: AttentionStore, cars: int = 0) -> torch.Tensor:
     return torch.stack(per_layer).mean()
 
 
+def present_attention_loss(
+    store: AttentionStore, valid: torch.Tensor, cars: int = 0, area_fraction: float = 1 / 64
+) -> torch.Tensor:
+    """Tiles flagged "vehicle" without boxes: the strongest "cars" attention pulled toward one.
+
+    Multiple-instance style: per layer, ``-log`` of the mean of the top ``area_fraction`` of the cells
+    (at least one; about a car's share of a 128 px tile), averaged over layers and valid rows.
+
+    Args:
+        store: a training store (``keep_layer_maps=True``).
+        valid: ``(B,)`` rows that take part (flagged, unboxed, conditioning kept).
+        cars: index of the "cars" token among the captured ones.
+        area_fraction: share of the cells whose attention is pulled up.
+    """
+    if not store.layer_maps:
+        raise RuntimeError("no cross-attention maps were recorded")
+    if not bool(valid.any()):
+        return store.layer_maps[0].sum() * 0
+    per_layer = []
+    for maps in store.layer_maps:
+        p = maps[valid.to(maps.device), cars].float()
+        k = max(1, int(round(p.shape[-1] * area_fraction)))
+        top = p.topk(k, dim=-1).values.mean(dim=-1).clamp(1e-6, 1.0)
+        per_layer.append(-torch.log(top).mean())
+    return torch.stack(per_layer).mean()
+
+
 def box_attention_loss(
     store: AttentionStore,
     masks: torch.Tensor,

@@ -22,6 +22,10 @@ Two additions a model trained from scratch needs (Stable Diffusion brings both f
   vehicle prompt, and the "cars" token's attention probability is pushed to zero everywhere
   (:func:`aerosynth.generation.attention.empty_attention_loss`): what a domain's empty ground looks
   like is what "cars" must not attend to. One extra UNet pass for those rows; single-process only.
+  Alone it lets a target domain's "cars" attention collapse to nothing (no target tile has a box to
+  pull it up); ``lambda_present`` adds the other half of the weak label: on a tile flagged "vehicle"
+  without boxes (target), the strongest "cars" attention is pulled up
+  (:func:`aerosynth.generation.attention.present_attention_loss`, multiple-instance style).
 * **Conditioning dropout** (``cond_dropout``): that share of the tiles is trained with the empty prompt,
   the unconditional branch classifier-free guidance extrapolates from; ``train_text`` also trains the
   text encoder's token embeddings (or the whole encoder) in stage A, so that prompts differ for the UNet.
@@ -100,6 +104,7 @@ from aerosynth.generation.attention import (
     box_attention_loss,
     capturing,
     empty_attention_loss,
+    present_attention_loss,
 )
 from aerosynth.generation.device import Runtime, make_runtime
 from aerosynth.generation.latent_pack import LatentPack, read_latent_pack
@@ -122,7 +127,7 @@ STAGES = ("0", "A", "B", "C")
 CHECKPOINT = "checkpoints/last.pt"
 LOSSES_CSV = "losses.csv"
 STAGE_FILE = "stage.json"
-LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "loss_box", "loss_empty", "lr")
+LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "loss_box", "loss_empty", "loss_present", "lr")
 #: Side of the box masks kept per tile (fraction of each cell covered; pooled to each layer's side).
 MASK_SIDE = 32
 TEXT_TRAINING = ("none", "embeddings", "encoder")
@@ -151,6 +156,8 @@ class StageConfig:
         box_loss: its form, ``l1`` (maps as distributions) or ``bce`` (per-pixel attention probability).
         box_max_timestep: apply it only below this fraction of the noise schedule (1: every timestep).
         lambda_empty: weight of the empty-tile attention loss (stage A, tiles flagged empty; 0: off).
+        lambda_present: weight of the flagged-tile attention loss (stages A-C, flagged tiles without
+            boxes: the strongest "cars" attention pulled up; 0: off).
         cond_dropout: share of tiles trained with the empty prompt (classifier-free guidance's branch).
         train_text: stage A also trains the text encoder's ``embeddings`` or the whole ``encoder``
             (``none``: frozen, as before); its learning rate is ``token_learning_rate``.
@@ -185,6 +192,7 @@ class StageConfig:
     box_loss: str = "l1"
     box_max_timestep: float = 1.0
     lambda_empty: float = 0.0
+    lambda_present: float = 0.0
     cond_dropout: float = 0.1
     train_text: str = "embeddings"
     init_model: Path | None = None
@@ -783,6 +791,10 @@ def _diffusion_stage(
         masks = torch.zeros((n_tiles, MASK_SIDE, MASK_SIDE), dtype=torch.uint8)
     has_boxes = torch.tensor(tiles.has_boxes or [False] * n_tiles, dtype=torch.bool)
     use_box = config.lambda_box > 0 and bool(has_boxes.any())
+    flagged_unboxed = torch.tensor(
+        [bool(v) and not b for v, b in zip(tiles.has_vehicle, tiles.has_boxes or [False] * n_tiles, strict=True)]
+    )
+    use_present = config.lambda_present > 0 and bool(flagged_unboxed.any())
     n = len(tiles.names)
     if learned:
         groups = {
@@ -884,7 +896,7 @@ def _diffusion_stage(
         return torch.stack([cached_text[-1 if bool(d) else i] for i, d in zip(idx, dropped, strict=True)])
 
     num_t = schedule.config.num_train_timesteps
-    capture = learned or use_box
+    capture = learned or use_box or use_present
 
     def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
         # noise, timesteps and dropout come from the CPU generator for the whole (global) batch, then move
@@ -918,6 +930,10 @@ def _diffusion_stage(
             l_box = box_attention_loss(
                 store, masks[idx].float() / 255, valid.to(device), config.box_loss, learned_tokens=learned
             )
+        l_present = zero
+        if use_present:
+            rows_ok = flagged_unboxed[idx] & ~dropped & (t.cpu() < config.box_max_timestep * num_t)
+            l_present = present_attention_loss(store, rows_ok.to(device))
         l_empty = zero
         if use_empty:
             rows = [j for j in range(len(idx)) if not flagged[idx[j]] and not dropped[j]]
@@ -942,12 +958,14 @@ def _diffusion_stage(
             snr = alphas[t] / (1 - alphas[t])
             per_sample = per_sample * torch.clamp(snr, max=config.min_snr_gamma) / snr
         l_ldm = per_sample.mean()
-        loss = l_ldm + config.lambda_box * l_box + config.lambda_empty * l_empty
+        loss = l_ldm + config.lambda_box * l_box + config.lambda_empty * l_empty + config.lambda_present * l_present
         if learned:
             loss = loss + config.lambda_obj * l_obj + config.lambda_bg * l_bg
         out = {"loss": loss, "loss_ldm": l_ldm, "loss_obj": l_obj, "loss_bg": l_bg, "loss_box": l_box}
         if use_empty:
             out["loss_empty"] = l_empty
+        if use_present:
+            out["loss_present"] = l_present
         return out
 
     def after_step() -> None:
@@ -1021,6 +1039,8 @@ def _check_box_settings(config: StageConfig) -> None:
         raise InputError("lambda_box", "must not be negative")
     if config.lambda_empty < 0:
         raise InputError("lambda_empty", "must not be negative")
+    if config.lambda_present < 0:
+        raise InputError("lambda_present", "must not be negative")
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from aerosynth.generation.attention import (
     box_map_loss,
     empty_attention_loss,
     pool_masks,
+    present_attention_loss,
 )
 from aerosynth.generation.latent_pack import read_latent_pack, write_latent_pack
 from aerosynth.generation.training import MASK_SIDE, StageAConfig, StageBConfig, box_mask, load_tiles, train_stage
@@ -124,26 +125,46 @@ def test_empty_attention_loss_is_zero_without_cars_attention_and_grows_with_it()
     assert store.layer_maps[0].grad[0, 0].abs().sum() > 0 and store.layer_maps[0].grad[0, 1:].abs().sum() == 0
 
 
+def test_present_attention_loss_pulls_up_the_strongest_cells_of_valid_rows():
+    store = AttentionStore(torch.tensor([[3, 4, 5], [3, 4, 5]]), (8, 8), keep_layer_maps=True)
+    peaked = torch.zeros(2, 3, 64)
+    peaked[:, 0, 10] = 1.0  # one cell (1/64 of the map) fully on "cars"
+    store.layer_maps.append(peaked.requires_grad_(True))
+    valid = torch.tensor([True, False])
+    assert float(present_attention_loss(store, valid).detach()) == pytest.approx(0.0, abs=1e-5)
+    flat = torch.full((2, 3, 64), 0.1, requires_grad=True)
+    store.layer_maps[0] = flat
+    loss = present_attention_loss(store, valid)
+    assert float(loss.detach()) == pytest.approx(-np.log(0.1), rel=1e-4)
+    loss.backward()
+    assert flat.grad[0, 0].abs().sum() > 0 and flat.grad[1].abs().sum() == 0
+    assert float(present_attention_loss(store, torch.tensor([False, False])).detach()) == 0
+
+
 def test_stage_a_pushes_cars_attention_off_tiles_flagged_empty(splits, tmp_path):
     """lambda_empty is logged and changes the weights (the poisoning test below runs with it on)."""
     cfg = StageAConfig(**FAST, lambda_empty=1.0)
     first = train_stage("A", cfg, splits, tmp_path / "empty")
     rows = _losses(tmp_path / "empty")
-    assert any(float(r["loss_empty"]) > 0 for r in rows)
+    assert any(float(r["loss_empty"]) > 0 for r in rows) and all(r["loss_present"] == "" for r in rows)
     assert json.loads((tmp_path / "empty" / "stage.json").read_text())["config"]["lambda_empty"] == 1.0
     plain = train_stage("A", StageAConfig(**FAST), splits, tmp_path / "plain")
     assert (first / "unet.safetensors").read_bytes() != (plain / "unet.safetensors").read_bytes()
     assert all(r["loss_empty"] == "" for r in _losses(tmp_path / "plain"))
     with pytest.raises(InputError, match="lambda_empty"):
         train_stage("A", StageAConfig(**FAST, lambda_empty=-1.0), splits, tmp_path / "bad")
+    # the other half of the weak label: flagged target tiles pull their strongest cars attention up
+    both = train_stage("A", StageAConfig(**FAST, lambda_empty=1.0, lambda_present=1.0), splits, tmp_path / "both")
+    assert any(float(r["loss_present"]) > 0 for r in _losses(tmp_path / "both"))
+    assert (both / "unet.safetensors").read_bytes() != (first / "unet.safetensors").read_bytes()
 
 
 def test_poisoned_target_labels_change_no_trained_byte(splits, tmp_path):
     """Target boxes never reach training: labels planted under evaluation/ leave the weights identical.
 
-    The empty-tile loss is on: it reads target flags, never target boxes.
+    The flag losses are on: they read target flags, never target boxes.
     """
-    cfg = StageAConfig(**FAST, lambda_empty=1.0)
+    cfg = StageAConfig(**FAST, lambda_empty=1.0, lambda_present=1.0)
     first = train_stage("A", cfg, splits, tmp_path / "clean")
     root = splits[1].parent
     poison = root / "evaluation" / "target-train" / "labels"

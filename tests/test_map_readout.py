@@ -12,6 +12,7 @@ from aerosynth.annotation.map_quality import (
     MapReadout,
     choose_readout,
     evaluate_map_quality,
+    flag_auc,
     memoised,
     normalise_map,
     normalise_maps,
@@ -133,3 +134,15 @@ def test_subset_keeps_labels_and_refuses_unknown_tiles(tmp_path) -> None:
         np.testing.assert_array_equal(part.labels(tile_id).xyxy, split.labels(tile_id).xyxy)
     with pytest.raises(InputError, match="no tile"):
         split.subset(["nope"])
+
+
+def test_flag_auc_reads_flags_only_and_sees_dead_maps() -> None:
+    rng = np.random.default_rng(1)
+    flags = [bool(i % 2) for i in range(40)]
+    live = [rng.uniform(0, 0.2, (16, 16)) + (0.5 if f else 0.0) * (rng.uniform(size=(16, 16)) > 0.97) for f in flags]
+    assert flag_auc(live, flags) > 0.9
+    dead = [np.full((16, 16), 1e-6) for _ in flags]  # attends nowhere: every peak ties
+    assert flag_auc(dead, flags) == pytest.approx(0.5)
+    assert flag_auc(live, [True] * 40) is None
+    with pytest.raises(InputError, match="flags"):
+        flag_auc(live, flags[:3])
