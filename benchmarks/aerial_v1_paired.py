@@ -14,7 +14,8 @@ weights). Every variant then fine-tunes from those weights for the same short bu
 * ``heatmap-readout``: the same, with the LDM (among ``box_ldm.py``'s models), noise level and readout
   (normalisation, resampling, threshold, peak split) chosen on real source-val only
   (:func:`aerosynth.annotation.map_quality.choose_readout`), among the models whose maps pass a weak-flag
-  check on the target's target-train tiles (:func:`aerosynth.annotation.map_quality.flag_auc`);
+  check on the target's target-train tiles (:func:`aerosynth.annotation.map_quality.flag_auc`) and give
+  vehicle-sized boxes there;
 * ``oracle``: source-train + target-train with its true boxes (an upper bound in the same design).
 
 Each task is a subprocess on one thread; ``--jobs 2`` runs two at once on the 2 cores. Finished tasks
@@ -204,15 +205,19 @@ def _heatmap_choice() -> tuple[float, dict]:
 
 #: A model's "cars" maps must tell flagged from empty target-train tiles at least this well (flag AUC).
 MIN_FLAG_AUC = 0.6
+#: ... and its readout's boxes on flagged target-train tiles must be about vehicle-sized: median area
+#: within this factor range of the real source-val vehicles' (one GSD for all domains; no target box read).
+BOX_AREA_RATIO = (0.5, 2.0)
 
 
 def _readout_model_choice(target: str) -> tuple[Path, float, float]:
     """The box_ldm.py model and noise level whose chosen readout scores best on real *source-val*.
 
     Reads the ``readout`` entries of ``benchmarks/results/box_ldm_*.json`` (source-val AP50) and their
-    weak-flag check on the target's target-train tiles (``flag_auc_target_train``, flags only): a model
-    whose maps do not tell flagged from empty tiles of this target (AUC below :data:`MIN_FLAG_AUC`, or not
-    checked) is left out, however good on source-val. Target boxes in those files are never read here.
+    label-free checks on the target's target-train tiles (``flag_auc_target_train``): a model whose maps
+    do not tell flagged from empty tiles of this target (AUC below :data:`MIN_FLAG_AUC`, or not checked),
+    or whose readout gives boxes far from vehicle size there (:data:`BOX_AREA_RATIO`), is left out, however
+    good on source-val. Target boxes in those files are never read here.
     """
     best: tuple[float, float, Path] | None = None
     for path in sorted(RESULTS.parent.glob("box_ldm_*.json")):
@@ -220,6 +225,9 @@ def _readout_model_choice(target: str) -> tuple[Path, float, float]:
         model = REPO / doc.get("model", "")
         check = (doc.get("flag_auc_target_train") or {}).get(f"{target}@0.1") or {}
         if not (model / "unet.safetensors").is_file() or (check.get("auc") or 0.0) < MIN_FLAG_AUC:
+            continue
+        ratio = check.get("box_area_ratio")
+        if ratio is None or not BOX_AREA_RATIO[0] <= ratio <= BOX_AREA_RATIO[1]:
             continue
         for noise, entry in (doc.get("readout") or {}).items():
             score = float(entry["source_val_ap50"])

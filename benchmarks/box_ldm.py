@@ -10,6 +10,8 @@ Minsk target-test tiles, at noise 0.1, 0.3 and 0.5.
     python benchmarks/box_ldm.py train --steps 1800 [--box-loss l1|bce] [--name stageA]
     python benchmarks/box_ldm.py quality [--name stageA]
     python benchmarks/box_ldm.py samples [--name stageA] [--count 64]   # grids + two-sample test
+    python benchmarks/box_ldm.py flags [--name stageA]   # weak-flag check of the maps on target-train
+    python benchmarks/box_ldm.py table                   # markdown table of every model's figures
 
 Resumable: training checkpoints every 50 steps; a rerun continues. Results:
 ``benchmarks/results/box_ldm_<name>.json`` (training record and map quality).
@@ -160,18 +162,22 @@ def quality(name: str, limit: int | None, suffix: str = "") -> dict:
 
 
 def flags(name: str, limit: int, noise: float) -> dict:
-    """Weak-flag check of the "cars" maps on target-train (flags only): AUC of each tile's map peak.
+    """Label-free checks of the "cars" maps on target-train: flag AUC of each tile's map peak, box sizes.
 
     A model whose maps ignore vehicles in a target domain (or never attend there) scores about 0.5, however
     good it is on source-val; the check reads only the weak flags the method is allowed.
     """
-    from aerosynth.annotation.map_quality import flag_auc
+    import numpy as np
+
+    from aerosynth.annotation.map_quality import MapReadout, flag_auc
     from aerosynth.data.atomic import atomic_write_json
     from aerosynth.data.tileset import open_split
     from aerosynth.generation.models import load_ldm
     from aerosynth.generation.real_maps import cars_map_function
 
     ldm = load_ldm(WORK / name / "model")
+    val = open_split(TILES["kit"] / "source-val")
+    source_area = float(np.median([a for t in val.tiles for a in val.labels(t.tile_id).area]))
     path = RESULTS / f"box_ldm_{name}.json"
     doc = json.loads(path.read_text()) if path.is_file() else {"model": str((WORK / name / "model").relative_to(REPO))}
     checks = doc.setdefault("flag_auc_target_train", {})
@@ -182,10 +188,52 @@ def flags(name: str, limit: int, noise: float) -> dict:
         fn = cars_map_function(ldm, domain, noise, seed=0)
         maps = [fn(split.image(t.tile_id)) for t in tiles]
         auc = flag_auc(maps, [t.has_vehicle for t in tiles])
-        checks[f"{target}@{noise}"] = {"auc": auc, "tiles": len(tiles), "flagged": sum(t.has_vehicle for t in tiles)}
-        print(name, target, noise, auc, flush=True)
+        entry = {"auc": auc, "tiles": len(tiles), "flagged": sum(t.has_vehicle for t in tiles)}
+        chosen = (doc.get("readout") or {}).get(f"{noise:g}")
+        if chosen is not None:
+            # label-free size check: vehicles are the same size at one GSD, so the readout's boxes on the
+            # flagged target-train tiles should be about as large as real source-val vehicles
+            readout = MapReadout.from_dict(chosen["chosen"])
+            boxes = readout.boxes(maps, split.info.gsd, (split.info.tile_size, split.info.tile_size))
+            areas = [float(a) for d, t in zip(boxes, tiles, strict=True) if t.has_vehicle for a in d.area]
+            entry["box_area_ratio"] = float(np.median(areas) / source_area) if areas else 0.0
+        checks[f"{target}@{noise}"] = entry
+        print(name, target, noise, json.dumps(entry), flush=True)
     atomic_write_json(path, doc)
     return doc
+
+
+def table() -> str:
+    """A markdown table of every ``box_ldm_<name>.json``: per model and noise level, the readout chosen on
+    source-val, its two-fold check, the same readout on both target-test splits, and the flag check."""
+    lines = [
+        "| model | noise | source-val, default rule | source-val, chosen readout | two-fold | KIT test | "
+        "Minsk test | flag AUC KIT / Minsk |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("box_ldm_*.json")):
+        doc = json.loads(path.read_text())
+        if "readout" not in doc:
+            continue
+        name = path.stem[len("box_ldm_") :]
+        flags_doc = doc.get("flag_auc_target_train") or {}
+        auc = " / ".join(
+            f"{flags_doc[k]['auc']:.2f}" if flags_doc.get(k, {}).get("auc") is not None else "-"
+            for k in ("kit@0.1", "minsk@0.1")
+        )
+        for noise, entry in doc["readout"].items():
+            q = doc["map_quality"]
+            c = entry["chosen"]
+            how = f"{c['normalise']}, x{c['config']['upsample']}, {c['config']['threshold']:g}"
+            folds = ", ".join(f"{v:.3f}" for v in entry["source_val_two_fold_ap50"])
+            kit, minsk = q[f"target-test-kit@{noise}"], q[f"target-test-minsk@{noise}"]
+            lines.append(
+                f"| {name} | {noise} | {q[f'source-val@{noise}']['ap50']:.3f} | {entry['source_val_ap50']:.3f} ({how}) "
+                f"| {folds} | {kit['chosen_readout']['ap50']:.3f} (default {kit['ap50']:.3f}) "
+                f"| {minsk['chosen_readout']['ap50']:.3f} (default {minsk['ap50']:.3f}) "
+                f"| {auc if noise == '0.1' else ''} |"
+            )
+    return "\n".join(lines)
 
 
 def samples(name: str, count: int, steps: int) -> dict:
@@ -242,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--name", default="stageA")
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--threads", type=int, default=1)
+    sub.add_parser("table")
     f = sub.add_parser("flags")
     f.add_argument("--name", default="stageA")
     f.add_argument("--limit", type=int, default=300)
@@ -269,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             args.lambda_empty,
             args.lambda_present,
         )
+    elif args.cmd == "table":
+        print(table())
     elif args.cmd == "flags":
         flags(args.name, args.limit, args.noise)
     elif args.cmd == "quality":
