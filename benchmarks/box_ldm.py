@@ -47,6 +47,7 @@ def train(
     box_max_timestep: float,
     lambda_empty: float = 0.0,
     lambda_present: float = 0.0,
+    timestep_sampling: str = "uniform",
 ) -> Path:
     from aerosynth.generation.training import StageAConfig, train_stage
 
@@ -61,6 +62,7 @@ def train(
         box_max_timestep=box_max_timestep,
         lambda_empty=lambda_empty,
         lambda_present=lambda_present,
+        timestep_sampling=timestep_sampling,
         cond_dropout=0.1,
         train_text="embeddings",
         max_tiles_per_split=max_tiles,
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--box-max-timestep", type=float, default=1.0)
     t.add_argument("--lambda-empty", type=float, default=0.0, help="empty-tile attention loss (flags only)")
     t.add_argument("--lambda-present", type=float, default=0.0, help="flagged-tile attention loss (flags only)")
+    t.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "high"])
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
@@ -317,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             args.box_max_timestep,
             args.lambda_empty,
             args.lambda_present,
+            args.timestep_sampling,
         )
     elif args.cmd == "table":
         print(table())

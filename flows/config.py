@@ -59,6 +59,7 @@ class StageSettings(Strict):
     box_loss: Literal["l1", "bce"] = "l1"
     box_max_timestep: float = Field(1.0, gt=0, le=1)
     lambda_empty: float = Field(0.0, ge=0)  # stage A: cars attention off tiles flagged empty (flags only)
+    timestep_sampling: Literal["uniform", "high"] = "uniform"
     lambda_present: float = Field(0.0, ge=0)  # flagged tiles without boxes: strongest cars attention pulled up
     cond_dropout: float = Field(0.1, ge=0, lt=1)
     train_text: Literal["none", "embeddings", "encoder"] = "embeddings"

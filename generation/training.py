@@ -131,6 +131,7 @@ LOSS_COLUMNS = ("step", "loss", "loss_ldm", "loss_obj", "loss_bg", "loss_box", "
 #: Side of the box masks kept per tile (fraction of each cell covered; pooled to each layer's side).
 MASK_SIDE = 32
 TEXT_TRAINING = ("none", "embeddings", "encoder")
+TIMESTEP_SAMPLING = ("uniform", "high")
 
 
 @dataclass
@@ -156,6 +157,9 @@ class StageConfig:
         box_loss: its form, ``l1`` (maps as distributions) or ``bce`` (per-pixel attention probability).
         box_max_timestep: apply it only below this fraction of the noise schedule (1: every timestep).
         lambda_empty: weight of the empty-tile attention loss (stage A, tiles flagged empty; 0: off).
+        timestep_sampling: how training timesteps are drawn: ``uniform``, or ``high`` (density rising
+            linearly with the timestep: twice the uniform share at pure noise, none at t = 0), to spend more
+            of the budget where a model trained from scratch is weakest (the layout-setting high-noise steps).
         lambda_present: weight of the flagged-tile attention loss (stages A-C, flagged tiles without
             boxes: the strongest "cars" attention pulled up; 0: off).
         cond_dropout: share of tiles trained with the empty prompt (classifier-free guidance's branch).
@@ -193,6 +197,7 @@ class StageConfig:
     box_max_timestep: float = 1.0
     lambda_empty: float = 0.0
     lambda_present: float = 0.0
+    timestep_sampling: str = "uniform"
     cond_dropout: float = 0.1
     train_text: str = "embeddings"
     init_model: Path | None = None
@@ -901,7 +906,7 @@ def _diffusion_stage(
     def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
         # noise, timesteps and dropout come from the CPU generator for the whole (global) batch, then move
         eps = torch.randn((len(idx), *latents.shape[1:]), generator=noise)
-        t = torch.randint(0, num_t, (len(idx),), generator=noise)
+        t = sample_timesteps(len(idx), num_t, config.timestep_sampling, noise)
         dropped = (
             torch.rand(len(idx), generator=noise) < config.cond_dropout
             if config.cond_dropout > 0
@@ -1001,6 +1006,7 @@ def _diffusion_stage(
         text_encoder.requires_grad_(False).eval()
         unet.eval()
         gap = conditioning_gap(ldm, latents, ids, empty_ids, schedule, config.seed)
+        error = denoising_error(ldm, latents, ids, schedule, config.seed)
         if lora:
             ldm.unet = build_ldm(ldm.spec, ldm.autoencoder_dir).unet
         target = out_dir / "model"
@@ -1014,6 +1020,7 @@ def _diffusion_stage(
         "token_embedding_change": moved,
         "final_loss": _last_logged_loss(out_dir),
         "conditioning_gap": gap,
+        "denoising_error": error,
     }
     if latent_pack is not None:
         metrics["latent_pack"] = {"file": Path(latent_pack).name, "sha256": file_sha256(Path(latent_pack))}
@@ -1041,6 +1048,47 @@ def _check_box_settings(config: StageConfig) -> None:
         raise InputError("lambda_empty", "must not be negative")
     if config.lambda_present < 0:
         raise InputError("lambda_present", "must not be negative")
+    if config.timestep_sampling not in TIMESTEP_SAMPLING:
+        raise InputError(
+            "timestep_sampling",
+            f"unknown timestep sampling {config.timestep_sampling!r} ({', '.join(TIMESTEP_SAMPLING)})",
+        )
+
+
+def sample_timesteps(count: int, num_t: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps in ``[0, num_t)``: ``uniform``, or ``high`` (density proportional to ``t + 1/2``)."""
+    if mode == "uniform":
+        return torch.randint(0, num_t, (count,), generator=generator)
+    if mode == "high":
+        u = torch.rand(count, generator=generator, dtype=torch.float64)
+        return (u.sqrt() * num_t).floor().clamp(max=num_t - 1).long()
+    raise ValueError(f"unknown timestep sampling {mode!r} ({', '.join(TIMESTEP_SAMPLING)})")
+
+
+@torch.no_grad()
+def denoising_error(
+    ldm: LDM,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    schedule: DDPMScheduler,
+    seed: int,
+    tiles: int = 16,
+    fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+) -> dict:
+    """Mean squared error of the predicted noise per noise level (the tiles and seeded noise of
+    :func:`conditioning_gap`, training prompts): where in the schedule the model is weak."""
+    device = next(ldm.unet.parameters()).device
+    pick = torch.from_numpy(np.linspace(0, len(latents) - 1, min(tiles, len(latents))).round().astype(np.int64))
+    x0 = latents[pick].to(device)
+    gen = torch.Generator().manual_seed(seed + 7)
+    cond = ldm.text_encoder(ids[pick].to(device))[0]
+    out = {}
+    for frac in fractions:
+        t = torch.full((len(pick),), int(frac * (schedule.config.num_train_timesteps - 1)), device=device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        pred = ldm.unet(schedule.add_noise(x0, eps, t), t, cond).sample.float()
+        out[f"t{frac:g}"] = round(float((pred - eps).pow(2).mean()), 5)
+    return out
 
 
 @torch.no_grad()

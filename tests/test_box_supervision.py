@@ -20,7 +20,15 @@ from aerosynth.generation.attention import (
     present_attention_loss,
 )
 from aerosynth.generation.latent_pack import read_latent_pack, write_latent_pack
-from aerosynth.generation.training import MASK_SIDE, StageAConfig, StageBConfig, box_mask, load_tiles, train_stage
+from aerosynth.generation.training import (
+    MASK_SIDE,
+    StageAConfig,
+    StageBConfig,
+    box_mask,
+    load_tiles,
+    sample_timesteps,
+    train_stage,
+)
 from tests.test_generation_helpers import make_training_splits
 
 torch.set_num_threads(1)
@@ -196,3 +204,18 @@ def test_bad_box_settings_are_named(splits, tmp_path):
     for field, value in (("box_loss", "l2"), ("box_max_timestep", 0.0), ("cond_dropout", 1.0), ("train_text", "x")):
         with pytest.raises(InputError, match=field):
             train_stage("A", StageAConfig(**FAST, **{field: value}), splits, tmp_path / field)
+
+
+def test_high_noise_timestep_sampling_shifts_the_budget_and_is_recorded(splits, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20000, 1000, "uniform", gen).float()
+    high = sample_timesteps(20000, 1000, "high", gen).float()
+    assert high.min() >= 0 and high.max() <= 999
+    assert abs(float(uniform.mean()) - 499.5) < 10 and abs(float(high.mean()) - 666.7) < 10
+    assert float((high >= 800).float().mean()) > 1.5 * float((uniform >= 800).float().mean())
+    train_stage("A", StageAConfig(**FAST, timestep_sampling="high"), splits, tmp_path / "high")
+    record = json.loads((tmp_path / "high" / "stage.json").read_text())
+    assert record["config"]["timestep_sampling"] == "high"
+    assert set(record["metrics"]["denoising_error"]) == {"t0.1", "t0.3", "t0.5", "t0.7", "t0.9"}
+    with pytest.raises(InputError, match="timestep_sampling"):
+        train_stage("A", StageAConfig(**FAST, timestep_sampling="late"), splits, tmp_path / "bad")
