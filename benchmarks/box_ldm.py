@@ -11,6 +11,7 @@ Minsk target-test tiles, at noise 0.1, 0.3 and 0.5.
     python benchmarks/box_ldm.py quality [--name stageA]
     python benchmarks/box_ldm.py samples [--name stageA] [--count 64]   # grids + two-sample test
     python benchmarks/box_ldm.py flags [--name stageA]   # weak-flag check of the maps on target-train
+    python benchmarks/box_ldm.py denoise [--name stageA] # one-step denoising error per level, held-out tiles
     python benchmarks/box_ldm.py table                   # markdown table of every model's figures
 
 Resumable: training checkpoints every 50 steps; a rerun continues. Results:
@@ -205,6 +206,47 @@ def flags(name: str, limit: int, noise: float) -> dict:
     return doc
 
 
+def denoise(name: str, per_split: int = 16) -> dict:
+    """One-step clean-latent error per noise level on held-out real tiles (source-val, both target-tests).
+
+    Evenly spaced tiles of each split with their domain's prompt (vehicle prompt when flagged), seeded
+    noise: where in the schedule the model is weak (high noise sets the layout text-to-image needs).
+    """
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler
+
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.tileset import open_split
+    from aerosynth.generation.models import load_ldm, noise_schedule
+    from aerosynth.generation.training import denoising_error
+
+    ldm = load_ldm(WORK / name / "model")
+    schedule = DDPMScheduler(**noise_schedule(ldm))
+    out: dict = {}
+    for label, folder in (
+        ("source-val", TILES["kit"] / "source-val"),
+        ("kit-target-test", TILES["kit"] / "target-test"),
+        ("minsk-target-test", TILES["minsk"] / "target-test"),
+    ):
+        split = open_split(folder)
+        pick = np.linspace(0, len(split.tiles) - 1, per_split).round().astype(int)
+        tiles = [split.tiles[i] for i in pick]
+        images = torch.stack(
+            [torch.from_numpy(split.image(t.tile_id)).permute(2, 0, 1).float() / 127.5 - 1 for t in tiles]
+        )
+        with torch.no_grad():
+            latents = ldm.codec.encode(images)
+        ids = ldm.token_ids([ldm.prompt(split.info.domain, t.has_vehicle, False) for t in tiles])
+        out[label] = denoising_error(ldm, latents, ids, schedule, seed=0, tiles=per_split)
+        print(name, label, out[label], flush=True)
+    path = RESULTS / f"box_ldm_{name}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {"model": str((WORK / name / "model").relative_to(REPO))}
+    doc["denoising_error_held_out"] = out
+    atomic_write_json(path, doc)
+    return out
+
+
 def table() -> str:
     """A markdown table of every ``box_ldm_<name>.json``: per model and noise level, the readout chosen on
     source-val, its two-fold check, the same readout on both target-test splits, and the flag check."""
@@ -294,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--threads", type=int, default=1)
     sub.add_parser("table")
+    d = sub.add_parser("denoise")
+    d.add_argument("--name", default="stageA")
+    d.add_argument("--threads", type=int, default=1)
     f = sub.add_parser("flags")
     f.add_argument("--name", default="stageA")
     f.add_argument("--limit", type=int, default=300)
@@ -322,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             args.lambda_present,
             args.timestep_sampling,
         )
+    elif args.cmd == "denoise":
+        denoise(args.name)
     elif args.cmd == "table":
         print(table())
     elif args.cmd == "flags":
