@@ -303,7 +303,8 @@ def samples(name: str, count: int, steps: int) -> dict:
             folder = WORK / name / "samples" / f"{target}-g{guidance:g}"
             cfg = SamplingConfig(steps=steps, guidance_scale=guidance, batch_size=8, shard_size=64, progress=False)
             set_dir = generate_set(ldm, folder / "target_cars", "target_cars", domain, count, config=cfg)
-            grid = write_synthetic_samples(folder, RESULTS / f"box_ldm_samples_{target}_g{guidance:g}.png")
+            prefix = "box_ldm_samples" if name == "stageA" else f"box_ldm_{name}_samples"
+            grid = write_synthetic_samples(folder, RESULTS / f"{prefix}_{target}_g{guidance:g}.png")
             synthetic = sorted((set_dir / "images").glob("*.png"))
             test = two_sample_accuracy(real, synthetic, seed=0)
             doc["sets"][f"{target}@g{guidance:g}"] = {
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--name", default="stageA")
     sa.add_argument("--count", type=int, default=64)
     sa.add_argument("--steps", type=int, default=25)
+    sa.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     import torch
 
