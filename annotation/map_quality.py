@@ -140,9 +140,9 @@ def choose_readout(
     Returns:
         ``(readout, report)``: the report lists every candidate's AP50, precision and recall.
     """
-    from aerosynth.data.tileset import EVALUATION_DIR
+    from aerosynth.data.tileset import is_source_labelled
 
-    if not isinstance(split, LabelledTileSplit) or split.info.weak or EVALUATION_DIR in Path(split.labels_dir).parts:
+    if not is_source_labelled(split):
         raise InputError(getattr(split, "root", "split"), "a readout is chosen on labelled source tiles only")
     tiles = split.tiles[:limit] if limit is not None else split.tiles
     if not tiles:

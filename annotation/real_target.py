@@ -36,7 +36,13 @@ from aerosynth.data.atomic import atomic_directory, atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_yolo_split
-from aerosynth.data.tileset import EVALUATION_DIR, LabelledTileSplit, WeakTileSplit, open_split
+from aerosynth.data.tileset import (
+    EVALUATION_DIR,
+    LabelledTileSplit,
+    WeakTileSplit,
+    is_source_labelled,
+    open_split,
+)
 
 SUMMARY_FILE = "summary.json"
 METHODS = ("detector", "heatmap")
@@ -95,7 +101,7 @@ def source_threshold(
         split: a labelled source split (source-val); a target split is refused.
         floor: lowest threshold returned.
     """
-    if not isinstance(split, LabelledTileSplit) or EVALUATION_DIR in Path(split.labels_dir).parts:
+    if not is_source_labelled(split):
         raise InputError(getattr(split, "root", "split"), "thresholds are chosen on labelled source tiles only")
     if len(proposals) != len(split.tiles):
         raise InputError("proposals", f"{len(proposals)} entries for {len(split.tiles)} tiles of {split.name}")

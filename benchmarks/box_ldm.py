@@ -130,14 +130,10 @@ def quality(name: str, limit: int | None, suffix: str = "") -> dict:
         doc["map_quality"][f"source-val@{noise}"] = entry(evaluate_map_quality(val, fn, limit=limit), started)
         readout, report = choose_readout(val, fn, limit=limit)
         folds = []
+        scored_tiles = [t.tile_id for t in val.tiles[:limit]]
         for k in (0, 1):
-            n = len(val.tiles) if limit is None else min(limit, len(val.tiles))
-            maps = [fn(val.image(t.tile_id)) for t in val.tiles[:n]]
-            pick = [i for i in range(n) if i % 2 == k]
-            other = [i for i in range(n) if i % 2 != k]
-            fold_split = val.subset([val.tiles[i].tile_id for i in pick])
-            test_split = val.subset([val.tiles[i].tile_id for i in other])
-            chosen, _ = choose_readout(fold_split, raw_maps=[maps[i] for i in pick])
+            fold_split, test_split = val.subset(scored_tiles[k::2]), val.subset(scored_tiles[1 - k :: 2])
+            chosen, _ = choose_readout(fold_split, fn)  # maps come from the memo: one UNet pass per tile
             scored = evaluate_map_quality(test_split, fn, config=chosen.config, normalise=chosen.normalise)
             folds.append(scored["scores"]["ap50"])
         doc["readout"][f"{noise}"] = {

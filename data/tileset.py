@@ -198,6 +198,16 @@ class LabelledTileSplit(_TileSplitBase):
         return self.labels_root / COCO_FILE
 
 
+def is_source_labelled(split: object) -> bool:
+    """Whether ``split`` holds boxes that settings may be chosen on: a labelled, non-weak split whose labels
+    are not under ``evaluation/`` (where the evaluation API reads a target split's boxes)."""
+    return (
+        isinstance(split, LabelledTileSplit)
+        and not split.info.weak
+        and EVALUATION_DIR not in Path(split.labels_dir).resolve().parts
+    )
+
+
 def open_split(split_dir: str | Path) -> WeakTileSplit | LabelledTileSplit:
     """Open a split for training or adaptation: a weak split comes back as :class:`WeakTileSplit`."""
     split_dir = Path(split_dir)

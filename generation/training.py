@@ -941,19 +941,16 @@ def _diffusion_stage(
             l_present = present_attention_loss(store, rows_ok.to(device))
         l_empty = zero
         if use_empty:
-            rows = [j for j in range(len(idx)) if not flagged[idx[j]] and not dropped[j]]
-            rows = [j for j in rows if int(t[j]) < config.box_max_timestep * num_t]
+            limit = config.box_max_timestep * num_t
+            rows = [j for j in range(len(idx)) if not (flagged[idx[j]] or dropped[j]) and int(t[j]) < limit]
             if rows:
                 doms = [tiles.domains[idx[j]] for j in rows]
                 v_ids = torch.cat([vehicle_ids[d] for d in doms])
                 v_pos = torch.cat([vehicle_pos[d] for d in doms]).to(device)
                 sel = torch.tensor(rows, device=device)
                 with runtime.autocast():
-                    if train_tokens or text_params:
+                    with torch.set_grad_enabled(bool(train_tokens or text_params)):
                         v_cond = text_encoder(v_ids.to(device))[0]
-                    else:
-                        with torch.no_grad():
-                            v_cond = text_encoder(v_ids.to(device))[0]
                     v_store = AttentionStore(v_pos, latent_hw, keep_layer_maps=True)
                     with capturing(unet, v_store):
                         unet_forward(noisy[sel], t[sel], v_cond, return_dict=False)
@@ -1065,6 +1062,28 @@ def sample_timesteps(count: int, num_t: int, mode: str, generator: torch.Generat
     raise ValueError(f"unknown timestep sampling {mode!r} ({', '.join(TIMESTEP_SAMPLING)})")
 
 
+def _probe_levels(
+    ldm: LDM,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    schedule: DDPMScheduler,
+    seed: int,
+    tiles: int,
+    fractions: Sequence[float],
+):
+    """``(fraction, t, noisy, x0, cond)`` per noise level: evenly spaced tiles, their prompts' text
+    states, seeded noise (the same for every diagnostic built on it)."""
+    device = next(ldm.unet.parameters()).device
+    pick = torch.from_numpy(np.linspace(0, len(latents) - 1, min(tiles, len(latents))).round().astype(np.int64))
+    x0 = latents[pick].to(device)
+    gen = torch.Generator().manual_seed(seed + 7)
+    cond = ldm.text_encoder(ids[pick].to(device))[0]
+    for frac in fractions:
+        t = torch.full((len(pick),), int(frac * (schedule.config.num_train_timesteps - 1)), device=device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        yield frac, t, schedule.add_noise(x0, eps, t), x0, cond
+
+
 @torch.no_grad()
 def denoising_error(
     ldm: LDM,
@@ -1082,18 +1101,10 @@ def denoising_error(
     is no better than the mean latent. The noise-prediction error itself is smallest at high noise, where
     the noisy input is nearly the noise, so it would hide the regime text-to-image sampling starts in.
     """
-    device = next(ldm.unet.parameters()).device
-    pick = torch.from_numpy(np.linspace(0, len(latents) - 1, min(tiles, len(latents))).round().astype(np.int64))
-    x0 = latents[pick].to(device)
-    gen = torch.Generator().manual_seed(seed + 7)
-    cond = ldm.text_encoder(ids[pick].to(device))[0]
     out = {}
-    for frac in fractions:
-        t = torch.full((len(pick),), int(frac * (schedule.config.num_train_timesteps - 1)), device=device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        noisy = schedule.add_noise(x0, eps, t)
+    for frac, t, noisy, x0, cond in _probe_levels(ldm, latents, ids, schedule, seed, tiles, fractions):
         pred = ldm.unet(noisy, t, cond).sample.float()
-        alpha = schedule.alphas_cumprod.to(device)[t].float().view(-1, 1, 1, 1)
+        alpha = schedule.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
         x0_hat = (noisy.float() - (1 - alpha).sqrt() * pred) / alpha.sqrt()
         out[f"t{frac:g}"] = round(float((x0_hat - x0.float()).pow(2).mean() / (x0.float().var() + 1e-12)), 5)
     return out
@@ -1115,16 +1126,11 @@ def conditioning_gap(
     Evenly spaced tiles, each with its training prompt against the empty prompt, at a few noise levels
     with seeded noise. 0 means the prompt changes nothing (classifier-free guidance has nothing to amplify).
     """
-    device = next(ldm.unet.parameters()).device
-    pick = torch.from_numpy(np.linspace(0, len(latents) - 1, min(tiles, len(latents))).round().astype(np.int64))
-    x0 = latents[pick].to(device)
-    gen = torch.Generator().manual_seed(seed + 7)
-    cond = ldm.text_encoder(ids[pick].to(device))[0]
-    uncond = ldm.text_encoder(empty_ids.expand(len(pick), -1).to(device))[0]
+    uncond = None
     out = {}
-    for frac in fractions:
-        t = torch.full((len(pick),), int(frac * (schedule.config.num_train_timesteps - 1)), device=device)
-        noisy = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), t)
+    for frac, t, noisy, _, cond in _probe_levels(ldm, latents, ids, schedule, seed, tiles, fractions):
+        if uncond is None:
+            uncond = ldm.text_encoder(empty_ids.expand(len(t), -1).to(t.device))[0]
         e_c = ldm.unet(noisy, t, cond).sample.float()
         e_u = ldm.unet(noisy, t, uncond).sample.float()
         out[f"t{frac:g}"] = round(float((e_c - e_u).abs().mean() / (e_c.abs().mean() + 1e-12)), 5)

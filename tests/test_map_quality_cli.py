@@ -52,21 +52,17 @@ def test_map_quality_command_writes_scores(tiny_model, tmp_path, capsys):
     assert "AP50" in capsys.readouterr().out
 
 
+def _kit_target_test(tmp_path, count: int):
+    """A prepared root with a weak KIT target-test split (boxes under evaluation/) and a tiny KIT model."""
+    tiles = tmp_path / "tiles"
+    labels = tiles / "evaluation" / "target-test"
+    write_fake_split(tiles / "target-test", "kit_munich_aerial", count, seed=3, weak=True, labels_dir=labels)
+    return tiles, save_ldm(build_ldm("tiny", domains=["kit_munich_aerial"]), tmp_path / "model")
+
+
 def test_map_quality_on_a_weak_target_split_at_several_noise_levels(tiny_model, tmp_path, capsys):
     """target-test is weak: its boxes come from evaluation/ (the evaluation API); one entry per noise level."""
-    from aerosynth.annotation.fake_data import write_fake_split
-    from aerosynth.generation.models import build_ldm, save_ldm
-
-    tiles = tmp_path / "tiles"
-    write_fake_split(
-        tiles / "target-test",
-        "kit_munich_aerial",
-        5,
-        seed=3,
-        weak=True,
-        labels_dir=tiles / "evaluation" / "target-test",
-    )
-    model = save_ldm(build_ldm("tiny", domains=["kit_munich_aerial"]), tmp_path / "model")
+    tiles, model = _kit_target_test(tmp_path, 5)
     out = tmp_path / "q.json"
     args = ["map-quality", "--model", str(model), "--tiles", str(tiles), "--split", "target-test", "--out", str(out)]
     rc = main([*args, "--noise", "0.1,0.3,0.5"])
@@ -99,17 +95,8 @@ def test_map_quality_refuses_an_opened_weak_split(tmp_path):
 
 def test_readout_chosen_on_source_val_is_applied_to_target_test(tmp_path, capsys):
     """--choose-readout on source-val records the readout; --readout scores target-test with it unchanged."""
-    tiles = tmp_path / "tiles"
+    tiles, model = _kit_target_test(tmp_path, 4)
     write_fake_split(tiles / "source-val", "kit_munich_aerial", 5, seed=0, weak=False, size=64)
-    write_fake_split(
-        tiles / "target-test",
-        "kit_munich_aerial",
-        4,
-        seed=3,
-        weak=True,
-        labels_dir=tiles / "evaluation" / "target-test",
-    )
-    model = save_ldm(build_ldm("tiny", domains=["kit_munich_aerial"]), tmp_path / "model")
     base = ["map-quality", "--model", str(model), "--tiles", str(tiles)]
     val_out, test_out = tmp_path / "val.json", tmp_path / "test.json"
     assert main([*base, "--out", str(val_out), "--noise", "0.1,0.3", "--choose-readout"]) == 0, capsys.readouterr()
