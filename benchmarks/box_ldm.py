@@ -49,6 +49,8 @@ def train(
     lambda_empty: float = 0.0,
     lambda_present: float = 0.0,
     timestep_sampling: str = "uniform",
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
 ) -> Path:
     from aerosynth.generation.training import StageAConfig, train_stage
 
@@ -64,6 +66,8 @@ def train(
         lambda_empty=lambda_empty,
         lambda_present=lambda_present,
         timestep_sampling=timestep_sampling,
+        prediction_type=prediction_type,
+        zero_terminal_snr=zero_terminal_snr,
         cond_dropout=0.1,
         train_text="embeddings",
         max_tiles_per_split=max_tiles,
@@ -325,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lambda-empty", type=float, default=0.0, help="empty-tile attention loss (flags only)")
     t.add_argument("--lambda-present", type=float, default=0.0, help="flagged-tile attention loss (flags only)")
     t.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "high"])
+    t.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    t.add_argument("--zero-terminal-snr", action="store_true")
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
@@ -364,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             args.lambda_empty,
             args.lambda_present,
             args.timestep_sampling,
+            args.prediction_type,
+            args.zero_terminal_snr,
         )
     elif args.cmd == "denoise":
         denoise(args.name)

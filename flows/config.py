@@ -60,6 +60,9 @@ class StageSettings(Strict):
     box_max_timestep: float = Field(1.0, gt=0, le=1)
     lambda_empty: float = Field(0.0, ge=0)  # stage A: cars attention off tiles flagged empty (flags only)
     timestep_sampling: Literal["uniform", "high"] = "uniform"
+    # new models only (stage A from a preset): what the UNet predicts, and a schedule ending in pure noise
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    zero_terminal_snr: bool = False
     lambda_present: float = Field(0.0, ge=0)  # flagged tiles without boxes: strongest cars attention pulled up
     cond_dropout: float = Field(0.1, ge=0, lt=1)
     train_text: Literal["none", "embeddings", "encoder"] = "embeddings"

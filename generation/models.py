@@ -57,6 +57,10 @@ class LDMSpec:
         seed: seed of the random initialisation.
         pretrained_dir: the Stable Diffusion folder for ``preset == "pretrained"``.
         tokens_trained: the learned tokens were trained (stage B), so prompts use them by default.
+        prediction_type: what the UNet predicts, ``epsilon`` (the noise) or ``v_prediction``
+            (``sqrt(a) eps - sqrt(1 - a) x0``, which stays well scaled at high noise).
+        zero_terminal_snr: the noise schedule is rescaled so its last step is pure noise, as sampling
+            starts (needs ``v_prediction``; inference uses trailing timestep spacing).
     """
 
     preset: str
@@ -70,6 +74,12 @@ class LDMSpec:
     seed: int = 0
     pretrained_dir: str | None = None
     tokens_trained: bool = False
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+
+
+#: What a UNet may predict (diffusers' names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _unet_config(sample: int, blocks: Sequence[int], attn_levels: int, heads: int, cross_dim: int, groups: int) -> dict:
@@ -587,4 +597,19 @@ def noise_schedule(ldm: LDM) -> dict:
             return {k: doc[k] for k in NOISE_SCHEDULE if k in doc} | {"steps_offset": doc.get("steps_offset", 1)}
         except (OSError, ValueError):
             raise InputError(path, "unreadable scheduler config") from None
-    return dict(NOISE_SCHEDULE)
+    out = dict(NOISE_SCHEDULE, prediction_type=ldm.spec.prediction_type)
+    if ldm.spec.zero_terminal_snr:
+        out.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return out
+
+
+def check_prediction(prediction_type: str, zero_terminal_snr: bool) -> None:
+    """Refuse an unknown prediction type, or a zero-terminal-SNR schedule with noise prediction.
+
+    Raises:
+        InputError: either.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError("prediction_type", f"unknown {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise InputError("zero_terminal_snr", "a pure-noise last step has no noise to predict: use v_prediction")

@@ -132,6 +132,8 @@ def make_scheduler(ldm: LDM, name: str):
     if name not in SCHEDULERS:
         raise InputError("scheduler", f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     cfg = noise_schedule(ldm)
+    if cfg.get("rescale_betas_zero_snr") and name == "pndm":
+        raise InputError("scheduler", "pndm has no zero-terminal-SNR schedule; choose ddim, dpm or euler")
     extra: dict = {}
     if name == "ddim":
         extra = {"clip_sample": False, "set_alpha_to_one": False}

@@ -84,7 +84,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import cv2
@@ -112,6 +112,7 @@ from aerosynth.generation.models import (
     LDM,
     KLCodec,
     build_ldm,
+    check_prediction,
     load_codec,
     load_ldm,
     load_pretrained_sd,
@@ -162,6 +163,11 @@ class StageConfig:
             of the budget where a model trained from scratch is weakest (the layout-setting high-noise steps).
         lambda_present: weight of the flagged-tile attention loss (stages A-C, flagged tiles without
             boxes: the strongest "cars" attention pulled up; 0: off).
+        prediction_type: what a new model's UNet predicts, ``epsilon`` or ``v_prediction``; with
+            ``v_prediction``, ``min_snr_gamma`` weights the clean-latent error by ``min(snr + 1, gamma)``
+            (1 at pure noise, where noise prediction gives it weight ``snr``, nearly 0). A loaded model
+            keeps its own.
+        zero_terminal_snr: a new model's schedule ends in pure noise (needs ``v_prediction``).
         cond_dropout: share of tiles trained with the empty prompt (classifier-free guidance's branch).
         train_text: stage A also trains the text encoder's ``embeddings`` or the whole ``encoder``
             (``none``: frozen, as before); its learning rate is ``token_learning_rate``.
@@ -198,6 +204,8 @@ class StageConfig:
     lambda_empty: float = 0.0
     lambda_present: float = 0.0
     timestep_sampling: str = "uniform"
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
     cond_dropout: float = 0.1
     train_text: str = "embeddings"
     init_model: Path | None = None
@@ -721,7 +729,12 @@ def _prepare_model(stage: str, config: StageConfig, split_domains: Sequence[str]
         if config.pretrained_dir is not None:
             ldm = load_pretrained_sd(config.pretrained_dir, domains, config.image_size or 512, config.autoencoder_dir)
         else:
-            ldm = build_ldm(config.preset, config.autoencoder_dir, domains)
+            spec = replace(
+                resolve_spec(config.preset),
+                prediction_type=config.prediction_type,
+                zero_terminal_snr=config.zero_terminal_snr,
+            )
+            ldm = build_ldm(spec, config.autoencoder_dir, domains)
     for domain in split_domains:
         ldm.check_domain(domain)
     return ldm
@@ -955,10 +968,12 @@ def _diffusion_stage(
                     with capturing(unet, v_store):
                         unet_forward(noisy[sel], t[sel], v_cond, return_dict=False)
                 l_empty = empty_attention_loss(v_store)
-        per_sample = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        velocity = ldm.spec.prediction_type == "v_prediction"
+        target = schedule.get_velocity(x0, eps, t) if velocity else eps
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = alphas[t] / (1 - alphas[t])
-            per_sample = per_sample * torch.clamp(snr, max=config.min_snr_gamma) / snr
+            per_sample = per_sample * snr_weight(snr, config.min_snr_gamma, velocity)
         l_ldm = per_sample.mean()
         loss = l_ldm + config.lambda_box * l_box + config.lambda_empty * l_empty + config.lambda_present * l_present
         if learned:
@@ -1045,11 +1060,32 @@ def _check_box_settings(config: StageConfig) -> None:
         raise InputError("lambda_empty", "must not be negative")
     if config.lambda_present < 0:
         raise InputError("lambda_present", "must not be negative")
+    check_prediction(config.prediction_type, config.zero_terminal_snr)
     if config.timestep_sampling not in TIMESTEP_SAMPLING:
         raise InputError(
             "timestep_sampling",
             f"unknown timestep sampling {config.timestep_sampling!r} ({', '.join(TIMESTEP_SAMPLING)})",
         )
+
+
+def snr_weight(snr: torch.Tensor, gamma: float, velocity: bool) -> torch.Tensor:
+    """Min-SNR loss weights of the prediction error at each timestep's signal-to-noise ratio.
+
+    Noise prediction: ``min(snr, gamma) / snr`` (Hang et al. 2023), a clean-latent weight of
+    ``min(snr, gamma)``. Velocity prediction: ``min(snr + 1, gamma) / (snr + 1)``, a clean-latent weight of
+    ``min(snr + 1, gamma)``, which keeps weight 1 at pure noise (``snr = 0``) where the layout is set.
+    """
+    if velocity:
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def predicted_clean(schedule: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latent implied by a UNet output (noise or velocity, after the schedule's prediction type)."""
+    alpha = schedule.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+    if schedule.config.prediction_type == "v_prediction":
+        return alpha.sqrt() * noisy.float() - (1 - alpha).sqrt() * pred.float()
+    return (noisy.float() - (1 - alpha).sqrt() * pred.float()) / alpha.sqrt()
 
 
 def sample_timesteps(count: int, num_t: int, mode: str, generator: torch.Generator) -> torch.Tensor:
@@ -1103,9 +1139,7 @@ def denoising_error(
     """
     out = {}
     for frac, t, noisy, x0, cond in _probe_levels(ldm, latents, ids, schedule, seed, tiles, fractions):
-        pred = ldm.unet(noisy, t, cond).sample.float()
-        alpha = schedule.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
-        x0_hat = (noisy.float() - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+        x0_hat = predicted_clean(schedule, noisy, ldm.unet(noisy, t, cond).sample, t)
         out[f"t{frac:g}"] = round(float((x0_hat - x0.float()).pow(2).mean() / (x0.float().var() + 1e-12)), 5)
     return out
 

@@ -219,3 +219,40 @@ def test_high_noise_timestep_sampling_shifts_the_budget_and_is_recorded(splits, 
     assert set(record["metrics"]["denoising_error"]) == {"t0.1", "t0.3", "t0.5", "t0.7", "t0.9"}
     with pytest.raises(InputError, match="timestep_sampling"):
         train_stage("A", StageAConfig(**FAST, timestep_sampling="late"), splits, tmp_path / "bad")
+
+
+def test_velocity_prediction_with_zero_terminal_snr_trains_samples_and_is_kept(splits, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from aerosynth.generation.models import load_ldm, noise_schedule
+    from aerosynth.generation.sampling import SamplingConfig, generate_set, make_scheduler
+    from aerosynth.generation.training import predicted_clean, snr_weight
+
+    cfg = StageAConfig(**FAST, prediction_type="v_prediction", zero_terminal_snr=True, timestep_sampling="high")
+    model = train_stage("A", cfg, splits, tmp_path / "v")
+    ldm = load_ldm(model)
+    assert (ldm.spec.prediction_type, ldm.spec.zero_terminal_snr) == ("v_prediction", True)
+    schedule = DDPMScheduler(**noise_schedule(ldm))
+    assert float(schedule.alphas_cumprod[-1]) < 1e-6  # the last training step is pure noise
+    # the velocity target and the clean latent it implies invert each other at every level
+    x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 300, 700, 998])
+    v = schedule.get_velocity(x0, eps, t)
+    assert torch.allclose(predicted_clean(schedule, schedule.add_noise(x0, eps, t), v, t), x0, atol=1e-4)
+    # min-SNR keeps full weight at pure noise for velocity, and caps low noise as for noise prediction
+    snr = torch.tensor([0.0, 1.0, 100.0])
+    assert torch.allclose(snr_weight(snr, 5.0, velocity=True), torch.tensor([1.0, 1.0, 5.0 / 101]))
+    assert torch.allclose(snr_weight(snr[1:], 5.0, velocity=False), torch.tensor([1.0, 0.05]))
+    record = json.loads((tmp_path / "v" / "stage.json").read_text())
+    assert record["config"]["prediction_type"] == "v_prediction" and record["config"]["zero_terminal_snr"]
+    assert all(np.isfinite(v) for v in record["metrics"]["denoising_error"].values())
+    scheduler = make_scheduler(ldm, "ddim")
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.timestep_spacing == "trailing"
+    with pytest.raises(InputError, match="pndm"):
+        make_scheduler(ldm, "pndm")
+    out = generate_set(ldm, tmp_path / "set", "target_cars", ldm.spec.domains[0], 2, config=SamplingConfig(steps=4))
+    assert len(sorted(out.rglob("*.png"))) >= 2
+    with pytest.raises(InputError, match="zero_terminal_snr"):
+        train_stage("A", StageAConfig(**FAST, zero_terminal_snr=True), splits, tmp_path / "eps")
+    with pytest.raises(InputError, match="prediction_type"):
+        train_stage("A", StageAConfig(**FAST, prediction_type="x0"), splits, tmp_path / "x0")
