@@ -201,7 +201,8 @@ def boxes_from_heatmap(
     """Vehicle boxes from one heat map (see the module docstring for the steps).
 
     Args:
-        heatmap: ``(H, W)`` values in ``[0, 1]`` (8-bit maps: divide by 255 first).
+        heatmap: ``(H, W)`` values in ``[0, 1]`` (8-bit maps: divide by 255 first); split-normalised
+            maps may exceed 1, and fixed thresholds and confidences read them as given.
         config: thresholds and box options; defaults to :class:`HeatmapBoxConfig()`.
         gsd: metres per pixel of the *image* (converts ``box_side_m`` to pixels).
         image_size: ``(width, height)`` of the image when the map has another resolution;
@@ -224,8 +225,8 @@ def boxes_from_heatmap(
     h, w = heat.shape
     img_w, img_h = image_size if image_size is not None else (w, h)
     if config.upsample > 1:
-        heat = np.clip(
-            cv2.resize(heat, (w * config.upsample, h * config.upsample), interpolation=cv2.INTER_CUBIC), 0.0, 1.0
+        heat = np.maximum(
+            cv2.resize(heat, (w * config.upsample, h * config.upsample), interpolation=cv2.INTER_CUBIC), 0.0
         )
         h, w = heat.shape
     sx, sy = img_w / w, img_h / h

@@ -204,7 +204,9 @@ def normalise_maps(maps: Sequence[np.ndarray], mode: str = "minmax") -> list[np.
 
     ``split`` divides every map by one number, the :data:`SPLIT_PERCENTILE` percentile of the maps'
     maxima (no label read): the maps of one split stay comparable with each other, as raw maps are,
-    while a domain whose attention is weaker or stronger overall is brought to the same scale.
+    while a domain whose attention is weaker or stronger overall is brought to the same scale. Values
+    above 1 are kept, not clipped: a clip tied every map stronger than the percentile at confidence 1 and
+    lost the order of the most confident boxes (0.765 -> 0.776 AP50 on real source-val, ``stageA-high``).
     """
     if mode != "split":
         return [normalise_map(m, mode) for m in maps]
@@ -214,7 +216,7 @@ def normalise_maps(maps: Sequence[np.ndarray], mode: str = "minmax") -> list[np.
     scale = float(np.percentile([float(m.max()) for m in raw], SPLIT_PERCENTILE))
     if scale <= 0:
         return [np.zeros_like(m) for m in raw]
-    return [np.clip(m / scale, 0.0, 1.0) for m in raw]
+    return [np.maximum(m / scale, 0.0) for m in raw]
 
 
 def score_boxes(preds: Sequence[Detections], gts: Sequence[Detections], ignores: Sequence[Detections]) -> dict:
