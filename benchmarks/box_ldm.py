@@ -281,7 +281,8 @@ def table() -> str:
 
 
 def samples(name: str, count: int, steps: int) -> dict:
-    """Text-to-image ``target_cars`` per target at guidance 1 and 4: grids and the two-sample test.
+    """Text-to-image ``target_cars`` per target at guidance 1, 4, and 4 with guidance rescale 0.7: grids and
+    the two-sample test (finished sets are reused).
 
     The two-sample accuracy is a small CNN's held-out accuracy telling real target-train tiles flagged
     with vehicles from the generated images (0.5 = indistinguishable).
@@ -298,22 +299,30 @@ def samples(name: str, count: int, steps: int) -> dict:
     for target, domain in (("minsk", "minsk_drone"), ("kit", "kit_munich_aerial")):
         split = open_split(TILES[target] / "target-train")
         real = [split.image_path(t.tile_id) for t in split.tiles if t.has_vehicle]
-        for guidance in (1.0, 4.0):
+        for guidance, rescale in ((1.0, 0.0), (4.0, 0.0), (4.0, 0.7)):
             started = time.perf_counter()
-            folder = WORK / name / "samples" / f"{target}-g{guidance:g}"
-            cfg = SamplingConfig(steps=steps, guidance_scale=guidance, batch_size=8, shard_size=64, progress=False)
+            label = f"g{guidance:g}" + (f"r{rescale:g}" if rescale else "")
+            folder = WORK / name / "samples" / f"{target}-{label}"
+            cfg = SamplingConfig(
+                steps=steps,
+                guidance_scale=guidance,
+                guidance_rescale=rescale,
+                batch_size=8,
+                shard_size=64,
+                progress=False,
+            )
             set_dir = generate_set(ldm, folder / "target_cars", "target_cars", domain, count, config=cfg)
             prefix = "box_ldm_samples" if name == "stageA" else f"box_ldm_{name}_samples"
-            grid = write_synthetic_samples(folder, RESULTS / f"{prefix}_{target}_g{guidance:g}.png")
+            grid = write_synthetic_samples(folder, RESULTS / f"{prefix}_{target}_{label}.png")
             synthetic = sorted((set_dir / "images").glob("*.png"))
             test = two_sample_accuracy(real, synthetic, seed=0)
-            doc["sets"][f"{target}@g{guidance:g}"] = {
+            doc["sets"][f"{target}@{label}"] = {
                 "two_sample_accuracy": test["accuracy"],
                 "two_sample": test,
                 "grid": str(grid.relative_to(REPO)) if grid else None,
                 "seconds": round(time.perf_counter() - started, 1),
             }
-            print(target, guidance, test["accuracy"], flush=True)
+            print(target, label, test["accuracy"], flush=True)
     atomic_write_json(RESULTS / f"box_ldm_{name}_samples.json", doc)
     return doc
 

@@ -71,6 +71,7 @@ class StageSettings(Strict):
 class SamplingSettings(Strict):
     steps: int = Field(25, ge=1)
     guidance_scale: float = Field(4.0, ge=1.0)
+    guidance_rescale: float = Field(0.0, ge=0, le=1)
     scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1)

@@ -76,6 +76,8 @@ class SamplingConfig:
     Attributes:
         steps: denoising steps.
         guidance_scale: classifier-free guidance scale (1 switches guidance off).
+        guidance_rescale: 0..1, how far the guided prediction's per-image standard deviation is brought
+            back to the conditional one's (Lin et al. 2024, with zero-terminal-SNR models); 0 switches it off.
         scheduler: ``ddim`` (default), ``dpm``, ``euler`` or ``pndm``.
         batch_size: images per UNet batch.
         shard_size: images per shard (manifest).
@@ -93,6 +95,7 @@ class SamplingConfig:
 
     steps: int = 50
     guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
     scheduler: str = "ddim"
     batch_size: int = 4
     shard_size: int = 64
@@ -172,6 +175,7 @@ def denoise(
     capture_sides: set[int] | None,
     start_index: int = 0,
     mixed_precision: str = "no",
+    guidance_rescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the reverse process with cross-attention capture.
 
@@ -187,6 +191,7 @@ def denoise(
         start_index: skip the first steps (translation).
         mixed_precision: ``"fp16"``/``"bf16"`` autocast of the text encoder and UNet when ``latents``
             are on CUDA (``"no"``: full precision).
+        guidance_rescale: see :class:`SamplingConfig`.
 
     Returns:
         Final latents and the mean maps ``(B, K, S, S)``.
@@ -213,8 +218,32 @@ def denoise(
             if guided:
                 e_uncond, e_cond = eps.chunk(2)
                 eps = e_uncond + guidance_scale * (e_cond - e_uncond)
+                if guidance_rescale > 0:
+                    eps = rescale_guided(eps, e_cond, guidance_rescale)
             latents = scheduler.step(eps, t, latents).prev_sample
     return latents, store.mean_maps()
+
+
+def check_guidance_rescale(amount: float) -> None:
+    """Refuse a guidance rescale outside ``[0, 1]``.
+
+    Raises:
+        InputError: it is.
+    """
+    if not 0 <= amount <= 1:
+        raise InputError("guidance_rescale", f"{amount} is not in [0, 1]")
+
+
+def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, amount: float) -> torch.Tensor:
+    """Guided prediction with its per-image standard deviation moved ``amount`` of the way to ``cond``'s.
+
+    Guidance at scale > 1 inflates the prediction's spread, which over-exposes images of a model whose
+    schedule ends in pure noise; this is diffusers' ``rescale_noise_cfg``, per image, so a batch's images
+    do not depend on each other.
+    """
+    dims = tuple(range(1, guided.ndim))
+    scaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12))
+    return amount * scaled + (1 - amount) * guided
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -363,6 +392,8 @@ def _sampling_header(config: SamplingConfig) -> dict:
     header = {k: v for k, v in asdict(config).items() if k in keep}
     if config.mixed_precision != "no":  # full precision keeps the header of sets written before this field
         header["mixed_precision"] = config.mixed_precision
+    if config.guidance_rescale:  # so does no rescale
+        header["guidance_rescale"] = config.guidance_rescale
     return header
 
 
@@ -401,6 +432,7 @@ def generate_set(
         raise InputError("set_name", f"unknown set {set_name!r}; choose one of {sorted(SETS)}")
     if count < 1:
         raise InputError("count", "at least one image")
+    check_guidance_rescale(config.guidance_rescale)
     device, precision = _runtime(config)
     ldm = _model(model, device)
     ldm.check_domain(domain)
@@ -463,6 +495,7 @@ def _sample_batch(
         sides,
         start_index=start_index,
         mixed_precision=precision,
+        guidance_rescale=config.guidance_rescale,
     )
     with torch.no_grad():
         images = to_uint8(ldm.codec.decode(latents))

@@ -151,3 +151,38 @@ def test_bad_inputs(world, tmp_path):
         generate_set(ldm, tmp_path / "y", "target_cars", "kit_munich_aerial", 3, config=FAST)
     with pytest.raises(InputError, match="strength"):
         translate_split(ldm, world["source"], tmp_path / "z", "kit_munich_aerial", config=TranslationConfig(strength=0))
+
+
+def test_guidance_rescale_pulls_the_guided_spread_back_and_is_recorded(world, tmp_path):
+    from aerosynth.generation.sampling import rescale_guided
+
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.randn(3, 4, 8, 8, generator=gen)
+    guided = 3.0 * cond + torch.randn(3, 4, 8, 8, generator=gen)
+    full = rescale_guided(guided, cond, 1.0)
+    np.testing.assert_allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-5)
+    assert torch.equal(rescale_guided(guided, cond, 0.0), guided)
+    # per image: an image's rescaled prediction does not depend on the others in the batch
+    assert torch.allclose(rescale_guided(guided[:1], cond[:1], 0.7), rescale_guided(guided, cond, 0.7)[:1])
+    cfg = SamplingConfig(**{**FAST.__dict__, "guidance_scale": 4.0, "guidance_rescale": 0.7})
+    a = generate_set(world["model"], tmp_path / "a", "target_cars", "kit_munich_aerial", 2, config=cfg)
+    plain = generate_set(
+        world["model"],
+        tmp_path / "b",
+        "target_cars",
+        "kit_munich_aerial",
+        2,
+        config=SamplingConfig(**{**FAST.__dict__, "guidance_scale": 4.0}),
+    )
+    assert json.loads((a / "synthetic.json").read_text())["sampling"]["guidance_rescale"] == 0.7
+    assert "guidance_rescale" not in json.loads((plain / "synthetic.json").read_text())["sampling"]
+    assert (a / "images/000000.png").read_bytes() != (plain / "images/000000.png").read_bytes()
+    with pytest.raises(InputError, match="guidance_rescale"):
+        generate_set(
+            world["model"],
+            tmp_path / "c",
+            "target_cars",
+            "kit_munich_aerial",
+            1,
+            config=SamplingConfig(**{**FAST.__dict__, "guidance_rescale": 1.5}),
+        )
