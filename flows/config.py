@@ -59,10 +59,10 @@ class StageSettings(Strict):
     box_loss: Literal["l1", "bce"] = "l1"
     box_max_timestep: float = Field(1.0, gt=0, le=1)
     lambda_empty: float = Field(0.0, ge=0)  # stage A: cars attention off tiles flagged empty (flags only)
-    timestep_sampling: Literal["uniform", "high"] = "uniform"
+    timestep_sampling: Literal["uniform", "high"] = "high"
     # new models only (stage A from a preset): what the UNet predicts, and a schedule ending in pure noise
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    zero_terminal_snr: bool = False
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    zero_terminal_snr: bool = True
     lambda_present: float = Field(0.0, ge=0)  # flagged tiles without boxes: strongest cars attention pulled up
     cond_dropout: float = Field(0.1, ge=0, lt=1)
     train_text: Literal["none", "embeddings", "encoder"] = "embeddings"
@@ -262,7 +262,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "model": "cpu",
             "autoencoder_dir": "../shared/weights/taef2",
             "stage0": {"steps": 0},
-            "stage_a": {"steps": 300, "batch_size": 8, "learning_rate": 2e-4, "checkpoint_every": 50},
+            # the box_ldm.py stageA-v recipe (v-prediction, zero terminal SNR, high-noise timesteps: defaults)
+            "stage_a": {"steps": 1800, "batch_size": 8, "learning_rate": 2e-4, "checkpoint_every": 50},
             "stage_b": {"steps": 150, "batch_size": 8, "learning_rate": 1e-4, "checkpoint_every": 50},
             "stage_c": {"steps": 100, "batch_size": 8, "learning_rate": 1e-4, "checkpoint_every": 50},
             "sampling": {"steps": 10, "guidance_scale": 4.0, "batch_size": 16, "shard_size": 64},

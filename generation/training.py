@@ -167,7 +167,9 @@ class StageConfig:
             ``v_prediction``, ``min_snr_gamma`` weights the clean-latent error by ``min(snr + 1, gamma)``
             (1 at pure noise, where noise prediction gives it weight ``snr``, nearly 0). A loaded model
             keeps its own.
-        zero_terminal_snr: a new model's schedule ends in pure noise (needs ``v_prediction``).
+        zero_terminal_snr: a new model's schedule ends in pure noise (needs ``v_prediction``). With
+            ``high`` timestep sampling, these are the defaults: on the ``cpu`` model they took the one-step
+            denoising error at t = 0.9 from 7.8 to 0.90 and source-val heat-map AP50 from 0.765 to 0.811.
         cond_dropout: share of tiles trained with the empty prompt (classifier-free guidance's branch).
         train_text: stage A also trains the text encoder's ``embeddings`` or the whole ``encoder``
             (``none``: frozen, as before); its learning rate is ``token_learning_rate``.
@@ -203,9 +205,9 @@ class StageConfig:
     box_max_timestep: float = 1.0
     lambda_empty: float = 0.0
     lambda_present: float = 0.0
-    timestep_sampling: str = "uniform"
-    prediction_type: str = "epsilon"
-    zero_terminal_snr: bool = False
+    timestep_sampling: str = "high"
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
     cond_dropout: float = 0.1
     train_text: str = "embeddings"
     init_model: Path | None = None
