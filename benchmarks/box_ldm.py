@@ -164,6 +164,78 @@ def quality(name: str, limit: int | None, suffix: str = "") -> dict:
     return doc
 
 
+def errors(name: str, noise: float) -> dict:
+    """Where the chosen readout's boxes go wrong on real tiles (a diagnostic through the evaluation API).
+
+    Every box of the readout chosen on source-val at ``noise`` is a true positive, on an ignore region, a
+    false positive on a tile without vehicles, or a false positive on a tile with vehicles whose best IoU
+    with a true box is 0.1-0.5 (``near``: a merged, split or shifted box) or below 0.1 (``far``); with the
+    median confidence of each kind, and the AP50 on the tiles with vehicles alone (what a perfect tile
+    gate would leave).
+    """
+    import numpy as np
+
+    from aerosynth.annotation.map_quality import MapReadout, score_boxes
+    from aerosynth.annotation.metrics import match_image
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.detections import box_iou
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.generation.models import load_ldm
+    from aerosynth.generation.real_maps import cars_map_function
+
+    path = RESULTS / f"box_ldm_{name}.json"
+    doc = json.loads(path.read_text())
+    readout = MapReadout.from_dict(doc["readout"][f"{noise:g}"]["chosen"])
+    ldm = load_ldm(WORK / name / "model")
+    out = doc.setdefault("errors", {})
+    for label, target, split_name, domain in (
+        ("source-val", "kit", "source-val", "madison_drone"),
+        ("target-test-kit", "kit", "target-test", "kit_munich_aerial"),
+        ("target-test-minsk", "minsk", "target-test", "minsk_drone"),
+    ):
+        split = open_evaluation_split(TILES[target], split_name)
+        fn = cars_map_function(ldm, domain, noise, seed=0)
+        maps = [fn(split.image(t.tile_id)) for t in split.tiles]
+        preds = readout.boxes(maps, split.info.gsd, (split.info.tile_size, split.info.tile_size))
+        gts = [split.labels(t.tile_id) for t in split.tiles]
+        ignores = [split.ignore_regions(t.tile_id) for t in split.tiles]
+        kinds: dict[str, list[float]] = {k: [] for k in ("tp", "ignored", "fp_empty_tile", "fp_near", "fp_far")}
+        for pred, gt, ign in zip(preds, gts, ignores, strict=True):
+            if not len(pred):
+                continue
+            tp, ignored = match_image(pred, gt, ign)
+            best = box_iou(pred.xyxy, gt.xyxy).max(axis=1) if len(gt) else np.zeros(len(pred))
+            for k, conf in enumerate(pred.confidence):
+                kind = (
+                    "tp"
+                    if tp[k]
+                    else "ignored"
+                    if ignored[k]
+                    else "fp_empty_tile"
+                    if not len(gt)
+                    else "fp_near"
+                    if best[k] >= 0.1
+                    else "fp_far"
+                )
+                kinds[kind].append(float(conf))
+        with_vehicles = [i for i, g in enumerate(gts) if len(g)]
+        flagged = score_boxes(
+            [preds[i] for i in with_vehicles], [gts[i] for i in with_vehicles], [ignores[i] for i in with_vehicles]
+        )
+        out[f"{label}@{noise:g}"] = {
+            "boxes": {k: len(v) for k, v in kinds.items()},
+            "median_confidence": {k: round(float(np.median(v)), 3) if v else None for k, v in kinds.items()},
+            "true_boxes": int(sum(len(g) for g in gts)),
+            "tiles": len(gts),
+            "tiles_with_vehicles": len(with_vehicles),
+            "ap50_all_tiles": score_boxes(preds, gts, ignores)["ap50"],
+            "ap50_tiles_with_vehicles": flagged["ap50"],
+        }
+        print(name, label, json.dumps(out[f"{label}@{noise:g}"]), flush=True)
+    atomic_write_json(path, doc)
+    return out
+
+
 def flags(name: str, limit: int, noise: float) -> dict:
     """Label-free checks of the "cars" maps on target-train: flag AUC of each tile's map peak, box sizes.
 
@@ -356,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--limit", type=int, default=300)
     f.add_argument("--noise", type=float, default=0.1)
     f.add_argument("--threads", type=int, default=1)
+    er = sub.add_parser("errors", help="where the chosen readout's boxes go wrong (diagnostic)")
+    er.add_argument("--name", default="stageA")
+    er.add_argument("--noise", type=float, default=0.3)
+    er.add_argument("--threads", type=int, default=1)
     sa = sub.add_parser("samples")
     sa.add_argument("--name", default="stageA")
     sa.add_argument("--count", type=int, default=64)
@@ -386,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         denoise(args.name)
     elif args.cmd == "table":
         print(table())
+    elif args.cmd == "errors":
+        errors(args.name, args.noise)
     elif args.cmd == "flags":
         flags(args.name, args.limit, args.noise)
     elif args.cmd == "quality":
