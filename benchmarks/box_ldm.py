@@ -108,7 +108,11 @@ def quality(name: str, limit: int | None, suffix: str = "") -> dict:
     model_dir = WORK / name / "model"
     ldm = load_ldm(model_dir)
     stage = json.loads((WORK / name / "stage.json").read_text())
-    doc: dict = {"model": str(model_dir.relative_to(REPO)), "stage": stage, "map_quality": {}, "readout": {}}
+    path = RESULTS / f"box_ldm_{name}{suffix}.json"
+    # the other commands' entries (denoise, flags, errors) are kept; this command's are replaced
+    doc: dict = json.loads(path.read_text()) if path.is_file() else {}
+    doc.update({"model": str(model_dir.relative_to(REPO)), "stage": stage, "map_quality": {}, "readout": {}})
+    doc.pop("errors", None)  # they read the readout chosen here
     val = open_evaluation_split(TILES["kit"], "source-val")
     targets = {
         "target-test-kit": (open_evaluation_split(TILES["kit"], "target-test"), "kit_munich_aerial"),
@@ -160,7 +164,7 @@ def quality(name: str, limit: int | None, suffix: str = "") -> dict:
         "target-test figures are a diagnostic (evaluation API); the readout is chosen on source-val only "
         "and applied unchanged to target-test"
     )
-    atomic_write_json(RESULTS / f"box_ldm_{name}{suffix}.json", doc)
+    atomic_write_json(path, doc)
     return doc
 
 
