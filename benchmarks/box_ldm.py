@@ -51,10 +51,17 @@ def train(
     timestep_sampling: str = "uniform",
     prediction_type: str = "epsilon",
     zero_terminal_snr: bool = False,
+    stage: str = "A",
+    init: str | None = None,
 ) -> Path:
-    from aerosynth.generation.training import StageAConfig, train_stage
+    """Stage A of a new ``cpu`` model, or stage B / C from the model folder of ``init`` (another name)."""
+    from aerosynth.generation.training import StageAConfig, StageBConfig, StageCConfig, train_stage
 
-    cfg = StageAConfig(
+    if stage != "A" and init is None:
+        raise SystemExit(f"stage {stage} starts from another model: give --init NAME")
+    config_class = {"A": StageAConfig, "B": StageBConfig, "C": StageCConfig}[stage]
+    cfg = config_class(
+        init_model=WORK / init / "model" if init else None,
         preset="cpu",
         steps=steps,
         batch_size=8,
@@ -86,7 +93,7 @@ def train(
                 flush=True,
             )
 
-    model = train_stage("A", cfg, splits, WORK / name, on_step=on_step)
+    model = train_stage(stage, cfg, splits, WORK / name, on_step=on_step)
     print(f"trained in {time.perf_counter() - started:.0f} s (this invocation)", flush=True)
     return model
 
@@ -416,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--timestep-sampling", default="uniform", choices=["uniform", "high"])
     t.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     t.add_argument("--zero-terminal-snr", action="store_true")
+    t.add_argument("--stage", default="A", choices=["A", "B", "C"])
+    t.add_argument("--init", help="stage B / C: the name of the model to start from")
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
@@ -461,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             args.timestep_sampling,
             args.prediction_type,
             args.zero_terminal_snr,
+            args.stage,
+            args.init,
         )
     elif args.cmd == "denoise":
         denoise(args.name)

@@ -543,11 +543,13 @@ def translate_split(
         The ``translation`` set folder (``labels/`` included; manifests list the source tiles).
 
     Raises:
-        InputError: a weak split (no boxes), unknown domain/token/scheduler, bad strength or size.
+        InputError: a weak split (no boxes), unknown domain/token/scheduler, bad strength, guidance
+            rescale or size.
     """
     config = config or TranslationConfig()
     if not 0 < config.strength <= 1:
         raise InputError("strength", f"{config.strength} is not in (0, 1]")
+    check_guidance_rescale(config.guidance_rescale)
     split = open_split(Path(source_split))
     if not isinstance(split, LabelledTileSplit):
         raise InputError(source_split, "translation needs a labelled source split (this one is weak)")

@@ -178,6 +178,14 @@ def test_guidance_rescale_pulls_the_guided_spread_back_and_is_recorded(world, tm
     assert "guidance_rescale" not in json.loads((plain / "synthetic.json").read_text())["sampling"]
     assert (a / "images/000000.png").read_bytes() != (plain / "images/000000.png").read_bytes()
     with pytest.raises(InputError, match="guidance_rescale"):
+        translate_split(
+            world["model"],
+            world["source"],
+            tmp_path / "t",
+            "kit_munich_aerial",
+            config=TranslationConfig(guidance_rescale=-0.1),
+        )
+    with pytest.raises(InputError, match="guidance_rescale"):
         generate_set(
             world["model"],
             tmp_path / "c",
