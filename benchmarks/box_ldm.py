@@ -8,14 +8,17 @@ only split settings may be chosen on) and, as a diagnostic through the evaluatio
 Minsk target-test tiles, at noise 0.1, 0.3 and 0.5.
 
     python benchmarks/box_ldm.py train --steps 1800 [--box-loss l1|bce] [--name stageA]
+        [--timestep-sampling high] [--prediction-type v_prediction --zero-terminal-snr]
+        [--stage B|C --init NAME]
     python benchmarks/box_ldm.py quality [--name stageA]
     python benchmarks/box_ldm.py samples [--name stageA] [--count 64]   # grids + two-sample test
     python benchmarks/box_ldm.py flags [--name stageA]   # weak-flag check of the maps on target-train
     python benchmarks/box_ldm.py denoise [--name stageA] # one-step denoising error per level, held-out tiles
+    python benchmarks/box_ldm.py errors [--name stageA] [--noise 0.3]   # where the chosen readout errs
     python benchmarks/box_ldm.py table                   # markdown table of every model's figures
 
 Resumable: training checkpoints every 50 steps; a rerun continues. Results:
-``benchmarks/results/box_ldm_<name>.json`` (training record and map quality).
+``benchmarks/results/box_ldm_<name>.json`` (training record, map quality, and each command's entry).
 """
 
 from __future__ import annotations
