@@ -236,15 +236,15 @@ def test_new_models_predict_velocity_on_a_zero_terminal_snr_schedule_and_keep_it
     # the velocity target and the clean latent it implies invert each other at every level
     x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([0, 300, 700, 998])
-    v = schedule.get_velocity(x0, eps, t)
-    assert torch.allclose(predicted_clean(schedule, schedule.add_noise(x0, eps, t), v, t), x0, atol=1e-4)
+    velocity = schedule.get_velocity(x0, eps, t)
+    assert torch.allclose(predicted_clean(schedule, schedule.add_noise(x0, eps, t), velocity, t), x0, atol=1e-4)
     # min-SNR keeps full weight at pure noise for velocity, and caps low noise as for noise prediction
     snr = torch.tensor([0.0, 1.0, 100.0])
     assert torch.allclose(snr_weight(snr, 5.0, velocity=True), torch.tensor([1.0, 1.0, 5.0 / 101]))
     assert torch.allclose(snr_weight(snr[1:], 5.0, velocity=False), torch.tensor([1.0, 0.05]))
     record = json.loads((tmp_path / "v" / "stage.json").read_text())
     assert record["config"]["prediction_type"] == "v_prediction" and record["config"]["zero_terminal_snr"]
-    assert all(np.isfinite(v) for v in record["metrics"]["denoising_error"].values())
+    assert all(np.isfinite(e) for e in record["metrics"]["denoising_error"].values())
     scheduler = make_scheduler(ldm, "ddim")
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.timestep_spacing == "trailing"
     with pytest.raises(InputError, match="pndm"):
