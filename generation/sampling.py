@@ -34,6 +34,7 @@ duplicate), and different processes may run different shards of one set.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -135,8 +136,12 @@ def make_scheduler(ldm: LDM, name: str):
     if name not in SCHEDULERS:
         raise InputError("scheduler", f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     cfg = noise_schedule(ldm)
-    if cfg.get("rescale_betas_zero_snr") and name == "pndm":
-        raise InputError("scheduler", "pndm has no zero-terminal-SNR schedule; choose ddim, dpm or euler")
+    if (
+        cfg.get("rescale_betas_zero_snr")
+        and "rescale_betas_zero_snr" not in inspect.signature(SCHEDULERS[name]).parameters
+    ):
+        able = sorted(n for n, c in SCHEDULERS.items() if "rescale_betas_zero_snr" in inspect.signature(c).parameters)
+        raise InputError("scheduler", f"{name} has no zero-terminal-SNR schedule; choose {', '.join(able)}")
     extra: dict = {}
     if name == "ddim":
         extra = {"clip_sample": False, "set_alpha_to_one": False}

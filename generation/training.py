@@ -917,6 +917,7 @@ def _diffusion_stage(
 
     num_t = schedule.config.num_train_timesteps
     capture = learned or use_box or use_present
+    velocity = schedule.config.prediction_type == "v_prediction"
 
     def micro_step(idx: list[int]) -> dict[str, torch.Tensor]:
         # noise, timesteps and dropout come from the CPU generator for the whole (global) batch, then move
@@ -970,7 +971,6 @@ def _diffusion_stage(
                     with capturing(unet, v_store):
                         unet_forward(noisy[sel], t[sel], v_cond, return_dict=False)
                 l_empty = empty_attention_loss(v_store)
-        velocity = ldm.spec.prediction_type == "v_prediction"
         target = schedule.get_velocity(x0, eps, t) if velocity else eps
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
@@ -1134,7 +1134,7 @@ def denoising_error(
 ) -> dict:
     """Relative error of the one-step clean-latent prediction per noise level: where the model is weak.
 
-    ``mean (x0_hat - x0)^2 / var(x0)``, with ``x0_hat`` recovered from the predicted noise (the tiles and
+    ``mean (x0_hat - x0)^2 / var(x0)``, with ``x0_hat`` recovered from the UNet's output (the tiles and
     seeded noise of :func:`conditioning_gap`, training prompts). 0 is a perfect one-step denoiser; about 1
     is no better than the mean latent. The noise-prediction error itself is smallest at high noise, where
     the noisy input is nearly the noise, so it would hide the regime text-to-image sampling starts in.
