@@ -171,6 +171,39 @@ def choose_readout(
     return chosen, report
 
 
+def choose_map_source(
+    split: LabelledTileSplit,
+    sources: Mapping[str, MapFunction],
+    candidates: Sequence[MapReadout] | None = None,
+    limit: int | None = None,
+) -> tuple[str, MapReadout, dict]:
+    """The map source (e.g. a model and a noise level) and readout with the best AP50 on a *source* split.
+
+    Each source's readout is chosen by :func:`choose_readout` on the same labelled source tiles; the
+    source whose chosen readout scores best wins (ties go to the earlier source, so list the cheaper or
+    simpler one first). Target splits are refused, as there.
+
+    Args:
+        split: a labelled source split (source-val).
+        sources: name -> map function, in order of preference.
+        candidates: readouts to try per source (default :func:`readout_candidates`).
+        limit: use only the first ``limit`` tiles.
+
+    Returns:
+        ``(name, readout, report)``; the report holds every source's chosen readout and its AP50.
+    """
+    if not sources:
+        raise InputError("sources", "no map source to choose from")
+    tried: dict[str, dict] = {}
+    readouts: dict[str, MapReadout] = {}
+    for name, fn in sources.items():
+        readouts[name], report = choose_readout(split, fn, candidates=candidates, limit=limit)
+        tried[name] = report["chosen"]
+    best = max(range(len(tried)), key=lambda i: (round(list(tried.values())[i]["ap50"], 6), -i))
+    name = list(tried)[best]
+    return name, readouts[name], {"split": split.info.name, "chosen": name, "sources": tried}
+
+
 def _as_map(values: np.ndarray) -> np.ndarray:
     """A map as a finite ``(H, W)`` float array (a leading axis of 1 is dropped)."""
     a = np.asarray(values, dtype=np.float64)

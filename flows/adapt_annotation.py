@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from aerosynth.data.atomic import atomic_write_json
@@ -82,27 +83,41 @@ def label_real_target(
 
     Returns ``{"real-<method>": labelled folder}``; a method whose proposer is missing is skipped.
     """
+    from aerosynth.flows.adapt_generation import stage_models
+
     r = config.annotation.real_target
     out: dict[str, Path] = {}
     for method in r.methods:
-        proposer = source_only if method == "self-training" else model
-        if proposer is None:
-            continue
-        # the proposer's stage folder: the source-only detector's, or the LDM's (model/ inside its stage)
-        stage = proposer if method == "self-training" else proposer.parent
-        upstream = {"tiles": tiles, ("source_only" if method == "self-training" else "model"): stage}
-        key = {"method": method, "noise_fraction": r.noise_fraction, "heatmap_options": r.heatmap_options}
-        if method == "heatmap" and not r.heatmap_options:
-            key["readout"] = "chosen on source-val"
+        if method == "self-training":
+            if source_only is None:
+                continue
+            proposer: Path | list[Path] = source_only / "train" / "detector.pt"
+            upstream = {"tiles": tiles, "source_only": source_only}
+            key: dict = {"method": method}
+        else:
+            if model is None:
+                continue
+            # the candidate models: every trained stage (chosen on source-val), or the last one
+            proposer = stage_models(config, work, model) if r.heatmap_models == "chosen" else [model]
+            # each model's stage folder (model/ inside it)
+            upstream = {"tiles": tiles, **{f"model{i}": m.parent for i, m in enumerate(proposer)}}
+            key = {
+                "method": method,
+                "noise_fraction": r.noise_levels(),
+                "heatmap_models": r.heatmap_models,
+                "heatmap_options": r.heatmap_options,
+            }
+            if not r.heatmap_options:
+                key["readout"] = "chosen on source-val"
 
-        def build(o: Path, method: str = method, proposer: Path = proposer, key: dict = key) -> None:
+        def build(o: Path, method: str = method, proposer: Path | list[Path] = proposer, key: dict = key) -> None:
             label_real_split(
                 method,
                 tiles / "target-train",
                 _val_split(tiles),
                 o / "dataset",
-                proposer / "train" / "detector.pt" if method == "self-training" else proposer,
-                r.noise_fraction,
+                proposer,
+                r.noise_levels(),
                 r.heatmap_options,
                 seed=config.seed,
                 device=config.device,
@@ -121,8 +136,8 @@ def label_real_split(
     target_train: Path,
     source_val: Path,
     out: Path,
-    proposer: Path,
-    noise_fraction: float = 0.3,
+    proposer: Path | Sequence[Path],
+    noise_fraction: float | Sequence[float] = 0.3,
     heatmap_options: dict | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -131,42 +146,62 @@ def label_real_split(
     """Label a weak target split with one proposer: F_S's detections or the LDM's heat-map boxes.
 
     Args:
-        method: ``self-training`` (``proposer`` is a detector ``.pt``) or ``heatmap`` (a model folder).
+        method: ``self-training`` (``proposer`` is a detector ``.pt``) or ``heatmap`` (model folders).
         target_train: the weak split to label.
         source_val: the labelled source split the proposer's threshold is chosen on.
         out: the labelled folder written (see :func:`aerosynth.annotation.real_target.label_real_tiles`).
-        noise_fraction: noise level of the single UNet pass (``heatmap``).
+        proposer: the detector (``self-training``), or one or more LDM model folders (``heatmap``).
+        noise_fraction: noise level(s) of the single UNet pass (``heatmap``).
         heatmap_options: :class:`~aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields (``heatmap``, on
             min-max normalised maps); empty or ``None``: the readout is chosen on ``source_val``
             (:func:`aerosynth.annotation.map_quality.choose_readout`).
         seed: seed of the heat-map noise.
         device: inference device of the detector.
         provenance: recorded in ``summary.json`` beside the proposer's scores on ``source_val``.
+
+    With several models or noise levels, the pair (and the readout) with the best AP50 of heat-map boxes
+    on ``source_val`` labels the split (:func:`~aerosynth.annotation.map_quality.choose_map_source`); every
+    pair's figure is recorded under ``map_sources``.
     """
     from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
-    from aerosynth.annotation.map_quality import MapReadout, choose_readout, memoised
+    from aerosynth.annotation.map_quality import MapReadout, choose_map_source, memoised
     from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
     from aerosynth.data.tileset import open_split
 
     train, val = open_split(target_train), open_split(source_val)
+    extra: dict = {}
     if method == "self-training":
         from aerosynth.detection.prediction import predict_split
 
-        threshold, scores = source_threshold(predict_split(proposer, val, device=device), val)
-        proposals = predict_split(proposer, train, device=device)
+        threshold, scores = source_threshold(predict_split(Path(proposer), val, device=device), val)
+        proposals = predict_split(Path(proposer), train, device=device)
     else:
         from aerosynth.generation.models import load_ldm
         from aerosynth.generation.real_maps import cars_map_function
 
-        ldm = load_ldm(proposer)
-        val_maps = memoised(cars_map_function(ldm, val.info.domain, noise_fraction, seed=seed))
-        if heatmap_options:
-            readout = MapReadout("minmax", HeatmapBoxConfig(**heatmap_options).validate())
-        else:  # the readout with the best AP50 on source-val
-            readout, _ = choose_readout(val, val_maps)
+        models = [Path(proposer)] if isinstance(proposer, (str, Path)) else [Path(p) for p in proposer]
+        levels = [float(noise_fraction)] if isinstance(noise_fraction, (int, float)) else list(noise_fraction)
+        if not models or not levels:
+            raise InputError("proposer", "no model or noise level to read heat maps from")
+        sources, pairs = {}, {}
+        for model_dir in models:
+            ldm = load_ldm(model_dir)
+            cache: dict = {}  # each source-val tile encoded once per model
+            for level in levels:
+                name = f"{model_dir.parent.name}@{level:g}" if len(models) > 1 else f"{level:g}"
+                sources[name] = memoised(cars_map_function(ldm, val.info.domain, level, seed=seed, encode_cache=cache))
+                pairs[name] = (ldm, model_dir, level)
+        candidates = [MapReadout("minmax", HeatmapBoxConfig(**heatmap_options).validate())] if heatmap_options else None
+        name, readout, report = choose_map_source(val, sources, candidates=candidates)
+        ldm, model_dir, level = pairs[name]
+        val_maps = sources[name]
         threshold, scores = source_threshold(heatmap_proposals(val, val_maps, readout.config, readout.normalise), val)
         scores = {**scores, "readout": readout.to_dict()}
-        train_maps = cars_map_function(ldm, train.info.domain, noise_fraction, seed=seed)
+        extra = {
+            "chosen": {"model": str(model_dir), "noise_fraction": level},
+            "map_sources": {k: round(v["ap50"], 4) for k, v in report["sources"].items()},
+        }
+        train_maps = cars_map_function(ldm, train.info.domain, level, seed=seed)
         proposals = heatmap_proposals(train, train_maps, readout.config, readout.normalise)
     return label_real_tiles(
         target_train,
@@ -174,7 +209,7 @@ def label_real_split(
         threshold,
         out,
         "detector" if method == "self-training" else "heatmap",
-        provenance={"source_val_at_threshold": scores, **(provenance or {})},
+        provenance={"source_val_at_threshold": scores, **(provenance or {}), **extra},
     )
 
 

@@ -89,6 +89,20 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     return previous
 
 
+def stage_models(config: AdaptConfig, work: Path, last: Path) -> list[Path]:
+    """The model folders of the LDM stages this config trains (A, B, C in order), ending with ``last``.
+
+    ``last`` is what :func:`train_ldm` returned; an imported model (no stage trained here) is the only one.
+    """
+    g = config.generation
+    trained = [
+        work / "ldm" / f"stage{stage}" / "model"
+        for stage, s in (("A", g.stage_a), ("B", g.stage_b), ("C", g.stage_c))
+        if s.steps > 0
+    ]
+    return trained if trained and trained[-1] == last else [last]
+
+
 def _import_model(work: Path, model: Path) -> Path:
     """Copy a model trained elsewhere (``generation.init_model``, all stage steps 0) into ``ldm/imported``."""
     import shutil

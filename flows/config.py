@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,6 +48,8 @@ class StageSettings(Strict):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    # None: stages A and C train the UNet, stage B learns its tokens only (training the UNet there cost the maps)
+    train_unet: bool | None = None
     token_learning_rate: float = Field(5e-3, gt=0)
     lora_rank: int = Field(0, ge=0)
     ema_decay: float | None = None
@@ -133,19 +135,31 @@ class RelaySettings(Strict):
     reuse_source_only: bool = True
 
 
+#: A noise level of one UNet pass over a real tile, as a fraction of the training schedule.
+NoiseFraction = Annotated[float, Field(gt=0, le=1)]
+
+
 class RealTargetSettings(Strict):
     """The real target-train tiles labelled without target boxes (``aerosynth.annotation.real_target``).
 
     ``self-training``: F_S (the source-only detector) proposes boxes; ``heatmap``: the LDM's "cars" map of
-    the real tile (one UNet pass at ``noise_fraction``), read by the readout with the best AP50 on real
-    source-val unless ``heatmap_options`` fixes one. Tiles flagged empty get none; the threshold is the
-    proposer's F1-optimal confidence on real source-val. Each becomes a variant trained with real source.
+    the real tile (one UNet pass at a noise level), read by the readout with the best AP50 on real
+    source-val unless ``heatmap_options`` fixes one. With ``heatmap_models: chosen`` the model (each
+    trained LDM stage: A, B, C) and the noise level (a list in ``noise_fraction``) are chosen with it, on
+    real source-val only; ``last`` reads the last stage's model. Tiles flagged empty get none; the
+    threshold is the proposer's F1-optimal confidence on real source-val. Each becomes a variant trained
+    with real source.
     """
 
     enabled: bool = True
     methods: list[Literal["self-training", "heatmap"]] = ["self-training", "heatmap"]
-    noise_fraction: float = Field(0.3, gt=0, le=1)
+    noise_fraction: NoiseFraction | Annotated[list[NoiseFraction], Field(min_length=1)] = [0.1, 0.3, 0.5]
+    heatmap_models: Literal["chosen", "last"] = "chosen"
     heatmap_options: dict[str, Any] = {}
+
+    def noise_levels(self) -> list[float]:
+        """The candidate noise levels, as a list."""
+        return [self.noise_fraction] if isinstance(self.noise_fraction, float) else list(self.noise_fraction)
 
 
 class AnnotationSettings(Strict):

@@ -145,6 +145,10 @@ class StageConfig:
         batch_size: tiles per micro-batch.
         grad_accum: micro-batches per optimizer step.
         learning_rate: UNet (or autoencoder) learning rate.
+        train_unet: whether the stage trains the UNet (or its LoRA adapters). ``None``: stages A and C
+            do, stage B does not (it learns the tokens only): on the ``cpu`` model, 600 stage-B steps that
+            also trained the UNet at 1e-4 took source-val heat-map AP50 from 0.811 to 0.658 and KIT
+            target-test from 0.724 to 0.369; tokens only gave 0.817 and 0.751.
         token_learning_rate: learned-token learning rate (stage B).
         weight_decay: AdamW weight decay of the UNet.
         min_snr_gamma: min-SNR loss weighting ``min(snr, gamma) / snr``; ``None`` switches it off.
@@ -191,6 +195,7 @@ class StageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 1e-4
+    train_unet: bool | None = None
     token_learning_rate: float = 5e-3
     weight_decay: float = 1e-2
     min_snr_gamma: float | None = 5.0
@@ -846,8 +851,13 @@ def _diffusion_stage(
         vehicle_pos = {d: token_positions(vehicle_ids[d], [cars_id, v1_id, bg_ids[d]]) for d in split_domains}
 
     unet, text_encoder = ldm.unet, ldm.text_encoder
-    lora = config.lora_rank > 0
-    if lora:
+    train_unet = config.train_unet if config.train_unet is not None else stage != "B"
+    if not train_unet and stage != "B":
+        raise InputError("train_unet", f"stage {stage} trains the UNet (only stage B can learn its tokens alone)")
+    lora = config.lora_rank > 0 and train_unet
+    if not train_unet:
+        unet.requires_grad_(False)
+    elif lora:
         from peft import LoraConfig
 
         # the adapters' random init comes from the config's seed, not from whatever the process drew before
@@ -872,7 +882,11 @@ def _diffusion_stage(
     text_encoder.to(device)
     positions = positions.to(device)
     trainable = {f"unet.{n_}": p for n_, p in unet.named_parameters() if p.requires_grad}
-    groups_opt = [{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": config.weight_decay}]
+    groups_opt = (
+        [{"params": list(trainable.values()), "lr": config.learning_rate, "weight_decay": config.weight_decay}]
+        if trainable
+        else []
+    )
     embedding = text_encoder.get_input_embeddings().weight
     train_tokens = stage == "B"
     text_params: dict[str, torch.nn.Parameter] = {}
@@ -897,7 +911,10 @@ def _diffusion_stage(
         trainable["text_encoder.token_embedding"] = embedding
         groups_opt.append({"params": [embedding], "lr": config.token_learning_rate, "weight_decay": 0.0})
     optimizer = _adamw(groups_opt, device)
-    unet_forward, optimizer = runtime.prepare(unet, optimizer)
+    if train_unet:
+        unet_forward, optimizer = runtime.prepare(unet, optimizer)
+    else:  # nothing of the UNet to synchronise: the token rows are averaged over processes (sync_params)
+        unet_forward = unet
 
     schedule = DDPMScheduler(**noise_schedule(ldm))
     alphas = schedule.alphas_cumprod.to(device)
@@ -1007,7 +1024,7 @@ def _diffusion_stage(
         micro_step,
         after_step,
         runtime=runtime,
-        ddp_model=unet_forward if runtime.distributed else None,
+        ddp_model=unet_forward if runtime.distributed and train_unet else None,
         sync_params=[embedding] if train_tokens else [],
     )
     ema = _optimise(job, resume, on_step)

@@ -77,6 +77,16 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
         assert "source_val_at_threshold" in summary["provenance"]
         empty = [t["tile_id"] for t in flags["tiles"] if not t["has_vehicle"]]
         assert all((dataset / "labels" / f"{tid}.txt").read_text() == "" for tid in empty)
+    # the heat maps come from the stage model and noise level with the best boxes on real source-val
+    provenance = json.loads((work / "annotation" / "real-heatmap" / "dataset" / "summary.json").read_text())[
+        "provenance"
+    ]
+    sources = provenance["map_sources"]
+    assert set(sources) == {f"stage{s}@{n}" for s in "ABC" for n in (0.1, 0.3, 0.5)}
+    chosen = provenance["chosen"]
+    winner = f"{Path(chosen['model']).parent.name}@{chosen['noise_fraction']:g}"
+    # the first of the best pairs, in the order stage A, B, C and noise 0.1, 0.3, 0.5
+    assert winner == next(k for k, v in sources.items() if v == max(sources.values()))
 
 
 def test_rerun_skips_finished_stages(tiny_run):

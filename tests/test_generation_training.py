@@ -71,7 +71,7 @@ def test_stage_a_loss_is_finite_and_lower_at_the_end(stage_a):
     assert all(float(r["loss_obj"]) == 0 for r in rows)
 
 
-def test_stage_b_moves_tokens_and_stage_c_does_not(stage_a, splits, tmp_path):
+def test_stage_b_moves_tokens_only_and_stage_c_the_unet_only(stage_a, splits, tmp_path):
     before = _token_rows(stage_a)
     b = train_stage(
         "B", StageBConfig(steps=6, batch_size=4, init_model=stage_a, progress=False), splits, tmp_path / "b"
@@ -80,6 +80,17 @@ def test_stage_b_moves_tokens_and_stage_c_does_not(stage_a, splits, tmp_path):
     assert (after_b - before).norm(dim=1).min() > 0  # [V1] and both background tokens moved
     rows = _losses(tmp_path / "b")
     assert all(float(r["loss_obj"]) > 0 and float(r["loss_bg"]) > 0 for r in rows)
+    # by default stage B leaves stage A's UNet byte for byte; asked to, it trains it as well
+    assert (b / "unet.safetensors").read_bytes() == (stage_a / "unet.safetensors").read_bytes()
+    both = train_stage(
+        "B",
+        StageBConfig(steps=2, batch_size=4, init_model=stage_a, train_unet=True, progress=False),
+        splits,
+        tmp_path / "b-unet",
+    )
+    assert (both / "unet.safetensors").read_bytes() != (stage_a / "unet.safetensors").read_bytes()
+    with pytest.raises(InputError, match="train_unet"):
+        train_stage("C", StageCConfig(steps=2, init_model=b, train_unet=False, progress=False), splits, tmp_path / "x")
     c_cfg = StageCConfig(steps=4, batch_size=4, init_model=b, lora_rank=4, ema_decay=0.9, progress=False)
     c = train_stage("C", c_cfg, splits, tmp_path / "c")
     assert torch.equal(_token_rows(c), after_b)

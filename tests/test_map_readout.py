@@ -10,6 +10,7 @@ from aerosynth.annotation.fake_data import write_fake_split
 from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, boxes_from_heatmap
 from aerosynth.annotation.map_quality import (
     MapReadout,
+    choose_map_source,
     choose_readout,
     evaluate_map_quality,
     flag_auc,
@@ -94,6 +95,34 @@ def test_chosen_readout_beats_the_default_rule_on_calibrated_coarse_maps(tmp_pat
     assert max(c["ap50"] for c in report["candidates"]) == pytest.approx(chosen)
     # what a report holds is a readout again
     assert MapReadout.from_dict(report["chosen"]) == readout
+
+
+def test_the_map_source_is_the_one_whose_boxes_score_best_on_source_val(tmp_path) -> None:
+    """Models x noise levels: the sharper maps win, a blurred copy loses, ties go to the first listed."""
+    split = open_split(write_fake_split(tmp_path / "source-val", "madison_drone", 12, seed=2, weak=False, size=128))
+    truth = memoised(_truth_map(split))
+
+    def blurred(rgb: np.ndarray) -> np.ndarray:  # a model whose maps smear neighbouring vehicles together
+        return cv2.GaussianBlur(truth(rgb), (0, 0), 2.5)
+
+    def shuffled(rgb: np.ndarray) -> np.ndarray:  # maps that do not know where the vehicles are
+        return np.roll(truth(rgb), 8, axis=(0, 1))
+
+    sources = {"A@0.5": shuffled, "B@0.3": blurred, "C@0.1": truth, "C@0.3": truth}
+    name, readout, report = choose_map_source(split, sources)
+    scores = {k: v["ap50"] for k, v in report["sources"].items()}
+    assert name == "C@0.1" and scores["C@0.1"] == scores["C@0.3"]  # the tie goes to the earlier one
+    assert scores["C@0.1"] > scores["B@0.3"] > scores["A@0.5"]
+    assert scores["A@0.5"] < 0.1 < 0.8 < scores["C@0.1"]
+    # the readout returned is the winner's own, and scores what the report says
+    again = evaluate_map_quality(split, truth, config=readout.config, normalise=readout.normalise)
+    assert again["scores"]["ap50"] == pytest.approx(scores["C@0.1"])
+    # a fixed readout is scored as given, for every source
+    fixed = [MapReadout("minmax", HeatmapBoxConfig(threshold_mode="fixed", threshold=0.5))]
+    _, only, _ = choose_map_source(split, sources, candidates=fixed)
+    assert only == fixed[0]
+    with pytest.raises(InputError, match="no map source"):
+        choose_map_source(split, {})
 
 
 def test_readouts_are_chosen_on_source_tiles_only(tmp_path) -> None:
