@@ -130,7 +130,7 @@ def train(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "autoencoder_dir": Path(args.autoencoder_dir),
     }
-    lrs = {"A": args.lr_a, "B": args.lr_bc, "C": args.lr_bc}
+    lrs = {"A": args.lr_a, "B": args.lr_b, "C": args.lr_c}
     classes = {"A": StageAConfig, "B": StageBConfig, "C": StageCConfig}
 
     def config(stage: str, steps: int, init: Path | None):
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share-b", type=float, default=0.25)
     p.add_argument("--min-steps", type=int, default=10)
     p.add_argument("--lr-a", type=float, default=2e-4)
-    p.add_argument("--lr-bc", type=float, default=1e-4)
+    p.add_argument("--lr-b", type=float, default=1e-4, help="stage B (tokens only: the UNet stays frozen)")
+    p.add_argument("--lr-c", type=float, default=1e-5)
     p.add_argument("--ema-a", type=float, default=0.999)
     p = sub.add_parser("unpack", help="fp16 files back into a model folder (benchmarks/work/aerial-v1-gpu-ldm)")
     p.add_argument("files")

@@ -25,7 +25,8 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     runtime = {"device": config.device, "mixed_precision": config.mixed_precision}
 
     def settings(s) -> dict:
-        return {k: v for k, v in s.model_dump().items()}
+        # an unset learning rate leaves the stage's own default (StageXConfig)
+        return {k: v for k, v in s.model_dump().items() if not (k == "learning_rate" and v is None)}
 
     if g.stage0.steps > 0 and autoencoder is None and g.pretrained_dir is None:
         cfg0 = Stage0Config(**common, **settings(g.stage0), **runtime)

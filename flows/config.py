@@ -47,7 +47,8 @@ class StageSettings(Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
+    # None: the stage's own default (stage 0 1e-3, A and B 1e-4, C 1e-5: stage C at 1e-4 broke the target maps)
+    learning_rate: float | None = Field(None, gt=0)
     # None: stages A and C train the UNet, stage B learns its tokens only (training the UNet there cost the maps)
     train_unet: bool | None = None
     token_learning_rate: float = Field(5e-3, gt=0)
@@ -107,7 +108,7 @@ class GenerationSettings(Strict):
     image_size: int | None = Field(None, ge=64)
     init_model: Path | None = None
     autoencoder_dir: Path | None = None
-    stage0: StageSettings = StageSettings(steps=0, learning_rate=1e-3)
+    stage0: StageSettings = StageSettings(steps=0)
     stage_a: StageSettings = StageSettings()
     stage_b: StageSettings = StageSettings()
     stage_c: StageSettings = StageSettings()
@@ -278,8 +279,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "stage0": {"steps": 0},
             # the box_ldm.py stageA-v recipe (v-prediction, zero terminal SNR, high-noise timesteps: defaults)
             "stage_a": {"steps": 1800, "batch_size": 8, "learning_rate": 2e-4, "checkpoint_every": 50},
-            "stage_b": {"steps": 150, "batch_size": 8, "learning_rate": 1e-4, "checkpoint_every": 50},
-            "stage_c": {"steps": 100, "batch_size": 8, "learning_rate": 1e-4, "checkpoint_every": 50},
+            "stage_b": {"steps": 150, "batch_size": 8, "checkpoint_every": 50},  # tokens only
+            "stage_c": {"steps": 100, "batch_size": 8, "learning_rate": 1e-5, "checkpoint_every": 50},
             "sampling": {"steps": 10, "guidance_scale": 4.0, "batch_size": 16, "shard_size": 64},
             "counts": {"source_cars": 128, "target_cars": 256, "target_empty": 64},
             "translation": {"enabled": True, "strength": 0.5, "max_tiles": 512},

