@@ -27,6 +27,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from aerosynth.data.atomic import atomic_write_text
+from aerosynth.data.errors import InputError
 from aerosynth.flows.adapt_annotation import SKIPPED_FILE, annotate, label_real_target
 from aerosynth.flows.adapt_common import ORACLE, SOURCE_ONLY, split_domains
 from aerosynth.flows.adapt_detection import Variant, train_and_evaluate, variants
@@ -81,21 +82,39 @@ train_and_evaluate_task = _task(train_and_evaluate)
 report_task = _task(write_run_report)
 
 
+#: Steps after which ``until`` may stop the adapt flow (each one's output is kept; a later run resumes).
+UNTIL_STEPS = ("tiles", "ldm", "synthetic", "annotation")
+
+
 @flow(name="adapt", log_prints=True)
-def adapt_flow(config: dict) -> str:
-    """The whole adapt job; ``config`` is an :class:`AdaptConfig` document. Returns the report path."""
+def adapt_flow(config: dict, until: str | None = None) -> str:
+    """The whole adapt job; ``config`` is an :class:`AdaptConfig` document. Returns the report path.
+
+    With ``until`` (one of :data:`UNTIL_STEPS`) the flow stops after that step and returns its folder
+    (``tiles``, ``ldm/stage<last>/model``, ``synthetic``, ``annotation``).
+    """
+    if until is not None and until not in UNTIL_STEPS:
+        raise InputError("until", f"unknown step {until!r} (one of {', '.join(UNTIL_STEPS)})")
     cfg = build_config(config)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "config.yaml", dump_config(cfg))
     tiles = prepare_tiles_task(cfg, work)
+    if until == "tiles":
+        return str(tiles)
     model = train_ldm_task(cfg, work, tiles)
+    if until == "ldm":
+        return str(model)
     sets = synthesise(cfg, work, tiles, model)
+    if until == "synthetic":
+        return str(work / "synthetic")
     d = cfg.detection
     runs: dict[str, list[Path]] = {}
     plan = variants(cfg, tiles, {}, {})
     runs[SOURCE_ONLY] = [train_and_evaluate_task(cfg, work, tiles, plan[0], seed) for seed in d.seeds]
     labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0], model)
+    if until == "annotation":
+        return str(work / "annotation")
     adapted_seeds = d.adapted_seeds if d.adapted_seeds is not None else d.seeds
     for variant in variants(cfg, tiles, labelled, sets)[1:]:
         seeds = d.seeds if variant.name == ORACLE else adapted_seeds
@@ -110,8 +129,8 @@ def adapt_flow(config: dict) -> str:
     return str(report)
 
 
-def run_adapt(config: dict | AdaptConfig) -> Path:
-    """Run the adapt flow with the task runner its config names (sequential or Dask)."""
+def run_adapt(config: dict | AdaptConfig, until: str | None = None) -> Path:
+    """Run the adapt flow with the task runner its config names (sequential or Dask); see ``adapt_flow``."""
     cfg = config if isinstance(config, AdaptConfig) else build_config(config)
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
-    return Path(adapt_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json")))
+    return Path(adapt_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), until))

@@ -39,10 +39,14 @@ def _run_adapt(
     fresh: bool,
     runner: str | None = None,
     dask_address: str | None = None,
+    until: str | None = None,
 ) -> Path:
     import shutil
 
-    from aerosynth.flows.adapt import run_adapt
+    from aerosynth.flows.adapt import UNTIL_STEPS, run_adapt
+
+    if until is not None and until not in UNTIL_STEPS:
+        raise InputError("--until", f"unknown step {until!r} (one of {', '.join(UNTIL_STEPS)})")
     from aerosynth.flows.config import load_config
 
     overrides: dict = {"work_dir": str(work_dir)} if work_dir is not None else {}
@@ -58,7 +62,10 @@ def _run_adapt(
         torch.set_num_threads(cfg.torch_threads)
     if fresh and cfg.work_dir.exists():
         shutil.rmtree(cfg.work_dir)
-    report = run_adapt(cfg)
+    report = run_adapt(cfg, until)
+    if until is not None:
+        Console().print(f"stopped after {until}: {report}")
+        return report
     _print_ap50_table(report)
     Console().print(f"report: {report}")
     return report
@@ -113,13 +120,17 @@ def adapt(
     dask_address: Annotated[
         str | None, typer.Option(help="Scheduler of an existing Dask cluster, tcp://host:8786.")
     ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="Stop after this step: tiles, ldm, synthetic or annotation (a later run resumes)."),
+    ] = None,
 ) -> None:
     """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
     if config is None and preset is None:
         raise InputError("--config", "give a config file or --preset")
     if runner not in (None, "sequential", "dask"):
         raise InputError("--runner", f"unknown runner {runner!r} (sequential or dask)")
-    _run_adapt(config, preset, work_dir, fresh, runner, dask_address)
+    _run_adapt(config, preset, work_dir, fresh, runner, dask_address, until)
 
 
 def request(

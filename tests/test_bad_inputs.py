@@ -281,6 +281,10 @@ def unknown_runner(tmp):
     return ["adapt", "--preset", "demo", "--runner", "spark", "--work-dir", str(tmp / "out")], "--runner"
 
 
+def unknown_until_step(tmp):
+    return ["adapt", "--preset", "demo", "--until", "detectors", "--work-dir", str(tmp / "out")], "--until"
+
+
 def _map_quality(tmp: Path, *extra: str) -> list[str]:
     from aerosynth.annotation.fake_data import write_fake_root
 
@@ -428,6 +432,7 @@ CASES: list[Case] = [
     config_unknown_preset,
     config_missing_file,
     unknown_runner,
+    unknown_until_step,
     map_quality_unknown_split,
     map_quality_not_a_model,
     map_quality_bad_noise,

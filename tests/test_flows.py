@@ -100,6 +100,22 @@ def test_rerun_skips_finished_stages(tiny_run):
     assert {k: (work / k / STAGE_RECORD).stat().st_mtime_ns for k in before} == mtimes
 
 
+def test_until_stops_after_a_step_and_trains_nothing_more(tiny_run, tmp_path):
+    from aerosynth.flows.adapt import adapt_flow
+
+    work, cfg, _ = tiny_run
+    before = _records(work)
+    # on a finished run: every step up to it is current, the folder of the step is returned
+    assert adapt_flow(cfg, until="ldm") == str(work / "ldm" / "stageC" / "model")
+    assert adapt_flow(cfg, until="annotation") == str(work / "annotation")
+    assert _records(work) == before
+    # on a new run: nothing after the LDM is made
+    fresh = copy.deepcopy(cfg)
+    fresh["work_dir"] = str(tmp_path / "partial")
+    assert adapt_flow(fresh, until="tiles") == str(tmp_path / "partial" / "tiles")
+    assert set(_records(tmp_path / "partial")) == {"tiles"}
+
+
 def test_config_change_reruns_only_dependants(tiny_run):
     from aerosynth.flows.adapt import adapt_flow
 
