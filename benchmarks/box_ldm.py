@@ -57,6 +57,7 @@ def train(
     stage: str = "A",
     init: str | None = None,
     ema_decay: float | None = None,
+    train_unet: bool | None = None,
 ) -> Path:
     """Stage A of a new ``cpu`` model, or stage B / C from the model folder of ``init`` (another name)."""
     from aerosynth.generation.training import StageAConfig, StageBConfig, StageCConfig, train_stage
@@ -80,6 +81,7 @@ def train(
         prediction_type=prediction_type,
         zero_terminal_snr=zero_terminal_snr,
         ema_decay=ema_decay,
+        train_unet=train_unet,
         cond_dropout=0.1,
         train_text="embeddings",
         max_tiles_per_split=max_tiles,
@@ -431,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--stage", default="A", choices=["A", "B", "C"])
     t.add_argument("--init", help="stage B / C: the name of the model to start from")
     t.add_argument("--ema", type=float, help="export the exponential moving average of the weights (decay)")
+    t.add_argument(
+        "--train-unet", action="store_true", default=None, help="stage B: train the UNet too (default: tokens only)"
+    )
     t.add_argument("--max-tiles", type=int, default=1500)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 when detectors share the cores)")
@@ -479,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             args.stage,
             args.init,
             args.ema,
+            args.train_unet,
         )
     elif args.cmd == "denoise":
         denoise(args.name)
