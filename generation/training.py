@@ -79,6 +79,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import threading
@@ -753,16 +754,27 @@ def _prepare_model(stage: str, config: StageConfig, split_domains: Sequence[str]
     return ldm
 
 
-def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path, runtime: Runtime | None = None) -> torch.Tensor:
-    """Latents of every tile (kept on the CPU), cached in ``cache`` (written by rank 0 only)."""
+def _encode_latents(
+    ldm: LDM, tiles: TileSet, cache: Path, runtime: Runtime | None = None, earlier: Path | None = None
+) -> torch.Tensor:
+    """Latents of every tile (kept on the CPU), cached in ``cache`` (written by rank 0 only).
+
+    ``earlier`` is the previous stage's cache: when it holds the same tiles encoded by the same
+    autoencoder, it is linked into ``cache`` instead of encoding every tile again (minutes per stage).
+    """
     key = f"{tiles.digest()}-{ldm.codec.kind}-{ldm.codec.scaling:.6g}-{ldm.autoencoder_dir}"
-    if cache.is_file():
+    for path in (cache, earlier):
+        if path is None or not path.is_file():
+            continue
         try:
-            doc = torch.load(cache, map_location="cpu", weights_only=True)
-            if doc.get("key") == key:
-                return doc["latents"]
+            doc = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged cache is rebuilt
-            pass
+            continue
+        if doc.get("key") != key:
+            continue
+        if path != cache and (runtime is None or runtime.is_main):
+            _link_or_copy(path, cache)
+        return doc["latents"]
     device = next(ldm.codec.module.parameters()).device
     with torch.no_grad():
         latents = torch.cat(
@@ -772,6 +784,17 @@ def _encode_latents(ldm: LDM, tiles: TileSet, cache: Path, runtime: Runtime | No
         with atomic_output_path(cache, ".pt") as tmp:
             torch.save({"key": key, "latents": latents}, tmp)
     return latents
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy where links are not possible)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_path(dst, dst.suffix) as tmp:
+        Path(tmp).unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _pack_tiles(pack: LatentPack, ldm: LDM, where: Path) -> tuple[TileSet, torch.Tensor]:
@@ -813,7 +836,8 @@ def _diffusion_stage(
         del pack
     else:
         tiles = load_tiles(splits, ldm.spec.image_size, config.max_tiles_per_split)
-        latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt", runtime)
+        earlier = Path(config.init_model).parent / "cache" / "latents.pt" if config.init_model else None
+        latents = _encode_latents(ldm, tiles, out_dir / "cache" / "latents.pt", runtime, earlier)
     del tiles.images
     learned = stage in ("B", "C")
     n_tiles = len(tiles.names)

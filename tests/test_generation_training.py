@@ -80,6 +80,9 @@ def test_stage_b_moves_tokens_only_and_stage_c_the_unet_only(stage_a, splits, tm
     assert (after_b - before).norm(dim=1).min() > 0  # [V1] and both background tokens moved
     rows = _losses(tmp_path / "b")
     assert all(float(r["loss_obj"]) > 0 and float(r["loss_bg"]) > 0 for r in rows)
+    # the tiles stage A encoded are not encoded again: its latent cache is linked, not rebuilt
+    cache_a, cache_b = (d.parent / "cache" / "latents.pt" for d in (stage_a, b))
+    assert os.stat(cache_b).st_ino == os.stat(cache_a).st_ino
     # by default stage B leaves stage A's UNet byte for byte; asked to, it trains it as well
     assert (b / "unet.safetensors").read_bytes() == (stage_a / "unet.safetensors").read_bytes()
     both = train_stage(
