@@ -346,7 +346,9 @@ def collect() -> dict:
     for target in ("minsk", "kit"):
         base = {s: ap("source-only", s, target) for s in seeds}
         rows = {"source-only": base}
-        for variant in ("continued", *TARGET_VARIANTS):
+        # earlier runs of the chosen-readout variant, kept as heatmap-readout-<model> folders, after it
+        earlier = sorted(p.name for p in (WORK / target).glob("heatmap-readout-*") if p.is_dir())
+        for variant in ("continued", *TARGET_VARIANTS[:-1], *earlier, TARGET_VARIANTS[-1]):
             name = variant if variant == "continued" else f"{target}/{variant}"
             rows[variant] = {s: ap(name, s, target) for s in seeds}
         table = {}
@@ -454,6 +456,8 @@ def markdown(doc: dict) -> str:
                 to_cont = f"{row['paired_diff_to_continued_mean']:+.3f}" + (
                     f" ± {row['paired_diff_to_continued_std']:.3f}" if row["paired_diff_to_continued_std"] else ""
                 )
+            if variant.startswith("heatmap-readout-"):
+                names[variant] = f"the same, an earlier choice: `{variant.removeprefix('heatmap-readout-')}`"
             lines.append(
                 f"| {names.get(variant, variant)} | {row['mean']:.3f} ± {row['std']:.3f} | {per} | {diff} | {every} "
                 f"| {to_cont} | {closure} |"

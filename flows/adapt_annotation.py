@@ -188,7 +188,7 @@ def label_real_split(
             ldm = load_ldm(model_dir)
             cache: dict = {}  # each source-val tile encoded once per model
             for level in levels:
-                name = f"{model_dir.parent.name}@{level:g}" if len(models) > 1 else f"{level:g}"
+                name = f"{model_dir.parent.name}@{level:g}"  # e.g. stageA@0.1
                 sources[name] = memoised(cars_map_function(ldm, val.info.domain, level, seed=seed, encode_cache=cache))
                 pairs[name] = (ldm, model_dir, level)
         candidates = [MapReadout("minmax", HeatmapBoxConfig(**heatmap_options).validate())] if heatmap_options else None
