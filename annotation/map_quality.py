@@ -199,8 +199,8 @@ def choose_map_source(
     for name, fn in sources.items():
         readouts[name], report = choose_readout(split, fn, candidates=candidates, limit=limit)
         tried[name] = report["chosen"]
-    best = max(range(len(tried)), key=lambda i: (round(list(tried.values())[i]["ap50"], 6), -i))
-    name = list(tried)[best]
+    names = list(tried)
+    name = names[max(range(len(names)), key=lambda i: (round(tried[names[i]]["ap50"], 6), -i))]
     return name, readouts[name], {"split": split.info.name, "chosen": name, "sources": tried}
 
 

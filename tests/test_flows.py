@@ -256,3 +256,18 @@ def test_moved_run_folder_is_still_current(tiny_run, tmp_path):
     before = _records(moved)
     adapt_flow({**copy.deepcopy(cfg), "work_dir": str(moved)})
     assert _records(moved) == before
+
+
+def test_the_readme_example_config_is_valid_and_means_what_it_says():
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```yaml\npreset: cpu-bench") + len("```yaml\n")
+    cfg = build_config(yaml.safe_load(readme[start : readme.index("```", start)]))
+    g = cfg.generation
+    assert g.stage_a.learning_rate == 2e-4 and g.stage_a.steps == 2000
+    assert (g.stage_b.steps, g.stage_c.steps) == (150, 100)
+    # stage C keeps the preset's gentle rate; stage B learns its tokens only unless told otherwise
+    assert g.stage_c.learning_rate == 1e-5 and g.stage_b.train_unet is None
+    assert cfg.annotation.real_target.noise_levels() == [0.1, 0.3, 0.5]
+    assert cfg.annotation.real_target.heatmap_models == "chosen"
