@@ -826,6 +826,8 @@ def _diffusion_stage(
     latent_pack: Path | None = None,
 ) -> Path:
     _check_box_settings(config)
+    if config.train_unet is False and stage != "B":
+        raise InputError("train_unet", f"stage {stage} trains the UNet (only stage B can learn its tokens alone)")
     pack = read_latent_pack(latent_pack) if latent_pack is not None else None
     split_domains = sorted(set(pack.domains)) if pack else sorted({open_split(Path(s)).info.domain for s in splits})
     ldm = _prepare_model(stage, config, split_domains)
@@ -882,8 +884,6 @@ def _diffusion_stage(
 
     unet, text_encoder = ldm.unet, ldm.text_encoder
     train_unet = config.train_unet if config.train_unet is not None else stage != "B"
-    if not train_unet and stage != "B":
-        raise InputError("train_unet", f"stage {stage} trains the UNet (only stage B can learn its tokens alone)")
     lora = config.lora_rank > 0 and train_unet
     if not train_unet:
         unet.requires_grad_(False)
