@@ -394,29 +394,32 @@ def label_quality() -> dict:
 
     A diagnostic read through the evaluation API after the fact: nothing is chosen on it.
     """
+    out: dict = {}
+    for summary in sorted((WORK / "labels").glob("*/*/*/summary.json")):
+        folder = summary.parent
+        target = folder.relative_to(WORK / "labels").parts[0]
+        out[str(folder.relative_to(WORK / "labels"))] = labels_vs_truth(folder / "labels", TILES[target])
+    return out
+
+
+def labels_vs_truth(labels: Path, tiles: Path) -> dict:
+    """Precision, recall and F1 of a labels folder (YOLO, one file per target-train tile) against the true
+    target-train boxes of the tiles folder ``tiles``, read through the evaluation API."""
     import numpy as np
 
     from aerosynth.annotation.metrics import match_all, score_at
     from aerosynth.data.detections import Detections
     from aerosynth.data.tileset import open_evaluation_split
 
-    out: dict = {}
-    for summary in sorted((WORK / "labels").glob("*/*/*/summary.json")):
-        folder = summary.parent
-        target = folder.relative_to(WORK / "labels").parts[0]
-        truth = open_evaluation_split(TILES[target], "target-train")
-        preds = []
-        for t in truth.tiles:
-            text = (folder / "labels" / f"{t.tile_id}.txt").read_text()
-            d = Detections.from_yolo(text, t.width, t.height)
-            preds.append(Detections(d.xyxy, np.ones(len(d)), d.class_id))
-        gts = [truth.labels(t.tile_id) for t in truth.tiles]
-        ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
-        score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
-        key = str(folder.relative_to(WORK / "labels"))
-        fields = ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")
-        out[key] = {k: score[k] for k in fields}
-    return out
+    truth = open_evaluation_split(tiles, "target-train")
+    preds = []
+    for t in truth.tiles:
+        d = Detections.from_yolo((labels / f"{t.tile_id}.txt").read_text(), t.width, t.height)
+        preds.append(Detections(d.xyxy, np.ones(len(d)), d.class_id))
+    gts = [truth.labels(t.tile_id) for t in truth.tiles]
+    ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
+    score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
+    return {k: score[k] for k in ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")}
 
 
 def markdown(doc: dict) -> str:

@@ -22,26 +22,9 @@ RESULTS = HERE / "results" / "cpu_bench_real_labels.json"
 LEVELS = (0.1, 0.3, 0.5)
 
 
-def label_scores(labels: Path, tiles: Path) -> dict:
-    """Precision, recall and F1 of a labelled folder's boxes against the true target-train boxes."""
-    import numpy as np
-
-    from aerosynth.annotation.metrics import match_all, score_at
-    from aerosynth.data.detections import Detections
-    from aerosynth.data.tileset import open_evaluation_split
-
-    truth = open_evaluation_split(tiles, "target-train")
-    preds = []
-    for t in truth.tiles:
-        d = Detections.from_yolo((labels / f"{t.tile_id}.txt").read_text(), t.width, t.height)
-        preds.append(Detections(d.xyxy, np.ones(len(d)), d.class_id))
-    gts = [truth.labels(t.tile_id) for t in truth.tiles]
-    ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
-    score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
-    return {k: score[k] for k in ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")}
-
-
 def main() -> None:
+    from aerial_v1_paired import labels_vs_truth  # this folder: the same score as the paired benchmark
+
     from aerosynth.data.atomic import atomic_write_json
     from aerosynth.flows.adapt_annotation import label_real_split
 
@@ -60,7 +43,7 @@ def main() -> None:
             "map_sources": summary["provenance"]["map_sources"],
             "threshold": summary["threshold"],
             "boxes": summary["boxes"],
-            "labels_vs_true_boxes": label_scores(out / "labels", tiles),
+            "labels_vs_true_boxes": labels_vs_truth(out / "labels", tiles),
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(name, json.dumps(doc["runs"][name]), flush=True)

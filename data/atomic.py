@@ -74,6 +74,20 @@ def atomic_output_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> Path:
+    """``dst`` becomes a hard link to ``src`` (a copy where links are not possible), placed atomically.
+
+    A hard link is a real file to hashing and to readers, and costs no space.
+    """
+    with atomic_output_path(dst, Path(dst).suffix) as tmp:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+    return Path(dst)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place when the block ends.

@@ -17,7 +17,6 @@ tiles folder (hard links), the new weak ``target-train`` and the evaluation spli
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from typing import Literal
 import numpy as np
 from affine import Affine
 
-from aerosynth.data.atomic import atomic_write_json
+from aerosynth.data.atomic import atomic_write_json, link_or_copy
 from aerosynth.data.detections import Detections
 from aerosynth.data.domains import Domain, DomainImage
 from aerosynth.data.errors import InputError
@@ -195,14 +194,7 @@ def build_weak_split(
 
 def link_tree(src: Path, dst: Path) -> None:
     """Copy a folder with hard links where the file system allows (real files: hashing sees them)."""
-
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=link)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
 def read_base_manifest(base: Path) -> dict:

@@ -86,6 +86,12 @@ report_task = _task(write_run_report)
 UNTIL_STEPS = ("tiles", "ldm", "synthetic", "annotation")
 
 
+def check_until(until: str | None, name: str = "until") -> None:
+    """Refuse a step the adapt flow cannot stop after (``name``: the option as the user gave it)."""
+    if until is not None and until not in UNTIL_STEPS:
+        raise InputError(name, f"unknown step {until!r} (one of {', '.join(UNTIL_STEPS)})")
+
+
 @flow(name="adapt", log_prints=True)
 def adapt_flow(config: dict, until: str | None = None) -> str:
     """The whole adapt job; ``config`` is an :class:`AdaptConfig` document. Returns the report path.
@@ -93,8 +99,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     With ``until`` (one of :data:`UNTIL_STEPS`) the flow stops after that step and returns its folder
     (``tiles``, ``ldm/stage<last>/model``, ``synthetic``, ``annotation``).
     """
-    if until is not None and until not in UNTIL_STEPS:
-        raise InputError("until", f"unknown step {until!r} (one of {', '.join(UNTIL_STEPS)})")
+    check_until(until)
     cfg = build_config(config)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)

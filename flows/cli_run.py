@@ -43,11 +43,10 @@ def _run_adapt(
 ) -> Path:
     import shutil
 
-    from aerosynth.flows.adapt import UNTIL_STEPS, run_adapt
-
-    if until is not None and until not in UNTIL_STEPS:
-        raise InputError("--until", f"unknown step {until!r} (one of {', '.join(UNTIL_STEPS)})")
+    from aerosynth.flows.adapt import check_until, run_adapt
     from aerosynth.flows.config import load_config
+
+    check_until(until, "--until")  # before the config is read or the flow starts
 
     overrides: dict = {"work_dir": str(work_dir)} if work_dir is not None else {}
     if runner is not None:

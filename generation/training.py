@@ -79,7 +79,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import threading
@@ -94,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text, link_or_copy
 from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
 from aerosynth.data.tileset import LabelledTileSplit, open_split
@@ -773,7 +772,7 @@ def _encode_latents(
         if doc.get("key") != key:
             continue
         if path != cache and (runtime is None or runtime.is_main):
-            _link_or_copy(path, cache)
+            link_or_copy(path, cache)
         return doc["latents"]
     device = next(ldm.codec.module.parameters()).device
     with torch.no_grad():
@@ -784,17 +783,6 @@ def _encode_latents(
         with atomic_output_path(cache, ".pt") as tmp:
             torch.save({"key": key, "latents": latents}, tmp)
     return latents
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a hard link to ``src`` (a copy where links are not possible)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output_path(dst, dst.suffix) as tmp:
-        Path(tmp).unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
 
 
 def _pack_tiles(pack: LatentPack, ldm: LDM, where: Path) -> tuple[TileSet, torch.Tensor]:
@@ -826,7 +814,8 @@ def _diffusion_stage(
     latent_pack: Path | None = None,
 ) -> Path:
     _check_box_settings(config)
-    if config.train_unet is False and stage != "B":
+    train_unet = config.train_unet if config.train_unet is not None else stage != "B"
+    if not train_unet and stage != "B":
         raise InputError("train_unet", f"stage {stage} trains the UNet (only stage B can learn its tokens alone)")
     pack = read_latent_pack(latent_pack) if latent_pack is not None else None
     split_domains = sorted(set(pack.domains)) if pack else sorted({open_split(Path(s)).info.domain for s in splits})
@@ -883,7 +872,6 @@ def _diffusion_stage(
         vehicle_pos = {d: token_positions(vehicle_ids[d], [cars_id, v1_id, bg_ids[d]]) for d in split_domains}
 
     unet, text_encoder = ldm.unet, ldm.text_encoder
-    train_unet = config.train_unet if config.train_unet is not None else stage != "B"
     lora = config.lora_rank > 0 and train_unet
     if not train_unet:
         unet.requires_grad_(False)
