@@ -1,9 +1,11 @@
 """The ``aerosynth`` command line (typer + rich).
 
 Every command applies the offline settings first, prints progress it can measure, and turns
-bad input into one line on stderr and exit status 2. The commands live by group in ``cli_data``
-(``data prepare``/``data demo``), ``cli_run`` (the flows: demo, adapt, request, retrain, serve) and
-``cli_tools`` (single stages); this module is the app, their registration and ``main``.
+bad input into one line on stderr and exit status 2; a mistyped command line (unknown option or
+command, missing option, bad value) prints click's usage message and exits 2 as well. The commands
+live by group in ``cli_data`` (``data prepare``/``data demo``), ``cli_run`` (the flows: demo, adapt,
+request, retrain, serve) and ``cli_tools`` (single stages); this module is the app, their
+registration and ``main``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ app.command("serve")(serve)
 
 __all__ = ["_demo_note", "app", "data_app", "main"]
 
+#: The base of the errors typer's parser raises for a mistyped command line (``UsageError``: unknown option
+#: or command, missing option, bad value; exit code 2) and of the few other errors it reports itself. Typer
+#: 0.29 vendors click as ``typer._click`` (older typers use ``click``), so it is taken from typer's public
+#: ``BadParameter`` rather than imported from either module.
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print bad input as one line, exit non-zero."""
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     mark_owner()
     call_streams = (sys.stdout, sys.stderr)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="aerosynth", standalone_mode=False)
     except InputError as exc:
         console.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False, style="red")
         return 2
@@ -136,20 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: finished stages are kept; rerun the same command to resume")
         return 130
-    except SystemExit as exc:  # typer's own exits (--help, usage errors)
+    except SystemExit as exc:  # sys.exit inside a command
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
+    except _CLICK_ERROR as exc:  # usage errors (exit 2: usage, "Try ... --help", the error) and the like
+        exc.show()
+        return exc.exit_code
+    except typer.Abort:
+        return 1
+    else:
+        # without standalone mode typer returns None after a command, and the code of an Exit instead of
+        # raising it: 0 after --help, 130 for a Ctrl-C inside a command (typer turns it into Exit(130))
+        if code == 130:
+            console.print("interrupted: finished stages are kept; rerun the same command to resume")
+        return code if isinstance(code, int) else 0
     finally:
         _unbind_log_handlers(call_streams)
-    return 0
 
 
 if __name__ == "__main__":
