@@ -290,8 +290,8 @@ def demo_spec(demo_dir: str | Path, target_gsd: float = 0.125, tile_size: int = 
         The four splits (source-train, source-val, target-train, target-test).
     """
     demo_dir = Path(demo_dir)
-    source = geotiff_domain(demo_dir / "leafy_suburb", "leafy_suburb")
-    target = geotiff_domain(demo_dir / "arid_carpark", "arid_carpark")
+    source = geotiff_domain(demo_dir / "leafy_suburb", "leafy_suburb", classes={0})  # cars and vans: class 0
+    target = geotiff_domain(demo_dir / "arid_carpark", "arid_carpark", classes={0})
     s_groups, t_groups = source.groups, target.groups
     n_val, n_test = held_out_scenes(len(s_groups), len(t_groups))
     return PrepareSpec(

@@ -153,12 +153,14 @@ class Detections:
     def from_yolo(cls, text: str, width: int, height: int, where: str = "<yolo>") -> Detections:
         """Parse YOLO txt rows ``class cx cy w h`` (normalised; an optional 6th column is confidence).
 
+        A leading UTF-8 byte-order mark, CRLF line ends and blank lines are fine (files from Windows tools).
+
         Raises:
             InputError: a malformed row, a non-finite or out-of-range value.
         """
         rows: list[list[float]] = []
         has_conf: set[bool] = set()
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
             parts = line.split()
             if not parts:
                 continue

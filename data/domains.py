@@ -14,13 +14,14 @@ reported before any work starts.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from affine import Affine
 
+from aerosynth.data.classes import NAMES_FILE, first_yolo_line, read_yolo_names
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.geo import geojson_to_detections, read_geojson
@@ -77,6 +78,14 @@ class Domain:
         bands: 1-based band selection for rasters with other than three bands.
         point_box_m: side in metres of the box made from a point label.
         missing_labels: what an image without a label file means: ``"error"`` or ``"negative"``.
+        class_vocabulary: label id -> class name (a YOLO folder's ``data.yaml``, COCO categories), to
+            resolve ``--classes`` names and to name classes in messages.
+        classes: the label ids that are vehicles, chosen by the user or a preset (boxes of other
+            classes are dropped); ``None``: only :attr:`default_class` is, and other classes are refused
+            (see :mod:`aerosynth.data.classes`).
+        label_ids: label id of each class index of the loaded boxes (COCO: the sorted category ids);
+            ``None``: class index and label id are the same.
+        label_file: the file holding every image's labels (a COCO json), named in messages.
     """
 
     name: str
@@ -86,6 +95,10 @@ class Domain:
     bands: list[int] | None = None
     point_box_m: float = 5.3
     missing_labels: str = "error"
+    class_vocabulary: dict[int, str] = field(default_factory=dict)
+    classes: frozenset[int] | None = None
+    label_ids: list[int] | None = None
+    label_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -96,6 +109,68 @@ class Domain:
     @property
     def groups(self) -> list[str]:
         return sorted({im.group for im in self.images})
+
+    @property
+    def default_class(self) -> int:
+        """The label id that is a vehicle when no classes were chosen: 0, or the lowest COCO category."""
+        return self.label_ids[0] if self.label_ids else 0
+
+    @property
+    def vehicle_classes(self) -> list[int]:
+        """The label ids whose boxes are vehicles (chosen, or the default one)."""
+        return sorted(self.classes) if self.classes is not None else [self.default_class]
+
+    def keep_vehicles(self, item: DomainImage, detections: Detections) -> tuple[Detections, int]:
+        """The boxes of vehicle classes and how many of other classes were dropped.
+
+        Raises:
+            InputError: a box of another class when no classes were chosen (naming the file, the line or
+                annotation, and the class).
+        """
+        ids = detections.class_id if self.label_ids is None else np.array(self.label_ids)[detections.class_id]
+        keep = np.isin(ids, self.vehicle_classes)
+        if keep.all():
+            return detections, 0
+        if self.classes is None:
+            raise self._class_error(item, int(ids[~keep][0]))
+        return detections[keep], int((~keep).sum())
+
+    def check_classes(self, items: Sequence[DomainImage]) -> None:
+        """Refuse boxes of other classes before any pixel is decoded when no classes were chosen.
+
+        YOLO files and COCO annotations are checked (GeoJSON when the raster is loaded).
+        """
+        if self.classes is not None:
+            return
+        for item in items:
+            if item.coco_annotations is not None:
+                self.keep_vehicles(item, Detections.from_coco(item.coco_annotations))
+            elif item.label_path is not None and item.label_path.suffix.lower() == ".txt":
+                self.keep_vehicles(item, read_yolo_labels(item.label_path, 1, 1))
+
+    def _class_name(self, class_id: int) -> str:
+        name = self.class_vocabulary.get(class_id)
+        return f" ({name!r})" if name is not None else ""
+
+    def _class_error(self, item: DomainImage, class_id: int) -> InputError:
+        where: str | Path
+        if item.coco_annotations is not None and self.label_ids is not None:
+            index = self.label_ids.index(class_id)
+            ann = next((a for a in item.coco_annotations if a.get("category_id") == index + 1), {})
+            where = self.label_file or item.path
+            what = f"annotation {ann.get('id')} has category {class_id}{self._class_name(class_id)}"
+        elif item.label_path is not None and item.label_path.suffix.lower() == ".txt":
+            line = first_yolo_line(item.label_path.read_text(encoding="utf-8-sig"), class_id)
+            where, what = f"{item.label_path}:{line}", f"class id {class_id}{self._class_name(class_id)}"
+        else:
+            where, what = item.label_path or item.path, f"class_id {class_id}{self._class_name(class_id)}"
+        default = self.default_class
+        return InputError(
+            where,
+            f"{what} is not a vehicle class (unless chosen, only {default}{self._class_name(default)} is); "
+            f"pass --classes with the ids or names of the vehicle classes (e.g. --classes {default},{class_id} "
+            "if it is a vehicle too); boxes of classes not chosen are then dropped",
+        )
 
     def load(self, item: DomainImage) -> LoadedImage:
         """Decode one image and its labels (validated against the image size)."""
@@ -125,9 +200,9 @@ class Domain:
 
 
 def read_yolo_labels(path: Path, width: int, height: int) -> Detections:
-    """Read a YOLO label file (a zero-byte file is a negative image)."""
+    """Read a YOLO label file (a zero-byte file is a negative image; a UTF-8 BOM and CRLF are fine)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise InputError(path, "label file is not text") from None
     return Detections.from_yolo(text, width, height, where=str(path))
@@ -136,7 +211,7 @@ def read_yolo_labels(path: Path, width: int, height: int) -> Detections:
 def read_groups(path: Path) -> dict[str, str]:
     """``groups.json``: image file name -> group."""
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise InputError(path, f"unreadable groups file ({exc.__class__.__name__})") from None
     if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
@@ -156,6 +231,7 @@ def yolo_folder_domain(
     gsd: float | None = None,
     missing_labels: str = "error",
     class_names: list[str] | None = None,
+    classes: Collection[int] | None = None,
 ) -> Domain:
     """A folder with ``images/``, ``labels/`` (YOLO txt) and optional ``groups.json``.
 
@@ -166,10 +242,12 @@ def yolo_folder_domain(
         missing_labels: ``"error"`` (default) or ``"negative"``: an image without a label
             file is a tile with no vehicle.
         class_names: class names (default ``["vehicle"]``).
+        classes: the YOLO class ids that are vehicles (default: class 0 only, others refused); the
+            folder's ``data.yaml`` ``names:`` name them for ``--classes``.
 
     Raises:
         InputError: missing folders, a label file without image, an image without label file
-            (unless negatives are allowed), no images.
+            (unless negatives are allowed), no images, an unreadable ``data.yaml``.
     """
     root = Path(root)
     images = _images_in(root / "images", IMAGE_SUFFIXES)
@@ -188,31 +266,45 @@ def yolo_folder_domain(
         if lab is None and missing_labels != "negative":
             raise InputError(p, "image without label file (set missing_labels='negative' if it has no vehicle)")
         items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
+    names_file = root / NAMES_FILE
     return Domain(
-        name or root.name, items, gsd=gsd, class_names=class_names or ["vehicle"], missing_labels=missing_labels
+        name or root.name,
+        items,
+        gsd=gsd,
+        class_names=class_names or ["vehicle"],
+        missing_labels=missing_labels,
+        class_vocabulary=read_yolo_names(names_file) if names_file.is_file() else {},
+        classes=frozenset(classes) if classes is not None else None,
     )
 
 
 def coco_domain(
-    coco_json: str | Path, image_dir: str | Path | None = None, name: str | None = None, gsd: float | None = None
+    coco_json: str | Path,
+    image_dir: str | Path | None = None,
+    name: str | None = None,
+    gsd: float | None = None,
+    classes: Collection[int] | None = None,
 ) -> Domain:
     """A COCO json and its images (``file_name`` relative to ``image_dir``, default the json's folder).
 
-    Groups come from an image's ``group`` field when present, else its file stem.
+    Groups come from an image's ``group`` field when present, else its file stem. ``classes`` are the
+    category ids that are vehicles (default: the lowest category id only, others refused).
     """
     coco_json = Path(coco_json)
     try:
-        doc = json.loads(coco_json.read_text())
+        doc = json.loads(coco_json.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise InputError(coco_json, "file not found") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(coco_json, f"not valid JSON ({exc.__class__.__name__})") from None
     try:
-        return _coco_domain(doc, coco_json, image_dir, name, gsd)
+        domain = _coco_domain(doc, coco_json, image_dir, name, gsd)
     except InputError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise InputError(coco_json, f"not a COCO json ({exc.__class__.__name__}: {str(exc)[:60]})") from None
+    domain.classes = frozenset(classes) if classes is not None else None
+    return domain
 
 
 def _coco_domain(
@@ -229,6 +321,9 @@ def _coco_domain(
         or not all(isinstance(c, dict) for c in cats + anns + images)
     ):
         raise InputError(coco_json, "not a COCO json ('annotations', 'categories' must be lists of objects)")
+    for c in cats:
+        if isinstance(c.get("id"), bool) or not isinstance(c.get("id"), int):
+            raise InputError(coco_json, f"category {c.get('id')!r} has no integer id")
     cats = sorted(cats, key=lambda c: c["id"])
     image_dir = Path(image_dir) if image_dir is not None else coco_json.parent
     cat_to_class = {c["id"]: i for i, c in enumerate(cats)}
@@ -253,7 +348,15 @@ def _coco_domain(
         if not path.is_file():
             raise InputError(path, "image listed in the COCO json not found")
         items.append(DomainImage(path.stem, path, str(im.get("group", path.stem)), None, by_image.get(im["id"], [])))
-    return Domain(name or coco_json.stem, items, gsd=gsd, class_names=[c["name"] for c in cats])
+    return Domain(
+        name or coco_json.stem,
+        items,
+        gsd=gsd,
+        class_names=[c["name"] for c in cats],
+        class_vocabulary={c["id"]: str(c["name"]) for c in cats},
+        label_ids=[c["id"] for c in cats],
+        label_file=coco_json,
+    )
 
 
 def geotiff_domain(
@@ -263,11 +366,13 @@ def geotiff_domain(
     point_box_m: float = 5.3,
     missing_labels: str = "negative",
     gsd: float | None = None,
+    classes: Collection[int] | None = None,
 ) -> Domain:
     """GeoTIFF rasters in a folder, each with an optional ``<stem>.geojson`` of labels.
 
     The GSD comes from each raster's transform unless ``gsd`` is given. Groups come from
-    ``groups.json`` when present, else each raster is its own group.
+    ``groups.json`` when present, else each raster is its own group. ``classes`` are the
+    ``class_id`` values that are vehicles (default: 0 only, others refused).
     """
     folder = Path(folder)
     rasters = _images_in(folder, RASTER_SUFFIXES)
@@ -285,7 +390,13 @@ def geotiff_domain(
             lab = None
         items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
     return Domain(
-        name or folder.name, items, gsd=gsd, bands=bands, point_box_m=point_box_m, missing_labels=missing_labels
+        name or folder.name,
+        items,
+        gsd=gsd,
+        bands=bands,
+        point_box_m=point_box_m,
+        missing_labels=missing_labels,
+        classes=frozenset(classes) if classes is not None else None,
     )
 
 

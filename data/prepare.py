@@ -91,7 +91,7 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
     labels_dir = out_root / EVALUATION_DIR / split.name if split.weak else split_dir
     records: list[TileRecord] = []
     coco_items: list[LabelledImage] = []
-    n_boxes = n_ignore = 0
+    n_boxes = n_ignore = n_dropped = 0
     unlabelled = False
     for k, item in enumerate(items):
         loaded = split.domain.load(item)
@@ -106,6 +106,8 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         if dets is None:
             unlabelled = True
         else:
+            dets, dropped = split.domain.keep_vehicles(item, dets)
+            n_dropped += dropped
             if spec.single_class:
                 dets = dets.with_class(0)
             dets = resample_labels(dets, (w, h), (nw, nh))
@@ -166,6 +168,8 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         "tiles_with_vehicles": sum(r.has_vehicle for r in records),
         "boxes": n_boxes,
         "ignore_regions": n_ignore,
+        "vehicle_classes": [int(c) for c in split.domain.vehicle_classes],
+        "dropped_boxes": n_dropped,
         "content_sha256": tree_sha256(split_dir),
     }
     return counts
@@ -191,6 +195,8 @@ def prepare_dataset(
         _select(split)
     for domain in {id(s.domain): s.domain for s in spec.splits}.values():
         check_image_headers(domain)
+    for split in spec.splits:  # boxes of classes nobody chose as vehicles, before any pixel is decoded
+        split.domain.check_classes(_select(split))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         splits = {}
         for split in spec.splits:

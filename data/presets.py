@@ -18,6 +18,8 @@ AERIAL_V1_TARGETS = {
     "kit_munich_aerial": (["MOS155-179", "MunichStreet02"], ["MOS74-93"]),
     "minsk_drone": (["DJI_0005"], ["DJI-00760", "DJI_0762", "DJI_0013"]),
 }
+#: YOLO class ids of the aerial domains that are vehicles: car and large vehicle, folded into ``vehicle``.
+AERIAL_V1_CLASSES = frozenset({0, 1})
 #: Preset name -> target domain.
 AERIAL_V1_PRESETS = {"aerial-v1": "kit_munich_aerial", "aerial-v1-minsk": "minsk_drone"}
 
@@ -35,8 +37,9 @@ def aerial_v1(aerial_root: str | Path, target: str = "kit_munich_aerial") -> Pre
     for name in ("madison_drone", target):
         if not (root / name).is_dir():
             raise InputError(root / name, "aerial-v1 domain folder not found")
-    madison = yolo_folder_domain(root / "madison_drone", "madison_drone")
-    domain = yolo_folder_domain(root / target, target)
+    # class 0 = car, 1 = large vehicle (truck, bus): both are vehicles, chosen here rather than assumed
+    madison = yolo_folder_domain(root / "madison_drone", "madison_drone", classes=AERIAL_V1_CLASSES)
+    domain = yolo_folder_domain(root / target, target, classes=AERIAL_V1_CLASSES)
     s, t = AERIAL_V1_SCALES["madison_drone"], AERIAL_V1_SCALES[target]
     train_groups, test_groups = AERIAL_V1_TARGETS[target]
     return PrepareSpec(

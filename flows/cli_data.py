@@ -66,6 +66,14 @@ def data_prepare(
     ] = "",
     exclude_groups: Annotated[str, typer.Option(help="Comma-separated target groups used by neither split.")] = "",
     bands: Annotated[str, typer.Option(help="Band selection for rasters, e.g. 3,2,1.")] = "",
+    classes: Annotated[
+        str,
+        typer.Option(
+            help="Vehicle classes of multi-class labels: YOLO ids / COCO category ids (0,1) or names from data.yaml "
+            "or the COCO categories (car,truck); boxes of other classes are dropped. Default: class 0 only, "
+            "other classes refused."
+        ),
+    ] = "",
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 128,
     gsd: Annotated[float, typer.Option(help="Target ground sample distance, m/px.")] = 0.125,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
@@ -74,6 +82,8 @@ def data_prepare(
     from aerosynth.data.prepare import prepare_dataset
     from aerosynth.data.presets import AERIAL_V1_PRESETS
 
+    if preset is not None and classes:
+        raise InputError("--classes", "a preset chooses its own classes; use --source/--target to choose others")
     if preset in AERIAL_V1_PRESETS:
         from aerosynth.data.presets import aerial_v1, default_aerial_root
 
@@ -96,6 +106,10 @@ def data_prepare(
         band_list = [int(b) for b in bands.split(",")] if bands else None
         src = open_domain(source, source_gsd, band_list)
         tgt = open_domain(target, target_gsd, band_list)
+        if classes:
+            from aerosynth.data.classes import choose_classes, parse_classes
+
+            choose_classes([src, tgt], parse_classes(classes))
         tg = [g for g in test_groups.split(",") if g]
         if not tg:
             raise InputError("--test-groups", "name the target groups held out for target-test")
@@ -119,6 +133,10 @@ def data_prepare(
 
         manifest = prepare_dataset(spec, out, overwrite=overwrite, progress=report)
     Console(width=max(Console().width, 120)).print(_counts_table(manifest))
+    dropped = {n: s["dropped_boxes"] for n, s in manifest["splits"].items() if s.get("dropped_boxes")}
+    if dropped:
+        per_split = ", ".join(f"{n} {k}" for n, k in dropped.items())
+        Console().print(f"boxes of classes not chosen by --classes, dropped: {per_split}")
     Console().print(f"manifest: {out / 'manifest.json'}")
 
 
