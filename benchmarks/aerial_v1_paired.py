@@ -185,7 +185,7 @@ def _heatmap_choice() -> tuple[float, dict]:
     Candidates per noise level: the default rule and the best fixed threshold of the sweep. Target
     figures in that file are never read here.
     """
-    path = RESULTS.parent / "box_ldm_stageA.json"
+    path = RESULTS.parent / "box_ldm" / "box_ldm_stageA.json"
     if not path.is_file():
         return 0.3, {}
     quality = json.loads(path.read_text())["map_quality"]
@@ -216,7 +216,7 @@ EXPERIMENTAL_LOSSES = ("lambda_empty", "lambda_present")
 def _readout_model_choice(target: str) -> tuple[Path, float, float]:
     """The box_ldm.py model and noise level whose chosen readout scores best on real *source-val*.
 
-    Reads the ``readout`` entries of ``benchmarks/results/box_ldm_*.json`` (source-val AP50) and their
+    Reads the ``readout`` entries of ``benchmarks/results/box_ldm/box_ldm_*.json`` (source-val AP50) and their
     label-free checks on the target's target-train tiles (``flag_auc_target_train``): a model whose maps
     do not tell flagged from empty tiles of this target (AUC below :data:`MIN_FLAG_AUC`, or not checked),
     or whose readout gives boxes far from vehicle size there (:data:`BOX_AREA_RATIO`), is left out, however
@@ -224,7 +224,7 @@ def _readout_model_choice(target: str) -> tuple[Path, float, float]:
     Target boxes in those files are never read here.
     """
     best: tuple[float, float, Path] | None = None
-    for path in sorted(RESULTS.parent.glob("box_ldm_*.json")):
+    for path in sorted((RESULTS.parent / "box_ldm").glob("box_ldm_*.json")):
         doc = json.loads(path.read_text())
         model = REPO / doc.get("model", "")
         trained = (doc.get("stage") or {}).get("config") or {}

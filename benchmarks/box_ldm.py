@@ -18,7 +18,7 @@ Minsk target-test tiles, at noise 0.1, 0.3 and 0.5.
     python benchmarks/box_ldm.py table                   # markdown table of every model's figures
 
 Resumable: training checkpoints every 50 steps; a rerun continues. Results:
-``benchmarks/results/box_ldm_<name>.json`` (training record, map quality, and each command's entry).
+``benchmarks/results/box_ldm/box_ldm_<name>.json`` (training record, map quality, and each command's entry).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ use_checkout()
 WORK = REPO / "benchmarks" / "work" / "box-ldm"
 TILES = {"kit": REPO / "benchmarks" / "work" / "tiles-kit", "minsk": REPO / "benchmarks" / "work" / "tiles-minsk"}
 TAEF2 = REPO.parent / "shared" / "weights" / "taef2"
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "benchmarks" / "results" / "box_ldm"
 NOISE = (0.1, 0.3, 0.5)
 
 

@@ -13,8 +13,8 @@ evaluation) runs here with the ``cpu-bench`` settings, so the only difference fr
     python benchmarks/gpu_ldm.py unpack FOLDER_WITH_RETURNED_FILES      # here
     nohup python benchmarks/gpu_ldm.py evaluate > benchmarks/work/gpu-ldm.log 2>&1 &   # here, ~35 min
 
-Writes ``benchmarks/results/aerial-v1-gpu-ldm.json``, ``benchmarks/results/aerial-v1-gpu-ldm-report/``
-and the training records in ``benchmarks/results/aerial-v1-gpu-ldm-training/``.
+Writes ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm.json``, ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-report/``
+and the training records in ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-training/``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ PACK_DIR = REPO / ".gpu_pack"
 PACK_FILE = PACK_DIR / "aerial-v1-latents.npz"
 CPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-cpu"
 GPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-gpu-ldm"
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "benchmarks" / "results" / "gpu_ldm"
 SHARD_BYTES = 15_000_000
 
 

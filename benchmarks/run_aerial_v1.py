@@ -5,9 +5,10 @@ Run from the repository root (in the background; rerunning resumes where it stop
     nohup python benchmarks/run_aerial_v1.py > benchmarks/work/aerial-v1.log 2>&1 &
 
 It runs the adapt flow with the ``cpu-bench`` preset on ``../shared/data/aerial`` (work folder
-``benchmarks/work/aerial-v1-cpu``, git-ignored), then writes ``benchmarks/results/aerial-v1.json``
-(AP50 per variant and seed, gap closure, mean ± std, per-stage wall time and peak memory, the
-commit) and copies the run's report (markdown and PNGs) to ``benchmarks/results/aerial-v1-report/``.
+``benchmarks/work/aerial-v1-cpu``, git-ignored), then writes
+``benchmarks/results/aerial-v1-independent/aerial-v1.json`` (AP50 per variant and seed, gap closure,
+mean ± std, per-stage wall time and peak memory, the commit) and copies the run's report (markdown and
+PNGs) to ``benchmarks/results/aerial-v1-independent/aerial-v1-report/``.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         adapt_flow(doc)
         wall = round(time.perf_counter() - t0, 1)
     results = collect(args.work_dir, doc, wall)
-    out = REPO / "benchmarks" / "results"
+    out = REPO / "benchmarks" / "results" / "aerial-v1-independent"
     out.mkdir(parents=True, exist_ok=True)
     (out / "aerial-v1.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     copy_report(args.work_dir / "report", out / "aerial-v1-report")

@@ -2,7 +2,7 @@
 
 Run after ``benchmarks/run_aerial_v1.py`` (it reuses that run's stage-C model and tiles); same
 detector budget as cpu-bench (8 epochs x 800 images, seed 0). Writes
-``benchmarks/results/aerial-v1-translation-keep-all.json``.
+``benchmarks/results/aerial-v1-independent/aerial-v1-translation-keep-all.json``.
 
     python benchmarks/translation_keep_all.py
 """
@@ -74,7 +74,8 @@ def main() -> None:
         "translation_s": round(t1 - t0, 1),
         "detector_s": round(time.time() - t1, 1),
     }
-    (HERE / "results" / "aerial-v1-translation-keep-all.json").write_text(json.dumps(doc, indent=1) + "\n")
+    result = HERE / "results" / "aerial-v1-independent" / "aerial-v1-translation-keep-all.json"
+    result.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc))
 
 
