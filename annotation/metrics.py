@@ -172,3 +172,26 @@ def threshold_for_recall(m: MatchResult, target: float) -> float | None:
     last_of_run = np.r_[conf[1:] != conf[:-1], True] if len(conf) else np.zeros(0, bool)
     ok = np.flatnonzero((recall >= target) & last_of_run)
     return float(conf[ok[0]]) if len(ok) else None
+
+
+def label_quality(labels_dir, tiles) -> dict:
+    """Precision, recall and F1 of a labels folder (YOLO, one file per target-train tile) against the true
+    target-train boxes of a tiles folder, read through the evaluation API.
+
+    A diagnostic for benchmarks, read after a run: nothing in the pipeline may choose on it.
+    """
+    from pathlib import Path
+
+    from aerosynth.data.tileset import open_evaluation_split
+
+    labels_dir = Path(labels_dir)
+    truth = open_evaluation_split(Path(tiles), "target-train")
+    preds = []
+    for t in truth.tiles:
+        path = labels_dir / f"{t.tile_id}.txt"
+        d = Detections.from_yolo(path.read_text() if path.is_file() else "", t.width, t.height)
+        preds.append(Detections(d.xyxy, np.ones(len(d)), d.class_id))
+    gts = [truth.labels(t.tile_id) for t in truth.tiles]
+    ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
+    score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
+    return {k: score[k] for k in ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")}

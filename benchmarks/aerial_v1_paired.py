@@ -403,23 +403,10 @@ def label_quality() -> dict:
 
 
 def labels_vs_truth(labels: Path, tiles: Path) -> dict:
-    """Precision, recall and F1 of a labels folder (YOLO, one file per target-train tile) against the true
-    target-train boxes of the tiles folder ``tiles``, read through the evaluation API."""
-    import numpy as np
+    """:func:`aerosynth.annotation.metrics.label_quality` (kept under this name for earlier scripts)."""
+    from aerosynth.annotation.metrics import label_quality
 
-    from aerosynth.annotation.metrics import match_all, score_at
-    from aerosynth.data.detections import Detections
-    from aerosynth.data.tileset import open_evaluation_split
-
-    truth = open_evaluation_split(tiles, "target-train")
-    preds = []
-    for t in truth.tiles:
-        d = Detections.from_yolo((labels / f"{t.tile_id}.txt").read_text(), t.width, t.height)
-        preds.append(Detections(d.xyxy, np.ones(len(d)), d.class_id))
-    gts = [truth.labels(t.tile_id) for t in truth.tiles]
-    ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
-    score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
-    return {k: score[k] for k in ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")}
+    return label_quality(labels, tiles)
 
 
 def markdown(doc: dict) -> str:

@@ -8,10 +8,13 @@ evaluation) runs here with the ``cpu-bench`` settings, so the only difference fr
 ``benchmarks/run_aerial_v1.py`` is the LDM's training budget. Source-only and oracle detectors
 (and the tiles) are copied from that run's work folder, so the baselines are the same models.
 
-    python benchmarks/gpu_ldm.py pack                       # here: .gpu_pack/ (git-ignored)
-    python benchmarks/gpu_ldm.py train --budget-s 300 --export "$OUT"   # on the GPU machine
-    python benchmarks/gpu_ldm.py unpack FOLDER_WITH_RETURNED_FILES      # here
+    python benchmarks/gpu_ldm.py pack --target kit          # here: .gpu_pack/kit-latents.npz (git-ignored)
+    python benchmarks/gpu_ldm.py train --target kit --budget-s 300 --export "$OUT/kit"   # on the GPU machine
+    python benchmarks/gpu_ldm.py unpack --target kit FOLDER_WITH_RETURNED_FILES         # here
     nohup python benchmarks/gpu_ldm.py evaluate > benchmarks/work/gpu-ldm.log 2>&1 &   # here, ~35 min
+
+``--target`` is ``kit`` (the ``cpu-bench`` run's tiles) or ``minsk`` (``cpu-bench-minsk``); ``unpack`` writes
+``benchmarks/work/gpu-ldm/<target>/model``, which an adapt run takes as ``generation.init_model``.
 
 Writes ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm.json``, ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-report/``
 and the training records in ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-training/``.
@@ -35,6 +38,8 @@ use_checkout()
 PACK_DIR = REPO / ".gpu_pack"
 PACK_FILE = PACK_DIR / "aerial-v1-latents.npz"
 CPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-cpu"
+#: The adapt run whose tiles each target's pack is made from.
+TARGET_WORK = {"kit": CPU_WORK, "minsk": REPO / "benchmarks" / "work" / "aerial-v1-minsk-cpu"}
 GPU_WORK = REPO / "benchmarks" / "work" / "aerial-v1-gpu-ldm"
 RESULTS = REPO / "benchmarks" / "results" / "gpu_ldm"
 SHARD_BYTES = 15_000_000
@@ -44,16 +49,17 @@ SHARD_BYTES = 15_000_000
 def pack(args: argparse.Namespace) -> None:
     from aerosynth.generation.latent_pack import write_latent_pack
 
-    tiles = CPU_WORK / "tiles"
+    work = TARGET_WORK[args.target]
+    tiles = work / "tiles"
     if not (tiles / "source-train").is_dir():
-        sys.exit(f"gpu_ldm pack: {tiles} has no tiles; run benchmarks/run_aerial_v1.py first")
-    cache = CPU_WORK / "ldm" / "stageA" / "cache" / "latents.pt"
-    tmp_cache = Path("/tmp/aerosynth-gpu-ldm-latents.pt")
+        sys.exit(f"gpu_ldm pack: {tiles} has no tiles; run `aerosynth adapt --preset ... --until tiles` first")
+    cache = work / "ldm" / "stageA" / "cache" / "latents.pt"
+    tmp_cache = Path(f"/tmp/aerosynth-gpu-ldm-latents-{args.target}.pt")
     if cache.is_file():  # reuse the CPU run's encoding (a copy: a key mismatch must not touch that run)
         shutil.copyfile(cache, tmp_cache)
     out = write_latent_pack(
         [tiles / "source-train", tiles / "target-train"],
-        PACK_FILE,
+        _pack_file(args.target),
         preset="cpu",
         autoencoder_dir=args.autoencoder_dir,
         max_per_group=args.max_per_group,
@@ -61,6 +67,10 @@ def pack(args: argparse.Namespace) -> None:
     )
     shutil.copytree(args.autoencoder_dir, PACK_DIR / "taef2", dirs_exist_ok=True)
     print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
+
+
+def _pack_file(target: str | None) -> Path:
+    return PACK_DIR / f"{target}-latents.npz" if target else PACK_FILE
 
 
 # ----------------------------------------------------------------------------- GPU: train
@@ -116,7 +126,8 @@ def train(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         "batch_size": args.batch_size,
         "budget_s": None if args.steps else args.budget_s,
-        "latent_pack": PACK_FILE.name,
+        "latent_pack": _pack_file(args.target).name,
+        "target": args.target,
         "args": args,
     }
     if args.device != "cpu":
@@ -154,7 +165,7 @@ def train(args: argparse.Namespace) -> None:
                 print(f"stage {stage} step {step}/{steps} {msg} ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
         model = train_stage(
-            stage, config(stage, steps, init), [], out, resume=False, on_step=on_step, latent_pack=PACK_FILE
+            stage, config(stage, steps, init), [], out, resume=False, on_step=on_step, latent_pack=_pack_file(args.target)
         )
         return model, stamps
 
@@ -227,7 +238,7 @@ def unpack(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
     src = Path(args.files)
-    model = GPU_WORK / "model"
+    model = GPU_WORK / "model" if args.target is None else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
     model.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "text_encoder"):
         state: dict = {}
@@ -238,7 +249,7 @@ def unpack(args: argparse.Namespace) -> None:
             state.update(load_file(str(part)))
         state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         save_file(state, str(model / f"{name}.safetensors"))
-    records = RESULTS / "aerial-v1-gpu-ldm-training"
+    records = RESULTS / ("aerial-v1-gpu-ldm-training" + (f"-{args.target}" if args.target else ""))
     shutil.rmtree(records, ignore_errors=True)
     records.mkdir(parents=True)
     with tarfile.open(src / "records.tar.gz") as tar:
@@ -302,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack", help="write .gpu_pack/ from the CPU run's tiles")
     p.add_argument("--autoencoder-dir", default=str(REPO.parent / "shared" / "weights" / "taef2"))
     p.add_argument("--max-per-group", type=int, default=1400)
+    p.add_argument("--target", choices=sorted(TARGET_WORK), default="kit")
     p = sub.add_parser("train", help="stages A-C from the pack on a wall-clock budget (the GPU machine)")
     p.add_argument("--export", required=True, help="folder for the fp16 weights and records")
+    p.add_argument("--target", choices=sorted(TARGET_WORK), help="train from .gpu_pack/<target>-latents.npz")
     p.add_argument("--work", default="/tmp/aerosynth-gpu-ldm")
     p.add_argument("--autoencoder-dir", default=str(PACK_DIR / "taef2"))
     p.add_argument("--device", default="cuda")
@@ -321,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ema-a", type=float, default=0.999)
     p = sub.add_parser("unpack", help="fp16 files back into a model folder (benchmarks/work/aerial-v1-gpu-ldm)")
     p.add_argument("files")
+    p.add_argument("--target", choices=sorted(TARGET_WORK), help="unpack into benchmarks/work/gpu-ldm/<target>/model")
     p.add_argument("--autoencoder-dir", default=str(REPO.parent / "shared" / "weights" / "taef2"))
     sub.add_parser("evaluate", help="synthesis, annotation, detectors and the report here (cpu-bench settings)")
     args = parser.parse_args(argv)

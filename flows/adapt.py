@@ -15,22 +15,24 @@ Work folder of a run::
       synthetic/<set>/            generation.sampling sets (source_cars, target_cars, target_empty, translation)
       annotation/relay|threshold/ annotation exports (YOLO, COCO, GeoJSON, preview, summary)
       detectors/<variant>/seed<k>/  detection.training outputs + predictions on target-test + metrics.json
+                                  (paired design: source-only first, every other variant fine-tuned from it)
+      detector.pt, detector.json  the recommended detector (detection.recommend) and its provenance
       report/                     report.md, report.json, PNGs
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from aerosynth.data.atomic import atomic_write_text
 from aerosynth.data.errors import InputError
 from aerosynth.flows.adapt_annotation import SKIPPED_FILE, annotate, label_real_target
 from aerosynth.flows.adapt_common import ORACLE, SOURCE_ONLY, split_domains
-from aerosynth.flows.adapt_detection import Variant, train_and_evaluate, variants
+from aerosynth.flows.adapt_detection import Variant, deliver_detector, train_and_evaluate, variants
 from aerosynth.flows.adapt_generation import synthesise, train_ldm
 from aerosynth.flows.adapt_report import (
     _publish_artifacts,
@@ -68,9 +70,9 @@ __all__ = [
 ]
 
 
-def _mean_ap50(paths: list[Path]) -> float:
-    vals = [json.loads((p / "metrics.json").read_text())["ap50"] for p in paths]
-    return sum(vals) / len(vals)
+def _resolve(futures: list) -> list[Path]:
+    """Wait for submitted detector tasks; the first failure is raised."""
+    return [Path(f.result()) for f in futures]
 
 
 # ------------------------------------------------------------------------ prefect
@@ -80,6 +82,7 @@ train_ldm_task = _task(train_ldm)
 annotate_task = _task(annotate)
 train_and_evaluate_task = _task(train_and_evaluate)
 report_task = _task(write_run_report)
+deliver_task = _task(deliver_detector)
 
 
 #: Steps after which ``until`` may stop the adapt flow (each one's output is kept; a later run resumes).
@@ -92,7 +95,7 @@ def check_until(until: str | None, name: str = "until") -> None:
         raise InputError(name, f"unknown step {until!r} (one of {', '.join(UNTIL_STEPS)})")
 
 
-@flow(name="adapt", log_prints=True)
+@flow(name="adapt", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def adapt_flow(config: dict, until: str | None = None) -> str:
     """The whole adapt job; ``config`` is an :class:`AdaptConfig` document. Returns the report path.
 
@@ -107,28 +110,36 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     tiles = prepare_tiles_task(cfg, work)
     if until == "tiles":
         return str(tiles)
-    model = train_ldm_task(cfg, work, tiles)
-    if until == "ldm":
-        return str(model)
-    sets = synthesise(cfg, work, tiles, model)
+    if not cfg.generation.enabled:
+        if until in ("ldm", "synthetic"):
+            raise InputError("until", f"generation.enabled is false: this run has no {until} step")
+        model, sets = None, {}
+    else:
+        model = train_ldm_task(cfg, work, tiles)
+        if until == "ldm":
+            return str(model)
+        sets = synthesise(cfg, work, tiles, model)
     if until == "synthetic":
         return str(work / "synthetic")
     d = cfg.detection
     runs: dict[str, list[Path]] = {}
     plan = variants(cfg, tiles, {}, {})
-    runs[SOURCE_ONLY] = [train_and_evaluate_task(cfg, work, tiles, plan[0], seed) for seed in d.seeds]
+    # F_S of every seed at once (Dask workers, or one after another in process)
+    runs[SOURCE_ONLY] = _resolve([train_and_evaluate_task.submit(cfg, work, tiles, plan[0], s) for s in d.seeds])
+    base = dict(zip(d.seeds, runs[SOURCE_ONLY], strict=True))
     labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0], model)
     if until == "annotation":
         return str(work / "annotation")
     adapted_seeds = d.adapted_seeds if d.adapted_seeds is not None else d.seeds
+    futures: dict[str, list] = {}
     for variant in variants(cfg, tiles, labelled, sets)[1:]:
-        seeds = d.seeds if variant.name == ORACLE else adapted_seeds
-        runs[variant.name] = [train_and_evaluate_task(cfg, work, tiles, variant, seed) for seed in seeds]
-    adapted = [v for v in variants(cfg, tiles, labelled, sets) if v.name not in (SOURCE_ONLY, ORACLE)]
-    if d.best_variant_all_seeds and adapted:
-        # protocol aerial-v1 point 8: the best variant is reported over all seeds (reporting only)
-        best = max(adapted, key=lambda v: _mean_ap50(runs[v.name]))
-        runs[best.name] = [train_and_evaluate_task(cfg, work, tiles, best, seed) for seed in d.seeds]
+        seeds = d.seeds if variant.kind in ("oracle", "control") else adapted_seeds
+        futures[variant.name] = [
+            train_and_evaluate_task.submit(cfg, work, tiles, variant, s, base.get(s) if variant.finetune else None)
+            for s in seeds
+        ]
+    runs.update({name: _resolve(fs) for name, fs in futures.items()})
+    deliver_task(cfg, work, runs)
     report = report_task(cfg, work, tiles, runs)
     _publish_artifacts(report)
     return str(report)

@@ -30,7 +30,7 @@ def annotate(
     targets = [sets[k] for k in ("target_cars", "target_empty") if k in sets]
     upstream = {k: v for k, v in sets.items() if k != "translation"}
     out: dict[str, Path] = {}
-    if a.relay.enabled:
+    if a.relay.enabled and "source_cars" in sets:  # no synthetic sets without an LDM
         from aerosynth.annotation.relay import RelayConfig, run_relay
 
         rcfg = RelayConfig(
@@ -58,7 +58,7 @@ def annotate(
         except InputError as exc:  # e.g. F_S finds no vehicle in the synthetic source images
             _logger().warning("relay skipped: %s", exc)
             _record_skipped(work, "relay", str(exc))
-    if a.threshold.enabled:
+    if a.threshold.enabled and targets:
         from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig, annotate_direct
 
         hcfg = HeatmapBoxConfig(**a.threshold.options)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-SOURCE_ONLY, ORACLE = "source-only", "oracle"
+SOURCE_ONLY, ORACLE, CONTINUED = "source-only", "oracle", "continued"
 
 
 def _logger() -> logging.Logger:

@@ -1,39 +1,87 @@
-"""Adapt step ``detectors/``: the detector variants of a run, each trained and evaluated on target-test."""
+"""Adapt step ``detectors/``: the detector variants of a run, each trained and evaluated on target-test.
+
+In the paired design (``detection.design: paired``, the default) the source-only detector F_S of each seed
+is trained first with the reference settings; every other variant of that seed fine-tunes from it for one
+shared budget (``detection.finetune``), so variants of a seed differ by their data only. The ``continued``
+control is the same fine-tuning on source tiles only: what the extra budget alone gives.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aerosynth.data.atomic import atomic_write_json
-from aerosynth.flows.adapt_common import ORACLE, SOURCE_ONLY, _key_path, _logger, _val_split
+from aerosynth.data.atomic import atomic_output_path, atomic_write_json
+from aerosynth.data.manifest import file_sha256
+from aerosynth.flows.adapt_common import (
+    CONTINUED,
+    ORACLE,
+    SOURCE_ONLY,
+    _key_path,
+    _logger,
+    _repo_relative,
+    _val_split,
+)
 from aerosynth.flows.config import AdaptConfig
-from aerosynth.flows.stage_cache import run_stage
+from aerosynth.flows.stage_cache import run_stage, stage_record
+
+#: What each variant's target data is, as the benchmark files name it.
+SYNTHETIC_SETS = ("relay", "threshold", "translation")
+
+
+def variant_kind(name: str) -> str:
+    """``source-only``, ``control``, ``real``, ``synthetic``, ``real+synthetic`` or ``oracle``."""
+    if name in (SOURCE_ONLY, ORACLE):
+        return name
+    if name == CONTINUED:
+        return "control"
+    parts = name.removesuffix("+source").split("+")
+    real = any(p.startswith("real-") for p in parts)
+    synthetic = any(p in SYNTHETIC_SETS for p in parts)
+    return "real+synthetic" if real and synthetic else "real" if real else "synthetic"
 
 
 @dataclass
 class Variant:
-    """One detector recipe: its training datasets and the stage folders they come from."""
+    """One detector recipe: its training datasets and the stage folders they come from.
+
+    ``finetune``: trained from the seed's source-only detector (paired design) rather than from scratch.
+    """
 
     name: str
     train: list[Any]
     upstream: dict[str, Path]
+    finetune: bool = False
+    kind: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.kind = self.kind or variant_kind(self.name)
 
 
 def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: dict[str, Path]) -> list[Variant]:
-    """Source-only, every adapted dataset mixed with the real source tiles (``<name>+source``), the oracle.
+    """Source-only, the continued control, every adapted dataset mixed with real source (``<name>+source``), oracle.
 
     Every adapted variant stands on the same footing: its target data (a labelled synthetic set, the
     translated source tiles or the labelled real target tiles) makes up ``1 - mix_source_fraction`` of
-    its training images, real source tiles the rest.
+    its training images, real source tiles the rest. In the paired design the oracle is mixed the same way
+    and every variant but source-only fine-tunes from F_S.
     """
     from aerosynth.detection.datasets import DatasetSpec
 
     d = config.detection
+    paired = d.design == "paired"
     whole = 1.0 if d.max_train_images else None  # with a cap, every variant sees the same number of images
     source = DatasetSpec(tiles / "source-train", name="source", fraction=whole)
     out = [Variant(SOURCE_ONLY, [source], {"tiles": tiles})]
+    if paired and d.continued:
+        out.append(
+            Variant(
+                CONTINUED, [DatasetSpec(tiles / "source-train", name="source", fraction=1.0)], {"tiles": tiles}, True
+            )
+        )
     adapted = dict(labelled)
     if "translation" in sets:
         adapted["translation"] = sets["translation"]
@@ -44,73 +92,204 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
             DatasetSpec(tiles / "source-train", name="source", fraction=f),
         ]
         stage = dataset if name == "translation" else dataset.parent  # a synthetic set is its own stage folder
-        out.append(Variant(f"{name}+source", mix, {"tiles": tiles, name: stage}))
+        out.append(Variant(f"{name}+source", mix, {"tiles": tiles, name: stage}, paired))
     if d.oracle:
-        oracle = DatasetSpec(
-            tiles / "target-train",
-            labels_dir=tiles / "evaluation" / "target-train" / "labels",
-            name="oracle",
-            fraction=whole,
-        )
-        out.append(Variant(ORACLE, [oracle], {"tiles": tiles}))
+        truth = tiles / "evaluation" / "target-train" / "labels"
+        if paired:
+            oracle = [
+                DatasetSpec(tiles / "target-train", labels_dir=truth, name="oracle", fraction=1 - f),
+                DatasetSpec(tiles / "source-train", name="source", fraction=f),
+            ]
+        else:
+            oracle = [DatasetSpec(tiles / "target-train", labels_dir=truth, name="oracle", fraction=whole)]
+        out.append(Variant(ORACLE, oracle, {"tiles": tiles}, paired))
     return out
 
 
-def train_and_evaluate(config: AdaptConfig, work: Path, tiles: Path, variant: Variant, seed: int) -> Path:
-    """Train one detector, predict on target-test, write ``metrics.json`` and ``predictions.json``."""
-    from aerosynth.data.tileset import open_evaluation_split
+def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path | None):
+    """The :class:`~aerosynth.detection.training.DetectorTrainConfig` of one variant and seed.
+
+    ``base``: the seed's source-only stage folder, which a fine-tuned variant starts from.
+    """
     from aerosynth.detection.augment import AugmentConfig
-    from aerosynth.detection.evaluation import evaluate_split
-    from aerosynth.detection.prediction import predict
-    from aerosynth.detection.training import DetectorTrainConfig, train_detector
+    from aerosynth.detection.training import DetectorTrainConfig
 
     d = config.detection
     augment = AugmentConfig() if d.augment else AugmentConfig.none()
-    dcfg = DetectorTrainConfig(
-        model=d.model,
-        epochs=d.epochs,
-        imgsz=d.imgsz,
-        batch=d.batch,
-        seed=seed,
-        patience=d.patience,
-        augment=augment,
-        device=config.device,
-        mix_total=d.max_train_images if any(s.fraction for s in variant.train) else None,
-        recipe=d.recipe,
-        checkpoint=d.checkpoint,
+    common = {
+        "imgsz": d.imgsz,
+        "batch": d.batch,
+        "seed": seed,
+        "patience": d.patience,
+        "augment": augment,
+        "device": config.device,
+        "recipe": d.recipe,
+        "checkpoint": d.checkpoint,
+    }
+    if not variant.finetune:
+        mix_total = d.max_train_images if any(s.fraction for s in variant.train) else None
+        return DetectorTrainConfig(model=d.model, epochs=d.epochs, mix_total=mix_total, **common)
+    if base is None:
+        raise ValueError(f"{variant.name} fine-tunes from the source-only detector of seed {seed}: none given")
+    ft = d.finetune
+    return DetectorTrainConfig(
+        model=str(Path(base) / "train" / "detector.pt"),
+        epochs=ft.epochs,
+        mix_total=ft.images,
+        extra={"lr0": ft.lr0, "warmup_epochs": ft.warmup_epochs, "close_mosaic": ft.close_mosaic},
+        **common,
     )
+
+
+def train_and_evaluate(
+    config: AdaptConfig, work: Path, tiles: Path, variant: Variant, seed: int, base: Path | None = None
+) -> Path:
+    """Train one detector, predict on target-test, write ``metrics.json`` and ``predictions.json``.
+
+    ``base`` is the seed's source-only stage folder (required for a fine-tuned variant). The detector
+    runs on ``detection.threads`` torch threads, whatever the runner, so that a run gives the same bytes
+    on Dask workers as in one process.
+    """
+    import torch
+
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import evaluate_split
+    from aerosynth.detection.prediction import predict
+    from aerosynth.detection.training import train_detector
+
+    d = config.detection
+    dcfg = detector_config(config, variant, seed, base)
+    reused = _reference_detector(config, work, variant, seed, dcfg) if variant.name == SOURCE_ONLY else None
 
     def build(out: Path) -> None:
         from aerosynth.detection.datasets import DatasetSpec
 
-        weights = train_detector(dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train")
-        test = open_evaluation_split(tiles, "target-test")
-        preds = predict(
-            weights,
-            [test.image_path(t.tile_id) for t in test],
-            conf=0.001,
-            imgsz=d.imgsz,
-            max_det=100,
-            device=config.device,
-        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(d.threads)
+        try:
+            if reused is not None:  # the reference F_S of an earlier run, trained with these settings
+                _logger().info("%s seed %d: reusing %s", variant.name, seed, reused)
+                shutil.copytree(reused / "train", out / "train", dirs_exist_ok=True)
+                weights = out / "train" / "detector.pt"
+            else:
+                weights = train_detector(dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train")
+            test = open_evaluation_split(tiles, "target-test")
+            preds = predict(
+                weights,
+                [test.image_path(t.tile_id) for t in test],
+                conf=0.001,
+                imgsz=d.imgsz,
+                max_det=100,
+                device=config.device,
+            )
+        finally:
+            torch.set_num_threads(threads)
         result = evaluate_split(test, preds)
+        if variant.name == SOURCE_ONLY:
+            atomic_write_json(out / "reference_key.json", reference_key(tiles, seed, dcfg))
         atomic_write_json(out / "metrics.json", result.to_dict())
         atomic_write_json(
             out / "predictions.json",
             {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(test.tiles, preds, strict=True))},
         )
 
-    train = [
-        s.to_dict() | {"path": _key_path(s.path, work), "labels_dir": _key_path(s.labels_dir, work)}
-        for s in variant.train
-    ]
-    settings = {"variant": variant.name, "train": train, "seed": seed, **dcfg.to_dict()}
+    settings = _settings(work, variant, seed, dcfg)
+    upstream = dict(variant.upstream)
+    if variant.finetune:
+        upstream["source_only"] = Path(base)
     out, _ = run_stage(
         f"detectors/{variant.name}/seed{seed}",
         work / "detectors" / variant.name / f"seed{seed}",
         settings,
-        variant.upstream,
+        upstream,
         build,
         _logger(),
     )
     return out
+
+
+def _settings(work: Path, variant: Variant, seed: int, dcfg) -> dict:
+    train = [
+        s.to_dict() | {"path": _key_path(s.path, work), "labels_dir": _key_path(s.labels_dir, work)}
+        for s in variant.train
+    ]
+    doc = {"variant": variant.name, "train": train, "seed": seed, **dcfg.to_dict()}
+    if variant.finetune:
+        doc["model"] = "source-only detector of this seed"  # its content joins the key through upstream
+    return doc
+
+
+def reference_key(tiles: Path, seed: int, dcfg) -> dict:
+    """What a source-only detector is trained from: the source splits' content and its settings."""
+    manifest = json.loads((tiles / "manifest.json").read_text())
+    splits = {
+        k: manifest["splits"][k].get("content_sha256")
+        for k in ("source-train", "source-val")
+        if k in manifest["splits"]
+    }
+    settings = {k: v for k, v in dcfg.to_dict().items() if k != "device"}
+    # as it reads back from reference_key.json (tuples become lists)
+    return json.loads(json.dumps({"source_splits": splits, "seed": seed, "settings": settings}))
+
+
+def _reference_detector(config: AdaptConfig, work: Path, variant: Variant, seed: int, dcfg) -> Path | None:
+    """The source-only stage folder of ``detection.reference_from`` trained exactly as this run's would be."""
+    other = config.detection.reference_from
+    if other is None:
+        return None
+    folder = _repo_relative(Path(other)) / "detectors" / SOURCE_ONLY / f"seed{seed}"
+    tiles = variant.upstream["tiles"]
+    mine = reference_key(tiles, seed, dcfg)
+    if stage_record(folder) is None or not (folder / "train" / "detector.pt").is_file():
+        _logger().info("detection.reference_from: no finished source-only seed %d in %s; training it here", seed, other)
+        return None
+    theirs_file = folder / "reference_key.json"
+    theirs = json.loads(theirs_file.read_text()) if theirs_file.is_file() else None
+    if theirs != mine:
+        _logger().info(
+            "detection.reference_from: %s was trained from other source tiles or settings; training here", folder
+        )
+        return None
+    return folder
+
+
+def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]]) -> Path | None:
+    """Write the recommended detector as ``WORK/detector.pt`` with ``WORK/detector.json`` (its provenance).
+
+    The variant is the first of ``detection.recommend`` this run built, else source-only; its first seed's
+    detector is taken. Nothing about target labels enters the choice.
+    """
+    d = config.detection
+    order = [v for v in d.recommend if runs.get(v)]
+    name = order[0] if order else SOURCE_ONLY
+    if not runs.get(name):
+        return None
+    folder = runs[name][0]
+    weights = folder / "train" / "detector.pt"
+    how = (
+        f"the first of detection.recommend ({', '.join(d.recommend)}) built by this run, seed {d.seeds[0]}: a fixed "
+        "order measured on aerial-v1 Munich and Minsk, no target label read"
+        if order
+        else "no variant of detection.recommend was built: the source-only detector"
+    )
+    trained = (
+        json.loads((weights.parent / "detector.json").read_text())
+        if (weights.parent / "detector.json").is_file()
+        else {}
+    )
+    doc = {
+        "variant": name,
+        "kind": variant_kind(name),
+        "seed": int(folder.name.removeprefix("seed")),
+        "how_chosen": how,
+        "from": _key_path(weights, work),
+        "sha256": file_sha256(weights),
+        "imgsz": d.imgsz,
+        "gsd_m": trained.get("gsd"),
+        "training": trained.get("config"),
+        "target_test_ap50": json.loads((folder / "metrics.json").read_text()).get("ap50"),
+    }
+    with atomic_output_path(work / "detector.pt") as tmp:
+        shutil.copyfile(weights, tmp)
+    atomic_write_json(work / "detector.json", doc)
+    return work / "detector.pt"

@@ -42,8 +42,16 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         predictions=predictions,
         manifests=manifests,
         title=title,
-        diagnostics=synthetic_diagnostics(config, work, tiles, runs[SOURCE_ONLY][0]) if runs.get(SOURCE_ONLY) else None,
+        diagnostics=(
+            synthetic_diagnostics(config, work, tiles, runs[SOURCE_ONLY][0])
+            if runs.get(SOURCE_ONLY) and config.generation.enabled
+            else None
+        ),
     )
+    recommended = recommendation_line(work)
+    if recommended:
+        head, _, rest = report.read_text().partition("\n")
+        atomic_write_text(report, f"{head}\n\n{recommended}\n{rest}")
     samples = write_synthetic_samples(work / "synthetic", report.parent / "synthetic_samples.png")
     if samples is not None:
         atomic_write_text(
@@ -57,6 +65,20 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
     if lines:
         atomic_write_text(report, report.read_text() + "\n## Variants not run\n\n" + "\n".join(lines) + "\n")
     return report
+
+
+def recommendation_line(work: Path) -> str | None:
+    """One line on the detector the run hands over (``WORK/detector.json``), or ``None`` when there is none."""
+    path = work / "detector.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    ap = doc.get("target_test_ap50")
+    score = f", AP50 {ap:.3f} on target-test (measured after the choice)" if isinstance(ap, float) else ""
+    return (
+        f"**Detector handed over:** `detector.pt` = `{doc['variant']}` seed {doc['seed']} ({doc['kind']}){score}; "
+        f"chosen as {doc['how_chosen']}."
+    )
 
 
 def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) -> Path | None:

@@ -39,6 +39,10 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
                 raise InputError("config.data.test_groups", "name the target groups held out for target-test")
             src = open_domain(d.source, d.source_gsd, d.bands)
             tgt = open_domain(d.target, d.target_gsd, d.bands)
+            if d.classes:
+                from aerosynth.data.classes import choose_classes
+
+                choose_classes([src, tgt], [str(c) for c in d.classes], "config.data.classes")
             spec = custom_spec(
                 src,
                 tgt,

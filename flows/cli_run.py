@@ -110,7 +110,9 @@ def _demo_note(report_md: Path, quick: bool = False) -> str:
 
 def adapt(
     config: Annotated[Path | None, typer.Option(help="YAML config (see flows/config.py and configs/).")] = None,
-    preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (a config file may name one).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="demo, cpu-bench, cpu-bench-minsk or gpu (a config file may name one).")
+    ] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Override the config's work_dir.")] = None,
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
     runner: Annotated[
@@ -198,7 +200,10 @@ def retrain(
         str, typer.Option(help="Evaluation split of --tiles (boxes; never trained on).")
     ] = "target-test",
     baseline: Annotated[
-        Path | None, typer.Option(help="Detector .pt made production when the registry has none.")
+        Path | None,
+        typer.Option(
+            help="Detector .pt made production when the registry has none, or an adapt run folder (its detector.pt)."
+        ),
     ] = None,
     flags: Annotated[str, typer.Option(help="auto (given, else production detector), given or detector.")] = "auto",
     flag_threshold: Annotated[
@@ -215,6 +220,9 @@ def retrain(
     """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
     if baseline is not None:  # before the flows (and Prefect) are imported
         from aerosynth.detection.prediction import check_detector_file
+
+        if baseline.is_dir():  # an adapt run: the detector it handed over
+            baseline = baseline / "detector.pt"
 
         check_detector_file(baseline)
     from aerosynth.detection.promotion import ensure_registry

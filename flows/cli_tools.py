@@ -241,10 +241,26 @@ def evaluate(
         atomic_write_json(out, result.to_dict())
 
 
+def run_detector(model: Path | None, run: Path | None) -> Path:
+    """``--model``, else the detector an adapt run handed over (``RUN/detector.pt``)."""
+    if model is not None and run is not None:
+        raise InputError("--model", "give --model or --run, not both")
+    if model is not None:
+        return model
+    if run is None:
+        raise InputError("--model", "give a detector .pt with --model, or an adapt run folder with --run")
+    if not (run / "detector.pt").is_file():
+        raise InputError(run, "no detector.pt: not an adapt run folder, or the run has not finished its detectors")
+    return run / "detector.pt"
+
+
 def detect(
     raster: Annotated[Path, typer.Argument(help="GeoTIFF to search.")],
-    model: Annotated[Path, typer.Option(help="Trained detector .pt.")],
     out: Annotated[Path, typer.Option(help="Output GeoJSON (the raster's CRS).")],
+    model: Annotated[Path | None, typer.Option(help="Trained detector .pt (default: --run's detector.pt).")] = None,
+    run: Annotated[
+        Path | None, typer.Option(help="An adapt run folder: its recommended detector, RUN/detector.pt.")
+    ] = None,
     conf: Annotated[float, typer.Option(help="Lowest confidence kept.")] = 0.25,
     gsd: Annotated[float | None, typer.Option(help="Detector GSD in m/px (default: recorded with the model).")] = None,
     overlap: Annotated[int, typer.Option(help="Overlap of the sliding windows in pixels.")] = 32,
@@ -255,6 +271,7 @@ def detect(
     from aerosynth.detection.prediction import check_detector_file
     from aerosynth.detection.slicing import detect_raster
 
+    model = run_detector(model, run)
     check_detector_file(model)
     band_list = [int(b) for b in bands.split(",")] if bands else None
     n = detect_raster(raster, model, out, conf=conf, target_gsd=gsd, overlap=overlap, to_wgs84=wgs84, bands=band_list)

@@ -37,6 +37,9 @@ class DataSettings(Strict):
     train_groups: list[str] = []
     exclude_groups: list[str] = []
     bands: list[int] | None = None
+    # vehicle classes of multi-class custom labels (YOLO ids / COCO category ids, or names from data.yaml or
+    # the COCO categories); None: class 0 only, other ids refused (as `aerosynth data prepare --classes`)
+    classes: list[int | str] | None = None
     gsd: float = Field(0.125, gt=0)
     tile_size: int = Field(128, ge=32)
 
@@ -100,9 +103,11 @@ class GenerationSettings(Strict):
     ``model`` is a preset built from config; ``pretrained_dir`` a local Stable Diffusion 1.x folder
     to start stage A from (``image_size``: its training side, default 512; tiles are resized);
     ``init_model`` an aerosynth model folder to continue from (e.g. one fine-tuned on several GPUs
-    with ``aerosynth.generation.train_cli``).
+    with ``aerosynth.generation.train_cli``). ``enabled: false`` runs without an LDM: no synthetic sets and no
+    heat-map labels; the real target tiles are labelled by F_S and their weak flags only.
     """
 
+    enabled: bool = True
     model: Literal["tiny", "cpu", "sd15"] = "tiny"
     pretrained_dir: Path | None = None
     image_size: int | None = Field(None, ge=64)
@@ -169,29 +174,55 @@ class AnnotationSettings(Strict):
     real_target: RealTargetSettings = RealTargetSettings()
 
 
-class DetectionSettings(Strict):
-    """The final detectors: source-only, each adapted variant and the oracle, per seed.
+class FinetuneSettings(Strict):
+    """Fine-tuning of the seed's source-only detector (the paired design): one budget for every variant.
 
-    ``seeds`` are used for source-only and the oracle; ``adapted_seeds`` (default: the same) for
-    each adapted variant; ``best_variant_all_seeds`` reruns the best adapted variant with every
-    seed of ``seeds`` for the report. ``max_train_images`` gives every detector the same number of
-    training images per epoch (datasets resampled to it), so variants share one budget.
+    Defaults are the paired benchmark's (aerial-v1 items 9-10): 3 epochs of 1280 images (half real
+    source, half the variant's target data), lr0 0.002, no warm-up, mosaic off in the last epoch.
+    """
+
+    epochs: int = Field(3, ge=1)
+    images: int | None = Field(1280, ge=1)
+    lr0: float = Field(0.002, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    close_mosaic: int = Field(1, ge=0)
+
+
+class DetectionSettings(Strict):
+    """The final detectors: source-only, each adapted variant, the continued control and the oracle, per seed.
+
+    ``design: paired`` (default): the source-only detector F_S of each seed is trained first (``epochs``,
+    ``batch``, ``recipe``, ``checkpoint``, ``max_train_images``); every other variant of that seed, the
+    oracle and the ``continued`` control (the same fine-tuning on source tiles only) are fine-tuned from
+    it for one shared budget (``finetune``), with ``mix_source_fraction`` real source tiles. ``design:
+    independent`` trains every variant from scratch with the source-only settings (the older design).
+    ``seeds`` are used for every variant (``adapted_seeds`` narrows the adapted ones). ``threads`` is the
+    torch threads of each detector, in every runner, so a run on Dask gives the bytes of a sequential one.
+    ``recommend`` lists the adapted variants in the order the run recommends them (the first one built
+    becomes ``WORK/detector.pt``): a fixed order measured on both aerial-v1 targets, no target label read.
+    ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
+    they were trained with these settings on the same source tiles (their key matches).
     """
 
     model: str = "yolov8n.yaml"
+    design: Literal["paired", "independent"] = "paired"
     epochs: int = Field(10, ge=1)
     patience: int = Field(5, ge=1)
     batch: int = Field(16, ge=1)
     imgsz: int = Field(128, ge=32)
     seeds: list[int] = Field([0], min_length=1)
     adapted_seeds: list[int] | None = None
-    best_variant_all_seeds: bool = False
     max_train_images: int | None = Field(None, ge=1)
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
+    continued: bool = True
     augment: bool = True
     recipe: Literal["aerosynth", "reference"] = "aerosynth"
     checkpoint: Literal["last", "best"] = "last"
+    finetune: FinetuneSettings = FinetuneSettings()
+    threads: int = Field(1, ge=1)
+    recommend: list[str] = ["real-heatmap+source", "real-self-training+source"]
+    reference_from: Path | None = None
 
 
 class AdaptConfig(Strict):
@@ -249,6 +280,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "seeds": [0],
             "augment": False,
             "max_train_images": 208,
+            "finetune": {"epochs": 4, "images": 208, "lr0": 0.005},
+            "continued": False,
         },
     },
     # The smallest run that exercises every stage (seconds per stage): `aerosynth demo --quick`, the tests.
@@ -266,12 +299,22 @@ PRESETS: dict[str, dict[str, Any]] = {
             "counts": {"source_cars": 4, "target_cars": 4, "target_empty": 2},
         },
         "annotation": {"relay": {"source_epochs": 1, "heatmap_epochs": 1, "patience": 1, "augment": False}},
-        "detection": {"epochs": 1, "patience": 1, "seeds": [0], "augment": False},
+        "detection": {
+            "epochs": 1,
+            "patience": 1,
+            "seeds": [0],
+            "augment": False,
+            "finetune": {"epochs": 1, "images": 32},
+        },
     },
     # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.py), TAEF2 autoencoder.
+    # aerial-v1 Madison -> Munich (KIT) on 2 CPU cores: the LDM recipe of box_ldm.py's stageA-v, real-tile and
+    # synthetic variants, detectors in the paired design (aerial-v1 items 9-10) on two Dask workers.
     "cpu-bench": {
         "name": "aerial-v1-cpu",
         "work_dir": "benchmarks/work/aerial-v1-cpu",
+        "runner": "dask",
+        "dask_workers": 2,
         "data": {"preset": "aerial-v1"},
         "generation": {
             "model": "cpu",
@@ -285,16 +328,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             "counts": {"source_cars": 128, "target_cars": 256, "target_empty": 64},
             "translation": {"enabled": True, "strength": 0.5, "max_tiles": 512},
         },
-        "annotation": {"relay": {"source_epochs": 8, "heatmap_epochs": 12, "patience": 4}},
+        # the relay trains two more detectors from scratch per run; it is measured on its own (issue 22)
+        "annotation": {"relay": {"enabled": False}},
         "detection": {
+            # F_S: the reference recipe (8 epochs of the 5320 source-train tiles, final weights); every other
+            # variant fine-tunes from it with the `finetune` defaults (3 epochs of 1280 images)
             "epochs": 8,
-            "patience": 4,
+            "patience": 100,
             "batch": 32,
+            "recipe": "reference",
+            "checkpoint": "last",
             "seeds": [0, 1, 2],
-            "adapted_seeds": [0],
-            "best_variant_all_seeds": True,
-            "max_train_images": 800,
         },
+    },
+    # the same on Madison -> Minsk (protocol item 10): the larger, steadier gap
+    "cpu-bench-minsk": {
+        "name": "aerial-v1-minsk-cpu",
+        "work_dir": "benchmarks/work/aerial-v1-minsk-cpu",
+        "data": {"preset": "aerial-v1-minsk"},
     },
     # aerial-v1 on a CUDA GPU: larger budgets everywhere.
     "gpu": {
@@ -333,6 +384,16 @@ def _field_path(loc: tuple) -> str:
     return "config." + ".".join(str(p) for p in loc) if loc else "config"
 
 
+#: Presets written as changes to another preset.
+PRESET_BASES: dict[str, str] = {"cpu-bench-minsk": "cpu-bench"}
+
+
+def preset_document(name: str) -> dict[str, Any]:
+    """A preset's whole document (a preset listed in :data:`PRESET_BASES` merged over its base)."""
+    base = PRESET_BASES.get(name)
+    return _merge(preset_document(base), PRESETS[name]) if base else copy.deepcopy(PRESETS[name])
+
+
 def build_config(doc: dict[str, Any] | None = None, where: str = "config") -> AdaptConfig:
     """Validate a config document (with an optional ``preset:`` underneath it).
 
@@ -344,7 +405,7 @@ def build_config(doc: dict[str, Any] | None = None, where: str = "config") -> Ad
     if preset is not None:
         if preset not in PRESETS:
             raise InputError(f"{where}: preset", f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
-        doc = _merge(PRESETS[preset], doc)
+        doc = _merge(preset_document(preset), doc)
     try:
         return AdaptConfig.model_validate(doc)
     except ValidationError as exc:

@@ -201,15 +201,17 @@ def readapt(
     sets = adapt.synthesise(cfg, work, tiles, model)
     relay, real = cfg.annotation.relay, cfg.annotation.real_target
     source_only = None
-    if (relay.enabled and relay.reuse_source_only) or (real.enabled and "self-training" in real.methods):
-        # as in the adapt flow: F_S (relay, self-training) is the source-only detector
+    paired = cfg.detection.design == "paired"
+    if paired or (relay.enabled and relay.reuse_source_only) or (real.enabled and "self-training" in real.methods):
+        # as in the adapt flow: F_S (relay, self-training, the paired design's start) is the source-only detector
         source_only = train_and_evaluate(cfg, work, tiles, adapt.variants(cfg, tiles, {}, {})[0], seed)
     labelled = annotate(cfg, work, tiles, sets, source_only, model)
     available = {v.name: v for v in adapt.variants(cfg, tiles, labelled, sets) if v.name != adapt.ORACLE}
     name = variant or next((n for n in CANDIDATE_ORDER if n in available), None)
     if name not in available:
         raise InputError("variant", f"{name!r} is not produced by this config (one of {', '.join(sorted(available))})")
-    return name, train_and_evaluate(cfg, work, tiles, available[name], seed)
+    chosen = available[name]
+    return name, train_and_evaluate(cfg, work, tiles, chosen, seed, source_only if chosen.finetune else None)
 
 
 # ------------------------------------------------------------------------------ report

@@ -123,13 +123,14 @@ def write_latent_pack(
         raise InputError("train_splits", "no training split given")
     ldm = build_ldm(preset, autoencoder_dir)
     tiles = load_tiles([Path(s) for s in train_splits], ldm.spec.image_size)
-    with torch.no_grad():
-        if cache is None:
-            latents = torch.cat([ldm.codec.encode(tiles.images[i : i + 16]) for i in range(0, len(tiles.names), 16)])
-        else:
-            latents = _encode_latents(ldm, tiles, Path(cache))
     keep = thin_groups(tiles.domains, tiles.has_vehicle, max_per_group)
-    codes, low, high = quantise(latents[keep])
+    with torch.no_grad():
+        if cache is not None and (Path(cache).is_file() or len(keep) == len(tiles.names)):
+            latents = _encode_latents(ldm, tiles, Path(cache))[keep]  # reuse (or fill) a stage's cache
+        else:  # only the tiles kept: thinning first saves most of the encoding of near-duplicate frames
+            images = tiles.images[torch.as_tensor(keep, dtype=torch.long)]
+            latents = torch.cat([ldm.codec.encode(images[i : i + 16]) for i in range(0, len(keep), 16)])
+    codes, low, high = quantise(latents)
     meta = {
         "format": PACK_FORMAT,
         "codec": ldm.codec.kind,

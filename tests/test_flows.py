@@ -52,6 +52,7 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     assert expected <= set(records)
     variants = {
         "source-only",
+        "continued",
         "relay+source",
         "threshold+source",
         "translation+source",
@@ -67,6 +68,18 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     assert (report.parent / "synthetic_samples.png").stat().st_size > 1000
     assert "synthetic_samples.png" in report.read_text()
     assert "gap closure" in report.read_text()
+    # paired design: every variant but source-only fine-tuned from the seed's source-only detector
+    source_only = work / "detectors" / "source-only" / "seed0" / "train" / "detector.pt"
+    for variant in variants - {"source-only"}:
+        trained = json.loads((work / "detectors" / variant / "seed0" / "train" / "detector.json").read_text())
+        assert Path(trained["config"]["model"]) == source_only, variant
+    # one adapted detector handed over, chosen by the fixed order (no target label), named in the report
+    handed = json.loads((work / "detector.json").read_text())
+    assert handed["variant"] == "real-heatmap+source" and handed["seed"] == 0
+    assert (work / "detector.pt").read_bytes() == (
+        work / "detectors" / "real-heatmap+source" / "seed0" / "train" / "detector.pt"
+    ).read_bytes()
+    assert "Detector handed over:** `detector.pt` = `real-heatmap+source`" in report.read_text()
     # the real target-train tiles were labelled from flags + proposals: tiles flagged empty have no box
     for method in ("self-training", "heatmap"):
         dataset = work / "annotation" / f"real-{method}" / "dataset"
@@ -271,3 +284,25 @@ def test_the_readme_example_config_is_valid_and_means_what_it_says():
     assert g.stage_c.learning_rate == 1e-5 and g.stage_b.train_unet is None
     assert cfg.annotation.real_target.noise_levels() == [0.1, 0.3, 0.5]
     assert cfg.annotation.real_target.heatmap_models == "chosen"
+
+
+def test_detect_takes_the_detector_the_run_handed_over(tiny_run, tmp_path):
+    """A user's last step: the run's detector.pt over a whole GeoTIFF, GeoJSON in the raster's CRS."""
+    import rasterio
+
+    from aerosynth.flows.cli import main
+
+    work, _, _ = tiny_run
+    raster = sorted((work / "demo-raw").rglob("*.tif"))[0]
+    out = tmp_path / "cars.geojson"
+    assert main(["detect", str(raster), "--run", str(work), "--out", str(out), "--conf", "0.001"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["type"] == "FeatureCollection"
+    with rasterio.open(raster) as src:
+        crs, bounds = src.crs, src.bounds
+    assert doc["crs"]["properties"]["name"].endswith(crs.to_string().replace(":", "::"))
+    assert doc["features"], "a detector at confidence 0.001 finds something"
+    for feature in doc["features"]:
+        x, y = feature["geometry"]["coordinates"][0][0]
+        assert bounds.left - 1 <= x <= bounds.right + 1 and bounds.bottom - 1 <= y <= bounds.top + 1
+    assert main(["detect", str(raster), "--run", str(tmp_path), "--out", str(out)]) == 2  # no detector.pt there

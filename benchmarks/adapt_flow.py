@@ -1,0 +1,164 @@
+"""The adapt flow as a user runs it, on aerial-v1 (Munich) and its Minsk item: wall time and every detector's AP50.
+
+One code path: this script only runs ``aerosynth adapt`` (a subprocess, the console script) and reads what
+the run wrote. Figures go to ``benchmarks/results/adapt_flow_<target>.json``::
+
+    {"target", "command", "wall_s", "recommended", "variants": {NAME: {"kind", "per_seed", ...}}, ...}
+
+Real-tile variants carry the precision/recall/F1 of their labels against the true target-train boxes
+(``labels``), read here after the run through the evaluation API: nothing in the run reads them.
+
+    python benchmarks/adapt_flow.py run --target kit            # aerosynth adapt --preset cpu-bench
+    python benchmarks/adapt_flow.py run --target minsk          # aerosynth adapt --preset cpu-bench-minsk
+    python benchmarks/adapt_flow.py collect --target kit        # the JSON again from a finished run
+    python benchmarks/adapt_flow.py run --target kit --config benchmarks/configs/X.yaml   # an experiment
+
+A rerun resumes: every finished stage of the run folder is skipped (the wall time is then that of the
+rerun; ``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import use_checkout  # noqa: E402
+
+use_checkout()
+
+PRESETS = {"kit": "cpu-bench", "minsk": "cpu-bench-minsk"}
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def run_dir(config_path: Path | None, target: str, work_dir: str | None) -> Path:
+    from aerosynth.flows.config import load_config
+
+    cfg = load_config(config_path, preset=None if config_path else PRESETS[target])
+    return REPO / (work_dir or cfg.work_dir)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``aerosynth adapt`` for one target, timed; then :func:`collect`."""
+    cmd = ["aerosynth", "adapt"]
+    cmd += ["--config", str(args.config)] if args.config else ["--preset", PRESETS[args.target]]
+    if args.work_dir:
+        cmd += ["--work-dir", args.work_dir]
+    if args.runner:
+        cmd += ["--runner", args.runner]
+    if args.fresh:
+        cmd.append("--fresh")
+    log = REPO / "benchmarks" / "work" / f"adapt_flow_{args.target}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$", shlex.join(cmd), f"> {log.relative_to(REPO)}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    wall = round(time.perf_counter() - t0, 1)
+    if rc != 0:
+        sys.exit(f"adapt_flow: `{shlex.join(cmd)}` failed ({rc}); see {log}")
+    return collect(args, command=shlex.join(cmd), wall_s=wall)
+
+
+def collect(args: argparse.Namespace, command: str | None = None, wall_s: float | None = None) -> dict:
+    """The run folder's detectors, per variant and seed, with paired statistics; written as JSON."""
+    import numpy as np
+
+    from aerosynth.annotation.metrics import label_quality
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.flows.adapt_detection import variant_kind
+
+    work = run_dir(args.config, args.target, args.work_dir)
+    out = Path(args.out) if args.out else RESULTS / f"adapt_flow_{args.target}.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    table: dict = {}
+    for folder in sorted((work / "detectors").iterdir()):
+        per_seed = {}
+        for seed_dir in sorted(folder.glob("seed*")):
+            metrics = seed_dir / "metrics.json"
+            if metrics.is_file():
+                per_seed[seed_dir.name.removeprefix("seed")] = round(json.loads(metrics.read_text())["ap50"], 4)
+        if per_seed:
+            table[folder.name] = {"kind": variant_kind(folder.name), "per_seed": per_seed}
+    base = table.get("source-only", {}).get("per_seed", {})
+    oracle = table.get("oracle", {}).get("per_seed", {})
+    for name, row in table.items():
+        vals = np.array(list(row["per_seed"].values()))
+        row["mean"] = round(float(vals.mean()), 4)
+        row["std"] = round(float(vals.std(ddof=1)), 4) if len(vals) > 1 else 0.0
+        if name != "source-only" and base:
+            diffs = {s: v - base[s] for s, v in row["per_seed"].items() if s in base}
+            row["above_source_only_on_every_seed"] = bool(diffs) and all(d > 0 for d in diffs.values())
+            closure = [
+                (v - base[s]) / (oracle[s] - base[s])
+                for s, v in row["per_seed"].items()
+                if s in base and s in oracle and oracle[s] != base[s]
+            ]
+            if closure and name != "oracle":
+                row["gap_closure_mean"] = round(float(np.mean(closure)), 3)
+        dataset = work / "annotation" / name.removesuffix("+source") / "dataset"
+        if row["kind"] == "real" and (dataset / "labels").is_dir():
+            row["labels"] = label_quality(dataset / "labels", work / "tiles")
+    handed = json.loads((work / "detector.json").read_text()) if (work / "detector.json").is_file() else {}
+    recommended = handed.get("variant")
+    adapted = [n for n, r in table.items() if r["kind"] not in ("source-only", "oracle", "control")]
+    picked_best = {}
+    for seed in base:
+        scores = {n: table[n]["per_seed"][seed] for n in adapted if seed in table[n]["per_seed"]}
+        if scores and recommended in scores:
+            picked_best[seed] = scores[recommended] == max(scores.values())
+    config = json.loads(json.dumps(__import__("yaml").safe_load((work / "config.yaml").read_text())))
+    doc = {
+        "target": args.target,
+        "command": command or previous.get("command"),
+        "wall_s": wall_s if wall_s is not None else previous.get("wall_s"),
+        "machine": f"{os.cpu_count()} CPU cores",
+        "recommended": recommended,
+        "recommended_how": handed.get("how_chosen"),
+        "recommended_was_best_adapted_per_seed": picked_best,
+        "variants": table,
+        "stage_seconds": _stage_seconds(work),
+        "detection": config.get("detection"),
+        "ldm": {k: config["generation"].get(k) for k in ("model", "init_model")},
+    }
+    atomic_write_json(out, doc)
+    print(json.dumps({n: (r["kind"], r["mean"], r["per_seed"]) for n, r in table.items()}, indent=1))
+    return doc
+
+
+def _stage_seconds(work: Path) -> dict:
+    """Seconds each stage of the run took (from its stage records), the detectors summed per variant."""
+    out: dict = {}
+    for rec in sorted(work.rglob("stage_done.json")):
+        name = str(rec.parent.relative_to(work))
+        key = name.rsplit("/seed", 1)[0] if name.startswith("detectors/") else name
+        out[key] = round(out.get(key, 0.0) + json.loads(rec.read_text()).get("seconds", 0.0), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "collect"):
+        p = sub.add_parser(name)
+        p.add_argument("--target", choices=sorted(PRESETS), required=True)
+        p.add_argument("--config", type=Path, help="a config file instead of the target's preset")
+        p.add_argument("--work-dir", help="the run folder (default: the preset's)")
+        p.add_argument("--out", help="the JSON written (default benchmarks/results/adapt_flow_<target>.json)")
+        if name == "run":
+            p.add_argument("--runner", choices=["sequential", "dask"])
+            p.add_argument("--fresh", action="store_true")
+    args = parser.parse_args(argv)
+    run(args) if args.cmd == "run" else collect(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

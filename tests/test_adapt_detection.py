@@ -1,0 +1,123 @@
+"""The adapt flow's detector step: paired design, Dask concurrency with a sequential run's bytes, F_S reuse."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from aerosynth.flows.config import build_config
+from tests.conftest import TINY_ADAPT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> tuple[dict, Path]:
+    from aerosynth.flows.adapt_tiles import prepare_tiles
+
+    work = tmp_path_factory.mktemp("detectors") / "run"
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["work_dir"] = str(work)
+    return doc, prepare_tiles(build_config(doc), work)
+
+
+def _flow():
+    from prefect import flow
+
+    from aerosynth.flows.adapt import _resolve, train_and_evaluate_task, variants
+
+    @flow(name="detectors-only")
+    def detectors(doc: dict, tiles: str) -> list[str]:
+        cfg = build_config(doc)
+        source_only = variants(cfg, Path(tiles), {}, {})[0]
+        futures = [train_and_evaluate_task.submit(cfg, Path(cfg.work_dir), Path(tiles), source_only, s) for s in (0, 1)]
+        return [str(p) for p in _resolve(futures)]
+
+    return detectors
+
+
+def test_two_dask_workers_give_the_bytes_of_a_sequential_run(prefect_harness, tiles, tmp_path):
+    from aerosynth.flows.scale import task_runner
+
+    doc, tiles_dir = tiles
+    outputs = {}
+    for runner in ("sequential", "dask"):
+        run = copy.deepcopy(doc)
+        run["work_dir"] = str(tmp_path / runner)
+        flow = _flow().with_options(task_runner=task_runner(runner, workers=2))
+        folders = [Path(p) for p in flow(run, str(tiles_dir))]
+        assert [f.name for f in folders] == ["seed0", "seed1"]
+        outputs[runner] = [((f / "metrics.json").read_bytes(), (f / "predictions.json").read_bytes()) for f in folders]
+    assert outputs["dask"] == outputs["sequential"]
+    # the two seeds are two different detectors (the comparison above is not between empty files)
+    assert outputs["sequential"][0][1] != outputs["sequential"][1][1]
+
+
+def test_fine_tuned_variants_start_from_their_seed_source_only(tiles, tmp_path):
+    from aerosynth.flows.adapt_detection import detector_config, train_and_evaluate, variants
+
+    doc, tiles_dir = tiles
+    cfg = build_config({**doc, "work_dir": str(tmp_path / "run")})
+    plan = {v.name: v for v in variants(cfg, tiles_dir, {}, {})}
+    assert set(plan) == {"source-only", "continued", "oracle"}
+    assert {n: v.kind for n, v in plan.items()} == {
+        "source-only": "source-only",
+        "continued": "control",
+        "oracle": "oracle",
+    }
+    assert not plan["source-only"].finetune and plan["continued"].finetune and plan["oracle"].finetune
+    # the oracle is mixed with source tiles like every adapted variant; the control sees source only
+    assert [s.name for s in plan["oracle"].train] == ["oracle", "source"]
+    assert [s.name for s in plan["continued"].train] == ["source"]
+    with pytest.raises(ValueError, match="fine-tunes from the source-only detector"):
+        detector_config(cfg, plan["continued"], 0, None)
+    fs = train_and_evaluate(cfg, tmp_path / "run", tiles_dir, plan["source-only"], 0)
+    ft = detector_config(cfg, plan["continued"], 0, fs)
+    assert Path(ft.model) == fs / "train" / "detector.pt"
+    assert (ft.epochs, ft.mix_total, ft.extra["lr0"]) == (1, 32, cfg.detection.finetune.lr0)
+
+
+def test_reference_from_reuses_a_matching_source_only_detector(tiles, tmp_path):
+    from aerosynth.flows.adapt_detection import train_and_evaluate, variants
+
+    doc, tiles_dir = tiles
+    first = build_config({**doc, "work_dir": str(tmp_path / "first")})
+    fs = train_and_evaluate(first, tmp_path / "first", tiles_dir, variants(first, tiles_dir, {}, {})[0], 0)
+    weights = (fs / "train" / "detector.pt").read_bytes()
+
+    reuse = copy.deepcopy(doc)
+    reuse["work_dir"] = str(tmp_path / "second")
+    reuse["detection"]["reference_from"] = str(tmp_path / "first")
+    second = build_config(reuse)
+    out = train_and_evaluate(second, tmp_path / "second", tiles_dir, variants(second, tiles_dir, {}, {})[0], 0)
+    assert (out / "train" / "detector.pt").read_bytes() == weights
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((fs / "metrics.json").read_text())
+
+    # other settings (another budget): not reused, trained again
+    other = copy.deepcopy(reuse)
+    other["work_dir"] = str(tmp_path / "third")
+    other["detection"]["batch"] = 4
+    third = build_config(other)
+    out = train_and_evaluate(third, tmp_path / "third", tiles_dir, variants(third, tiles_dir, {}, {})[0], 0)
+    trained = json.loads((out / "train" / "detector.json").read_text())
+    assert trained["config"]["batch"] == 4
+
+
+def test_detect_takes_the_run_detector_by_default(tmp_path):
+    from aerosynth.data.errors import InputError
+    from aerosynth.flows.cli_tools import run_detector
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(InputError, match="no detector.pt"):
+        run_detector(None, run)
+    with pytest.raises(InputError, match="--model or --run"):
+        run_detector(None, None)
+    (run / "detector.pt").write_bytes(b"weights")
+    assert run_detector(None, run) == run / "detector.pt"
+    assert run_detector(tmp_path / "x.pt", None) == tmp_path / "x.pt"
+    with pytest.raises(InputError, match="not both"):
+        run_detector(tmp_path / "x.pt", run)
