@@ -23,8 +23,7 @@ LEVELS = (0.1, 0.3, 0.5)
 
 
 def main() -> None:
-    from aerial_v1_paired import labels_vs_truth  # this folder: the same score as the paired benchmark
-
+    from aerosynth.annotation.metrics import label_quality as labels_vs_truth  # the paired benchmark's score
     from aerosynth.data.atomic import atomic_write_json
     from aerosynth.flows.adapt_annotation import label_real_split
 

@@ -11,6 +11,7 @@ on a Dask ``LocalCluster`` of two single-threaded workers. Writes ``benchmarks/r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -24,8 +25,14 @@ use_checkout()
 
 TILES = REPO / "benchmarks" / "work" / "aerial-v1-cpu" / "tiles"
 WORK = REPO / "benchmarks" / "work" / "detector-workers"
-SEEDS = (0, 1, 2, 3)
-DETECTION = {"epochs": 2, "batch": 32, "max_train_images": 640, "recipe": "reference", "patience": 100}
+SEEDS = tuple(int(s) for s in os.environ.get("SEEDS", "0,1,2,3").split(","))
+DETECTION = {
+    "epochs": int(os.environ.get("EPOCHS", 2)),
+    "batch": 32,
+    "max_train_images": 640,
+    "recipe": "reference",
+    "patience": 100,
+}
 
 
 def main() -> int:
@@ -35,7 +42,7 @@ def main() -> int:
     from aerosynth.data.offline import apply_offline_settings
     from aerosynth.flows.adapt import _resolve, train_and_evaluate_task, variants
     from aerosynth.flows.config import build_config
-    from aerosynth.flows.scale import task_runner
+    from aerosynth.flows.scale import shared_api, task_runner
 
     apply_offline_settings()
     if not (TILES / "manifest.json").is_file():
@@ -54,11 +61,13 @@ def main() -> int:
 
     doc: dict = {"detectors": len(SEEDS), "detection": DETECTION, "runs": {}}
     metrics = {}
-    for runner in ("sequential", "dask"):
+    runners = os.environ.get("RUNNERS", "sequential,processes").split(",")
+    for runner in runners:
         shutil.rmtree(WORK / runner, ignore_errors=True)
         cfg = {"preset": "cpu-bench", "work_dir": str(WORK / runner), "runner": runner, "detection": DETECTION}
         t0 = time.perf_counter()
-        folders = detectors.with_options(task_runner=task_runner(runner, workers=2))(cfg)
+        with shared_api(runner):
+            folders = detectors.with_options(task_runner=task_runner(runner, workers=2))(cfg)
         wall = round(time.perf_counter() - t0, 1)
         metrics[runner] = [(Path(f) / "metrics.json").read_bytes() for f in folders]
         doc["runs"][runner] = {
@@ -66,8 +75,9 @@ def main() -> int:
             "ap50": [round(json.loads(m)["ap50"], 4) for m in metrics[runner]],
         }
         print(runner, doc["runs"][runner], flush=True)
-    doc["dask_over_sequential"] = round(doc["runs"]["dask"]["wall_s"] / doc["runs"]["sequential"]["wall_s"], 3)
-    doc["identical_metrics"] = metrics["dask"] == metrics["sequential"]
+    for runner in runners[1:]:
+        doc[f"{runner}_over_sequential"] = round(doc["runs"][runner]["wall_s"] / doc["runs"]["sequential"]["wall_s"], 3)
+        doc[f"{runner}_identical_metrics"] = metrics[runner] == metrics["sequential"]
     doc["machine"] = "2 CPU cores; Dask LocalCluster of 2 single-threaded workers vs one thread in process"
     atomic_write_json(REPO / "benchmarks" / "results" / "detector_workers.json", doc)
     print(json.dumps(doc, indent=1))

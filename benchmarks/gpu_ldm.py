@@ -165,7 +165,13 @@ def train(args: argparse.Namespace) -> None:
                 print(f"stage {stage} step {step}/{steps} {msg} ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
         model = train_stage(
-            stage, config(stage, steps, init), [], out, resume=False, on_step=on_step, latent_pack=_pack_file(args.target)
+            stage,
+            config(stage, steps, init),
+            [],
+            out,
+            resume=False,
+            on_step=on_step,
+            latent_pack=_pack_file(args.target),
         )
         return model, stamps
 
@@ -238,7 +244,9 @@ def unpack(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
     src = Path(args.files)
-    model = GPU_WORK / "model" if args.target is None else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
+    model = (
+        GPU_WORK / "model" if args.target is None else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
+    )
     model.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "text_encoder"):
         state: dict = {}

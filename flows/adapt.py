@@ -42,7 +42,7 @@ from aerosynth.flows.adapt_report import (
 )
 from aerosynth.flows.adapt_tiles import prepare_tiles
 from aerosynth.flows.config import AdaptConfig, build_config, dump_config
-from aerosynth.flows.scale import task_runner
+from aerosynth.flows.scale import shared_api, task_runner
 
 __all__ = [
     "ORACLE",
@@ -149,4 +149,5 @@ def run_adapt(config: dict | AdaptConfig, until: str | None = None) -> Path:
     """Run the adapt flow with the task runner its config names (sequential or Dask); see ``adapt_flow``."""
     cfg = config if isinstance(config, AdaptConfig) else build_config(config)
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
-    return Path(adapt_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), until))
+    with shared_api(cfg.runner, cfg.dask_address):
+        return Path(adapt_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), until))

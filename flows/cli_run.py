@@ -116,7 +116,10 @@ def adapt(
     work_dir: Annotated[Path | None, typer.Option(help="Override the config's work_dir.")] = None,
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
     runner: Annotated[
-        str | None, typer.Option(help="sequential or dask (a LocalCluster unless --dask-address).")
+        str | None,
+        typer.Option(
+            help="sequential, processes (local worker processes) or dask (a LocalCluster unless --dask-address)."
+        ),
     ] = None,
     dask_address: Annotated[
         str | None, typer.Option(help="Scheduler of an existing Dask cluster, tcp://host:8786.")

@@ -234,7 +234,9 @@ class AdaptConfig(Strict):
     seed: int = 0
     device: str = "cpu"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    runner: Literal["sequential", "dask"] = "sequential"
+    # processes: independent tasks in `dask_workers` local processes (Prefect's process pool); dask: a Dask
+    # LocalCluster of that many single-threaded workers, or the cluster at dask_address
+    runner: Literal["sequential", "processes", "dask"] = "sequential"
     dask_address: str | None = None
     dask_workers: int = Field(2, ge=1)
     torch_threads: int | None = Field(None, ge=1)

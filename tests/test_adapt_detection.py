@@ -39,12 +39,13 @@ def _flow():
     return detectors
 
 
-def test_two_dask_workers_give_the_bytes_of_a_sequential_run(prefect_harness, tiles, tmp_path):
+def test_two_workers_give_the_bytes_of_a_sequential_run(prefect_harness, tiles, tmp_path):
+    """Detectors submitted on two Dask workers or two worker processes write what one process writes."""
     from aerosynth.flows.scale import task_runner
 
     doc, tiles_dir = tiles
     outputs = {}
-    for runner in ("sequential", "dask"):
+    for runner in ("sequential", "dask", "processes"):
         run = copy.deepcopy(doc)
         run["work_dir"] = str(tmp_path / runner)
         flow = _flow().with_options(task_runner=task_runner(runner, workers=2))
@@ -52,6 +53,7 @@ def test_two_dask_workers_give_the_bytes_of_a_sequential_run(prefect_harness, ti
         assert [f.name for f in folders] == ["seed0", "seed1"]
         outputs[runner] = [((f / "metrics.json").read_bytes(), (f / "predictions.json").read_bytes()) for f in folders]
     assert outputs["dask"] == outputs["sequential"]
+    assert outputs["processes"] == outputs["sequential"]
     # the two seeds are two different detectors (the comparison above is not between empty files)
     assert outputs["sequential"][0][1] != outputs["sequential"][1][1]
 
