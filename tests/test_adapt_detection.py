@@ -116,7 +116,7 @@ def test_detect_takes_the_run_detector_by_default(tmp_path):
     run.mkdir()
     with pytest.raises(InputError, match="no detector.pt"):
         run_detector(None, run)
-    with pytest.raises(InputError, match="--model or --run"):
+    with pytest.raises(InputError, match="with --model, or an adapt run folder with --run"):
         run_detector(None, None)
     (run / "detector.pt").write_bytes(b"weights")
     assert run_detector(None, run) == run / "detector.pt"
