@@ -143,6 +143,33 @@ def _stage_seconds(work: Path) -> dict:
     return out
 
 
+def table() -> str:
+    """Markdown: one row per variant, one column per target, from the committed JSON files."""
+    docs = {t: json.loads(p.read_text()) for t in PRESETS if (p := RESULTS / f"adapt_flow_{t}.json").is_file()}
+    names: list[str] = []
+    for doc in docs.values():
+        names += [n for n in doc["variants"] if n not in names]
+    lines = [
+        "| variant (kind) | " + " | ".join(f"{t}: AP50 mean (per seed)" for t in docs) + " |",
+        "|---" * (len(docs) + 1) + "|",
+    ]
+    for name in names:
+        cells = []
+        for doc in docs.values():
+            row = doc["variants"].get(name)
+            if row is None:
+                cells.append("")
+                continue
+            per = ", ".join(f"{v:.3f}" for v in row["per_seed"].values())
+            extra = f"; closure {row['gap_closure_mean']:.2f}" if "gap_closure_mean" in row else ""
+            if "labels" in row:
+                extra += f"; labels P {row['labels']['precision']:.2f} R {row['labels']['recall']:.2f}"
+            cells.append(f"{row['mean']:.3f} ({per}){extra}")
+        kind = next(d["variants"][name]["kind"] for d in docs.values() if name in d["variants"])
+        lines.append(f"| `{name}` ({kind}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -155,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--runner", choices=["sequential", "dask"])
             p.add_argument("--fresh", action="store_true")
+    sub.add_parser("table", help="markdown table of the committed JSON files")
     args = parser.parse_args(argv)
-    run(args) if args.cmd == "run" else collect(args)
+    if args.cmd == "table":
+        print(table())
+    else:
+        run(args) if args.cmd == "run" else collect(args)
     return 0
 
 
