@@ -1,11 +1,13 @@
 """Detectors of one adapt run on two Dask workers against one after another: wall time and identical metrics.
 
-Four source-only detectors (seeds 0-3; 2 epochs of 640 source-train tiles, batch 32, the reference recipe,
-one torch thread each) on the tiles of the ``cpu-bench`` run, submitted as the adapt flow submits them
-(``train_and_evaluate_task.submit`` on the run's task runner): once with the sequential runner, once
-on a Dask ``LocalCluster`` of two single-threaded workers. Writes ``benchmarks/results/detector_workers.json``.
+Four fine-tuned detectors (the ``continued`` variant, seeds 0-3: one epoch of 1280 source-train tiles from
+the ``cpu-bench`` run's source-only detector of seed 0, the reference recipe, one torch thread each),
+submitted as the adapt flow submits them (``train_and_evaluate_task.submit`` on the run's task runner):
+with the sequential runner, then on two worker processes (``runner: processes``), then on a Dask
+``LocalCluster`` of two single-threaded workers. Writes ``benchmarks/results/detector_workers.json``.
 
-    python benchmarks/detector_workers.py          # needs benchmarks/work/aerial-v1-cpu/tiles
+    python benchmarks/detector_workers.py          # after `benchmarks/adapt_flow.py run --target kit`
+    RUNNERS=sequential,processes SEEDS=0,1 python benchmarks/detector_workers.py   # a shorter check
 """
 
 from __future__ import annotations
@@ -26,13 +28,8 @@ use_checkout()
 TILES = REPO / "benchmarks" / "work" / "aerial-v1-cpu" / "tiles"
 WORK = REPO / "benchmarks" / "work" / "detector-workers"
 SEEDS = tuple(int(s) for s in os.environ.get("SEEDS", "0,1,2,3").split(","))
-DETECTION = {
-    "epochs": int(os.environ.get("EPOCHS", 2)),
-    "batch": 32,
-    "max_train_images": 640,
-    "recipe": "reference",
-    "patience": 100,
-}
+BASE = REPO / "benchmarks" / "work" / "aerial-v1-cpu" / "detectors" / "source-only" / "seed0"
+DETECTION = {"finetune": {"epochs": int(os.environ.get("EPOCHS", 1)), "images": 1280}}
 
 
 def main() -> int:
@@ -45,23 +42,22 @@ def main() -> int:
     from aerosynth.flows.scale import shared_api, task_runner
 
     apply_offline_settings()
-    if not (TILES / "manifest.json").is_file():
-        sys.exit(f"{TILES}: no tiles; run `aerosynth adapt --preset cpu-bench --until tiles` first")
+    if not (BASE / "stage_done.json").is_file():
+        sys.exit(f"{BASE}: no source-only detector; run `benchmarks/adapt_flow.py run --target kit` first")
 
     @flow(name="detector-workers")
     def detectors(doc: dict) -> list[str]:
         cfg = build_config(doc)
-        source_only = variants(cfg, TILES, {}, {})[0]
+        continued = next(v for v in variants(cfg, TILES, {}, {}) if v.name == "continued")
+        work = WORK / doc["runner"]
         return [
             str(p)
-            for p in _resolve(
-                [train_and_evaluate_task.submit(cfg, WORK / doc["runner"], TILES, source_only, s) for s in SEEDS]
-            )
+            for p in _resolve([train_and_evaluate_task.submit(cfg, work, TILES, continued, s, BASE) for s in SEEDS])
         ]
 
     doc: dict = {"detectors": len(SEEDS), "detection": DETECTION, "runs": {}}
     metrics = {}
-    runners = os.environ.get("RUNNERS", "sequential,processes").split(",")
+    runners = os.environ.get("RUNNERS", "sequential,processes,dask").split(",")
     for runner in runners:
         shutil.rmtree(WORK / runner, ignore_errors=True)
         cfg = {"preset": "cpu-bench", "work_dir": str(WORK / runner), "runner": runner, "detection": DETECTION}
@@ -78,7 +74,7 @@ def main() -> int:
     for runner in runners[1:]:
         doc[f"{runner}_over_sequential"] = round(doc["runs"][runner]["wall_s"] / doc["runs"]["sequential"]["wall_s"], 3)
         doc[f"{runner}_identical_metrics"] = metrics[runner] == metrics["sequential"]
-    doc["machine"] = "2 CPU cores; Dask LocalCluster of 2 single-threaded workers vs one thread in process"
+    doc["machine"] = "2 CPU cores; 2 worker processes or a Dask LocalCluster of 2 one-thread workers, vs in process"
     atomic_write_json(REPO / "benchmarks" / "results" / "detector_workers.json", doc)
     print(json.dumps(doc, indent=1))
     return 0
