@@ -1,10 +1,13 @@
 """The embedded demo: two procedurally drawn aerial domains with exact vehicle labels.
 
-``leafy_suburb`` (source): green lawns, trees with shadows, pitched roofs, grey streets with
-dashed centre lines, cars parked along the kerbs. ``arid_carpark`` (target): sand, shrubs,
-flat light roofs and dark asphalt car parks with white stall lines, cars in the stalls.
-Vehicles have real sizes (cars 4.5 x 1.8 m, vans 6 x 2.2 m) at the chosen GSD, several
-colours and headings, and a cast shadow.
+Both are one town generator (:func:`render_town`) in two styles, so that the gap is the kind real
+regions have and a source detector partly crosses it. ``leafy_suburb`` (source, 0.10 m/px): lawn,
+trees, pitched roofs, grey streets with dashed centre lines and kerb parking, now and then a small
+car park; cars of every colour, shadows falling south-east. ``arid_carpark`` (target, 0.125 m/px):
+sand, shrubs, flat light roofs with rooftop units, warm asphalt without markings, car parks with
+stall lines holding half of the cars, sheds and shipping containers (car-sized, not vehicles),
+mostly white, silver and beige cars, shadows falling south. Vehicles have real sizes (cars
+4.5 x 1.8 m, vans 6 x 2.2 m) and a cast shadow. Rendering is seeded: same seed, same bytes.
 
 Each scene is written as a GeoTIFF (UTM) with a GeoJSON of vehicle polygons: in the raster's
 CRS for the source, in WGS84 (RFC 7946) for the target, so the loaders' reprojection runs.
@@ -79,7 +82,11 @@ def _rot_rect(cx, cy, length, width, angle) -> np.ndarray:
     return rot + np.array([cx, cy])
 
 
-def _draw_vehicle(img, rng, cx, cy, angle, gsd, boxes, occupied) -> bool:
+def _draw_vehicle(img, rng, cx, cy, angle, gsd, boxes, occupied, shadow=(0.6, 0.8), palette=None) -> bool:
+    """Draw one car or van (body, windscreen, roof panel, a shadow cast ``shadow`` metres away) if it fits.
+
+    ``palette``: ``(colours, probabilities)``; None draws uniformly from :data:`CAR_COLOURS`.
+    """
     van = rng.random() < 0.15
     length, width = (6.0, 2.2) if van else (4.5, 1.8)
     length, width = length / gsd, width / gsd
@@ -94,9 +101,13 @@ def _draw_vehicle(img, rng, cx, cy, angle, gsd, boxes, occupied) -> bool:
         if not (x2 < ob[0] or ob[2] < x1 or y2 < ob[1] or ob[3] < y1):
             return False
     occupied.append(box)
-    sh = poly + np.array([0.6, 0.8]) / gsd
+    sh = poly + np.array(shadow) / gsd
     cv2.fillPoly(img, [np.round(sh * 8).astype(np.int32)], (0, 0, 0), lineType=cv2.LINE_AA, shift=3)
-    colour = np.array(CAR_COLOURS[rng.integers(len(CAR_COLOURS))], np.float32) * rng.uniform(0.85, 1.1)
+    if palette is None:
+        base = CAR_COLOURS[rng.integers(len(CAR_COLOURS))]
+    else:
+        base = palette[0][rng.choice(len(palette[0]), p=palette[1])]
+    colour = np.array(base, np.float32) * rng.uniform(0.85, 1.1)
     cv2.fillPoly(img, [np.round(poly * 8).astype(np.int32)], colour.tolist(), lineType=cv2.LINE_AA, shift=3)
     # windscreen and roof: darker band towards the front, lighter roof panel
     front = _rot_rect(
@@ -113,8 +124,8 @@ def _draw_vehicle(img, rng, cx, cy, angle, gsd, boxes, occupied) -> bool:
     return True
 
 
-def _tree(img, rng, x, y, r):
-    cv2.circle(img, (int(x + r * 0.5), int(y + r * 0.6)), int(r), (30, 40, 25), -1, cv2.LINE_AA)
+def _tree(img, rng, x, y, r, shadow):
+    cv2.circle(img, (int(x + shadow[0] * r), int(y + shadow[1] * r)), int(r), (30, 40, 25), -1, cv2.LINE_AA)
     cv2.circle(
         img,
         (int(x), int(y)),
@@ -126,106 +137,177 @@ def _tree(img, rng, x, y, r):
     cv2.circle(img, (int(x - r * 0.3), int(y - r * 0.3)), int(r * 0.5), (70, 120, 55), -1, cv2.LINE_AA)
 
 
-def render_suburb(rng: np.random.Generator, size: int, gsd: float, n_cars: int) -> tuple[np.ndarray, Detections]:
-    """Leafy suburb: lawn, streets with kerb parking, pitched roofs, trees."""
-    img = _texture(rng, size, size, (78, 120, 60), 14)
+def _shrub(img, rng, x, y, r, shadow):
+    cv2.circle(img, (int(x + shadow[0] * r), int(y + shadow[1] * r)), int(r), (140, 120, 90), -1, cv2.LINE_AA)
+    cv2.circle(img, (int(x), int(y)), int(r), (105, 115, 70), -1, cv2.LINE_AA)
+
+
+def _container(img, rng, x, y, angle, gsd, occupied, shadow, avoid=()) -> None:
+    """A shipping container or shed: a plain car-sized box with a ribbed roof, not a vehicle."""
+    length, width = rng.uniform(4.0, 6.5) / gsd, rng.uniform(2.0, 2.6) / gsd
+    poly = _rot_rect(x, y, length, width, angle)
+    x1, y1 = poly.min(axis=0)
+    x2, y2 = poly.max(axis=0)
+    if _overlaps((x1, y1, x2, y2), [*occupied, *avoid]):
+        return
+    occupied.append(np.array([x1, y1, x2, y2]))
+    colour = np.array([(150, 60, 40), (60, 90, 130), (180, 160, 120), (120, 125, 120)][rng.integers(4)], np.float32)
+    sh = np.round((poly + np.array(shadow) / gsd) * 8).astype(np.int32)
+    cv2.fillPoly(img, [sh], (40, 35, 30), cv2.LINE_AA, 3)
+    cv2.fillPoly(img, [np.round(poly * 8).astype(np.int32)], colour.tolist(), cv2.LINE_AA, 3)
+    for k in range(1, 6):
+        f = k / 6 - 0.5
+        rib = _rot_rect(x + math.cos(angle) * length * f, y + math.sin(angle) * length * f, 0.08 / gsd, width, angle)
+        cv2.fillPoly(img, [np.round(rib * 8).astype(np.int32)], (colour * 0.8).tolist(), cv2.LINE_AA, 3)
+
+
+#: A domain's look. Both demo domains are one town generator in two styles, differing as real regions do:
+#: ground, streets, roofs, vegetation, parking layout, sheds, car colours and the sun (shadow, metres).
+SUBURB = {
+    "ground": (78, 120, 60),
+    "street": (105, 105, 108),
+    "dashes": True,
+    "cross_street": 0.6,
+    "lot": 0.25,
+    "lot_colour": (96, 96, 100),
+    "lot_fraction": 0.3,
+    "roofs": "pitched",
+    "houses": (3, 7),
+    "vegetation": "trees",
+    "plants": (4, 10),
+    "containers": (0, 1),  # none (the draw keeps the scenes' random stream)
+    "shadow": (0.6, 0.8),
+    "palette": None,
+}
+
+#: Car colours of the target region: mostly white, silver and beige (a hot, dusty place)
+ARID_PALETTE = (
+    [(240, 238, 232), (200, 200, 204), (214, 198, 160), (25, 25, 28), (150, 150, 155), (160, 40, 35), (40, 70, 140)],
+    [0.30, 0.22, 0.14, 0.10, 0.12, 0.06, 0.06],
+)
+
+ARID = {
+    "ground": (196, 170, 128),
+    "street": (118, 110, 100),
+    "dashes": False,
+    "cross_street": 0.3,
+    "lot": 0.8,
+    "lot_colour": (92, 88, 84),
+    "lot_fraction": 0.5,
+    "roofs": "flat",
+    "houses": (1, 3),
+    "vegetation": "shrubs",
+    "plants": (6, 14),
+    "containers": (1, 3),
+    "shadow": (0.0, 1.0),  # another latitude and hour: shadows fall south, not south-east
+    "palette": ARID_PALETTE,
+}
+
+
+def _overlaps(box, occupied) -> bool:
+    return any(not (box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1]) for b in occupied)
+
+
+def render_town(
+    rng: np.random.Generator, size: int, gsd: float, n_cars: int, style: dict
+) -> tuple[np.ndarray, Detections]:
+    """One scene of a domain ``style`` (:data:`SUBURB`, :data:`ARID`) and its vehicle boxes.
+
+    A street with kerb parking (maybe a cross street), maybe a car park with stalls, buildings, sheds and
+    plants; drawn with the street along x and transposed half of the time.
+    """
+    st = style
     m = 1 / gsd
+    img = _texture(rng, size, size, np.array(st["ground"]) * rng.uniform(0.92, 1.06), 16)
     road_w = 7.5 * m
-    occupied: list[np.ndarray] = []
+    occupied: list[np.ndarray] = []  # buildings, lots, sheds and cars: nothing is drawn over them
+    roads: list[np.ndarray] = []
     boxes: list[list[float]] = []
-    ys = [size * rng.uniform(0.25, 0.4), size * rng.uniform(0.65, 0.8)]
-    x_road = size * rng.uniform(0.35, 0.65)
-    for y in ys:
-        cv2.rectangle(img, (0, int(y - road_w / 2)), (size, int(y + road_w / 2)), (105, 105, 108), -1)
+    y_road = size * rng.uniform(0.2, 0.45)
+    roads.append(np.array([0, y_road - road_w / 2, size, y_road + road_w / 2]))
+    x_road = size * rng.uniform(0.3, 0.7) if rng.random() < st["cross_street"] else None
+    if x_road is not None:
+        roads.append(np.array([x_road - road_w / 2, 0, x_road + road_w / 2, size]))
+    for r in roads:
+        cv2.rectangle(img, (int(r[0]), int(r[1])), (int(r[2]), int(r[3])), st["street"], -1)
+    if st["dashes"]:
         for x in np.arange(0, size, 6 * m):
-            cv2.line(img, (int(x), int(y)), (int(x + 3 * m), int(y)), (230, 230, 200), max(1, int(0.15 * m)))
-    cv2.rectangle(img, (int(x_road - road_w / 2), 0), (int(x_road + road_w / 2), size), (105, 105, 108), -1)
+            cv2.line(img, (int(x), int(y_road)), (int(x + 3 * m), int(y_road)), (230, 230, 200), max(1, int(0.15 * m)))
+    stalls = []
+    if rng.random() < st["lot"]:  # a car park below the street, one or two rows of stalls
+        lot = [size * rng.uniform(0.0, 0.25), y_road + road_w / 2 + 1.0 * m, size * rng.uniform(0.75, 1.0), size]
+        if x_road is not None and x_road < size / 2:  # beside the cross street, on its wider side
+            lot[0] = x_road + road_w / 2 + m
+        elif x_road is not None:
+            lot[2] = x_road - road_w / 2 - m
+        cv2.rectangle(img, (int(lot[0]), int(lot[1])), (int(lot[2]), int(lot[3])), st["lot_colour"], -1)
+        stall_w, stall_l = 2.6 * m, 5.2 * m
+        for ry in np.arange(lot[1] + 0.5 * m, lot[3] - stall_l, stall_l + 6.0 * m):
+            for sx in np.arange(lot[0] + 0.5 * m, lot[2] - stall_w, stall_w):
+                cv2.line(img, (int(sx), int(ry)), (int(sx), int(ry + stall_l)), (225, 225, 215), max(1, int(0.12 * m)))
+                stalls.append((sx + stall_w / 2, ry + stall_l / 2))
+        roads.append(np.array(lot))
     img += _noise(rng, size, size, 2, 5)[..., None]
-    # houses
-    for _ in range(int(rng.integers(10, 20))):
-        hw, hh = rng.uniform(6, 10) * m, rng.uniform(5, 7) * m
-        x, y = rng.uniform(0, size - hw), rng.uniform(0, size - hh)
-        if (
-            any(abs(y + hh / 2 - yy) < hh / 2 + road_w / 2 + m for yy in ys)
-            or abs(x + hw / 2 - x_road) < hw / 2 + road_w / 2 + m
-        ):
+    shadow = np.array(st["shadow"])
+    for _ in range(int(rng.integers(*st["houses"]))):
+        hw, hh = rng.uniform(7, 13) * m, rng.uniform(5, 9) * m
+        x, y = rng.uniform(-hw / 3, size - hw * 2 / 3), rng.uniform(-hh / 3, size - hh * 2 / 3)
+        box = np.array([x, y, x + hw, y + hh])
+        if _overlaps(box + np.array([-m, -m, m, m]), roads + occupied):
             continue
-        roof = np.array([[150, 70, 55], [120, 120, 125], [90, 60, 50]][rng.integers(3)], np.float32)
-        cv2.rectangle(
-            img, (int(x + 1.5 * m), int(y + 1.5 * m)), (int(x + hw + 1.5 * m), int(y + hh + 1.5 * m)), (35, 45, 30), -1
-        )
-        cv2.rectangle(img, (int(x), int(y)), (int(x + hw), int(y + hh / 2)), (roof * 1.1).tolist(), -1)
-        cv2.rectangle(img, (int(x), int(y + hh / 2)), (int(x + hw), int(y + hh)), (roof * 0.8).tolist(), -1)
-        occupied.append(np.array([x, y, x + hw, y + hh]))
-    # parked cars along the kerbs, heading along the road: half on the two cross streets, half on the
-    # main street (so both headings are common)
+        sx, sy = shadow * 2 * m
+        cv2.rectangle(img, (int(x + sx), int(y + sy)), (int(x + hw + sx), int(y + hh + sy)), (35, 45, 30), -1)
+        if st["roofs"] == "pitched":
+            roof = np.array([[150, 70, 55], [120, 120, 125], [90, 60, 50]][rng.integers(3)], np.float32)
+            cv2.rectangle(img, (int(x), int(y)), (int(x + hw), int(y + hh / 2)), (roof * 1.1).tolist(), -1)
+            cv2.rectangle(img, (int(x), int(y + hh / 2)), (int(x + hw), int(y + hh)), (roof * 0.8).tolist(), -1)
+        else:
+            cv2.rectangle(img, (int(x), int(y)), (int(x + hw), int(y + hh)), (215, 210, 200), -1)
+            for _ in range(int(rng.integers(1, 4))):  # rooftop units
+                u = rng.uniform(1.0, 1.8) * m
+                ux, uy = rng.uniform(x, x + hw - u), rng.uniform(y, y + hh - u)
+                cv2.rectangle(img, (int(ux), int(uy)), (int(ux + u), int(uy + u)), (165, 165, 160), -1)
+        occupied.append(box)
+    for _ in range(int(rng.integers(*st["containers"]))):
+        x, y = rng.uniform(0, size), rng.uniform(0, size)
+        _container(img, rng, x, y, rng.choice([0.0, math.pi / 2]), gsd, occupied, shadow, roads[:1])
     placed = tries = 0
+    order = list(rng.permutation(len(stalls)))
     while placed < n_cars and tries < n_cars * 30:
         tries += 1
-        if rng.random() < 0.5:
-            y = ys[rng.integers(2)] + rng.choice([-1, 1]) * road_w * 0.3
-            x = rng.uniform(0, size)
+        if order and rng.random() < st["lot_fraction"]:
+            sx, sy = stalls[order.pop()]
+            x, y = sx + rng.normal(0, 0.1 * m), sy
+            angle = rng.choice([math.pi / 2, -math.pi / 2]) + rng.normal(0, 0.04)
+        elif x_road is None or rng.random() < 0.5:
+            x, y = rng.uniform(0, size), y_road + rng.choice([-1, 1]) * road_w * 0.3
             angle = rng.choice([0.0, math.pi]) + rng.normal(0, 0.03)
         else:
-            x = x_road + rng.choice([-1, 1]) * road_w * 0.3
-            y = rng.uniform(0, size)
+            x, y = x_road + rng.choice([-1, 1]) * road_w * 0.3, rng.uniform(0, size)
             angle = rng.choice([math.pi / 2, -math.pi / 2]) + rng.normal(0, 0.03)
-        placed += _draw_vehicle(img, rng, x, y, angle, gsd, boxes, occupied)
-    for _ in range(int(rng.integers(10, 22))):
-        r = rng.uniform(2.0, 4.5) * m
+        placed += _draw_vehicle(img, rng, x, y, angle, gsd, boxes, occupied, tuple(shadow), st["palette"])
+    plant = _tree if st["vegetation"] == "trees" else _shrub
+    for _ in range(int(rng.integers(*st["plants"]))):
+        r = (rng.uniform(2.0, 4.5) if st["vegetation"] == "trees" else rng.uniform(0.8, 1.8)) * m
         x, y = rng.uniform(0, size), rng.uniform(0, size)
-        if any(not (x + r < b[0] or b[2] < x - r or y + r < b[1] or b[3] < y - r) for b in occupied):
+        if _overlaps(np.array([x - r, y - r, x + r, y + r]), occupied + roads):
             continue
-        _tree(img, rng, x, y, r)
-    return np.clip(img, 0, 255).astype(np.uint8), Detections(np.array(boxes).reshape(-1, 4))
+        plant(img, rng, x, y, r, shadow * 0.5)
+    dets = np.array(boxes).reshape(-1, 4)
+    if rng.random() < 0.5:  # the street runs north-south
+        img = np.ascontiguousarray(img.transpose(1, 0, 2))
+        dets = dets[:, [1, 0, 3, 2]]
+    return np.clip(img, 0, 255).astype(np.uint8), Detections(dets)
+
+
+def render_suburb(rng: np.random.Generator, size: int, gsd: float, n_cars: int) -> tuple[np.ndarray, Detections]:
+    """Leafy suburb (the source): lawn, grey streets with kerb parking, pitched roofs, trees."""
+    return render_town(rng, size, gsd, n_cars, SUBURB)
 
 
 def render_carpark(rng: np.random.Generator, size: int, gsd: float, n_cars: int) -> tuple[np.ndarray, Detections]:
-    """Arid car park: sand, shrubs, flat roofs, asphalt lot with stall lines."""
-    img = _texture(rng, size, size, (196, 170, 128), 16)
-    m = 1 / gsd
-    occupied: list[np.ndarray] = []
-    boxes: list[list[float]] = []
-    lot = [
-        size * rng.uniform(0.05, 0.2),
-        size * rng.uniform(0.1, 0.25),
-        size * rng.uniform(0.8, 0.95),
-        size * rng.uniform(0.75, 0.9),
-    ]
-    cv2.rectangle(img, (int(lot[0]), int(lot[1])), (int(lot[2]), int(lot[3])), (62, 62, 66), -1)
-    img += _noise(rng, size, size, 2, 6)[..., None]
-    stall_w, stall_l = 2.6 * m, 5.2 * m
-    rows = np.arange(lot[1] + 1 * m, lot[3] - stall_l, stall_l + 6.5 * m)
-    stalls = []
-    for ry in rows:
-        for sx in np.arange(lot[0] + 1 * m, lot[2] - stall_w, stall_w):
-            cv2.line(img, (int(sx), int(ry)), (int(sx), int(ry + stall_l)), (225, 225, 215), max(1, int(0.12 * m)))
-            stalls.append((sx + stall_w / 2, ry + stall_l / 2))
-    for _ in range(int(rng.integers(1, 3))):
-        bw, bh = rng.uniform(12, 20) * m, rng.uniform(8, 14) * m
-        x = rng.choice([rng.uniform(0, max(1, lot[0] - bw)), rng.uniform(min(lot[2], size - bw), size - bw)])
-        y = rng.uniform(0, size - bh)
-        cv2.rectangle(
-            img, (int(x + 2 * m), int(y + 2 * m)), (int(x + bw + 2 * m), int(y + bh + 2 * m)), (120, 100, 75), -1
-        )
-        cv2.rectangle(img, (int(x), int(y)), (int(x + bw), int(y + bh)), (215, 215, 210), -1)
-        occupied.append(np.array([x, y, x + bw, y + bh]))
-    order = rng.permutation(len(stalls))
-    placed = 0
-    for idx in order:
-        if placed >= n_cars:
-            break
-        sx, sy = stalls[idx]
-        angle = rng.choice([math.pi / 2, -math.pi / 2]) + rng.normal(0, 0.04)
-        placed += _draw_vehicle(img, rng, sx + rng.normal(0, 0.1 * m), sy, angle, gsd, boxes, occupied)
-    for _ in range(int(rng.integers(6, 14))):
-        r = rng.uniform(0.8, 1.8) * m
-        x, y = rng.uniform(0, size), rng.uniform(0, size)
-        if lot[0] - r < x < lot[2] + r and lot[1] - r < y < lot[3] + r:
-            continue
-        cv2.circle(img, (int(x + r * 0.6), int(y + r * 0.6)), int(r), (140, 120, 90), -1, cv2.LINE_AA)
-        cv2.circle(img, (int(x), int(y)), int(r), (105, 115, 70), -1, cv2.LINE_AA)
-    return np.clip(img, 0, 255).astype(np.uint8), Detections(np.array(boxes).reshape(-1, 4))
+    """Arid town (the target): sand, warm asphalt, car parks, flat roofs, sheds, light cars, southward shadows."""
+    return render_town(rng, size, gsd, n_cars, ARID)
 
 
 #: (renderer, EPSG code, origin easting/northing) per demo domain
