@@ -150,8 +150,8 @@ def adapt(
     """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
     if config is None and preset is None:
         raise InputError("--config", "give a config file or --preset")
-    if runner not in (None, "sequential", "dask"):
-        raise InputError("--runner", f"unknown runner {runner!r} (sequential or dask)")
+    if runner not in (None, "sequential", "processes", "dask"):
+        raise InputError("--runner", f"unknown runner {runner!r} (sequential, processes or dask)")
     _run_adapt(config, preset, work_dir, fresh, runner, dask_address, until)
 
 
