@@ -2,7 +2,7 @@
 
 Four fine-tuned detectors (the ``continued`` variant, seeds 0-3: one epoch of 1280 source-train tiles from
 the ``cpu-bench`` run's source-only detector of seed 0, the reference recipe, one torch thread each),
-submitted as the adapt flow submits them (``train_and_evaluate_task.submit`` on the run's task runner):
+submitted as the adapt flow submits them (``submit_detectors`` on the run's task runner):
 with the sequential runner, then on two worker processes (``runner: processes``), then on a Dask
 ``LocalCluster`` of two single-threaded workers. Writes ``benchmarks/results/detector_workers.json``.
 
@@ -37,7 +37,7 @@ def main() -> int:
 
     from aerosynth.data.atomic import atomic_write_json
     from aerosynth.data.offline import apply_offline_settings
-    from aerosynth.flows.adapt import _resolve, train_and_evaluate_task, variants
+    from aerosynth.flows.adapt import resolve, submit_detectors, variants
     from aerosynth.flows.config import build_config
     from aerosynth.flows.scale import shared_api, task_runner
 
@@ -52,7 +52,7 @@ def main() -> int:
         work = WORK / doc["runner"]
         return [
             str(p)
-            for p in _resolve([train_and_evaluate_task.submit(cfg, work, TILES, continued, s, BASE) for s in SEEDS])
+            for p in resolve(submit_detectors(cfg, work, TILES, continued, list(SEEDS), dict.fromkeys(SEEDS, BASE)))
         ]
 
     doc: dict = {"detectors": len(SEEDS), "detection": DETECTION, "runs": {}}

@@ -56,6 +56,8 @@ __all__ = [
     "prepare_tiles",
     "prepare_tiles_task",
     "report_task",
+    "resolve",
+    "submit_detectors",
     "run_adapt",
     "split_domains",
     "synthesise",
@@ -70,11 +72,6 @@ __all__ = [
 ]
 
 
-def _resolve(futures: list) -> list[Path]:
-    """Wait for submitted detector tasks; the first failure is raised."""
-    return [Path(f.result()) for f in futures]
-
-
 # ------------------------------------------------------------------------ prefect
 _task = task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 prepare_tiles_task = _task(prepare_tiles)
@@ -83,6 +80,21 @@ annotate_task = _task(annotate)
 train_and_evaluate_task = _task(train_and_evaluate)
 report_task = _task(write_run_report)
 deliver_task = _task(deliver_detector)
+
+
+def submit_detectors(
+    cfg: AdaptConfig, work: Path, tiles: Path, variant: Variant, seeds: list[int], base: dict[int, Path] | None = None
+) -> list:
+    """One detector task per seed on the flow's task runner (a fine-tuned variant starts from ``base[seed]``)."""
+    return [
+        train_and_evaluate_task.submit(cfg, work, tiles, variant, s, base.get(s) if variant.finetune and base else None)
+        for s in seeds
+    ]
+
+
+def resolve(futures: list) -> list[Path]:
+    """Wait for submitted detector tasks; the first failure is raised."""
+    return [Path(f.result()) for f in futures]
 
 
 #: Steps after which ``until`` may stop the adapt flow (each one's output is kept; a later run resumes).
@@ -125,7 +137,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     runs: dict[str, list[Path]] = {}
     plan = variants(cfg, tiles, {}, {})
     # F_S of every seed at once (Dask workers, or one after another in process)
-    runs[SOURCE_ONLY] = _resolve([train_and_evaluate_task.submit(cfg, work, tiles, plan[0], s) for s in d.seeds])
+    runs[SOURCE_ONLY] = resolve(submit_detectors(cfg, work, tiles, plan[0], d.seeds))
     base = dict(zip(d.seeds, runs[SOURCE_ONLY], strict=True))
     labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0], model)
     if until == "annotation":
@@ -134,11 +146,8 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     futures: dict[str, list] = {}
     for variant in variants(cfg, tiles, labelled, sets)[1:]:
         seeds = d.seeds if variant.kind in ("oracle", "control") else adapted_seeds
-        futures[variant.name] = [
-            train_and_evaluate_task.submit(cfg, work, tiles, variant, s, base.get(s) if variant.finetune else None)
-            for s in seeds
-        ]
-    runs.update({name: _resolve(fs) for name, fs in futures.items()})
+        futures[variant.name] = submit_detectors(cfg, work, tiles, variant, seeds, base)
+    runs.update({name: resolve(fs) for name, fs in futures.items()})
     deliver_task(cfg, work, runs)
     report = report_task(cfg, work, tiles, runs)
     _publish_artifacts(report)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,10 @@ class Variant:
     train: list[Any]
     upstream: dict[str, Path]
     finetune: bool = False
-    kind: str = field(default="")
 
-    def __post_init__(self) -> None:
-        self.kind = self.kind or variant_kind(self.name)
+    @property
+    def kind(self) -> str:
+        return variant_kind(self.name)
 
 
 def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: dict[str, Path]) -> list[Variant]:
@@ -159,7 +159,7 @@ def train_and_evaluate(
 
     d = config.detection
     dcfg = detector_config(config, variant, seed, base)
-    reused = _reference_detector(config, work, variant, seed, dcfg) if variant.name == SOURCE_ONLY else None
+    reused = _reference_detector(config, variant, seed, dcfg) if variant.name == SOURCE_ONLY else None
 
     def build(out: Path) -> None:
         from aerosynth.detection.datasets import DatasetSpec
@@ -232,7 +232,7 @@ def reference_key(tiles: Path, seed: int, dcfg) -> dict:
     return json.loads(json.dumps({"source_splits": splits, "seed": seed, "settings": settings}))
 
 
-def _reference_detector(config: AdaptConfig, work: Path, variant: Variant, seed: int, dcfg) -> Path | None:
+def _reference_detector(config: AdaptConfig, variant: Variant, seed: int, dcfg) -> Path | None:
     """The source-only stage folder of ``detection.reference_from`` trained exactly as this run's would be."""
     other = config.detection.reference_from
     if other is None:

@@ -27,14 +27,14 @@ def tiles(tmp_path_factory) -> tuple[dict, Path]:
 def _flow():
     from prefect import flow
 
-    from aerosynth.flows.adapt import _resolve, train_and_evaluate_task, variants
+    from aerosynth.flows.adapt import resolve, submit_detectors, variants
 
     @flow(name="detectors-only")
     def detectors(doc: dict, tiles: str) -> list[str]:
         cfg = build_config(doc)
         source_only = variants(cfg, Path(tiles), {}, {})[0]
-        futures = [train_and_evaluate_task.submit(cfg, Path(cfg.work_dir), Path(tiles), source_only, s) for s in (0, 1)]
-        return [str(p) for p in _resolve(futures)]
+        futures = submit_detectors(cfg, Path(cfg.work_dir), Path(tiles), source_only, [0, 1])
+        return [str(p) for p in resolve(futures)]
 
     return detectors
 
