@@ -195,3 +195,27 @@ def label_quality(labels_dir, tiles) -> dict:
     ignores = [truth.ignore_regions(t.tile_id) for t in truth.tiles]
     score = score_at(match_all(preds, gts, ignores), 0.0).to_dict()
     return {k: score[k] for k in ("precision", "recall", "f1", "true_positives", "false_positives", "ground_truth")}
+
+
+def label_agreement(labels_a, labels_b, iou_threshold: float = 0.5) -> dict:
+    """How far two label folders (YOLO, one file per tile) agree: box F1 of ``labels_a`` against ``labels_b``.
+
+    Label-free (neither folder is the truth): the adapt flow's self-training rounds stop when a round's
+    labels agree with the previous round's. Tiles missing from a folder count as having no box.
+    """
+    from pathlib import Path
+
+    labels_a, labels_b = Path(labels_a), Path(labels_b)
+    names = sorted({p.name for p in labels_a.glob("*.txt")} | {p.name for p in labels_b.glob("*.txt")})
+
+    def read(folder: Path, name: str) -> Detections:
+        path = folder / name
+        return Detections.from_yolo(path.read_text() if path.is_file() else "", 1000, 1000)
+
+    preds, gts = [], []
+    for name in names:
+        a = read(labels_a, name)
+        preds.append(Detections(a.xyxy, np.ones(len(a)), a.class_id))
+        gts.append(read(labels_b, name))
+    score = score_at(match_all(preds, gts, iou_threshold=iou_threshold), 0.0).to_dict()
+    return {"tiles": len(names), "precision": score["precision"], "recall": score["recall"], "f1": score["f1"]}

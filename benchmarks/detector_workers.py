@@ -3,7 +3,7 @@
 Four fine-tuned detectors (the ``continued`` variant, seeds 0-3: one epoch of 1280 source-train tiles from
 the ``cpu-bench`` run's source-only detector of seed 0, the reference recipe, one torch thread each),
 submitted as the adapt flow submits them (``submit_detectors`` on the run's task runner):
-with the sequential runner, then on two worker processes (``runner: processes``), then on a Dask
+with the sequential runner (one worker process), then on two worker processes (``runner: processes``), then on a Dask
 ``LocalCluster`` of two single-threaded workers. Writes ``benchmarks/results/detector_workers.json``.
 
     python benchmarks/detector_workers.py          # after `benchmarks/adapt_flow.py run --target kit`
@@ -55,6 +55,8 @@ def main() -> int:
             for p in resolve(submit_detectors(cfg, work, TILES, continued, list(SEEDS), dict.fromkeys(SEEDS, BASE)))
         ]
 
+    global OTHER_JOBS
+    OTHER_JOBS = _other_jobs()
     doc: dict = {"detectors": len(SEEDS), "detection": DETECTION, "runs": {}}
     metrics = {}
     runners = os.environ.get("RUNNERS", "sequential,processes,dask").split(",")
@@ -74,10 +76,25 @@ def main() -> int:
     for runner in runners[1:]:
         doc[f"{runner}_over_sequential"] = round(doc["runs"][runner]["wall_s"] / doc["runs"]["sequential"]["wall_s"], 3)
         doc[f"{runner}_identical_metrics"] = metrics[runner] == metrics["sequential"]
-    doc["machine"] = "2 CPU cores; 2 worker processes or a Dask LocalCluster of 2 one-thread workers, vs in process"
+    doc["machine"] = (
+        "2 CPU cores; sequential = one worker process, one detector at a time; processes = 2 worker processes; "
+        "dask = a LocalCluster of 2 one-thread workers"
+    )
+    doc["other_jobs"] = OTHER_JOBS
     atomic_write_json(REPO / "benchmarks" / "results" / "detector_workers.json", doc)
     print(json.dumps(doc, indent=1))
     return 0
+
+
+OTHER_JOBS: list[str] = []
+
+
+def _other_jobs() -> list[str]:
+    """Other Python jobs on the machine when the benchmark starts (a quiet machine has none)."""
+    import subprocess
+
+    ps = subprocess.run(["pgrep", "-af", "python"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if str(os.getpid()) != line.split()[0] and "pgrep" not in line]
 
 
 if __name__ == "__main__":

@@ -30,9 +30,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from aerosynth.data.atomic import atomic_write_text
 from aerosynth.data.errors import InputError
-from aerosynth.flows.adapt_annotation import SKIPPED_FILE, annotate, label_real_target
+from aerosynth.flows.adapt_annotation import SKIPPED_FILE, annotate, label_real_target, relabel_round
 from aerosynth.flows.adapt_common import ORACLE, SOURCE_ONLY, split_domains
-from aerosynth.flows.adapt_detection import Variant, deliver_detector, train_and_evaluate, variants
+from aerosynth.flows.adapt_detection import (
+    Variant,
+    deliver_detector,
+    train_and_evaluate,
+    variant_kind,
+    variants,
+)
 from aerosynth.flows.adapt_generation import synthesise, train_ldm
 from aerosynth.flows.adapt_report import (
     _publish_artifacts,
@@ -80,6 +86,7 @@ annotate_task = _task(annotate)
 train_and_evaluate_task = _task(train_and_evaluate)
 report_task = _task(write_run_report)
 deliver_task = _task(deliver_detector)
+relabel_task = _task(relabel_round)
 
 
 def submit_detectors(
@@ -95,6 +102,27 @@ def submit_detectors(
 def resolve(futures: list) -> list[Path]:
     """Wait for submitted detector tasks; the first failure is raised."""
     return [Path(f.result()) for f in futures]
+
+
+def self_training_rounds(
+    cfg: AdaptConfig, work: Path, tiles: Path, first: str, runs: dict[str, list[Path]], base: dict, seeds: list[int]
+) -> dict[str, list[Path]]:
+    """Rounds 2.. of the real-tile variant ``first``: relabel with the last round's detector, fine-tune again.
+
+    Each round's labels come from the first seed's detector of the round before (flags applied, threshold
+    on source-val); every seed fine-tunes from its own F_S on them. Stops after
+    ``annotation.real_target.rounds`` or when the labels stop changing (``stop_agreement``).
+    """
+    out: dict[str, list[Path]] = {}
+    previous, detector = first.removesuffix("+source"), runs[first][0]
+    for k in range(2, cfg.annotation.real_target.rounds + 1):
+        name, dataset = relabel_task(cfg, work, tiles, previous, detector, k)
+        if dataset is None:
+            break
+        variant = next(v for v in variants(cfg, tiles, {name: dataset}, {}) if v.name == f"{name}+source")
+        out[variant.name] = resolve(submit_detectors(cfg, work, tiles, variant, seeds, base))
+        previous, detector = name, out[variant.name][0]
+    return out
 
 
 #: Steps after which ``until`` may stop the adapt flow (each one's output is kept; a later run resumes).
@@ -148,6 +176,8 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         seeds = d.seeds if variant.kind in ("oracle", "control") else adapted_seeds
         futures[variant.name] = submit_detectors(cfg, work, tiles, variant, seeds, base)
     runs.update({name: resolve(fs) for name, fs in futures.items()})
+    for first in [n for n in futures if variant_kind(n) == "real"]:  # self-training rounds 2..
+        runs.update(self_training_rounds(cfg, work, tiles, first, runs, base, adapted_seeds))
     deliver_task(cfg, work, runs)
     report = report_task(cfg, work, tiles, runs)
     _publish_artifacts(report)

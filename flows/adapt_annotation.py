@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,9 +72,84 @@ def annotate(
             _logger(),
         )
         out["threshold"] = stage_dir / "dataset"
+    if a.copy_paste.enabled:
+        try:
+            out["copy-paste"] = copy_paste(config, work, tiles)
+            _record_skipped(work, "copy-paste", None)
+        except InputError as exc:  # e.g. no target tile flagged empty to paste onto
+            _logger().warning("copy-paste skipped: %s", exc)
+            _record_skipped(work, "copy-paste", str(exc))
     if a.real_target.enabled:
         out.update(label_real_target(config, work, tiles, source_only, model))
     return out
+
+
+def copy_paste(config: AdaptConfig, work: Path, tiles: Path) -> Path:
+    """The copy-paste baseline set (``annotation/copy-paste/dataset``): source vehicles on empty target tiles."""
+    from aerosynth.annotation.copy_paste import CopyPasteConfig, copy_paste_set
+
+    cpc = CopyPasteConfig(**config.annotation.copy_paste.model_dump(exclude={"enabled"}), seed=config.seed)
+    stage_dir, _ = run_stage(
+        "annotation/copy-paste",
+        work / "annotation" / "copy-paste",
+        cpc.to_dict(),
+        {"tiles": tiles},
+        lambda o: copy_paste_set(tiles / "source-train", tiles / "target-train", o / "dataset", cpc),
+        _logger(),
+    )
+    return stage_dir / "dataset"
+
+
+def relabel_round(
+    config: AdaptConfig, work: Path, tiles: Path, previous: str, detector: Path, round_index: int
+) -> tuple[str, Path | None]:
+    """One self-training round: the previous round's adapted detector relabels target-train.
+
+    Args:
+        previous: the previous round's labelled set (``real-heatmap``, ``real-self-training-r2``, ...).
+        detector: the stage folder of the previous round's adapted detector (first seed).
+        round_index: this round's number (2, 3, ...).
+
+    Returns:
+        ``(name, dataset)``: ``real-<method>-r<k>`` and its labelled folder, or ``None`` for the folder when
+        the labels agree with the previous round's at box F1 >= ``stop_agreement`` (no new round is trained;
+        the agreement is in ``annotation/<name>/agreement.json``). Target boxes are never read.
+    """
+    from aerosynth.annotation.metrics import label_agreement
+
+    r = config.annotation.real_target
+    name = f"{re.sub(r'-r[0-9]+$', '', previous)}-r{round_index}"
+    key = {"method": "self-training", "round": round_index, "relabels": previous}
+
+    def build(o: Path) -> None:
+        label_real_split(
+            "self-training",
+            tiles / "target-train",
+            _val_split(tiles),
+            o / "dataset",
+            detector / "train" / "detector.pt",
+            seed=config.seed,
+            device=config.device,
+            provenance=key,
+        )
+        agreement = label_agreement(o / "dataset" / "labels", work / "annotation" / previous / "dataset" / "labels")
+        atomic_write_json(o / "agreement.json", {"with": previous, **agreement})
+
+    stage_dir, _ = run_stage(
+        f"annotation/{name}",
+        work / "annotation" / name,
+        key,
+        {"tiles": tiles, "detector": detector, "previous": work / "annotation" / previous},
+        build,
+        _logger(),
+    )
+    agreement = json.loads((stage_dir / "agreement.json").read_text())
+    if agreement["f1"] >= r.stop_agreement:
+        _logger().info(
+            "%s: labels agree with %s at F1 %.3f >= %.2f: rounds stop", name, previous, agreement["f1"], r.stop_agreement
+        )
+        return name, None
+    return name, stage_dir / "dataset"
 
 
 def label_real_target(

@@ -30,14 +30,18 @@ from aerosynth.flows.stage_cache import run_stage, stage_record
 
 #: What each variant's target data is, as the benchmark files name it.
 SYNTHETIC_SETS = ("relay", "threshold", "translation")
+#: Target data made without the LDM and without labelling a real target tile: the plain baselines.
+BASELINE_SETS = ("copy-paste",)
 
 
 def variant_kind(name: str) -> str:
-    """``source-only``, ``control``, ``real``, ``synthetic``, ``real+synthetic`` or ``oracle``."""
+    """``source-only``, ``control``, ``baseline``, ``real``, ``synthetic``, ``real+synthetic`` or ``oracle``."""
     if name in (SOURCE_ONLY, ORACLE):
         return name
     if name == CONTINUED:
         return "control"
+    if name.removesuffix("+source") in BASELINE_SETS:
+        return "baseline"
     parts = name.removesuffix("+source").split("+")
     real = any(p.startswith("real-") for p in parts)
     synthetic = any(p in SYNTHETIC_SETS for p in parts)

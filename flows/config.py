@@ -155,6 +155,12 @@ class RealTargetSettings(Strict):
     real source-val only; ``last`` reads the last stage's model. Tiles flagged empty get none; the
     threshold is the proposer's F1-optimal confidence on real source-val. Each becomes a variant trained
     with real source.
+
+    ``rounds`` > 1: self-training rounds. After round 1, the first seed's adapted detector of each method
+    relabels the tiles (flags applied, its threshold again chosen on source-val) and a variant
+    ``real-<method>-r<k>`` is fine-tuned from F_S on those labels; the rounds stop early when a round's
+    labels agree with the previous round's at box F1 >= ``stop_agreement`` (label-free: the labels have
+    stopped changing).
     """
 
     enabled: bool = True
@@ -163,13 +169,29 @@ class RealTargetSettings(Strict):
     heatmap_models: Literal["chosen", "last"] = "chosen"
     heatmap_options: dict[str, Any] = {}
 
+    rounds: int = Field(1, ge=1)
+    stop_agreement: float = Field(0.95, gt=0, le=1)
+
     def noise_levels(self) -> list[float]:
         """The candidate noise levels, as a list."""
         return [self.noise_fraction] if isinstance(self.noise_fraction, float) else list(self.noise_fraction)
 
 
+class CopyPasteSettings(Strict):
+    """The copy-paste baseline (``aerosynth.annotation.copy_paste``): source vehicle crops pasted onto the
+    target-train tiles flagged empty, colours pulled toward the tile's mean; no LDM. Variant ``copy-paste+source``.
+    """
+
+    enabled: bool = False
+    min_per_tile: int = Field(1, ge=1)
+    max_per_tile: int = Field(4, ge=1)
+    colour_pull: float = Field(0.2, ge=0, le=1)
+    max_tiles: int | None = Field(None, ge=1)
+
+
 class AnnotationSettings(Strict):
     threshold: ThresholdSettings = ThresholdSettings()
+    copy_paste: CopyPasteSettings = CopyPasteSettings()
     relay: RelaySettings = RelaySettings()
     real_target: RealTargetSettings = RealTargetSettings()
 
@@ -302,7 +324,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sampling": {"steps": 3, "batch_size": 4, "shard_size": 4},
             "counts": {"source_cars": 4, "target_cars": 4, "target_empty": 2},
         },
-        "annotation": {"relay": {"source_epochs": 1, "heatmap_epochs": 1, "patience": 1, "augment": False}},
+        "annotation": {
+            "relay": {"source_epochs": 1, "heatmap_epochs": 1, "patience": 1, "augment": False},
+            "copy_paste": {"enabled": True},
+            "real_target": {"rounds": 2},
+        },
         "detection": {
             "epochs": 1,
             "patience": 1,

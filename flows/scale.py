@@ -33,7 +33,7 @@ def shared_api(kind: str, address: str | None = None):
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if kind not in ("dask", "processes") or address or PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"):
+    if kind not in ("dask", "processes", "sequential") or address or PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"):
         yield
         return
     if not _API_SERVER:
@@ -51,8 +51,15 @@ def shared_api(kind: str, address: str | None = None):
         os.environ.pop("PREFECT_API_URL", None)
 
 
-def task_runner(kind: str, address: str | None = None, workers: int = 2, threads: int = 1):
-    """The Prefect task runner of a run: ``sequential`` (in process) or ``dask``."""
+def task_runner(kind: str, address: str | None = None, workers: int = 2):
+    """The Prefect task runner of a run's submitted tasks (detectors, synthesis shards).
+
+    ``sequential``: one at a time in one worker process; ``processes``: ``workers`` worker processes;
+    ``dask``: a Dask ``LocalCluster`` of ``workers`` one-thread workers, or the scheduler at ``address``.
+    Submitted tasks never run in the flow's own process: a detector trained there did not repeat run to
+    run on real tiles (its training shares the process with the flow's Prefect threads), while one trained
+    in a worker process repeats to the digit, so every runner gives the same bytes.
+    """
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -64,13 +71,9 @@ def task_runner(kind: str, address: str | None = None, workers: int = 2, threads
         # system on nearly every free, and torch's CPU training ran 2.5x slower per detector there
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": str(2**30)})
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
-    if kind == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect.task_runners import ProcessPoolTaskRunner
 
-        return ProcessPoolTaskRunner(max_workers=workers)
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    return ThreadPoolTaskRunner(max_workers=threads)
+    return ProcessPoolTaskRunner(max_workers=workers if kind == "processes" else 1)
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)

@@ -48,11 +48,24 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
         "annotation/threshold",
         "annotation/real-self-training",
         "annotation/real-heatmap",
+        "annotation/real-self-training-r2",
+        "annotation/real-heatmap-r2",
     }
     assert expected <= set(records)
+    # round 2 is trained unless its labels already agree with round 1's (the label-free stop rule)
+    rounds = set()
+    for method in ("self-training", "heatmap"):
+        agreement = json.loads((work / "annotation" / f"real-{method}-r2" / "agreement.json").read_text())
+        assert agreement["with"] == f"real-{method}" and 0.0 <= agreement["f1"] <= 1.0
+        if agreement["f1"] < 0.95:
+            rounds.add(f"real-{method}-r2+source")
+    # the copy-paste baseline needs target tiles flagged empty: the smoke data has none, and says so
+    skipped = json.loads((work / "annotation" / "skipped.json").read_text())
+    assert "no target tile is flagged empty" in skipped["copy-paste"]
     variants = {
         "source-only",
         "continued",
+        *rounds,
         "relay+source",
         "threshold+source",
         "translation+source",
