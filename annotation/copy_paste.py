@@ -19,8 +19,17 @@ import numpy as np
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
 from aerosynth.data.detections import Detections, box_iou
 from aerosynth.data.errors import InputError
-from aerosynth.data.exporters import LabelledImage, write_yolo_split
-from aerosynth.data.tileset import EVALUATION_DIR, LabelledTileSplit, WeakTileSplit, is_source_labelled, open_split
+from aerosynth.data.exporters import LabelledImage, write_coco, write_yolo_split
+from aerosynth.data.tileset import (
+    EVALUATION_DIR,
+    LabelledTileSplit,
+    SplitInfo,
+    TileRecord,
+    WeakTileSplit,
+    is_source_labelled,
+    open_split,
+    tiles_document,
+)
 
 SUMMARY_FILE = "summary.json"
 
@@ -119,6 +128,9 @@ def copy_paste_set(
 ) -> Path:
     """Write the copy-paste set (``images/``, ``labels/``, ``summary.json``) atomically.
 
+    The folder is also a labelled tile split (``tiles.json``, ``annotations.json``; domain: the target's),
+    so the LDM can harmonise it (:func:`aerosynth.generation.sampling.translate_split`).
+
     Args:
         source_dir: a labelled source split (source-train): the vehicle crops.
         target_dir: the weak target split (target-train): its tiles flagged empty are the backgrounds.
@@ -142,10 +154,15 @@ def copy_paste_set(
     rng = np.random.default_rng(config.seed)
     if config.max_tiles is not None and len(empty) > config.max_tiles:
         empty = [empty[i] for i in sorted(rng.choice(len(empty), config.max_tiles, replace=False))]
-    items = []
+    items, records = [], []
     for tile in empty:
         rgb, boxes = composite(target.image(tile.tile_id), crops, rng, config)
         items.append(LabelledImage(f"cp_{tile.tile_id}", rgb, boxes))
+        h, w = rgb.shape[:2]
+        records.append(TileRecord(f"cp_{tile.tile_id}", tile.source_image, tile.group, tile.x0, tile.y0, w, h, True))
+    info = SplitInfo(
+        name="copy-paste", domain=target.info.domain, gsd=target.info.gsd, tile_size=target.info.tile_size, weak=False
+    )
     summary = {
         "method": "copy-paste",
         "domain": target.info.domain,
@@ -157,5 +174,7 @@ def copy_paste_set(
     }
     with atomic_directory(Path(out_dir), overwrite=True) as tmp:
         write_yolo_split(tmp, items)
+        atomic_write_json(tmp / "tiles.json", tiles_document(info, records))
+        write_coco(tmp / "annotations.json", items, ["vehicle"])
         atomic_write_json(tmp / SUMMARY_FILE, summary)
     return Path(out_dir)

@@ -106,6 +106,11 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         dataset = work / "annotation" / name.removesuffix("+source") / "dataset"
         if row["kind"] == "real" and (dataset / "labels").is_dir():
             row["labels"] = label_quality(dataset / "labels", work / "tiles")
+            agreement = dataset.parent / "agreement.json"
+            if agreement.is_file():  # a self-training round: how far its labels moved from the round before
+                row["agreement_with_previous_round"] = json.loads(agreement.read_text())
+        if row["kind"] in ("synthetic", "baseline"):
+            row["two_sample_accuracy"] = _two_sample(work, name.removesuffix("+source"), previous, row)
     handed = json.loads((work / "detector.json").read_text()) if (work / "detector.json").is_file() else {}
     recommended = handed.get("variant")
     adapted = [n for n, r in table.items() if r["kind"] not in ("source-only", "oracle", "control")]
@@ -115,10 +120,14 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         if scores and recommended in scores:
             picked_best[seed] = scores[recommended] == max(scores.values())
     config = json.loads(json.dumps(__import__("yaml").safe_load((work / "config.yaml").read_text())))
+    parts = previous.get("wall_s_parts") or ([previous["wall_s"]] if previous.get("wall_s") else [])
+    if wall_s is not None:
+        parts = [wall_s] if getattr(args, "fresh", False) else [*parts, wall_s]
     doc = {
         "target": args.target,
         "command": command or previous.get("command"),
-        "wall_s": wall_s if wall_s is not None else previous.get("wall_s"),
+        "wall_s": round(sum(parts), 1) if parts else None,
+        "wall_s_parts": parts,
         "machine": f"{os.cpu_count()} CPU cores",
         "recommended": recommended,
         "recommended_how": handed.get("how_chosen"),
@@ -131,6 +140,28 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
     atomic_write_json(out, doc)
     print(json.dumps({n: (r["kind"], r["mean"], r["per_seed"]) for n, r in table.items()}, indent=1))
     return doc
+
+
+def _two_sample(work: Path, name: str, previous: dict, row: dict) -> float | None:
+    """Two-sample accuracy of a synthetic or baseline set against the real target-train tiles flagged with
+    vehicles (0.5: indistinguishable): from the run's diagnostics for the sets it checks, else measured here."""
+    from aerosynth.data.tileset import open_split
+    from aerosynth.detection.two_sample import two_sample_accuracy
+
+    diagnostics = work / "diagnostics" / "diagnostics.json"
+    sets = json.loads(diagnostics.read_text())["sets"] if diagnostics.is_file() else {}
+    source = {"threshold": "target_cars", "relay": "target_cars"}.get(name, name)
+    if source in sets and sets[source].get("two_sample") is not None:
+        return sets[source]["two_sample"]["accuracy"]
+    known = previous.get("variants", {}).get(f"{name}+source", {}).get("two_sample_accuracy")
+    if known is not None:
+        return known
+    folder = work / "annotation" / name / "dataset"
+    if not (folder / "images").is_dir():
+        return None
+    target = open_split(work / "tiles" / "target-train")
+    real = [target.image_path(t.tile_id) for t in target if t.has_vehicle]
+    return two_sample_accuracy(real, sorted((folder / "images").glob("*.png")), seed=0)["accuracy"]
 
 
 def _stage_seconds(work: Path) -> dict:

@@ -28,7 +28,13 @@ from aerosynth.data.json_input import read_json_object
 from aerosynth.data.manifest import file_sha256
 from aerosynth.data.tileset import TILES_FILE, SplitInfo, read_tiles_file
 
-REAL_METHODS = ("self-training", "heatmap")
+#: ``detector``: labelled by the run's handed-over ``detector.pt`` (made on first request, see
+#: ``aerosynth.flows.request``); ``self-training`` / ``heatmap``: the labels the adapt flow trained on.
+REAL_METHODS = ("detector", "self-training", "heatmap")
+#: What makes each method's folder, for the error a run without it gets.
+_HOW = {
+    "detector": "`aerosynth adapt` writes RUN/detector.pt; `aerosynth request --real detector` then labels the tiles",
+}
 SUMMARY_FILE = "summary.json"
 
 
@@ -88,11 +94,12 @@ def real_dataset_dir(run_dir: str | Path, method: str) -> Path:
         raise InputError("real", f"unknown labelling method {method!r}; choose one of {', '.join(REAL_METHODS)}")
     folder = Path(run_dir) / "annotation" / f"real-{method}" / "dataset"
     if not (folder / SUMMARY_FILE).is_file() or not (folder / "labels").is_dir():
-        raise InputError(
-            folder,
-            f"no real target tiles labelled by {method} in this run; create them with `aerosynth adapt` "
-            f"(annotation.real_target.enabled: true, methods including {method}) on this run folder",
+        how = _HOW.get(
+            method,
+            f"create them with `aerosynth adapt` (annotation.real_target.enabled: true, methods including {method}) "
+            "on this run folder",
         )
+        raise InputError(folder, f"no real target tiles labelled by {method} in this run; {how}")
     return folder
 
 

@@ -185,7 +185,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
 
 
 def run_adapt(config: dict | AdaptConfig, until: str | None = None) -> Path:
-    """Run the adapt flow with the task runner its config names (sequential or Dask); see ``adapt_flow``."""
+    """Run the adapt flow with the task runner its config names (sequential, processes or Dask); see ``adapt_flow``."""
     cfg = config if isinstance(config, AdaptConfig) else build_config(config)
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
     with shared_api(cfg.runner, cfg.dask_address):

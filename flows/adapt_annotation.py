@@ -79,6 +79,8 @@ def annotate(
         except InputError as exc:  # e.g. no target tile flagged empty to paste onto
             _logger().warning("copy-paste skipped: %s", exc)
             _record_skipped(work, "copy-paste", str(exc))
+        if "copy-paste" in out and model is not None and a.copy_paste.harmonise_strength > 0:
+            out["copy-paste-harmonised"] = harmonise_copy_paste(config, work, tiles, out["copy-paste"], model)
     if a.real_target.enabled:
         out.update(label_real_target(config, work, tiles, source_only, model))
     return out
@@ -95,6 +97,42 @@ def copy_paste(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         cpc.to_dict(),
         {"tiles": tiles},
         lambda o: copy_paste_set(tiles / "source-train", tiles / "target-train", o / "dataset", cpc),
+        _logger(),
+    )
+    return stage_dir / "dataset"
+
+
+def harmonise_copy_paste(config: AdaptConfig, work: Path, tiles: Path, dataset: Path, model: Path) -> Path:
+    """The copy-paste composites translated by the LDM at ``copy_paste.harmonise_strength``, boxes kept.
+
+    Every composite is encoded, noised to that fraction of the schedule and denoised with the target
+    prompt (:func:`aerosynth.generation.sampling.translate_split` with ``keep_threshold`` 0: the boxes are
+    the pasted ones, known without any map or target label). Written to
+    ``annotation/copy-paste-harmonised/dataset`` with the heat maps of the translation.
+    """
+    from aerosynth.flows.adapt_common import split_domains
+    from aerosynth.generation.sampling import TranslationConfig, translate_split
+
+    g, cp = config.generation, config.annotation.copy_paste
+    _, target = split_domains(tiles)
+    uses_tokens = bool(json.loads((model / "ldm.json").read_text())["spec"].get("tokens_trained"))
+    tcfg = TranslationConfig(
+        **g.sampling.model_dump(),
+        use_learned_tokens=uses_tokens,
+        gsd=config.data.gsd,
+        progress=False,
+        strength=cp.harmonise_strength,
+        keep_threshold=0.0,
+        device=config.device,
+        mixed_precision=config.mixed_precision,
+    )
+    key = {"set": "copy-paste-harmonised", "strength": cp.harmonise_strength, **g.sampling.model_dump()}
+    stage_dir, _ = run_stage(
+        "annotation/copy-paste-harmonised",
+        work / "annotation" / "copy-paste-harmonised",
+        key,
+        {"copy_paste": dataset.parent, "model": model.parent},
+        lambda o: translate_split(model, dataset, o / "dataset", target, base_seed=config.seed, config=tcfg),
         _logger(),
     )
     return stage_dir / "dataset"

@@ -177,8 +177,9 @@ def request(
     real: Annotated[
         str | None,
         typer.Option(
-            help="self-training|heatmap: export the run's real target-train tiles with the labels adapt gave "
-            "them (annotation/real-<method>/dataset) instead of synthetic tiles; COUNT drawn with SEED."
+            help="detector|self-training|heatmap: export the run's real target-train tiles instead of synthetic "
+            "tiles, labelled by the run's detector.pt (detector, recommended) or as adapt labelled them; "
+            "COUNT drawn with SEED."
         ),
     ] = None,
 ) -> None:
@@ -190,7 +191,11 @@ def request(
     if real is not None:  # a run without these labels: one error line, before Prefect starts
         from aerosynth.data.real_tiles import real_dataset_dir
 
-        real_dataset_dir(run, real)
+        if real == "detector":
+            if not (run / "detector.pt").is_file():
+                raise InputError(run / "detector.pt", "the run has no handed-over detector; `aerosynth adapt` writes it")
+        else:
+            real_dataset_dir(run, real)
     from aerosynth.flows.request import request_flow
 
     path = request_flow(

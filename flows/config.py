@@ -180,9 +180,14 @@ class RealTargetSettings(Strict):
 class CopyPasteSettings(Strict):
     """The copy-paste baseline (``aerosynth.annotation.copy_paste``): source vehicle crops pasted onto the
     target-train tiles flagged empty, colours pulled toward the tile's mean; no LDM. Variant ``copy-paste+source``.
+
+    ``harmonise_strength`` > 0 (with an LDM): the composites are also noised to that fraction of the schedule
+    and denoised with the target prompt (source-guided translation of the composites, boxes kept from the
+    paste): an LDM-made set on real target backgrounds, variant ``copy-paste-harmonised+source``.
     """
 
     enabled: bool = False
+    harmonise_strength: float = Field(0.0, ge=0, le=1)
     min_per_tile: int = Field(1, ge=1)
     max_per_tile: int = Field(4, ge=1)
     colour_pull: float = Field(0.2, ge=0, le=1)

@@ -24,8 +24,11 @@ Tile GSD: the run's tile GSD times ``tile_size / image_size`` (a 32 px model tra
 tiles at 0.125 m/px makes 0.5 m/px images), read from ``WORK/tiles/manifest.json``; 0.125 m/px at
 128 px without a run; ``gsd=`` overrides.
 
-Real tiles (``real="self-training"|"heatmap"``, ``aerosynth request --real``): nothing is synthesised; the
-run's real target-train tiles as the adapt flow labelled them (``RUN/annotation/real-<method>/dataset``,
+Real tiles (``real="detector"|"self-training"|"heatmap"``, ``aerosynth request --real``): nothing is
+synthesised; the run's real target-train tiles are exported with their labels. ``detector`` (the
+recommended one): labelled by the detector the run handed over (``RUN/detector.pt``), flags applied and its
+threshold chosen on source-val, made once into ``RUN/annotation/real-detector`` (:func:`label_with_run_detector`);
+``self-training`` / ``heatmap``: as the adapt flow labelled them (``RUN/annotation/real-<method>/dataset``,
 :mod:`aerosynth.data.real_tiles`) are exported in the same layout, each with the transform and CRS of its
 ``tiles.json`` record (the synthetic grid when the split has none). ``count`` tiles are drawn with ``seed``
 (all when there are fewer): with boxes, without (``with_vehicles`` true/false) or either (``None``).
@@ -387,8 +390,49 @@ def _write_record(tmp: Path, tiles: list[GeoTile], record: dict, **extra_counts:
     atomic_write_json(tmp / REQUEST_FILE, record)
 
 
+def label_with_run_detector(run_dir: str | Path) -> Path:
+    """``RUN/annotation/real-detector/dataset``: the run's target-train tiles labelled by ``RUN/detector.pt``.
+
+    The handed-over detector proposes boxes; tiles flagged empty get none, flagged tiles keep the boxes at
+    or above its F1-optimal confidence on real source-val (and at least the best one), as every real-tile
+    label of the adapt flow. Made once per detector (its sha256 is the stage key); target boxes are never read.
+
+    Raises:
+        InputError: the run has no ``detector.pt`` or no tiles.
+    """
+    from aerosynth.flows.adapt_annotation import label_real_split
+    from aerosynth.flows.adapt_common import _val_split
+    from aerosynth.flows.stage_cache import run_stage
+
+    run_dir = Path(run_dir)
+    weights, tiles = run_dir / "detector.pt", run_dir / "tiles"
+    if not weights.is_file():
+        raise InputError(weights, "the run has no handed-over detector; `aerosynth adapt` writes it")
+    if not (tiles / "target-train" / "tiles.json").is_file():
+        raise InputError(tiles, "the run has no target-train tiles to label")
+    handed = run_dir / "detector.json"
+    key = {
+        "method": "detector",
+        "detector_sha256": file_sha256(weights),
+        "variant": json.loads(handed.read_text()).get("variant") if handed.is_file() else None,
+    }
+    out, _ = run_stage(
+        "annotation/real-detector",
+        run_dir / "annotation" / "real-detector",
+        key,
+        {"tiles": tiles},
+        lambda o: label_real_split(
+            "self-training", tiles / "target-train", _val_split(tiles), o / "dataset", weights, provenance=key
+        ),
+        _logger(),
+    )
+    return out / "dataset"
+
+
 def _request_real(run_dir: Path, folder: Path, req: TileRequest) -> Path:
     """Check the run's labelled real tiles, draw ``req.count`` of them and export them as ``folder``."""
+    if req.real == "detector":
+        label_with_run_detector(run_dir)
     choice = choose_real_tiles(run_dir, str(req.real), req.domain, req.count, req.seed, req.with_vehicles)
     log, domain = _logger(), choice.dataset.split.domain
     log.info(

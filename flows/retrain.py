@@ -459,21 +459,22 @@ def run_retrain(
     variant: str | None = None,
     work_root: str | Path | None = None,
 ) -> dict:
-    """Run :func:`retrain_flow` with the task runner the config names (sequential or Dask), as ``run_adapt`` does."""
-    from aerosynth.flows.scale import task_runner
+    """Run :func:`retrain_flow` with the task runner the config names (sequential, processes or Dask), as ``run_adapt`` does."""
+    from aerosynth.flows.scale import shared_api, task_runner
 
     cfg = config if isinstance(config, AdaptConfig) else build_config(config or {"preset": "demo"})
     RunSettings(flags=flags, flag_threshold=flag_threshold)  # type: ignore[arg-type]  # bad input before any work
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
-    return retrain_flow.with_options(task_runner=runner)(
-        str(registry),
-        str(watch),
-        cfg.model_dump(mode="json"),
-        flags,
-        flag_threshold,
-        variant,
-        None if work_root is None else str(work_root),
-    )
+    with shared_api(cfg.runner, cfg.dask_address):
+        return retrain_flow.with_options(task_runner=runner)(
+            str(registry),
+            str(watch),
+            cfg.model_dump(mode="json"),
+            flags,
+            flag_threshold,
+            variant,
+            None if work_root is None else str(work_root),
+        )
 
 
 def _publish(outcome: RetrainOutcome) -> None:

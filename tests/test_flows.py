@@ -319,3 +319,21 @@ def test_detect_takes_the_detector_the_run_handed_over(tiny_run, tmp_path):
         x, y = feature["geometry"]["coordinates"][0][0]
         assert bounds.left - 1 <= x <= bounds.right + 1 and bounds.bottom - 1 <= y <= bounds.top + 1
     assert main(["detect", str(raster), "--run", str(tmp_path), "--out", str(out)]) == 2  # no detector.pt there
+
+
+def test_request_real_detector_labels_the_run_tiles_with_the_handed_over_detector(tiny_run, tmp_path):
+    from aerosynth.data.export_validation import validate_export
+    from aerosynth.data.manifest import file_sha256
+    from aerosynth.flows.request import request_tiles
+
+    work, _, _ = tiny_run
+    folder = request_tiles(work, tmp_path / "exports", "real-det", "target", 3, real="detector")
+    assert validate_export(folder)["items"] > 0
+    summary = json.loads((work / "annotation" / "real-detector" / "dataset" / "summary.json").read_text())
+    assert summary["provenance"]["detector_sha256"] == file_sha256(work / "detector.pt")
+    assert summary["provenance"]["variant"] == json.loads((work / "detector.json").read_text())["variant"]
+    flags = json.loads((work / "tiles" / "target-train" / "tiles.json").read_text())["tiles"]
+    labels = work / "annotation" / "real-detector" / "dataset" / "labels"
+    assert all((labels / f"{t['tile_id']}.txt").read_text() == "" for t in flags if not t["has_vehicle"])
+    record = json.loads((folder / "request.json").read_text())
+    assert record["labels_from"].startswith("real-detector labels")

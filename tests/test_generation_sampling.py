@@ -194,3 +194,23 @@ def test_guidance_rescale_pulls_the_guided_spread_back_and_is_recorded(world, tm
             1,
             config=SamplingConfig(**{**FAST.__dict__, "guidance_rescale": 1.5}),
         )
+
+
+def test_copy_paste_composites_harmonised_by_the_ldm_keep_the_pasted_boxes(world, tmp_path):
+    from aerosynth.annotation.copy_paste import CopyPasteConfig, copy_paste_set
+    from aerosynth.data.tileset import open_split
+
+    composites = copy_paste_set(world["source"], world["target"], tmp_path / "cp", CopyPasteConfig(seed=1))
+    split = open_split(composites)  # the composites are a labelled split of the target domain
+    assert split.info.domain == "kit_munich_aerial" and not split.info.weak
+    ids = sorted(t.tile_id for t in split.tiles)
+    for tile_id in ids:
+        yolo = Detections.from_yolo((composites / "labels" / f"{tile_id}.txt").read_text(), 32, 32)
+        assert np.allclose(split.labels(tile_id).xyxy, yolo.xyxy, atol=1e-3)
+    cfg = TranslationConfig(steps=4, batch_size=4, shard_size=8, strength=0.25, keep_threshold=0.0, progress=False)
+    out = translate_split(world["model"], composites, tmp_path / "h", "kit_munich_aerial", config=cfg)
+    sources = json.loads((out / "sources.json").read_text())
+    assert sorted(sources.values()) == ids
+    for name, tile_id in sources.items():
+        assert (out / "labels" / f"{name}.txt").read_text() == (composites / "labels" / f"{tile_id}.txt").read_text()
+        assert not np.array_equal(read_rgb(out / "images" / f"{name}.png"), split.image(tile_id))  # redrawn
