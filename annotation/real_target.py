@@ -92,7 +92,7 @@ def heatmap_proposals(
 
 
 def source_threshold(
-    proposals: Sequence[Detections], split: LabelledTileSplit, floor: float = 0.0
+    proposals: Sequence[Detections], split: LabelledTileSplit, floor: float = 0.0, tiles: str = "all"
 ) -> tuple[float, dict]:
     """The F1-optimal confidence of a proposer on a labelled *source* split, and its scores there.
 
@@ -100,14 +100,21 @@ def source_threshold(
         proposals: the proposer's boxes for every tile of ``split``, in ``split.tiles`` order.
         split: a labelled source split (source-val); a target split is refused.
         floor: lowest threshold returned.
+        tiles: ``all`` of the split's tiles, or only those holding a vehicle (``flagged``): the condition a
+            target tile's boxes are kept under, since only tiles flagged "vehicle" keep proposals.
     """
     if not is_source_labelled(split):
         raise InputError(getattr(split, "root", "split"), "thresholds are chosen on labelled source tiles only")
     if len(proposals) != len(split.tiles):
         raise InputError("proposals", f"{len(proposals)} entries for {len(split.tiles)} tiles of {split.name}")
+    if tiles not in ("all", "flagged"):
+        raise InputError("threshold_on", f"unknown tile choice {tiles!r} (all or flagged)")
     gts = [split.labels(t.tile_id) for t in split.tiles]
     ignores = [split.ignore_regions(t.tile_id) for t in split.tiles]
-    best = f1_optimal_threshold(match_all(list(proposals), gts, ignores))
+    keep = [i for i, g in enumerate(gts) if tiles == "all" or len(g)]
+    if not keep:
+        raise InputError(split.root, "no source tile with a vehicle to choose the threshold on")
+    best = f1_optimal_threshold(match_all([proposals[i] for i in keep], [gts[i] for i in keep], [ignores[i] for i in keep]))
     scores = best.to_dict()
     return max(float(scores["threshold"]), floor), scores
 

@@ -90,7 +90,9 @@ def copy_paste(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     """The copy-paste baseline set (``annotation/copy-paste/dataset``): source vehicles on empty target tiles."""
     from aerosynth.annotation.copy_paste import CopyPasteConfig, copy_paste_set
 
-    cpc = CopyPasteConfig(**config.annotation.copy_paste.model_dump(exclude={"enabled"}), seed=config.seed)
+    cpc = CopyPasteConfig(
+        **config.annotation.copy_paste.model_dump(exclude={"enabled", "harmonise_strength"}), seed=config.seed
+    )
     stage_dir, _ = run_stage(
         "annotation/copy-paste",
         work / "annotation" / "copy-paste",
@@ -158,6 +160,8 @@ def relabel_round(
     r = config.annotation.real_target
     name = f"{re.sub(r'-r[0-9]+$', '', previous)}-r{round_index}"
     key = {"method": "self-training", "round": round_index, "relabels": previous}
+    if r.threshold_on != "all":
+        key["threshold_on"] = r.threshold_on
 
     def build(o: Path) -> None:
         label_real_split(
@@ -169,6 +173,7 @@ def relabel_round(
             seed=config.seed,
             device=config.device,
             provenance=key,
+            threshold_on=r.threshold_on,
         )
         agreement = label_agreement(o / "dataset" / "labels", work / "annotation" / previous / "dataset" / "labels")
         atomic_write_json(o / "agreement.json", {"with": previous, **agreement})
@@ -208,6 +213,8 @@ def label_real_target(
             proposer: Path | list[Path] = source_only / "train" / "detector.pt"
             upstream = {"tiles": tiles, "source_only": source_only}
             key: dict = {"method": method}
+            if r.threshold_on != "all":
+                key["threshold_on"] = r.threshold_on
         else:
             if model is None:
                 continue
@@ -223,6 +230,8 @@ def label_real_target(
             }
             if not r.heatmap_options:
                 key["readout"] = "chosen on source-val"
+            if r.threshold_on != "all":
+                key["threshold_on"] = r.threshold_on
 
         def build(o: Path, method: str = method, proposer: Path | list[Path] = proposer, key: dict = key) -> None:
             label_real_split(
@@ -236,6 +245,7 @@ def label_real_target(
                 seed=config.seed,
                 device=config.device,
                 provenance=key,
+                threshold_on=r.threshold_on,
             )
 
         stage_dir, _ = run_stage(
@@ -256,6 +266,7 @@ def label_real_split(
     seed: int = 0,
     device: str = "cpu",
     provenance: dict | None = None,
+    threshold_on: str = "all",
 ) -> Path:
     """Label a weak target split with one proposer: F_S's detections or the LDM's heat-map boxes.
 
@@ -272,6 +283,8 @@ def label_real_split(
         seed: seed of the heat-map noise.
         device: inference device of the detector.
         provenance: recorded in ``summary.json`` beside the proposer's scores on ``source_val``.
+        threshold_on: the proposer's threshold is F1-optimal on ``all`` source-val tiles or on those holding
+            a vehicle (``flagged``, the condition under which a target tile keeps proposals).
 
     With several models or noise levels, the pair (and the readout) with the best AP50 of heat-map boxes
     on ``source_val`` labels the split (:func:`~aerosynth.annotation.map_quality.choose_map_source`); every
@@ -287,7 +300,7 @@ def label_real_split(
     if method == "self-training":
         from aerosynth.detection.prediction import predict_split
 
-        threshold, scores = source_threshold(predict_split(Path(proposer), val, device=device), val)
+        threshold, scores = source_threshold(predict_split(Path(proposer), val, device=device), val, tiles=threshold_on)
         proposals = predict_split(Path(proposer), train, device=device)
     else:
         from aerosynth.generation.models import load_ldm
@@ -309,7 +322,9 @@ def label_real_split(
         name, readout, report = choose_map_source(val, sources, candidates=candidates)
         ldm, model_dir, level = pairs[name]
         val_maps = sources[name]
-        threshold, scores = source_threshold(heatmap_proposals(val, val_maps, readout.config, readout.normalise), val)
+        threshold, scores = source_threshold(
+            heatmap_proposals(val, val_maps, readout.config, readout.normalise), val, tiles=threshold_on
+        )
         scores = {**scores, "readout": readout.to_dict()}
         extra = {
             "chosen": {"model": str(model_dir), "noise_fraction": level},

@@ -156,6 +156,10 @@ class RealTargetSettings(Strict):
     threshold is the proposer's F1-optimal confidence on real source-val. Each becomes a variant trained
     with real source.
 
+    ``threshold_on: flagged`` chooses each proposer's threshold on the source-val tiles that hold a vehicle
+    only: the condition under which a target tile keeps proposals (its flag says "vehicle"), so more of
+    the proposals on flagged tiles are kept; ``all`` uses every source-val tile.
+
     ``rounds`` > 1: self-training rounds. After round 1, the first seed's adapted detector of each method
     relabels the tiles (flags applied, its threshold again chosen on source-val) and a variant
     ``real-<method>-r<k>`` is fine-tuned from F_S on those labels; the rounds stop early when a round's
@@ -169,6 +173,7 @@ class RealTargetSettings(Strict):
     heatmap_models: Literal["chosen", "last"] = "chosen"
     heatmap_options: dict[str, Any] = {}
 
+    threshold_on: Literal["all", "flagged"] = "all"
     rounds: int = Field(1, ge=1)
     stop_agreement: float = Field(0.95, gt=0, le=1)
 

@@ -67,6 +67,26 @@ def test_threshold_comes_from_labelled_source_tiles_only(splits):
         source_threshold(noisy, open_split(splits[1]))  # a weak split has no boxes to choose on
 
 
+def test_flagged_threshold_is_chosen_on_source_tiles_that_hold_a_vehicle(splits):
+    val = open_split(splits[0])
+    truth = [val.labels(t.tile_id) for t in val.tiles]
+    assert any(len(g) == 0 for g in truth) and any(len(g) for g in truth)
+    # the two true boxes of a tile at 0.7 and 0.4; four false boxes at 0.5 on every empty tile only
+    false = np.array([[1, 1, 6, 6], [8, 1, 14, 6], [1, 8, 6, 14], [8, 8, 14, 14]], float)
+    proposals = [
+        Detections(g.xyxy, np.array([0.7, 0.4]), np.zeros(2, int))
+        if len(g)
+        else Detections(false, np.full(4, 0.5), np.zeros(4, int))
+        for g in truth
+    ]
+    everywhere, _ = source_threshold(proposals, val)
+    flagged, scores = source_threshold(proposals, val, tiles="flagged")
+    assert everywhere == pytest.approx(0.7)  # on all tiles the empty tiles' boxes push the threshold up
+    assert flagged == pytest.approx(0.4) and scores["recall"] == 1.0 and scores["precision"] == 1.0
+    with pytest.raises(InputError, match="all or flagged"):
+        source_threshold(proposals, val, tiles="some")
+
+
 def test_labelled_folder_and_poisoned_target_labels(splits, tmp_path):
     split = open_split(splits[1])
     proposals = _proposals(len(split.tiles))
