@@ -58,7 +58,9 @@ class CopyPasteConfig:
 
     def validate(self) -> CopyPasteConfig:
         if not 1 <= self.min_per_tile <= self.max_per_tile:
-            raise InputError("copy_paste", f"need 1 <= min_per_tile <= max_per_tile, got {self.min_per_tile}, {self.max_per_tile}")
+            raise InputError(
+                "copy_paste", f"need 1 <= min_per_tile <= max_per_tile, got {self.min_per_tile}, {self.max_per_tile}"
+            )
         if not 0.0 <= self.colour_pull <= 1.0:
             raise InputError("copy_paste.colour_pull", f"must be in [0, 1], got {self.colour_pull}")
         return self

@@ -114,7 +114,9 @@ def source_threshold(
     keep = [i for i, g in enumerate(gts) if tiles == "all" or len(g)]
     if not keep:
         raise InputError(split.root, "no source tile with a vehicle to choose the threshold on")
-    best = f1_optimal_threshold(match_all([proposals[i] for i in keep], [gts[i] for i in keep], [ignores[i] for i in keep]))
+    best = f1_optimal_threshold(
+        match_all([proposals[i] for i in keep], [gts[i] for i in keep], [ignores[i] for i in keep])
+    )
     scores = best.to_dict()
     return max(float(scores["threshold"]), floor), scores
 

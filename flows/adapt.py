@@ -35,6 +35,7 @@ from aerosynth.flows.adapt_common import ORACLE, SOURCE_ONLY, split_domains
 from aerosynth.flows.adapt_detection import (
     Variant,
     deliver_detector,
+    mixed_variant,
     train_and_evaluate,
     variant_kind,
     variants,
@@ -178,6 +179,19 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     runs.update({name: resolve(fs) for name, fs in futures.items()})
     for first in [n for n in futures if variant_kind(n) == "real"]:  # self-training rounds 2..
         runs.update(self_training_rounds(cfg, work, tiles, first, runs, base, adapted_seeds))
+    built = {
+        **labelled,
+        **{
+            k: work / "annotation" / k / "dataset"
+            for k in (n.removesuffix("+source") for n in runs)
+            if k.startswith("real-") and (work / "annotation" / k / "dataset").is_dir()
+        },
+    }
+    built.update({k: v for k, v in sets.items() if k == "translation"})
+    for names in d.mixes:  # several labelled sets at once
+        if all(n in built for n in names):
+            mix = mixed_variant(cfg, tiles, {n: built[n] for n in names})
+            runs[mix.name] = resolve(submit_detectors(cfg, work, tiles, mix, adapted_seeds, base))
     deliver_task(cfg, work, runs)
     report = report_task(cfg, work, tiles, runs)
     _publish_artifacts(report)

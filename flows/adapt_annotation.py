@@ -189,7 +189,11 @@ def relabel_round(
     agreement = json.loads((stage_dir / "agreement.json").read_text())
     if agreement["f1"] >= r.stop_agreement:
         _logger().info(
-            "%s: labels agree with %s at F1 %.3f >= %.2f: rounds stop", name, previous, agreement["f1"], r.stop_agreement
+            "%s: labels agree with %s at F1 %.3f >= %.2f: rounds stop",
+            name,
+            previous,
+            agreement["f1"],
+            r.stop_agreement,
         )
         return name, None
     return name, stage_dir / "dataset"

@@ -110,6 +110,19 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
     return out
 
 
+def mixed_variant(config: AdaptConfig, tiles: Path, datasets: dict[str, Path]) -> Variant:
+    """A variant trained on several labelled sets at once (``detection.mixes``): each an equal share of the
+    target part, real source tiles the rest (``mix_source_fraction``), fine-tuned from F_S (paired design)."""
+    from aerosynth.detection.datasets import DatasetSpec
+
+    f = config.detection.mix_source_fraction
+    share = (1 - f) / len(datasets)
+    train = [DatasetSpec(path, name=name, fraction=share) for name, path in datasets.items()]
+    train.append(DatasetSpec(tiles / "source-train", name="source", fraction=f))
+    upstream = {"tiles": tiles, **{n: (p if n == "translation" else p.parent) for n, p in datasets.items()}}
+    return Variant("+".join(datasets) + "+source", train, upstream, config.detection.design == "paired")
+
+
 def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path | None):
     """The :class:`~aerosynth.detection.training.DetectorTrainConfig` of one variant and seed.
 

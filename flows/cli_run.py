@@ -193,7 +193,9 @@ def request(
 
         if real == "detector":
             if not (run / "detector.pt").is_file():
-                raise InputError(run / "detector.pt", "the run has no handed-over detector; `aerosynth adapt` writes it")
+                raise InputError(
+                    run / "detector.pt", "the run has no handed-over detector; `aerosynth adapt` writes it"
+                )
         else:
             real_dataset_dir(run, real)
     from aerosynth.flows.request import request_flow

@@ -230,6 +230,9 @@ class DetectionSettings(Strict):
     independent`` trains every variant from scratch with the source-only settings (the older design).
     ``seeds`` are used for every variant (``adapted_seeds`` narrows the adapted ones). ``threads`` is the
     torch threads of each detector, in every runner, so a run on Dask gives the bytes of a sequential one.
+    ``mixes``: extra variants whose target data is several of the run's labelled sets at once, e.g.
+    ``[[real-heatmap-r3, copy-paste-harmonised]]`` (each an equal share of the target half; a mix whose sets
+    the run did not build is skipped), named ``<set>+<set>+source``.
     ``recommend`` lists the adapted variants in the order the run recommends them (the first one built
     becomes ``WORK/detector.pt``): a fixed order measured on both aerial-v1 targets, no target label read.
     ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
@@ -248,6 +251,7 @@ class DetectionSettings(Strict):
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     continued: bool = True
+    mixes: list[Annotated[list[str], Field(min_length=2)]] = []
     augment: bool = True
     recipe: Literal["aerosynth", "reference"] = "aerosynth"
     checkpoint: Literal["last", "best"] = "last"

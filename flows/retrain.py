@@ -459,7 +459,7 @@ def run_retrain(
     variant: str | None = None,
     work_root: str | Path | None = None,
 ) -> dict:
-    """Run :func:`retrain_flow` with the task runner the config names (sequential, processes or Dask), as ``run_adapt`` does."""
+    """Run :func:`retrain_flow` with the task runner the config names, as ``run_adapt`` does."""
     from aerosynth.flows.scale import shared_api, task_runner
 
     cfg = config if isinstance(config, AdaptConfig) else build_config(config or {"preset": "demo"})

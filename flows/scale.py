@@ -33,7 +33,12 @@ def shared_api(kind: str, address: str | None = None):
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if kind not in ("dask", "processes", "sequential") or address or PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"):
+    if (
+        kind not in ("dask", "processes", "sequential")
+        or address
+        or PREFECT_API_URL.value()
+        or os.environ.get("PREFECT_API_URL")
+    ):
         yield
         return
     if not _API_SERVER:

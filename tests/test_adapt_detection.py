@@ -123,3 +123,22 @@ def test_detect_takes_the_run_detector_by_default(tmp_path):
     assert run_detector(tmp_path / "x.pt", None) == tmp_path / "x.pt"
     with pytest.raises(InputError, match="not both"):
         run_detector(tmp_path / "x.pt", run)
+
+
+def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_path):
+    from aerosynth.flows.adapt_detection import mixed_variant, variant_kind
+
+    cfg = build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [["real-heatmap-r2", "translation"]]}})
+    sets = {"real-heatmap-r2": tmp_path / "a" / "dataset", "copy-paste-harmonised": tmp_path / "b" / "dataset"}
+    mix = mixed_variant(cfg, tmp_path / "tiles", sets)
+    assert mix.name == "real-heatmap-r2+copy-paste-harmonised+source" and mix.kind == "real+synthetic"
+    assert [(s.name, s.fraction) for s in mix.train] == [
+        ("real-heatmap-r2", 0.25),
+        ("copy-paste-harmonised", 0.25),
+        ("source", 0.5),
+    ]
+    assert mix.upstream["real-heatmap-r2"] == tmp_path / "a" and mix.finetune
+    assert variant_kind("copy-paste+source") == "baseline" and variant_kind("copy-paste-harmonised+source") == "synthetic"
+    assert variant_kind("real-self-training-r3+source") == "real"
+    with pytest.raises(Exception, match="at least 2"):
+        build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [["real-heatmap"]]}})

@@ -26,7 +26,9 @@ def splits(tmp_path):
 
 def test_composites_are_empty_target_tiles_with_source_cars_at_their_boxes(splits, tmp_path):
     source, target = splits
-    out = copy_paste_set(source, target, tmp_path / "cp", CopyPasteConfig(min_per_tile=2, max_per_tile=3, colour_pull=0.0))
+    out = copy_paste_set(
+        source, target, tmp_path / "cp", CopyPasteConfig(min_per_tile=2, max_per_tile=3, colour_pull=0.0)
+    )
     split = open_split(target)
     empty = [t.tile_id for t in split.tiles if not t.has_vehicle]
     labels = sorted((out / "labels").glob("*.txt"))
@@ -34,7 +36,9 @@ def test_composites_are_empty_target_tiles_with_source_cars_at_their_boxes(split
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tiles"] == len(empty) and summary["boxes"] >= 2 * len(empty)
     src = open_split(source)
-    car_colours = {tuple(src.image(t.tile_id)[int(b[1]) + 2, int(b[0]) + 2]) for t in src.tiles for b in src.labels(t.tile_id).xyxy}
+    car_colours = {
+        tuple(src.image(t.tile_id)[int(b[1]) + 2, int(b[0]) + 2]) for t in src.tiles for b in src.labels(t.tile_id).xyxy
+    }
     for tile_id, path in zip(empty, labels, strict=True):
         rgb = read_rgb(out / "images" / f"cp_{tile_id}.png")
         background = split.image(tile_id)
