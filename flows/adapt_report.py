@@ -52,13 +52,19 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
     if recommended:
         head, _, rest = report.read_text().partition("\n")
         atomic_write_text(report, f"{head}\n\n{recommended}\n{rest}")
-    samples = write_synthetic_samples(work / "synthetic", report.parent / "synthetic_samples.png")
+    harmonised = work / "annotation" / "copy-paste-harmonised" / "dataset"
+    samples = write_synthetic_samples(
+        work / "synthetic",
+        report.parent / "synthetic_samples.png",
+        extra={"copy-paste-harmonised": harmonised} if (harmonised / "heatmaps").is_dir() else None,
+    )
     if samples is not None:
         atomic_write_text(
             report,
             report.read_text() + "\n## Synthetic images\n\nFirst images of each synthetic set, each above its heat map "
             "(R cars, G [v1], B 255 - background); translation images carry the boxes kept from their "
-            "source tile.\n\n![synthetic samples](synthetic_samples.png)\n",
+            "source tile, the harmonised copy-paste composites the boxes of their pasted vehicles."
+            "\n\n![synthetic samples](synthetic_samples.png)\n",
         )
     skipped = work / "annotation" / SKIPPED_FILE
     lines = [f"- `{k}`: {v}" for k, v in sorted(json.loads(skipped.read_text()).items())] if skipped.is_file() else []
@@ -81,8 +87,13 @@ def recommendation_line(work: Path) -> str | None:
     )
 
 
-def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) -> Path | None:
-    """A grid: for each synthetic set, a row of its first images and a row of their heat maps."""
+def write_synthetic_samples(
+    synthetic: Path, out_png: Path, per_set: int = 8, extra: dict[str, Path] | None = None
+) -> Path | None:
+    """A grid: for each synthetic set, a row of its first images and a row of their heat maps.
+
+    ``extra``: more sets in the same format by name (the LDM-harmonised copy-paste composites).
+    """
     import cv2
     import numpy as np
 
@@ -90,8 +101,8 @@ def write_synthetic_samples(synthetic: Path, out_png: Path, per_set: int = 8) ->
     from aerosynth.data.imageio import read_rgb, write_png
 
     rows = []
-    for name in ("source_cars", "target_cars", "target_empty", "translation"):
-        folder = synthetic / name
+    folders = {n: synthetic / n for n in ("source_cars", "target_cars", "target_empty", "translation")}
+    for name, folder in {**folders, **(extra or {})}.items():
         images = sorted((folder / "images").glob("*.png"))[:per_set]
         if not images:
             continue

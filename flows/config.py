@@ -174,7 +174,7 @@ class RealTargetSettings(Strict):
     heatmap_options: dict[str, Any] = {}
 
     threshold_on: Literal["all", "flagged"] = "all"
-    rounds: int = Field(1, ge=1)
+    rounds: int = Field(3, ge=1)
     stop_agreement: float = Field(0.95, gt=0, le=1)
 
     def noise_levels(self) -> list[float]:
@@ -257,7 +257,14 @@ class DetectionSettings(Strict):
     checkpoint: Literal["last", "best"] = "last"
     finetune: FinetuneSettings = FinetuneSettings()
     threads: int = Field(1, ge=1)
-    recommend: list[str] = ["real-heatmap+source", "real-self-training+source"]
+    recommend: list[str] = [
+        "real-heatmap-r3+source",
+        "real-self-training-r3+source",
+        "real-heatmap-r2+source",
+        "real-self-training-r2+source",
+        "real-heatmap+source",
+        "real-self-training+source",
+    ]
     reference_from: Path | None = None
 
 
@@ -311,7 +318,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "annotation": {
             "relay": {"enabled": False},
             "threshold": {"enabled": False},
-            "real_target": {"methods": ["self-training"]},
+            "real_target": {"methods": ["self-training"], "rounds": 1},  # rounds would add 40 s each here
         },
         "detection": {
             "epochs": 12,
