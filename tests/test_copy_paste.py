@@ -87,3 +87,20 @@ def test_label_agreement_is_one_for_equal_folders_and_drops_with_changes(tmp_pat
     (b / "t2.txt").write_text("0 0.7 0.7 0.1 0.1\n")  # a tile only b labels: a has no box there
     agreement = label_agreement(a, b)
     assert agreement["recall"] == pytest.approx(2 / 3) and agreement["precision"] == pytest.approx(1.0)
+
+
+def test_poisoned_target_labels_change_no_composite_byte(splits, tmp_path):
+    source, target = splits
+    first = copy_paste_set(source, target, tmp_path / "a", CopyPasteConfig(seed=2))
+    # true target boxes planted where the evaluation API would find them (and a labels/ folder beside the
+    # weak split): the composites and their boxes come from the flags and the source labels only
+    for folder in (target.parent / "evaluation" / "target-train" / "labels", target / "labels"):
+        folder.mkdir(parents=True)
+        for t in open_split(target).tiles:
+            (folder / f"{t.tile_id}.txt").write_text("0 0.5 0.5 0.9 0.9\n")
+    again = copy_paste_set(source, target, tmp_path / "b", CopyPasteConfig(seed=2))
+
+    def files(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    assert files(first) == files(again)
