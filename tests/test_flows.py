@@ -339,3 +339,26 @@ def test_request_real_detector_labels_the_run_tiles_with_the_handed_over_detecto
     assert all((labels / f"{t['tile_id']}.txt").read_text() == "" for t in flags if not t["has_vehicle"])
     record = json.loads((folder / "request.json").read_text())
     assert record["labels_from"].startswith("real-detector labels")
+
+
+def test_a_relabelling_round_reads_no_target_box(tiny_run, tmp_path):
+    import shutil
+
+    from aerosynth.flows.adapt_annotation import label_real_split
+
+    work, _, _ = tiny_run
+    tiles = tmp_path / "tiles"
+    shutil.copytree(work / "tiles", tiles)
+    detector = work / "detectors" / "real-self-training+source" / "seed0" / "train" / "detector.pt"
+
+    def relabel(out: Path) -> dict[str, bytes]:
+        label_real_split(
+            "self-training", tiles / "target-train", tiles / "source-val", out, detector, threshold_on="flagged"
+        )
+        return {p.name: p.read_bytes() for p in sorted((out / "labels").glob("*.txt"))}
+
+    before = relabel(tmp_path / "a")
+    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
+        for path in labels.glob("*.txt"):
+            path.write_text("0 0.5 0.5 0.9 0.9\n")
+    assert relabel(tmp_path / "b") == before and before
