@@ -80,17 +80,17 @@ def source_crops(split: LabelledTileSplit, config: CopyPasteConfig) -> list[np.n
             boxes.append((tile.tile_id, int(np.floor(x1)), int(np.floor(y1)), int(np.ceil(x2)), int(np.ceil(y2))))
     if len(boxes) > config.max_crops:
         boxes = [boxes[i] for i in sorted(rng.choice(len(boxes), config.max_crops, replace=False))]
-    crops, images = [], {}
-    for tile_id, x1, y1, x2, y2 in boxes:
-        rgb = images.setdefault(tile_id, split.image(tile_id))
+    crops: list[np.ndarray] = []
+    rgb, current = None, None
+    for tile_id, x1, y1, x2, y2 in boxes:  # in tile order: each tile is read once
+        if tile_id != current:
+            rgb, current = split.image(tile_id), tile_id
         h, w = rgb.shape[:2]
         if x1 <= 0 or y1 <= 0 or x2 >= w or y2 >= h:  # cut by the tile edge: not a whole vehicle
             continue
         if min(x2 - x1, y2 - y1) < config.min_side:
             continue
         crops.append(rgb[y1:y2, x1:x2].copy())
-        if len(images) > 64:
-            images.clear()
     if not crops:
         raise InputError(split.root, "no whole vehicle box to crop in the source split")
     return crops

@@ -84,6 +84,18 @@ class RealDataset:
     tiles: list[RealTile]
 
 
+def run_detector(run_dir: str | Path) -> Path:
+    """The detector a run handed over, ``RUN/detector.pt`` (``request --real detector`` labels with it).
+
+    Raises:
+        InputError: the run has none.
+    """
+    weights = Path(run_dir) / "detector.pt"
+    if not weights.is_file():
+        raise InputError(weights, "the run has no handed-over detector; `aerosynth adapt` writes it")
+    return weights
+
+
 def real_dataset_dir(run_dir: str | Path, method: str) -> Path:
     """``RUN/annotation/real-<method>/dataset`` of an adapted run.
 

@@ -107,23 +107,26 @@ def resolve(futures: list) -> list[Path]:
 
 def self_training_rounds(
     cfg: AdaptConfig, work: Path, tiles: Path, first: str, runs: dict[str, list[Path]], base: dict, seeds: list[int]
-) -> dict[str, list[Path]]:
+) -> tuple[dict[str, list[Path]], dict[str, Path]]:
     """Rounds 2.. of the real-tile variant ``first``: relabel with the last round's detector, fine-tune again.
 
     Each round's labels come from the first seed's detector of the round before (flags applied, threshold
     on source-val); every seed fine-tunes from its own F_S on them. Stops after
-    ``annotation.real_target.rounds`` or when the labels stop changing (``stop_agreement``).
+    ``annotation.real_target.rounds`` or when the labels stop changing (``stop_agreement``). Returns the
+    rounds' detectors by variant and their labelled sets by name.
     """
     out: dict[str, list[Path]] = {}
+    labelled: dict[str, Path] = {}
     previous, detector = first.removesuffix("+source"), runs[first][0]
     for k in range(2, cfg.annotation.real_target.rounds + 1):
         name, dataset = relabel_task(cfg, work, tiles, previous, detector, k)
         if dataset is None:
             break
+        labelled[name] = dataset
         variant = next(v for v in variants(cfg, tiles, {name: dataset}, {}) if v.name == f"{name}+source")
         out[variant.name] = resolve(submit_detectors(cfg, work, tiles, variant, seeds, base))
         previous, detector = name, out[variant.name][0]
-    return out
+    return out, labelled
 
 
 #: Steps after which ``until`` may stop the adapt flow (each one's output is kept; a later run resumes).
@@ -177,17 +180,11 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         seeds = d.seeds if variant.kind in ("oracle", "control") else adapted_seeds
         futures[variant.name] = submit_detectors(cfg, work, tiles, variant, seeds, base)
     runs.update({name: resolve(fs) for name, fs in futures.items()})
+    built = {**labelled, **({"translation": sets["translation"]} if "translation" in sets else {})}
     for first in [n for n in futures if variant_kind(n) == "real"]:  # self-training rounds 2..
-        runs.update(self_training_rounds(cfg, work, tiles, first, runs, base, adapted_seeds))
-    built = {
-        **labelled,
-        **{
-            k: work / "annotation" / k / "dataset"
-            for k in (n.removesuffix("+source") for n in runs)
-            if k.startswith("real-") and (work / "annotation" / k / "dataset").is_dir()
-        },
-    }
-    built.update({k: v for k, v in sets.items() if k == "translation"})
+        detectors, datasets = self_training_rounds(cfg, work, tiles, first, runs, base, adapted_seeds)
+        runs.update(detectors)
+        built.update(datasets)
     for names in d.mixes:  # several labelled sets at once
         if all(n in built for n in names):
             mix = mixed_variant(cfg, tiles, {n: built[n] for n in names})

@@ -113,22 +113,13 @@ def harmonise_copy_paste(config: AdaptConfig, work: Path, tiles: Path, dataset: 
     ``annotation/copy-paste-harmonised/dataset`` with the heat maps of the translation.
     """
     from aerosynth.flows.adapt_common import split_domains
-    from aerosynth.generation.sampling import TranslationConfig, translate_split
+    from aerosynth.flows.adapt_generation import translation_config
+    from aerosynth.generation.sampling import translate_split
 
-    g, cp = config.generation, config.annotation.copy_paste
+    cp = config.annotation.copy_paste
     _, target = split_domains(tiles)
-    uses_tokens = bool(json.loads((model / "ldm.json").read_text())["spec"].get("tokens_trained"))
-    tcfg = TranslationConfig(
-        **g.sampling.model_dump(),
-        use_learned_tokens=uses_tokens,
-        gsd=config.data.gsd,
-        progress=False,
-        strength=cp.harmonise_strength,
-        keep_threshold=0.0,
-        device=config.device,
-        mixed_precision=config.mixed_precision,
-    )
-    key = {"set": "copy-paste-harmonised", "strength": cp.harmonise_strength, **g.sampling.model_dump()}
+    tcfg = translation_config(config, model, cp.harmonise_strength, keep_threshold=0.0)
+    key = {"set": "copy-paste-harmonised", "strength": cp.harmonise_strength, **config.generation.sampling.model_dump()}
     stage_dir, _ = run_stage(
         "annotation/copy-paste-harmonised",
         work / "annotation" / "copy-paste-harmonised",

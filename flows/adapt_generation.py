@@ -123,6 +123,26 @@ def _import_model(work: Path, model: Path) -> Path:
     return out / "model"
 
 
+def translation_config(
+    config: AdaptConfig, model: Path, strength: float, keep_threshold: float, max_tiles: int | None = None
+):
+    """The :class:`~aerosynth.generation.sampling.TranslationConfig` of a run: its sampling settings, the
+    model's learned tokens when it has them, and the run's device."""
+    from aerosynth.generation.sampling import TranslationConfig
+
+    return TranslationConfig(
+        **config.generation.sampling.model_dump(),
+        use_learned_tokens=bool(json.loads((model / "ldm.json").read_text())["spec"].get("tokens_trained")),
+        gsd=config.data.gsd,
+        progress=False,
+        strength=strength,
+        keep_threshold=keep_threshold,
+        max_tiles=max_tiles,
+        device=config.device,
+        mixed_precision=config.mixed_precision,
+    )
+
+
 def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dict[str, Path]:
     """The three text-to-image sets and the source-guided translation.
 
@@ -131,7 +151,6 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
     """
     from aerosynth.generation.sampling import (
         SamplingConfig,
-        TranslationConfig,
         generate_set,
         shard_ranges,
         translate_split,
@@ -184,15 +203,8 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
     if g.translation.enabled:
         from aerosynth.data.tileset import open_split
 
-        tcfg = TranslationConfig(
-            **g.sampling.model_dump(),
-            use_learned_tokens=uses_tokens,
-            gsd=config.data.gsd,
-            progress=False,
-            strength=g.translation.strength,
-            keep_threshold=g.translation.keep_threshold,
-            max_tiles=g.translation.max_tiles,
-            **runtime,
+        tcfg = translation_config(
+            config, model, g.translation.strength, g.translation.keep_threshold, g.translation.max_tiles
         )
         n = len(open_split(tiles / "source-train"))
         n = min(n, g.translation.max_tiles or n)

@@ -189,15 +189,9 @@ def request(
 
         check_detector_file(detector)
     if real is not None:  # a run without these labels: one error line, before Prefect starts
-        from aerosynth.data.real_tiles import real_dataset_dir
+        from aerosynth.data.real_tiles import real_dataset_dir, run_detector
 
-        if real == "detector":
-            if not (run / "detector.pt").is_file():
-                raise InputError(
-                    run / "detector.pt", "the run has no handed-over detector; `aerosynth adapt` writes it"
-                )
-        else:
-            real_dataset_dir(run, real)
+        run_detector(run) if real == "detector" else real_dataset_dir(run, real)
     from aerosynth.flows.request import request_flow
 
     path = request_flow(

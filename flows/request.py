@@ -400,14 +400,13 @@ def label_with_run_detector(run_dir: str | Path) -> Path:
     Raises:
         InputError: the run has no ``detector.pt`` or no tiles.
     """
+    from aerosynth.data.real_tiles import run_detector
     from aerosynth.flows.adapt_annotation import label_real_split
     from aerosynth.flows.adapt_common import _val_split
     from aerosynth.flows.stage_cache import run_stage
 
     run_dir = Path(run_dir)
-    weights, tiles = run_dir / "detector.pt", run_dir / "tiles"
-    if not weights.is_file():
-        raise InputError(weights, "the run has no handed-over detector; `aerosynth adapt` writes it")
+    weights, tiles = run_detector(run_dir), run_dir / "tiles"
     if not (tiles / "target-train" / "tiles.json").is_file():
         raise InputError(tiles, "the run has no target-train tiles to label")
     handed = run_dir / "detector.json"
