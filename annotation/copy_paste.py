@@ -7,19 +7,28 @@ composite are the pasted ones and every box is known from the paste. Each crop's
 
 This is the plain baseline a synthetic set made by the LDM has to beat (issue 22): real target
 backgrounds with known, if foreign-looking, vehicles.
+
+:func:`blend_set` takes the composites after the LDM harmonised them (a partial denoising pass over the
+whole tile) and keeps the harmonised pixels only around the pasted boxes, the real background
+everywhere else: the vehicles get the target's look, the background keeps the real tile's texture
+(the autoencoder and the short denoising pass smooth it otherwise).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
 from aerosynth.data.detections import Detections, box_iou
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_coco, write_yolo_split
+from aerosynth.data.imageio import write_png
 from aerosynth.data.tileset import (
     EVALUATION_DIR,
     LabelledTileSplit,
@@ -179,4 +188,83 @@ def copy_paste_set(
         atomic_write_json(tmp / "tiles.json", tiles_document(info, records))
         write_coco(tmp / "annotations.json", items, ["vehicle"])
         atomic_write_json(tmp / SUMMARY_FILE, summary)
+    return Path(out_dir)
+
+
+def box_mask(shape: tuple[int, int], boxes: Detections, margin: float = 2.0, feather: float = 1.5) -> np.ndarray:
+    """``(h, w)`` float32 weights: 1 on the boxes grown by ``margin`` pixels, 0 elsewhere, edges blurred by
+    a Gaussian of ``feather`` pixels (0: hard edges)."""
+    h, w = shape
+    mask = np.zeros((h, w), np.float32)
+    for x1, y1, x2, y2 in np.asarray(boxes.xyxy, dtype=np.float64).reshape(-1, 4):
+        ya, yb = max(0, int(np.floor(y1 - margin))), min(h, int(np.ceil(y2 + margin)))
+        xa, xb = max(0, int(np.floor(x1 - margin))), min(w, int(np.ceil(x2 + margin)))
+        mask[ya:yb, xa:xb] = 1.0
+    if feather > 0:
+        mask = cv2.GaussianBlur(mask, (0, 0), feather)
+    return mask
+
+
+def keep_background(
+    original: np.ndarray, harmonised: np.ndarray, boxes: Detections, margin: float = 2.0, feather: float = 1.5
+) -> np.ndarray:
+    """The harmonised pixels around ``boxes``, the original's elsewhere (``(h, w, 3)`` uint8, same sizes)."""
+    if original.shape != harmonised.shape:
+        raise InputError("keep_background", f"image sizes differ: {original.shape} and {harmonised.shape}")
+    m = box_mask(original.shape[:2], boxes, margin, feather)[..., None]
+    out = original.astype(np.float32) * (1 - m) + harmonised.astype(np.float32) * m
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def blend_set(
+    composites_dir: str | Path,
+    harmonised_dir: str | Path,
+    out_dir: str | Path,
+    margin: float = 2.0,
+    feather: float = 1.5,
+) -> Path:
+    """The harmonised composites with the real background kept outside their boxes, as a synthetic set.
+
+    Args:
+        composites_dir: the copy-paste set (:func:`copy_paste_set`).
+        harmonised_dir: its translation by the LDM (``translation`` set: ``sources.json`` names each
+            image's composite, ``labels/`` the pasted boxes in the image's size).
+        out_dir: the synthetic set written (replaced as a whole): the same labels and heat maps, new images.
+        margin: pixels the harmonised area reaches beyond each box.
+        feather: Gaussian blur (pixels) of the mask's edge.
+
+    Raises:
+        InputError: a set that is not a translation of these composites, or missing files.
+    """
+    from aerosynth.annotation.synthetic_set import SYNTHETIC_FILE, SyntheticSet
+
+    harmonised = SyntheticSet(harmonised_dir)
+    composites = open_split(composites_dir)
+    sources_file = harmonised.root / "sources.json"
+    if harmonised.name != "translation" or not sources_file.is_file():
+        raise InputError(harmonised.root, "not a translation of the composites (no sources.json)")
+    sources = json.loads(sources_file.read_text())
+    known = {t.tile_id for t in composites.tiles}
+    with atomic_directory(Path(out_dir), overwrite=True) as tmp:
+        for sub in ("images", "labels", "heatmaps"):
+            (tmp / sub).mkdir()
+        for name in harmonised.names:
+            if sources.get(name) not in known:
+                raise InputError(
+                    sources_file, f"{name}: its composite {sources.get(name)!r} is not in {composites_dir}"
+                )
+            image = harmonised.image(name)
+            h, w = image.shape[:2]
+            original = composites.image(sources[name])
+            if original.shape[:2] != (h, w):
+                original = cv2.resize(original, (w, h), interpolation=cv2.INTER_AREA)
+            text = harmonised.label_path(name).read_text()
+            boxes = Detections.from_yolo(text, w, h, str(harmonised.label_path(name)))
+            write_png(tmp / "images" / f"{name}.png", keep_background(original, image, boxes, margin, feather))
+            (tmp / "labels" / f"{name}.txt").write_text(text)
+            shutil.copyfile(harmonised.heatmap_path(name), tmp / "heatmaps" / f"{name}.png")
+        header = json.loads((harmonised.root / SYNTHETIC_FILE).read_text())
+        header["blend"] = {"kept": "real background outside the boxes", "margin_px": margin, "feather_px": feather}
+        atomic_write_json(tmp / SYNTHETIC_FILE, header)
+        atomic_write_json(tmp / "sources.json", sources)
     return Path(out_dir)

@@ -6,7 +6,8 @@ real tile itself:
 * ``detector``: F_S, the source-only detector (one round of self-training with the flag as a
   constraint, the weakly supervised baseline AGenDA compares against);
 * ``heatmap``: the generator's "cars" cross-attention map of the real tile (one UNet pass, as
-  ``aerosynth map-quality`` does), turned into boxes by :func:`aerosynth.annotation.heatmap_boxes.boxes_from_heatmap`.
+  ``aerosynth map-quality`` does), turned into boxes by :func:`aerosynth.annotation.heatmap_boxes.boxes_from_heatmap`;
+* ``fused``: both, fused tile by tile (:func:`aerosynth.annotation.fusion.fuse_proposers`).
 
 Both are passed in as per-tile :class:`~aerosynth.data.detections.Detections` with confidences, so this
 module needs neither a detector nor an LDM. The flag decides the rest:
@@ -45,7 +46,7 @@ from aerosynth.data.tileset import (
 )
 
 SUMMARY_FILE = "summary.json"
-METHODS = ("detector", "heatmap")
+METHODS = ("detector", "heatmap", "fused")
 
 
 @dataclass
@@ -160,7 +161,7 @@ def label_real_tiles(
         proposals: boxes with confidences for every tile, in ``split.tiles`` order.
         threshold: confidence threshold (from source-val, :func:`source_threshold`).
         out_dir: the output folder (replaced as a whole).
-        method: ``detector`` or ``heatmap`` (recorded).
+        method: ``detector``, ``heatmap`` or ``fused`` (recorded).
         config: the flag rule.
         provenance: what proposed the boxes (model path, sha256, settings), recorded in the summary.
 

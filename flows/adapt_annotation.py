@@ -81,6 +81,10 @@ def annotate(
             _record_skipped(work, "copy-paste", str(exc))
         if "copy-paste" in out and model is not None and a.copy_paste.harmonise_strength > 0:
             out["copy-paste-harmonised"] = harmonise_copy_paste(config, work, tiles, out["copy-paste"], model)
+            if a.copy_paste.blend_margin_px is not None:
+                out["copy-paste-blended"] = blend_copy_paste(
+                    config, work, out["copy-paste"], out["copy-paste-harmonised"]
+                )
     if a.real_target.enabled:
         out.update(label_real_target(config, work, tiles, source_only, model))
     return out
@@ -91,7 +95,8 @@ def copy_paste(config: AdaptConfig, work: Path, tiles: Path) -> Path:
     from aerosynth.annotation.copy_paste import CopyPasteConfig, copy_paste_set
 
     cpc = CopyPasteConfig(
-        **config.annotation.copy_paste.model_dump(exclude={"enabled", "harmonise_strength"}), seed=config.seed
+        **config.annotation.copy_paste.model_dump(exclude={"enabled", "harmonise_strength", *BLEND_FIELDS}),
+        seed=config.seed,
     )
     stage_dir, _ = run_stage(
         "annotation/copy-paste",
@@ -126,6 +131,26 @@ def harmonise_copy_paste(config: AdaptConfig, work: Path, tiles: Path, dataset: 
         key,
         {"copy_paste": dataset.parent, "model": model.parent},
         lambda o: translate_split(model, dataset, o / "dataset", target, base_seed=config.seed, config=tcfg),
+        _logger(),
+    )
+    return stage_dir / "dataset"
+
+
+BLEND_FIELDS = ("blend_margin_px", "blend_feather_px")
+
+
+def blend_copy_paste(config: AdaptConfig, work: Path, composites: Path, harmonised: Path) -> Path:
+    """The harmonised composites with the real background kept outside the pasted boxes
+    (``annotation/copy-paste-blended/dataset``, :func:`aerosynth.annotation.copy_paste.blend_set`)."""
+    from aerosynth.annotation.copy_paste import blend_set
+
+    cp = config.annotation.copy_paste
+    stage_dir, _ = run_stage(
+        "annotation/copy-paste-blended",
+        work / "annotation" / "copy-paste-blended",
+        {"margin_px": cp.blend_margin_px, "feather_px": cp.blend_feather_px},
+        {"copy_paste": composites.parent, "harmonised": harmonised.parent},
+        lambda o: blend_set(composites, harmonised, o / "dataset", cp.blend_margin_px or 0.0, cp.blend_feather_px),
         _logger(),
     )
     return stage_dir / "dataset"
@@ -201,17 +226,17 @@ def label_real_target(
 
     r = config.annotation.real_target
     out: dict[str, Path] = {}
-    for method in r.methods:
+    # fused reads the readout the heat-map labels chose, so it comes after them
+    detector = source_only / "train" / "detector.pt" if source_only is not None else None
+    for method in sorted(r.methods, key=lambda m: m == "fused"):
         if method == "self-training":
-            if source_only is None:
+            if detector is None:
                 continue
-            proposer: Path | list[Path] = source_only / "train" / "detector.pt"
-            upstream = {"tiles": tiles, "source_only": source_only}
+            proposer: Path | list[Path] = detector
+            upstream: dict[str, Path] = {"tiles": tiles, "source_only": source_only}  # type: ignore[dict-item]
             key: dict = {"method": method}
-            if r.threshold_on != "all":
-                key["threshold_on"] = r.threshold_on
         else:
-            if model is None:
+            if model is None or (method == "fused" and detector is None):
                 continue
             # the candidate models: every trained stage (chosen on source-val), or the last one
             proposer = stage_models(config, work, model) if r.heatmap_models == "chosen" else [model]
@@ -225,22 +250,38 @@ def label_real_target(
             }
             if not r.heatmap_options:
                 key["readout"] = "chosen on source-val"
-            if r.threshold_on != "all":
-                key["threshold_on"] = r.threshold_on
+        readout = None
+        if method == "fused":
+            key["fusion_iou"] = r.fusion_iou
+            upstream["source_only"] = source_only  # type: ignore[assignment]
+            if "real-heatmap" in out:  # the heat-map labels' choice of model, noise level and readout
+                upstream["real-heatmap"] = out["real-heatmap"].parent
+                proposer, readout = _heatmap_choice(out["real-heatmap"], proposer)
+        if r.threshold_on != "all":
+            key["threshold_on"] = r.threshold_on
 
-        def build(o: Path, method: str = method, proposer: Path | list[Path] = proposer, key: dict = key) -> None:
+        def build(
+            o: Path,
+            method: str = method,
+            proposer: Path | list[Path] = proposer,
+            key: dict = key,
+            readout: tuple | None = readout,
+        ) -> None:
             label_real_split(
                 method,
                 tiles / "target-train",
                 _val_split(tiles),
                 o / "dataset",
                 proposer,
-                r.noise_levels(),
+                readout[0] if readout else r.noise_levels(),
                 r.heatmap_options,
                 seed=config.seed,
                 device=config.device,
                 provenance=key,
                 threshold_on=r.threshold_on,
+                detector=detector,
+                readout=readout[1] if readout else None,
+                fusion_iou=r.fusion_iou,
             )
 
         stage_dir, _ = run_stage(
@@ -248,6 +289,14 @@ def label_real_target(
         )
         out[f"real-{method}"] = stage_dir / "dataset"
     return out
+
+
+def _heatmap_choice(labelled: Path, models: list[Path]) -> tuple[list[Path], tuple[float, dict]]:
+    """The model, noise level and readout the heat-map labels in ``labelled`` were made with (its summary)."""
+    prov = json.loads((labelled / "summary.json").read_text())["provenance"]
+    stage = Path(prov["chosen"]["model"]).parent.name  # e.g. stageA
+    chosen = [m for m in models if m.parent.name == stage] or models
+    return chosen, (float(prov["chosen"]["noise_fraction"]), prov["source_val_at_threshold"]["readout"])
 
 
 def label_real_split(
@@ -262,16 +311,21 @@ def label_real_split(
     device: str = "cpu",
     provenance: dict | None = None,
     threshold_on: str = "all",
+    detector: Path | None = None,
+    readout: dict | None = None,
+    fusion_iou: float = 0.55,
 ) -> Path:
-    """Label a weak target split with one proposer: F_S's detections or the LDM's heat-map boxes.
+    """Label a weak target split with one proposer: F_S's detections, the LDM's heat-map boxes, or both fused.
 
     Args:
-        method: ``self-training`` (``proposer`` is a detector ``.pt``) or ``heatmap`` (model folders).
+        method: ``self-training`` (``proposer`` is a detector ``.pt``), ``heatmap`` (model folders) or
+            ``fused`` (``proposer`` the model folder, ``detector`` the detector: their boxes fused by
+            :func:`aerosynth.annotation.fusion.fuse_proposers`, the fused confidence thresholded).
         target_train: the weak split to label.
         source_val: the labelled source split the proposer's threshold is chosen on.
         out: the labelled folder written (see :func:`aerosynth.annotation.real_target.label_real_tiles`).
-        proposer: the detector (``self-training``), or one or more LDM model folders (``heatmap``).
-        noise_fraction: noise level(s) of the single UNet pass (``heatmap``).
+        proposer: the detector (``self-training``), or one or more LDM model folders (``heatmap``, ``fused``).
+        noise_fraction: noise level(s) of the single UNet pass (``heatmap``, ``fused``).
         heatmap_options: :class:`~aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields (``heatmap``, on
             min-max normalised maps); empty or ``None``: the readout is chosen on ``source_val``
             (:func:`aerosynth.annotation.map_quality.choose_readout`).
@@ -280,61 +334,102 @@ def label_real_split(
         provenance: recorded in ``summary.json`` beside the proposer's scores on ``source_val``.
         threshold_on: the proposer's threshold is F1-optimal on ``all`` source-val tiles or on those holding
             a vehicle (``flagged``, the condition under which a target tile keeps proposals).
+        detector: F_S's weights (``fused`` only).
+        readout: a :class:`~aerosynth.annotation.map_quality.MapReadout` document that fixes the heat-map
+            readout (``fused`` reuses the one ``heatmap`` chose); wins over ``heatmap_options``.
+        fusion_iou: IoU at which a heat-map box and a detection are one vehicle (``fused``).
 
     With several models or noise levels, the pair (and the readout) with the best AP50 of heat-map boxes
     on ``source_val`` labels the split (:func:`~aerosynth.annotation.map_quality.choose_map_source`); every
     pair's figure is recorded under ``map_sources``.
     """
-    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
-    from aerosynth.annotation.map_quality import MapReadout, choose_map_source, memoised
-    from aerosynth.annotation.real_target import heatmap_proposals, label_real_tiles, source_threshold
+    from aerosynth.annotation.real_target import label_real_tiles, source_threshold
     from aerosynth.data.tileset import open_split
 
     train, val = open_split(target_train), open_split(source_val)
     extra: dict = {}
     if method == "self-training":
-        from aerosynth.detection.prediction import predict_split
-
-        threshold, scores = source_threshold(predict_split(Path(proposer), val, device=device), val, tiles=threshold_on)
-        proposals = predict_split(Path(proposer), train, device=device)
-    else:
-        from aerosynth.generation.models import load_ldm
-        from aerosynth.generation.real_maps import cars_map_function
-
-        models = [Path(proposer)] if isinstance(proposer, (str, Path)) else [Path(p) for p in proposer]
-        levels = [float(noise_fraction)] if isinstance(noise_fraction, (int, float)) else list(noise_fraction)
-        if not models or not levels:
-            raise InputError("proposer", "no model or noise level to read heat maps from")
-        sources, pairs = {}, {}
-        for model_dir in models:
-            ldm = load_ldm(model_dir)
-            cache: dict = {}  # each source-val tile encoded once per model
-            for level in levels:
-                name = f"{model_dir.parent.name}@{level:g}"  # e.g. stageA@0.1
-                sources[name] = memoised(cars_map_function(ldm, val.info.domain, level, seed=seed, encode_cache=cache))
-                pairs[name] = (ldm, model_dir, level)
-        candidates = [MapReadout("minmax", HeatmapBoxConfig(**heatmap_options).validate())] if heatmap_options else None
-        name, readout, report = choose_map_source(val, sources, candidates=candidates)
-        ldm, model_dir, level = pairs[name]
-        val_maps = sources[name]
-        threshold, scores = source_threshold(
-            heatmap_proposals(val, val_maps, readout.config, readout.normalise), val, tiles=threshold_on
+        val_boxes, train_boxes = _detector_proposals(Path(proposer), val, train, device)  # type: ignore[arg-type]
+    elif method in ("heatmap", "fused"):
+        val_boxes, train_boxes, extra = _heatmap_proposals(
+            proposer, noise_fraction, heatmap_options, readout, val, train, seed
         )
-        scores = {**scores, "readout": readout.to_dict()}
-        extra = {
-            "chosen": {"model": str(model_dir), "noise_fraction": level},
-            "map_sources": {k: round(v["ap50"], 4) for k, v in report["sources"].items()},
-        }
-        train_maps = cars_map_function(ldm, train.info.domain, level, seed=seed)
-        proposals = heatmap_proposals(train, train_maps, readout.config, readout.normalise)
+        if method == "fused":
+            from aerosynth.annotation.fusion import fuse_proposers
+
+            if detector is None:
+                raise InputError("detector", "fused labels need F_S's weights beside the heat maps")
+            det_val, det_train = _detector_proposals(Path(detector), val, train, device)
+            val_boxes = fuse_proposers([det_val, val_boxes], fusion_iou)
+            train_boxes = fuse_proposers([det_train, train_boxes], fusion_iou)
+            extra["fusion"] = {"detector": str(detector), "iou": fusion_iou, "method": "weighted boxes fusion"}
+    else:
+        raise InputError("method", f"unknown labelling method {method!r} (self-training, heatmap or fused)")
+    threshold, scores = source_threshold(val_boxes, val, tiles=threshold_on)
+    if "readout" in extra:
+        scores = {**scores, "readout": extra.pop("readout")}
     return label_real_tiles(
         target_train,
-        proposals,
+        train_boxes,
         threshold,
         out,
-        "detector" if method == "self-training" else "heatmap",
+        {"self-training": "detector"}.get(method, method),
         provenance={"source_val_at_threshold": scores, **(provenance or {}), **extra},
     )
+
+
+def _detector_proposals(detector: Path, val, train, device: str) -> tuple[list, list]:
+    """A detector's boxes with confidences on every tile of source-val and of target-train."""
+    from aerosynth.detection.prediction import predict_split
+
+    return predict_split(detector, val, device=device), predict_split(detector, train, device=device)
+
+
+def _heatmap_proposals(
+    proposer: Path | Sequence[Path],
+    noise_fraction: float | Sequence[float],
+    heatmap_options: dict | None,
+    readout: dict | None,
+    val,
+    train,
+    seed: int,
+) -> tuple[list, list, dict]:
+    """Heat-map boxes of source-val and target-train from the (model, noise level, readout) best on source-val."""
+    from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
+    from aerosynth.annotation.map_quality import MapReadout, choose_map_source, memoised
+    from aerosynth.annotation.real_target import heatmap_proposals
+    from aerosynth.generation.models import load_ldm
+    from aerosynth.generation.real_maps import cars_map_function
+
+    models = [Path(proposer)] if isinstance(proposer, (str, Path)) else [Path(p) for p in proposer]
+    levels = [float(noise_fraction)] if isinstance(noise_fraction, (int, float)) else list(noise_fraction)
+    if not models or not levels:
+        raise InputError("proposer", "no model or noise level to read heat maps from")
+    sources, pairs = {}, {}
+    for model_dir in models:
+        ldm = load_ldm(model_dir)
+        cache: dict = {}  # each source-val tile encoded once per model
+        for level in levels:
+            name = f"{model_dir.parent.name}@{level:g}"  # e.g. stageA@0.1
+            sources[name] = memoised(cars_map_function(ldm, val.info.domain, level, seed=seed, encode_cache=cache))
+            pairs[name] = (ldm, model_dir, level)
+    if readout:
+        candidates = [MapReadout.from_dict(readout)]
+    elif heatmap_options:
+        candidates = [MapReadout("minmax", HeatmapBoxConfig(**heatmap_options).validate())]
+    else:
+        candidates = None
+    name, chosen, report = choose_map_source(val, sources, candidates=candidates)
+    ldm, model_dir, level = pairs[name]
+    val_boxes = heatmap_proposals(val, sources[name], chosen.config, chosen.normalise)
+    train_maps = cars_map_function(ldm, train.info.domain, level, seed=seed)
+    train_boxes = heatmap_proposals(train, train_maps, chosen.config, chosen.normalise)
+    extra = {
+        "chosen": {"model": str(model_dir), "noise_fraction": level},
+        "map_sources": {k: round(v["ap50"], 4) for k, v in report["sources"].items()},
+        "readout": chosen.to_dict(),
+    }
+    return val_boxes, train_boxes, extra
 
 
 SKIPPED_FILE = "skipped.json"

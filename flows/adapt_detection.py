@@ -29,7 +29,7 @@ from aerosynth.flows.config import AdaptConfig
 from aerosynth.flows.stage_cache import run_stage, stage_record
 
 #: What each variant's target data is, as the benchmark files name it.
-SYNTHETIC_SETS = ("relay", "threshold", "translation", "copy-paste-harmonised")
+SYNTHETIC_SETS = ("relay", "threshold", "translation", "copy-paste-harmonised", "copy-paste-blended")
 #: Target data made without the LDM and without labelling a real target tile: the plain baselines.
 BASELINE_SETS = ("copy-paste",)
 

@@ -52,18 +52,19 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
     if recommended:
         head, _, rest = report.read_text().partition("\n")
         atomic_write_text(report, f"{head}\n\n{recommended}\n{rest}")
-    harmonised = work / "annotation" / "copy-paste-harmonised" / "dataset"
+    extra = {n: work / "annotation" / n / "dataset" for n in ("copy-paste-harmonised", "copy-paste-blended")}
     samples = write_synthetic_samples(
         work / "synthetic",
         report.parent / "synthetic_samples.png",
-        extra={"copy-paste-harmonised": harmonised} if (harmonised / "heatmaps").is_dir() else None,
+        extra={n: d for n, d in extra.items() if (d / "heatmaps").is_dir()} or None,
     )
     if samples is not None:
         atomic_write_text(
             report,
             report.read_text() + "\n## Synthetic images\n\nFirst images of each synthetic set, each above its heat map "
             "(R cars, G [v1], B 255 - background); translation images carry the boxes kept from their "
-            "source tile, the harmonised copy-paste composites the boxes of their pasted vehicles."
+            "source tile, the harmonised copy-paste composites (whole tile, or blended: real background outside "
+            "the boxes) the boxes of their pasted vehicles."
             "\n\n![synthetic samples](synthetic_samples.png)\n",
         )
     skipped = work / "annotation" / SKIPPED_FILE

@@ -167,10 +167,16 @@ class RealTargetSettings(Strict):
     ``real-<method>-r<k>`` is fine-tuned from F_S on those labels; the rounds stop early when a round's
     labels agree with the previous round's at box F1 >= ``stop_agreement`` (label-free: the labels have
     stopped changing).
+
+    ``fused`` (needs both proposers): F_S's detections and the heat-map boxes of the readout ``heatmap``
+    chose, fused tile by tile by weighted boxes fusion (boxes overlapping at IoU >= ``fusion_iou`` are one
+    vehicle; a box only one proposer found keeps half its confidence), the fused confidence thresholded on
+    source-val like any proposer's. Variant ``real-fused+source``.
     """
 
     enabled: bool = True
-    methods: list[Literal["self-training", "heatmap"]] = ["self-training", "heatmap"]
+    methods: list[Literal["self-training", "heatmap", "fused"]] = ["self-training", "heatmap"]
+    fusion_iou: float = Field(0.55, gt=0, le=1)
     noise_fraction: NoiseFraction | Annotated[list[NoiseFraction], Field(min_length=1)] = [0.1, 0.3, 0.5]
     heatmap_models: Literal["chosen", "last"] = "chosen"
     heatmap_options: dict[str, Any] = {}
@@ -191,10 +197,17 @@ class CopyPasteSettings(Strict):
     ``harmonise_strength`` > 0 (with an LDM): the composites are also noised to that fraction of the schedule
     and denoised with the target prompt (source-guided translation of the composites, boxes kept from the
     paste): an LDM-made set on real target backgrounds, variant ``copy-paste-harmonised+source``.
+
+    ``blend_margin_px`` (not null, with ``harmonise_strength`` > 0): the harmonised composites again, their
+    harmonised pixels kept only within that many pixels of each pasted box (edges blurred by
+    ``blend_feather_px``), the real tile elsewhere: variant ``copy-paste-blended+source``. The denoising
+    pass smooths the background of a whole tile; this keeps its real texture.
     """
 
     enabled: bool = False
     harmonise_strength: float = Field(0.0, ge=0, le=1)
+    blend_margin_px: float | None = Field(2.0, ge=0)
+    blend_feather_px: float = Field(1.5, ge=0)
     min_per_tile: int = Field(1, ge=1)
     max_per_tile: int = Field(4, ge=1)
     colour_pull: float = Field(0.2, ge=0, le=1)

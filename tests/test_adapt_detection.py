@@ -140,6 +140,8 @@ def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_pa
     assert mix.upstream["real-heatmap-r2"] == tmp_path / "a" and mix.finetune
     assert variant_kind("copy-paste+source") == "baseline"
     assert variant_kind("copy-paste-harmonised+source") == "synthetic"
+    assert variant_kind("copy-paste-blended+source") == "synthetic"
+    assert variant_kind("real-fused-r2+copy-paste-blended+source") == "real+synthetic"
     assert variant_kind("real-self-training-r3+source") == "real"
     with pytest.raises(Exception, match="at least 2"):
         build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [["real-heatmap"]]}})

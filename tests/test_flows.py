@@ -362,3 +362,39 @@ def test_a_relabelling_round_reads_no_target_box(tiny_run, tmp_path):
         for path in labels.glob("*.txt"):
             path.write_text("0 0.5 0.5 0.9 0.9\n")
     assert relabel(tmp_path / "b") == before and before
+
+
+def test_fused_labels_keep_the_flags_and_read_no_target_box(tiny_run, tmp_path):
+    """F_S's detections and the heat-map boxes fused: flags obeyed, the heat-map choice reused, no target box read."""
+    import shutil
+
+    from aerosynth.flows.adapt_annotation import _heatmap_choice, label_real_split
+
+    work, _, _ = tiny_run
+    tiles = tmp_path / "tiles"
+    shutil.copytree(work / "tiles", tiles)
+    detector = work / "detectors" / "source-only" / "seed0" / "train" / "detector.pt"
+    models = sorted((work / "ldm").glob("stage[ABC]/model"))
+    chosen, (level, readout) = _heatmap_choice(work / "annotation" / "real-heatmap" / "dataset", models)
+    assert len(chosen) == 1
+
+    def label(out: Path) -> dict[str, bytes]:
+        label_real_split(
+            "fused", tiles / "target-train", tiles / "source-val", out, chosen, level,
+            detector=detector, readout=readout, threshold_on="flagged",
+        )  # fmt: skip
+        return {p.name: p.read_bytes() for p in sorted((out / "labels").glob("*.txt"))}
+
+    before = label(tmp_path / "a")
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["method"] == "fused" and summary["provenance"]["fusion"]["iou"] == 0.55
+    assert summary["provenance"]["source_val_at_threshold"]["readout"] == readout
+    flags = json.loads((tiles / "target-train" / "tiles.json").read_text())["tiles"]
+    assert all(before[f"{t['tile_id']}.txt"] == b"" for t in flags if not t["has_vehicle"])
+    assert summary["flagged_tiles_with_boxes"] == summary["flagged_tiles"] > 0  # the flag keeps the best box
+    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
+        for path in labels.glob("*.txt"):
+            path.write_text("0 0.5 0.5 0.9 0.9\n")
+    assert label(tmp_path / "b") == before
+    with pytest.raises(Exception, match="F_S"):
+        label_real_split("fused", tiles / "target-train", tiles / "source-val", tmp_path / "c", chosen, level)

@@ -214,3 +214,22 @@ def test_copy_paste_composites_harmonised_by_the_ldm_keep_the_pasted_boxes(world
     for name, tile_id in sources.items():
         assert (out / "labels" / f"{name}.txt").read_text() == (composites / "labels" / f"{tile_id}.txt").read_text()
         assert not np.array_equal(read_rgb(out / "images" / f"{name}.png"), split.image(tile_id))  # redrawn
+    # blended: the harmonised pixels around the pasted boxes, the real composite everywhere else
+    from aerosynth.annotation.copy_paste import blend_set, box_mask
+    from aerosynth.annotation.synthetic_set import SyntheticSet
+
+    blended = blend_set(composites, out, tmp_path / "b", margin=1.0, feather=0.0)
+    assert len(SyntheticSet(blended)) == len(ids)
+    assert json.loads((blended / "synthetic.json").read_text())["blend"]["margin_px"] == 1.0
+    for name, tile_id in sources.items():
+        labels = (blended / "labels" / f"{name}.txt").read_text()
+        assert labels == (out / "labels" / f"{name}.txt").read_text()
+        mask = box_mask((32, 32), Detections.from_yolo(labels, 32, 32), margin=1.0, feather=0.0) > 0
+        assert mask.any() and not mask.all()
+        image = read_rgb(blended / "images" / f"{name}.png")
+        assert np.array_equal(image[~mask], split.image(tile_id)[~mask])  # real background kept
+        assert np.array_equal(image[mask], read_rgb(out / "images" / f"{name}.png")[mask])  # harmonised cars
+    soft = box_mask((32, 32), Detections(np.array([[8.0, 8.0, 20.0, 20.0]])), margin=2.0, feather=1.5)
+    assert soft[14, 14] == pytest.approx(1.0, abs=1e-3) and soft[0, 31] == 0.0 and 0 < soft[6, 14] < 1
+    with pytest.raises(InputError, match="not a synthetic set"):
+        blend_set(composites, composites, tmp_path / "x")
