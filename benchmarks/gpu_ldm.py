@@ -1,23 +1,34 @@
-"""Protocol aerial-v1 with the LDM fine-tuned on a GPU: pack here, train there, bring it back, evaluate here.
+"""aerial-v1 with the LDM fine-tuned on a lent GPU: pack here, train there, bring it back, run the adapt flow here.
 
-The GPU box gets no imagery: a latent pack (uint8 TAEF2 latents of the training tiles, see
-:mod:`aerosynth.generation.latent_pack`) and the TAEF2 weights. Stages A-C run there on a wall-clock budget
-(step counts come from a short calibration of each stage), the stage-C model comes back as fp16
-files under 16 MB each, and everything after fine-tuning (synthesis, annotation, detectors,
-evaluation) runs here with the ``cpu-bench`` settings, so the only difference from
-``benchmarks/run_aerial_v1.py`` is the LDM's training budget. Source-only and oracle detectors
-(and the tiles) are copied from that run's work folder, so the baselines are the same models.
+The GPU box gets no imagery: a latent pack (uint8 TAEF2 latents of the training tiles with their box
+masks, see :mod:`aerosynth.generation.latent_pack`) and the TAEF2 weights. Stages A-C (box-supervised
+attention and conditioning dropout on, as on CPU) run there on a wall-clock budget (step counts come
+from a short calibration of each stage, or ``--steps``); the stage-C model comes back as fp16 files
+under 16 MB each. Everything after fine-tuning runs here through the adapt flow of
+``benchmarks/configs/adapt_flow_<target>.yaml``: the text-to-image samples, the translation, the
+harmonised and blended copy-paste composites, the heat-map and fused labels of the real tiles and every
+detector, with what does not depend on the LDM (tiles, F_S, continued, oracle, copy-paste, F_S's labels)
+copied from the CPU run, so the two runs differ in the LDM only.
 
-    python benchmarks/gpu_ldm.py pack --target kit          # here: .gpu_pack/kit-latents.npz (git-ignored)
-    python benchmarks/gpu_ldm.py train --target kit --budget-s 300 --export "$OUT/kit"   # on the GPU machine
-    python benchmarks/gpu_ldm.py unpack --target kit FOLDER_WITH_RETURNED_FILES         # here
-    nohup python benchmarks/gpu_ldm.py evaluate > benchmarks/work/gpu-ldm.log 2>&1 &   # here, ~35 min
+    python benchmarks/gpu_ldm.py pack --target minsk                  # here: .gpu_pack/minsk-latents.npz (git-ignored)
+    # on the device (one call, ~9 min of its 15 with start-up; .whl/ holds the wheels it lacks):
+    #   run(command="pip install -q --no-deps .whl/*.whl && pip install -q --no-deps --no-build-isolation -e . &&
+    #                python benchmarks/gpu_ldm.py train --target minsk --budget-s 300 --export $OUT/minsk",
+    #       carry=[".gpu_pack", ".whl"], timeout_s=540)
+    python benchmarks/gpu_ldm.py unpack --target minsk FOLDER_WITH_RETURNED_FILES    # here
+    nohup python benchmarks/gpu_ldm.py evaluate --target minsk > benchmarks/work/gpu-ldm-minsk.log 2>&1 &   # here
 
-``--target`` is ``kit`` (the ``cpu-bench`` run's tiles) or ``minsk`` (``cpu-bench-minsk``); ``unpack`` writes
-``benchmarks/work/gpu-ldm/<target>/model``, which an adapt run takes as ``generation.init_model``.
+Dry run of the whole path on this CPU (token budgets; checks that every step runs, not the figures):
 
-Writes ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm.json``, ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-report/``
-and the training records in ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-training/``.
+    python benchmarks/gpu_ldm.py train --target minsk --device cpu --precision no --steps 2,2,2 --batch-size 4 \\
+        --work /tmp/gpu-dry/work --export /tmp/gpu-dry/export
+    python benchmarks/gpu_ldm.py unpack --target minsk --model-dir /tmp/gpu-dry/model /tmp/gpu-dry/export
+    python benchmarks/gpu_ldm.py evaluate --target minsk --dry-run --model-dir /tmp/gpu-dry/model \\
+        --work-dir /tmp/gpu-dry/run
+
+Writes ``benchmarks/results/gpu_ldm/adapt_flow_<target>_gpu.json`` (``_gpu_dry_run.json`` for a dry run) in
+``benchmarks/adapt_flow.py``'s format, with the training record under ``ldm_training``; the training
+records in ``benchmarks/results/gpu_ldm/aerial-v1-gpu-ldm-training-<target>/``.
 """
 
 from __future__ import annotations
@@ -240,12 +251,24 @@ def run_stages(run, steps: dict[str, int], info: dict, t_start: float, work: Pat
 
 
 # ----------------------------------------------------------------------------- here: unpack
+def _records_dir(model: Path, target: str | None, own_folder: bool) -> Path:
+    """Where the training records of a returned model go: beside a model unpacked to a folder of one's own
+    (a dry run), else under ``benchmarks/results/gpu_ldm/``."""
+    if own_folder:
+        return model.parent / "records"
+    return RESULTS / ("aerial-v1-gpu-ldm-training" + (f"-{target}" if target else ""))
+
+
 def unpack(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
     src = Path(args.files)
     model = (
-        GPU_WORK / "model" if args.target is None else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
+        Path(args.model_dir)
+        if args.model_dir
+        else GPU_WORK / "model"
+        if args.target is None
+        else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
     )
     model.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "text_encoder"):
@@ -257,7 +280,7 @@ def unpack(args: argparse.Namespace) -> None:
             state.update(load_file(str(part)))
         state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         save_file(state, str(model / f"{name}.safetensors"))
-    records = RESULTS / ("aerial-v1-gpu-ldm-training" + (f"-{args.target}" if args.target else ""))
+    records = _records_dir(model, args.target, bool(args.model_dir))
     shutil.rmtree(records, ignore_errors=True)
     records.mkdir(parents=True)
     with tarfile.open(src / "records.tar.gz") as tar:
@@ -273,46 +296,93 @@ def unpack(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- here: evaluate
+#: What an evaluation copies from the CPU run of its target: nothing here depends on the LDM, so the same
+#: models and labels (their stages are found current and skipped).
+REUSED = (
+    "tiles",
+    "detectors/source-only",
+    "detectors/continued",
+    "detectors/oracle",
+    "detectors/copy-paste+source",
+    "annotation/copy-paste",
+    "annotation/real-self-training",
+)
+#: Settings of ``evaluate --dry-run``: every step of the flow, each on a token budget.
+DRY_RUN = {
+    "detection": {
+        "seeds": [0],
+        "epochs": 1,
+        "max_train_images": 64,
+        "finetune": {"epochs": 1, "images": 64},
+        "mixes": [["real-heatmap", "copy-paste-blended"]],
+        "reference_from": None,
+    },
+    "generation": {"counts": {"source_cars": 4, "target_cars": 4, "target_empty": 4}, "translation": {"max_tiles": 8}},
+    "annotation": {
+        "copy_paste": {"max_tiles": 16},
+        "real_target": {"rounds": 2, "noise_fraction": [0.3], "heatmap_models": "last"},
+        "relay": {"enabled": False},
+    },
+}
+
+
 def evaluate(args: argparse.Namespace) -> None:
+    """The adapt flow of ``benchmarks/configs/adapt_flow_<target>.yaml`` with the GPU-trained LDM, here.
+
+    Every LDM-made set (text-to-image samples, translation, harmonised and blended composites) and the
+    heat-map labels come from the returned model; what does not depend on the LDM is copied from the CPU
+    run (:data:`REUSED`), so the two runs differ in the LDM only. Figures: ``adapt_flow_<target>_gpu.json``
+    beside the CPU run's, in :mod:`adapt_flow`'s format.
+    """
+    import yaml
+
     from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
-    from aerosynth.flows.adapt import adapt_flow
-    from aerosynth.flows.config import load_config
+    from aerosynth.flows.adapt import run_adapt
+    from aerosynth.flows.config import build_config
 
-    model = GPU_WORK / "model"
+    model = Path(args.model_dir) if args.model_dir else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
     if not (model / "ldm.json").is_file():
-        sys.exit("gpu_ldm evaluate: no model; run `gpu_ldm.py unpack` first")
-    # the baselines and tiles of the CPU run: same data, same detector settings, same models
-    for part in ("tiles", "detectors/source-only", "detectors/oracle"):
-        if not (GPU_WORK / part).exists() and (CPU_WORK / part).exists():
-            (GPU_WORK / part).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(CPU_WORK / part, GPU_WORK / part)
-    overrides = {
-        "name": "aerial-v1-gpu-ldm",
-        "work_dir": str(GPU_WORK),
-        "generation": {
-            "init_model": str(model),
-            "stage_a": {"steps": 0},
-            "stage_b": {"steps": 0},
-            "stage_c": {"steps": 0},
-        },
-    }
-    cfg = load_config(preset="cpu-bench", overrides=overrides)
-    doc = cfg.model_dump(mode="json")
+        sys.exit(f"gpu_ldm evaluate: no model in {model}; run `gpu_ldm.py unpack --target {args.target}` first")
+    work = Path(args.work_dir) if args.work_dir else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "run"
+    cpu_work = TARGET_WORK[args.target]
+    for part in REUSED if not args.dry_run else ("tiles",):  # a dry run trains token-budget baselines of its own
+        if not (work / part).exists() and (cpu_work / part).exists():
+            (work / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(cpu_work / part, work / part, symlinks=True)
+    doc = yaml.safe_load((REPO / "benchmarks" / "configs" / f"adapt_flow_{args.target}.yaml").read_text())
+    doc["work_dir"] = str(work)
+    doc["name"] = f"aerial-v1-gpu-ldm-{args.target}"
+    generation = doc.setdefault("generation", {})
+    generation.update({"init_model": str(model), **{f"stage_{s}": {"steps": 0} for s in "abc"}})
+    if args.dry_run:
+        doc = _merge(doc, DRY_RUN)
+    cfg = build_config(doc)
     t0 = time.perf_counter()
-    adapt_flow(doc)
+    report = run_adapt(cfg)
     wall = round(time.perf_counter() - t0, 1)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from run_aerial_v1 import collect, copy_report
+    from adapt_flow import collect
 
-    results = collect(GPU_WORK, doc, wall)
-    training = json.loads((RESULTS / "aerial-v1-gpu-ldm-training" / "gpu_training.json").read_text())
-    results["machine"] = f"LDM stages A-C: {training.get('gpu', training['device'])}; everything else: 2 CPU cores"
-    results["ldm_training"] = training
-    (RESULTS / "aerial-v1-gpu-ldm.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    copy_report(GPU_WORK / "report", RESULTS / "aerial-v1-gpu-ldm-report")
-    print(json.dumps({k: v["ap50_mean"] for k, v in results["variants"].items()}, indent=1))
+    name = f"adapt_flow_{args.target}_gpu{'_dry_run' if args.dry_run else ''}.json"
+    out = RESULTS / name
+    ns = argparse.Namespace(target=args.target, config=None, work_dir=str(work), out=str(out), fresh=False)
+    result = collect(ns, command=f"python benchmarks/gpu_ldm.py evaluate --target {args.target}", wall_s=wall)
+    training = _records_dir(model, args.target, bool(args.model_dir)) / "gpu_training.json"
+    result["ldm_training"] = json.loads(training.read_text()) if training.is_file() else None
+    result["machine"] = "LDM stages A-C: the device's GPU (ldm_training); everything else: 2 CPU cores"
+    result["dry_run"] = bool(args.dry_run)
+    result["report"] = str(report)
+    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(f"{out}: {len(result['variants'])} variants")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` laid over ``base``, nested dicts merged."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,8 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("unpack", help="fp16 files back into a model folder (benchmarks/work/aerial-v1-gpu-ldm)")
     p.add_argument("files")
     p.add_argument("--target", choices=sorted(TARGET_WORK), help="unpack into benchmarks/work/gpu-ldm/<target>/model")
+    p.add_argument("--model-dir", help="unpack into this folder instead")
     p.add_argument("--autoencoder-dir", default=str(REPO.parent / "shared" / "weights" / "taef2"))
-    sub.add_parser("evaluate", help="synthesis, annotation, detectors and the report here (cpu-bench settings)")
+    p = sub.add_parser(
+        "evaluate", help="the adapt flow here with the returned LDM (benchmarks/configs/adapt_flow_<target>.yaml)"
+    )
+    p.add_argument("--target", choices=sorted(TARGET_WORK), default="minsk")
+    p.add_argument("--model-dir", help="the unpacked model (default benchmarks/work/gpu-ldm/<target>/model)")
+    p.add_argument("--work-dir", help="the run folder (default benchmarks/work/gpu-ldm/<target>/run)")
+    p.add_argument("--dry-run", action="store_true", help="token budgets everywhere: checks the path, not the figures")
     args = parser.parse_args(argv)
     {"pack": pack, "train": train, "unpack": unpack, "evaluate": evaluate}[args.command](args)
     return 0

@@ -9,7 +9,13 @@ plain side runs the pipeline with diffusers' default SDPA processors. Runs alter
 the sampling call and peak RSS (``resource.getrusage``). Writes
 ``benchmarks/results/synthesis_overhead.json`` with the ratios of medians (capture / plain).
 
-Usage: ``nice python benchmarks/synthesis_overhead.py [--preset cpu] [--runs 5] [--steps 20] [--batch 4]``
+``--mode harmonise`` measures the sets made from real tiles (issue 22's harmonised and blended
+copy-paste composites): aerosynth's source-guided translation (encode, noise to ``--strength``, denoise
+with capture, decode, heat maps, then the blend onto the original outside the boxes) against diffusers'
+``StableDiffusionImg2ImgPipeline`` at the same strength, written under the key ``harmonise``.
+
+Usage: ``nice python benchmarks/synthesis_overhead.py [--mode text|harmonise] [--preset cpu] [--runs 5]
+[--steps 20] [--batch 4]``
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict:
+def worker(
+    kind: str, preset: str, steps: int, batch: int, threads: int, mode: str = "text", strength: float = 0.3
+) -> dict:
     """Build the model, warm up once, time one sampling call; return the figures."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from checkout import use_checkout
@@ -45,13 +53,17 @@ def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict
     from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
+    import numpy as np
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+    from aerosynth.annotation.copy_paste import keep_background
+    from aerosynth.data.detections import Detections
     from aerosynth.generation.attention import default_capture_sides
     from aerosynth.generation.models import build_ldm, token_positions
     from aerosynth.generation.sampling import (
         SamplingConfig,
+        _sample_batch,
         _seed_noise,
         capture_token_ids,
         denoise,
@@ -68,8 +80,59 @@ def worker(kind: str, preset: str, steps: int, batch: int, threads: int) -> dict
     size = ldm.spec.image_size
     side = size // ldm.codec.factor
     guidance = 7.5
+    # the tiles a harmonisation starts from: seeded smooth colour fields, one pasted "car" box each
+    rng = np.random.default_rng(0)
+    tiles = np.clip(rng.normal(120, 25, (batch, size, size, 3)), 0, 255).astype(np.uint8)
+    tiles[:, 40:52, 50:58] = 30
+    boxes = [Detections(np.array([[50.0, 40.0, 58.0, 52.0]]))] * batch
 
-    if kind == "plain":
+    if mode == "harmonise" and kind == "plain":
+        pipe = StableDiffusionImg2ImgPipeline(
+            vae=ldm.codec.module,
+            text_encoder=ldm.text_encoder,
+            tokenizer=ldm.tokenizer,
+            unet=ldm.unet,
+            scheduler=make_scheduler(ldm, "ddim"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255  # diffusers takes [0, 1]
+
+        def run() -> None:
+            gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+            pipe(
+                prompt=[prompt] * batch,
+                image=images,
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="np",
+            )
+
+    elif mode == "harmonise":
+        scheduler = make_scheduler(ldm, "ddim")
+        ids = ldm.token_ids([prompt])
+        positions = token_positions(ids, capture_token_ids(ldm, domain, SamplingConfig()))
+        sides = default_capture_sides(ldm.unet, side)
+        config = SamplingConfig(steps=steps, guidance_scale=guidance)
+        start_index = min(steps - 1, int(round(steps * (1 - strength))))
+
+        def run() -> None:
+            x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1
+            scheduler.set_timesteps(steps)
+            clean = ldm.codec.encode(x)
+            noise = _seed_noise(ldm, range(batch), 0, side)
+            noisy = scheduler.add_noise(clean, noise, scheduler.timesteps[start_index].repeat(batch))
+            out, _heat, _raw = _sample_batch(
+                ldm, noisy, ids, positions, scheduler, config, sides, size, "no", start_index=start_index
+            )
+            for j in range(batch):
+                keep_background(tiles[j], out[j], boxes[j])
+
+    elif kind == "plain":
         pipe = StableDiffusionPipeline(
             vae=ldm.codec.module,
             text_encoder=ldm.text_encoder,
@@ -125,15 +188,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", choices=["plain", "capture"])
+    parser.add_argument("--mode", choices=["text", "harmonise"], default="text")
+    parser.add_argument("--strength", type=float, default=0.3, help="harmonise: fraction of the schedule")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.preset, args.steps, args.batch, args.threads)))
+        fig = worker(args.worker, args.preset, args.steps, args.batch, args.threads, args.mode, args.strength)
+        print(json.dumps(fig))
         return
     results: dict[str, list[dict]] = {"plain": [], "capture": []}
     for _ in range(args.runs):
         for kind in ("plain", "capture"):
             cmd = [sys.executable, __file__, "--worker", kind, "--preset", args.preset, "--steps", str(args.steps)]
-            cmd += ["--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd += ["--batch", str(args.batch), "--threads", str(args.threads), "--mode", args.mode]
+            cmd += ["--strength", str(args.strength)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
             results[kind].append(json.loads(out.strip().splitlines()[-1]))
             print(kind, results[kind][-1], flush=True)
@@ -159,6 +226,9 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
+    if args.mode == "harmonise":  # beside the text-to-image figures, which stay at the top level
+        summary.update({"strength": args.strength, "plain": "StableDiffusionImg2ImgPipeline", "date": time.ctime()})
+        summary = {**(json.loads(RESULT.read_text()) if RESULT.is_file() else {}), "harmonise": summary}
     RESULT.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
 

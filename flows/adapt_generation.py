@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from aerosynth.data.errors import InputError
@@ -146,8 +147,9 @@ def translation_config(
 def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dict[str, Path]:
     """The three text-to-image sets and the source-guided translation.
 
-    Shards are mapped over the flow's task runner first (see :mod:`aerosynth.flows.scale`), then the stage
-    is closed by one call that finds every shard done.
+    Shards are mapped over the flow's task runner first (see :mod:`aerosynth.flows.scale`: worker
+    processes whatever the runner, never the flow's own process), then the stage is closed by one call
+    that finds every shard done.
     """
     from aerosynth.generation.sampling import (
         SamplingConfig,
@@ -165,14 +167,14 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
         **g.sampling.model_dump(), use_learned_tokens=uses_tokens, gsd=config.data.gsd, progress=False, **runtime
     )
     model_stage = model.parent
-    threads = config.torch_threads or 0
+    # one worker process (sequential) takes every core; several share them, one thread each
+    threads = config.torch_threads or ((os.cpu_count() or 1) if config.runner == "sequential" else 1)
 
     def sharded(name: str, key: dict, upstream: dict, kind: str, n_items: int, args: dict, cfg, build) -> Path:
         out_dir = work / "synthetic" / name
         if not stage_is_current(out_dir, key, upstream):
             clear_stale_stage(out_dir)
-            if config.runner != "sequential":
-                map_shards(kind, model, out_dir, len(shard_ranges(n_items, cfg.shard_size)), args, cfg, threads or 1)
+            map_shards(kind, model, out_dir, len(shard_ranges(n_items, cfg.shard_size)), args, cfg, threads)
         out, _ = run_stage(f"synthetic/{name}", out_dir, key, upstream, build, _logger())
         return out
 
