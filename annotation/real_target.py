@@ -15,7 +15,11 @@ module needs neither a detector nor an LDM. The flag decides the rest:
 * a tile flagged empty gets no box, whatever was proposed (its negatives are real);
 * a flagged tile keeps the proposals at or above ``threshold`` (chosen on labelled *source-val*:
   the F1-optimal confidence of the same proposer there, :func:`source_threshold`), and at least its
-  best proposal (the flag says there is a vehicle).
+  best proposal (the flag says there is a vehicle);
+* with ``mask_uncertain`` set, the proposals of a flagged tile that were not kept but reach
+  ``mask_uncertain x threshold`` are uncertain: they are painted over with the tile's mean colour
+  (an ignore region: the detector is taught neither "car" nor "background" there) and listed as
+  ignore regions in COCO exports. Tiles flagged empty are never masked (their negatives are real).
 
 The output is a labelled folder (``images/`` symlinks, ``labels/`` YOLO, ``summary.json``) that the
 detector trains on and that ``aerosynth request --real`` exports for an analyst. Target boxes are never
@@ -34,7 +38,7 @@ from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
 from aerosynth.annotation.map_quality import MapFunction, boxes_of_maps, normalise_maps
 from aerosynth.annotation.metrics import f1_optimal_threshold, match_all
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
-from aerosynth.data.detections import Detections
+from aerosynth.data.detections import Detections, box_iou
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_yolo_split
 from aerosynth.data.tileset import (
@@ -56,10 +60,13 @@ class RealTargetConfig:
     Attributes:
         keep_best_on_flagged: a flagged tile keeps its best proposal even below the threshold.
         max_boxes: at most this many boxes per tile (highest confidence first).
+        mask_uncertain: on flagged tiles, proposals below the threshold but at or above this fraction of
+            it are masked out of the image (``None``: no masking).
     """
 
     keep_best_on_flagged: bool = True
     max_boxes: int = 100
+    mask_uncertain: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +152,43 @@ def apply_flags(
     return out
 
 
+def uncertain_boxes(
+    split: WeakTileSplit,
+    proposals: Sequence[Detections],
+    labels: Sequence[Detections],
+    threshold: float,
+    fraction: float,
+) -> list[Detections]:
+    """Per tile: the proposals of a flagged tile in ``[fraction x threshold, threshold)`` that ``labels``
+    did not keep (the uncertain area; none on tiles flagged empty)."""
+    out = []
+    for tile, dets, kept in zip(split.tiles, proposals, labels, strict=True):
+        if not tile.has_vehicle or len(dets) == 0 or dets.confidence is None:
+            out.append(Detections.empty())
+            continue
+        conf = dets.confidence
+        candidates = np.flatnonzero((conf >= fraction * threshold) & (conf < threshold))
+        if len(kept) and len(candidates):  # the best proposal kept below the threshold stays a label
+            iou = box_iou(dets.xyxy[candidates], kept.xyxy)
+            candidates = candidates[iou.max(axis=1) < 0.999]
+        out.append(Detections(dets.xyxy[candidates]))
+    return out
+
+
+def mask_regions(rgb: np.ndarray, regions: Detections) -> np.ndarray:
+    """``rgb`` with every region painted with the image's mean colour."""
+    out = rgb.copy()
+    if not len(regions):
+        return out
+    mean = np.rint(rgb.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+    h, w = rgb.shape[:2]
+    for x1, y1, x2, y2 in regions.xyxy:
+        xa, ya = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+        xb, yb = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
+        out[ya:yb, xa:xb] = mean
+    return out
+
+
 def label_real_tiles(
     split_dir: str | Path,
     proposals: Sequence[Detections],
@@ -178,9 +222,18 @@ def label_real_tiles(
     split = open_split(split_dir)
     config = config or RealTargetConfig()
     labels = apply_flags(split, proposals, threshold, config)  # type: ignore[arg-type]
+    if config.mask_uncertain is not None:
+        ignore = uncertain_boxes(split, proposals, labels, threshold, config.mask_uncertain)  # type: ignore[arg-type]
+    else:
+        ignore = [Detections.empty() for _ in split.tiles]
     items = [
-        LabelledImage(t.tile_id, split.image_path(t.tile_id), d.with_class(0))
-        for t, d in zip(split.tiles, labels, strict=True)
+        LabelledImage(
+            t.tile_id,
+            mask_regions(split.image(t.tile_id), g) if len(g) else split.image_path(t.tile_id),
+            d.with_class(0),
+            g if len(g) else None,
+        )
+        for t, d, g in zip(split.tiles, labels, ignore, strict=True)
     ]
     flagged = [t.has_vehicle for t in split.tiles]
     summary = {
@@ -196,6 +249,7 @@ def label_real_tiles(
             sum(1 for d in labels if len(d) and d.confidence is not None and float(d.confidence.max()) < threshold)
         ),
         "threshold": float(threshold),
+        "masked_regions": int(sum(len(g) for g in ignore)),
         "config": config.to_dict(),
         "provenance": provenance or {},
     }

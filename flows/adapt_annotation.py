@@ -178,6 +178,8 @@ def relabel_round(
     key = {"method": "self-training", "round": round_index, "relabels": previous}
     if r.threshold_on != "all":
         key["threshold_on"] = r.threshold_on
+    if r.mask_uncertain is not None:
+        key["mask_uncertain"] = r.mask_uncertain
 
     def build(o: Path) -> None:
         label_real_split(
@@ -190,6 +192,7 @@ def relabel_round(
             device=config.device,
             provenance=key,
             threshold_on=r.threshold_on,
+            mask_uncertain=r.mask_uncertain,
         )
         agreement = label_agreement(o / "dataset" / "labels", work / "annotation" / previous / "dataset" / "labels")
         atomic_write_json(o / "agreement.json", {"with": previous, **agreement})
@@ -259,6 +262,8 @@ def label_real_target(
                 proposer, readout = _heatmap_choice(out["real-heatmap"], proposer)
         if r.threshold_on != "all":
             key["threshold_on"] = r.threshold_on
+        if r.mask_uncertain is not None:
+            key["mask_uncertain"] = r.mask_uncertain
 
         def build(
             o: Path,
@@ -282,6 +287,7 @@ def label_real_target(
                 detector=detector,
                 readout=readout[1] if readout else None,
                 fusion_iou=r.fusion_iou,
+                mask_uncertain=r.mask_uncertain,
             )
 
         stage_dir, _ = run_stage(
@@ -314,6 +320,7 @@ def label_real_split(
     detector: Path | None = None,
     readout: dict | None = None,
     fusion_iou: float = 0.55,
+    mask_uncertain: float | None = None,
 ) -> Path:
     """Label a weak target split with one proposer: F_S's detections, the LDM's heat-map boxes, or both fused.
 
@@ -338,12 +345,14 @@ def label_real_split(
         readout: a :class:`~aerosynth.annotation.map_quality.MapReadout` document that fixes the heat-map
             readout (``fused`` reuses the one ``heatmap`` chose); wins over ``heatmap_options``.
         fusion_iou: IoU at which a heat-map box and a detection are one vehicle (``fused``).
+        mask_uncertain: proposals of a flagged tile below the threshold but at or above this fraction of it
+            are painted over (ignore regions; :class:`~aerosynth.annotation.real_target.RealTargetConfig`).
 
     With several models or noise levels, the pair (and the readout) with the best AP50 of heat-map boxes
     on ``source_val`` labels the split (:func:`~aerosynth.annotation.map_quality.choose_map_source`); every
     pair's figure is recorded under ``map_sources``.
     """
-    from aerosynth.annotation.real_target import label_real_tiles, source_threshold
+    from aerosynth.annotation.real_target import RealTargetConfig, label_real_tiles, source_threshold
     from aerosynth.data.tileset import open_split
 
     train, val = open_split(target_train), open_split(source_val)
@@ -374,6 +383,7 @@ def label_real_split(
         threshold,
         out,
         {"self-training": "detector"}.get(method, method),
+        RealTargetConfig(mask_uncertain=mask_uncertain),
         provenance={"source_val_at_threshold": scores, **(provenance or {}), **extra},
     )
 

@@ -172,11 +172,16 @@ class RealTargetSettings(Strict):
     chose, fused tile by tile by weighted boxes fusion (boxes overlapping at IoU >= ``fusion_iou`` are one
     vehicle; a box only one proposer found keeps half its confidence), the fused confidence thresholded on
     source-val like any proposer's. Variant ``real-fused+source``.
+
+    ``mask_uncertain`` (a fraction, e.g. 0.5): the proposals of a flagged tile that the threshold dropped but
+    that reach this fraction of it are painted over with the tile's mean colour (ignore regions): the
+    detector is taught neither "car" nor "background" where the proposer was unsure. ``null``: none.
     """
 
     enabled: bool = True
     methods: list[Literal["self-training", "heatmap", "fused"]] = ["self-training", "heatmap"]
     fusion_iou: float = Field(0.55, gt=0, le=1)
+    mask_uncertain: float | None = Field(None, gt=0, lt=1)
     noise_fraction: NoiseFraction | Annotated[list[NoiseFraction], Field(min_length=1)] = [0.1, 0.3, 0.5]
     heatmap_models: Literal["chosen", "last"] = "chosen"
     heatmap_options: dict[str, Any] = {}

@@ -124,3 +124,33 @@ def test_heatmap_proposals_follow_the_map(splits):
         assert len(d) == 1 and d.confidence is not None
         x0, y0, x1, y1 = d.xyxy[0]
         assert 14 <= x0 <= 18 and 2 <= y0 <= 6 and 26 <= x1 <= 30 and 10 <= y1 <= 14  # cells 4..6 x 1..2 of 8 -> px
+
+
+def test_uncertain_proposals_of_flagged_tiles_are_masked_out(splits, tmp_path):
+    from aerosynth.annotation.real_target import RealTargetConfig
+    from aerosynth.data.imageio import read_rgb
+
+    split = open_split(splits[1])
+    proposals = _proposals(len(split.tiles))  # 0.9 at [2, 2, 10, 8], 0.2 at [20, 20, 28, 26]
+    for fraction, masked in ((0.5, 0), (0.3, 1)):  # 0.2 < 0.5 x 0.5 (kept as background) vs >= 0.3 x 0.5
+        cfg = RealTargetConfig(mask_uncertain=fraction)
+        out = label_real_tiles(splits[1], proposals, 0.5, tmp_path / f"m{fraction}", "detector", cfg)
+        summary = json.loads((out / "summary.json").read_text())
+        flagged = [t for t in split.tiles if t.has_vehicle]
+        assert summary["masked_regions"] == masked * len(flagged) and summary["boxes"] == len(flagged)
+        for t in split.tiles:
+            rgb, original = read_rgb(next((out / "images").glob(f"{t.tile_id}.*"))), split.image(t.tile_id)
+            if masked and t.has_vehicle:  # the uncertain box is one colour, the rest of the tile untouched
+                patch = rgb[20:26, 20:28].reshape(-1, 3)
+                assert (patch == patch[0]).all() and not np.array_equal(rgb, original)
+                keep = np.ones(rgb.shape[:2], bool)
+                keep[20:26, 20:28] = False
+                assert np.array_equal(rgb[keep], original[keep])
+            else:  # tiles flagged empty (and unmasked runs) keep their pixels
+                assert np.array_equal(rgb, original)
+    # the best proposal kept below the threshold on a flagged tile stays a label, never a masked region
+    out = label_real_tiles(
+        splits[1], proposals, 0.95, tmp_path / "best", "detector", RealTargetConfig(mask_uncertain=0.1)
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masked_regions"] == sum(t.has_vehicle for t in split.tiles)  # only the 0.2 box
