@@ -185,9 +185,10 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         detectors, datasets = self_training_rounds(cfg, work, tiles, first, runs, base, adapted_seeds)
         runs.update(detectors)
         built.update(datasets)
-    for names in d.mixes:  # several labelled sets at once
+    for names in d.mixes:  # several labelled sets at once (equal shares, or each its given share)
         if all(n in built for n in names):
-            mix = mixed_variant(cfg, tiles, {n: built[n] for n in names})
+            shares = names if isinstance(names, dict) else None
+            mix = mixed_variant(cfg, tiles, {n: built[n] for n in names}, shares)
             runs[mix.name] = resolve(submit_detectors(cfg, work, tiles, mix, adapted_seeds, base))
     deliver_task(cfg, work, runs)
     report = report_task(cfg, work, tiles, runs)

@@ -42,7 +42,7 @@ def variant_kind(name: str) -> str:
         return "control"
     if name.removesuffix("+source") in BASELINE_SETS:
         return "baseline"
-    parts = name.removesuffix("+source").split("+")
+    parts = [p.split("@")[0] for p in name.removesuffix("+source").split("+")]  # a mix's share: <set>@<percent>
     real = any(p.startswith("real-") for p in parts)
     synthetic = any(p in SYNTHETIC_SETS for p in parts)
     return "real+synthetic" if real and synthetic else "real" if real else "synthetic"
@@ -110,17 +110,29 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
     return out
 
 
-def mixed_variant(config: AdaptConfig, tiles: Path, datasets: dict[str, Path]) -> Variant:
-    """A variant trained on several labelled sets at once (``detection.mixes``): each an equal share of the
-    target part, real source tiles the rest (``mix_source_fraction``), fine-tuned from F_S (paired design)."""
+def mixed_variant(
+    config: AdaptConfig, tiles: Path, datasets: dict[str, Path], shares: dict[str, float] | None = None
+) -> Variant:
+    """A variant trained on several labelled sets at once (``detection.mixes``), fine-tuned from F_S (paired).
+
+    Without ``shares`` each set is an equal share of the target part, real source tiles the rest
+    (``mix_source_fraction``), named ``<set>+<set>+source``; with ``shares`` (each set's fraction of all
+    training images) source tiles take the rest, named ``<set>@<percent>+...+source``.
+    """
     from aerosynth.detection.datasets import DatasetSpec
 
-    f = config.detection.mix_source_fraction
-    share = (1 - f) / len(datasets)
-    train = [DatasetSpec(path, name=name, fraction=share) for name, path in datasets.items()]
+    if shares is None:
+        f = config.detection.mix_source_fraction
+        share = {n: (1 - f) / len(datasets) for n in datasets}
+        name = "+".join(datasets)
+    else:
+        share = {n: float(shares[n]) for n in datasets}
+        f = 1.0 - sum(share.values())
+        name = "+".join(f"{n}@{round(100 * share[n]):d}" for n in datasets)
+    train = [DatasetSpec(path, name=n, fraction=share[n]) for n, path in datasets.items()]
     train.append(DatasetSpec(tiles / "source-train", name="source", fraction=f))
     upstream = {"tiles": tiles, **{n: (p if n == "translation" else p.parent) for n, p in datasets.items()}}
-    return Variant("+".join(datasets) + "+source", train, upstream, config.detection.design == "paired")
+    return Variant(name + "+source", train, upstream, config.detection.design == "paired")
 
 
 def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path | None):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aerosynth.data.errors import InputError
 
@@ -252,7 +252,10 @@ class DetectionSettings(Strict):
     torch threads of each detector, in every runner, so a run on Dask gives the bytes of a sequential one.
     ``mixes``: extra variants whose target data is several of the run's labelled sets at once, e.g.
     ``[[real-heatmap-r3, copy-paste-harmonised]]`` (each an equal share of the target half; a mix whose sets
-    the run did not build is skipped), named ``<set>+<set>+source``.
+    the run did not build is skipped), named ``<set>+<set>+source``; or a mapping of each set to its share
+    of all training images, real source tiles the rest, e.g. ``{real-heatmap-r3: 0.5, copy-paste-blended:
+    0.25}`` (the labelled real tiles keep the whole target half, the synthetic set takes half the source
+    share), named ``<set>@50+<set>@25+source``.
     ``recommend`` lists the adapted variants in the order the run recommends them (the first one built
     becomes ``WORK/detector.pt``): a fixed order measured on both aerial-v1 targets, no target label read.
     ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
@@ -271,7 +274,7 @@ class DetectionSettings(Strict):
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     continued: bool = True
-    mixes: list[Annotated[list[str], Field(min_length=2)]] = []
+    mixes: list[Annotated[list[str], Field(min_length=2)] | Annotated[dict[str, float], Field(min_length=1)]] = []
     augment: bool = True
     recipe: Literal["aerosynth", "reference"] = "aerosynth"
     checkpoint: Literal["last", "best"] = "last"
@@ -286,6 +289,14 @@ class DetectionSettings(Strict):
         "real-self-training+source",
     ]
     reference_from: Path | None = None
+
+    @field_validator("mixes")
+    @classmethod
+    def _shares_leave_room_for_source(cls, mixes: list) -> list:
+        for mix in mixes:
+            if isinstance(mix, dict) and not (all(v > 0 for v in mix.values()) and sum(mix.values()) < 1):
+                raise ValueError(f"a mix's shares must be positive and sum below 1 (source tiles take the rest): {mix}")
+        return mixes
 
 
 class AdaptConfig(Strict):

@@ -138,6 +138,16 @@ def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_pa
         ("source", 0.5),
     ]
     assert mix.upstream["real-heatmap-r2"] == tmp_path / "a" and mix.finetune
+    shares = {"real-heatmap-r2": 0.5, "copy-paste-harmonised": 0.25}
+    mix = mixed_variant(cfg, tmp_path / "tiles", sets, shares)
+    assert mix.name == "real-heatmap-r2@50+copy-paste-harmonised@25+source" and mix.kind == "real+synthetic"
+    assert [(s.name, s.fraction) for s in mix.train] == [
+        ("real-heatmap-r2", 0.5),
+        ("copy-paste-harmonised", 0.25),
+        ("source", 0.25),
+    ]
+    with pytest.raises(Exception, match="sum below 1"):
+        build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [{"a": 0.6, "b": 0.5}]}})
     assert variant_kind("copy-paste+source") == "baseline"
     assert variant_kind("copy-paste-harmonised+source") == "synthetic"
     assert variant_kind("copy-paste-blended+source") == "synthetic"
