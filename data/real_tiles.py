@@ -29,8 +29,8 @@ from aerosynth.data.manifest import file_sha256
 from aerosynth.data.tileset import TILES_FILE, SplitInfo, read_tiles_file
 
 #: ``detector``: labelled by the run's handed-over ``detector.pt`` (made on first request, see
-#: ``aerosynth.flows.request``); ``self-training`` / ``heatmap``: the labels the adapt flow trained on.
-REAL_METHODS = ("detector", "self-training", "heatmap")
+#: ``aerosynth.flows.request``); ``self-training`` / ``heatmap`` / ``fused``: the labels the adapt flow trained on.
+REAL_METHODS = ("detector", "self-training", "heatmap", "fused")
 #: What makes each method's folder, for the error a run without it gets.
 _HOW = {
     "detector": "`aerosynth adapt` writes RUN/detector.pt; `aerosynth request --real detector` then labels the tiles",

@@ -177,7 +177,7 @@ def request(
     real: Annotated[
         str | None,
         typer.Option(
-            help="detector|self-training|heatmap: export the run's real target-train tiles instead of synthetic "
+            help="detector|self-training|heatmap|fused: export the run's real target-train tiles instead of synthetic "
             "tiles, labelled by the run's detector.pt (detector, recommended) or as adapt labelled them; "
             "COUNT drawn with SEED."
         ),
