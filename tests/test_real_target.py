@@ -148,6 +148,18 @@ def test_uncertain_proposals_of_flagged_tiles_are_masked_out(splits, tmp_path):
                 assert np.array_equal(rgb[keep], original[keep])
             else:  # tiles flagged empty (and unmasked runs) keep their pixels
                 assert np.array_equal(rgb, original)
+    # target boxes planted where an evaluation API would find them change no masked image or label
+    poison = splits[1].parent / "evaluation" / "target-train" / "labels"
+    poison.mkdir(parents=True)
+    for t in split.tiles:
+        (poison / f"{t.tile_id}.txt").write_text("0 0.5 0.5 0.9 0.9\n")
+    again = label_real_tiles(splits[1], proposals, 0.5, tmp_path / "again", "detector", cfg)
+
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*.*")) if f.parent.name != d.name}
+
+    assert files(again) == files(out) and files(out)
+    shutil.rmtree(splits[1].parent / "evaluation")
     # the best proposal kept below the threshold on a flagged tile stays a label, never a masked region
     out = label_real_tiles(
         splits[1], proposals, 0.95, tmp_path / "best", "detector", RealTargetConfig(mask_uncertain=0.1)
