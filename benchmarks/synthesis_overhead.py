@@ -42,6 +42,22 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _pipeline(cls, ldm, make_scheduler):
+    """A diffusers pipeline of class ``cls`` over the LDM's own modules, DDIM, no safety checker."""
+    pipe = cls(
+        vae=ldm.codec.module,
+        text_encoder=ldm.text_encoder,
+        tokenizer=ldm.tokenizer,
+        unet=ldm.unet,
+        scheduler=make_scheduler(ldm, "ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def worker(
     kind: str, preset: str, steps: int, batch: int, threads: int, mode: str = "text", strength: float = 0.3
 ) -> dict:
@@ -87,17 +103,7 @@ def worker(
     boxes = [Detections(np.array([[50.0, 40.0, 58.0, 52.0]]))] * batch
 
     if mode == "harmonise" and kind == "plain":
-        pipe = StableDiffusionImg2ImgPipeline(
-            vae=ldm.codec.module,
-            text_encoder=ldm.text_encoder,
-            tokenizer=ldm.tokenizer,
-            unet=ldm.unet,
-            scheduler=make_scheduler(ldm, "ddim"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _pipeline(StableDiffusionImg2ImgPipeline, ldm, make_scheduler)
         images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255  # diffusers takes [0, 1]
 
         def run() -> None:
@@ -133,17 +139,7 @@ def worker(
                 keep_background(tiles[j], out[j], boxes[j])
 
     elif kind == "plain":
-        pipe = StableDiffusionPipeline(
-            vae=ldm.codec.module,
-            text_encoder=ldm.text_encoder,
-            tokenizer=ldm.tokenizer,
-            unet=ldm.unet,
-            scheduler=make_scheduler(ldm, "ddim"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _pipeline(StableDiffusionPipeline, ldm, make_scheduler)
 
         def run() -> None:
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]
