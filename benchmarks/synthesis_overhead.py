@@ -222,9 +222,13 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    summary["date"] = time.ctime()
     if args.mode == "harmonise":  # beside the text-to-image figures, which stay at the top level
-        summary.update({"strength": args.strength, "plain": "StableDiffusionImg2ImgPipeline", "date": time.ctime()})
-        summary = {**(json.loads(RESULT.read_text()) if RESULT.is_file() else {}), "harmonise": summary}
+        summary.update({"strength": args.strength, "plain_side": "StableDiffusionImg2ImgPipeline"})
+        summary = {**previous, "harmonise": summary}
+    elif "harmonise" in previous:
+        summary["harmonise"] = previous["harmonise"]
     RESULT.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
 
