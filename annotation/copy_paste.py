@@ -195,11 +195,7 @@ def box_mask(shape: tuple[int, int], boxes: Detections, margin: float = 2.0, fea
     """``(h, w)`` float32 weights: 1 on the boxes grown by ``margin`` pixels, 0 elsewhere, edges blurred by
     a Gaussian of ``feather`` pixels (0: hard edges)."""
     h, w = shape
-    mask = np.zeros((h, w), np.float32)
-    for x1, y1, x2, y2 in np.asarray(boxes.xyxy, dtype=np.float64).reshape(-1, 4):
-        ya, yb = max(0, int(np.floor(y1 - margin))), min(h, int(np.ceil(y2 + margin)))
-        xa, xb = max(0, int(np.floor(x1 - margin))), min(w, int(np.ceil(x2 + margin)))
-        mask[ya:yb, xa:xb] = 1.0
+    mask = boxes.pixel_mask(w, h, margin).astype(np.float32)
     if feather > 0:
         mask = cv2.GaussianBlur(mask, (0, 0), feather)
     return mask

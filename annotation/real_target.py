@@ -38,7 +38,7 @@ from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
 from aerosynth.annotation.map_quality import MapFunction, boxes_of_maps, normalise_maps
 from aerosynth.annotation.metrics import f1_optimal_threshold, match_all
 from aerosynth.data.atomic import atomic_directory, atomic_write_json
-from aerosynth.data.detections import Detections, box_iou
+from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_yolo_split
 from aerosynth.data.tileset import (
@@ -138,54 +138,54 @@ def apply_flags(
         raise InputError(getattr(split, "root", "split"), "real-target labelling takes a weak target split")
     if len(proposals) != len(split.tiles):
         raise InputError("proposals", f"{len(proposals)} entries for {len(split.tiles)} tiles of {split.name}")
-    out = []
-    for tile, dets in zip(split.tiles, proposals, strict=True):
-        if not tile.has_vehicle or len(dets) == 0:
-            out.append(Detections.empty(with_confidence=True))
-            continue
-        conf = dets.confidence if dets.confidence is not None else np.ones(len(dets))
-        order = np.argsort(-conf, kind="stable")
-        keep = [i for i in order if conf[i] >= threshold]
-        if not keep and config.keep_best_on_flagged:
-            keep = [int(order[0])]
-        out.append(dets[np.asarray(keep[: config.max_boxes], dtype=int)].with_class(0))
-    return out
+    return [
+        dets[_kept(tile.has_vehicle, dets, threshold, config)].with_class(0)
+        if tile.has_vehicle and len(dets)
+        else Detections.empty(with_confidence=True)
+        for tile, dets in zip(split.tiles, proposals, strict=True)
+    ]
+
+
+def _confidence(dets: Detections) -> np.ndarray:
+    return dets.confidence if dets.confidence is not None else np.ones(len(dets))
+
+
+def _kept(flagged: bool, dets: Detections, threshold: float, config: RealTargetConfig) -> np.ndarray:
+    """Indices of the proposals a tile keeps: none when flagged empty, else those at or above the
+    threshold (highest first, at most ``max_boxes``), or the best one when none is."""
+    if not flagged or len(dets) == 0:
+        return np.zeros(0, dtype=int)
+    conf = _confidence(dets)
+    order = np.argsort(-conf, kind="stable")
+    keep = [i for i in order if conf[i] >= threshold]
+    if not keep and config.keep_best_on_flagged:
+        keep = [int(order[0])]
+    return np.asarray(keep[: config.max_boxes], dtype=int)
 
 
 def uncertain_boxes(
-    split: WeakTileSplit,
-    proposals: Sequence[Detections],
-    labels: Sequence[Detections],
-    threshold: float,
-    fraction: float,
+    split: WeakTileSplit, proposals: Sequence[Detections], threshold: float, config: RealTargetConfig
 ) -> list[Detections]:
-    """Per tile: the proposals of a flagged tile in ``[fraction x threshold, threshold)`` that ``labels``
-    did not keep (the uncertain area; none on tiles flagged empty)."""
+    """Per tile: the proposals of a flagged tile in ``[mask_uncertain x threshold, threshold)`` that it did
+    not keep (the uncertain area; none on tiles flagged empty or without ``mask_uncertain``)."""
     out = []
-    for tile, dets, kept in zip(split.tiles, proposals, labels, strict=True):
-        if not tile.has_vehicle or len(dets) == 0 or dets.confidence is None:
+    for tile, dets in zip(split.tiles, proposals, strict=True):
+        if config.mask_uncertain is None or not tile.has_vehicle or len(dets) == 0:
             out.append(Detections.empty())
             continue
-        conf = dets.confidence
-        candidates = np.flatnonzero((conf >= fraction * threshold) & (conf < threshold))
-        if len(kept) and len(candidates):  # the best proposal kept below the threshold stays a label
-            iou = box_iou(dets.xyxy[candidates], kept.xyxy)
-            candidates = candidates[iou.max(axis=1) < 0.999]
-        out.append(Detections(dets.xyxy[candidates]))
+        conf = _confidence(dets)
+        uncertain = (conf >= config.mask_uncertain * threshold) & (conf < threshold)
+        uncertain[_kept(True, dets, threshold, config)] = False  # the best box kept below it stays a label
+        out.append(Detections(dets.xyxy[uncertain]))
     return out
 
 
 def mask_regions(rgb: np.ndarray, regions: Detections) -> np.ndarray:
     """``rgb`` with every region painted with the image's mean colour."""
     out = rgb.copy()
-    if not len(regions):
-        return out
-    mean = np.rint(rgb.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
-    h, w = rgb.shape[:2]
-    for x1, y1, x2, y2 in regions.xyxy:
-        xa, ya = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
-        xb, yb = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
-        out[ya:yb, xa:xb] = mean
+    if len(regions):
+        h, w = rgb.shape[:2]
+        out[regions.pixel_mask(w, h)] = np.rint(rgb.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
     return out
 
 
@@ -222,10 +222,7 @@ def label_real_tiles(
     split = open_split(split_dir)
     config = config or RealTargetConfig()
     labels = apply_flags(split, proposals, threshold, config)  # type: ignore[arg-type]
-    if config.mask_uncertain is not None:
-        ignore = uncertain_boxes(split, proposals, labels, threshold, config.mask_uncertain)  # type: ignore[arg-type]
-    else:
-        ignore = [Detections.empty() for _ in split.tiles]
+    ignore = uncertain_boxes(split, proposals, threshold, config)  # type: ignore[arg-type]
     items = [
         LabelledImage(
             t.tile_id,

@@ -334,13 +334,11 @@ def evaluate(args: argparse.Namespace) -> None:
     run (:data:`REUSED`), so the two runs differ in the LDM only. Figures: ``adapt_flow_<target>_gpu.json``
     beside the CPU run's, in :mod:`adapt_flow`'s format.
     """
-    import yaml
-
     from aerosynth.data.offline import apply_offline_settings
 
     apply_offline_settings()
     from aerosynth.flows.adapt import run_adapt
-    from aerosynth.flows.config import build_config
+    from aerosynth.flows.config import load_config
 
     model = Path(args.model_dir) if args.model_dir else REPO / "benchmarks" / "work" / "gpu-ldm" / args.target / "model"
     if not (model / "ldm.json").is_file():
@@ -351,14 +349,11 @@ def evaluate(args: argparse.Namespace) -> None:
         if not (work / part).exists() and (cpu_work / part).exists():
             (work / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(cpu_work / part, work / part, symlinks=True)
-    doc = yaml.safe_load((REPO / "benchmarks" / "configs" / f"adapt_flow_{args.target}.yaml").read_text())
-    doc["work_dir"] = str(work)
-    doc["name"] = f"aerial-v1-gpu-ldm-{args.target}"
-    generation = doc.setdefault("generation", {})
-    generation.update({"init_model": str(model), **{f"stage_{s}": {"steps": 0} for s in "abc"}})
-    if args.dry_run:
-        doc = _merge(doc, DRY_RUN)
-    cfg = build_config(doc)
+    generation = {"init_model": str(model), **{f"stage_{s}": {"steps": 0} for s in "abc"}}
+    overrides = {"work_dir": str(work), "name": f"aerial-v1-gpu-ldm-{args.target}", "generation": generation}
+    if args.dry_run:  # DRY_RUN sets other generation keys than these
+        overrides = {**DRY_RUN, **overrides, "generation": {**DRY_RUN["generation"], **generation}}
+    cfg = load_config(REPO / "benchmarks" / "configs" / f"adapt_flow_{args.target}.yaml", overrides=overrides)
     t0 = time.perf_counter()
     report = run_adapt(cfg)
     wall = round(time.perf_counter() - t0, 1)
@@ -375,14 +370,6 @@ def evaluate(args: argparse.Namespace) -> None:
     result["report"] = str(report)
     out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"{out}: {len(result['variants'])} variants")
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    """``extra`` laid over ``base``, nested dicts merged."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

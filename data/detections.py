@@ -117,6 +117,16 @@ class Detections:
         xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, height)
         return Detections(xyxy, self.confidence, self.class_id)
 
+    def pixel_mask(self, width: int, height: int, margin: float = 0.0) -> np.ndarray:
+        """``(height, width)`` bool: the pixels the boxes (each grown by ``margin``) touch, corners rounded
+        outward (floor / ceil) and clipped to the image."""
+        mask = np.zeros((height, width), bool)
+        for x1, y1, x2, y2 in self.xyxy:
+            xa, ya = max(0, int(np.floor(x1 - margin))), max(0, int(np.floor(y1 - margin)))
+            xb, yb = min(width, int(np.ceil(x2 + margin))), min(height, int(np.ceil(y2 + margin)))
+            mask[ya:yb, xa:xb] = True
+        return mask
+
     def with_class(self, class_id: int) -> Detections:
         """All boxes set to one class (aerial-v1 folds car and large vehicle into ``vehicle``)."""
         return Detections(self.xyxy, self.confidence, np.full(len(self), class_id, np.int64))

@@ -175,11 +175,7 @@ def relabel_round(
 
     r = config.annotation.real_target
     name = f"{re.sub(r'-r[0-9]+$', '', previous)}-r{round_index}"
-    key = {"method": "self-training", "round": round_index, "relabels": previous}
-    if r.threshold_on != "all":
-        key["threshold_on"] = r.threshold_on
-    if r.mask_uncertain is not None:
-        key["mask_uncertain"] = r.mask_uncertain
+    key = {"method": "self-training", "round": round_index, "relabels": previous, **_label_options(r)}
 
     def build(o: Path) -> None:
         label_real_split(
@@ -260,10 +256,7 @@ def label_real_target(
             if "real-heatmap" in out:  # the heat-map labels' choice of model, noise level and readout
                 upstream["real-heatmap"] = out["real-heatmap"].parent
                 proposer, readout = _heatmap_choice(out["real-heatmap"], proposer)
-        if r.threshold_on != "all":
-            key["threshold_on"] = r.threshold_on
-        if r.mask_uncertain is not None:
-            key["mask_uncertain"] = r.mask_uncertain
+        key.update(_label_options(r))
 
         def build(
             o: Path,
@@ -294,6 +287,17 @@ def label_real_target(
             f"annotation/real-{method}", work / "annotation" / f"real-{method}", key, upstream, build, _logger()
         )
         out[f"real-{method}"] = stage_dir / "dataset"
+    return out
+
+
+def _label_options(r) -> dict:
+    """The labelling options that enter a real-tile stage's key when they differ from the first settings
+    (so stages made before an option existed stay current)."""
+    out: dict = {}
+    if r.threshold_on != "all":
+        out["threshold_on"] = r.threshold_on
+    if r.mask_uncertain is not None:
+        out["mask_uncertain"] = r.mask_uncertain
     return out
 
 

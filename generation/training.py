@@ -94,6 +94,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_write_text, link_or_copy
+from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
 from aerosynth.data.tileset import LabelledTileSplit, open_split
@@ -301,13 +302,8 @@ class TileSet:
 
 def box_mask(boxes: np.ndarray, width: int, height: int, side: int = MASK_SIDE) -> np.ndarray:
     """``(side, side)`` uint8: 255 x the fraction of each cell covered by the union of ``xyxy`` boxes."""
-    full = np.zeros((height, width), np.uint8)
-    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        c0, r0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-        c1, r1 = min(int(np.ceil(x1)), width), min(int(np.ceil(y1)), height)
-        if c1 > c0 and r1 > r0:
-            full[r0:r1, c0:c1] = 255
-    return cv2.resize(full, (side, side), interpolation=cv2.INTER_AREA)
+    full = Detections(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)).pixel_mask(width, height)
+    return cv2.resize(full.astype(np.uint8) * 255, (side, side), interpolation=cv2.INTER_AREA)
 
 
 def load_tiles(splits: Sequence[Path], image_size: int, max_per_split: int | None = None) -> TileSet:

@@ -84,3 +84,14 @@ def test_yolo_round_trip_property(box_list, w, h):
     back = Detections.from_yolo(dets.to_yolo(w, h), w, h)
     assert len(back) == len(dets)
     np.testing.assert_allclose(back.xyxy, dets.xyxy, atol=1e-6 * max(w, h) * 2)
+
+
+def test_pixel_mask_rounds_corners_outward_grows_by_the_margin_and_clips():
+    dets = Detections(np.array([[1.5, 2.2, 3.1, 4.0], [8.0, 8.0, 12.0, 12.0]]))
+    mask = dets.pixel_mask(10, 9)
+    assert mask.shape == (9, 10)
+    assert mask[2:4, 1:4].all() and mask[2:4, 1:4].sum() == mask[:6, :6].sum()  # floor / ceil of the first box
+    assert mask[8:, 8:].all() and mask.sum() == 6 + 2  # the second box clipped to the image
+    grown = dets.pixel_mask(10, 9, margin=1.0)
+    assert grown[1:5, 0:5].all() and not grown[6, 6]
+    assert not Detections.empty().pixel_mask(4, 4).any()
