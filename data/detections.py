@@ -6,8 +6,11 @@ down, the image's top-left pixel corner at (0, 0) (so a pixel's centre is at +0.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -283,3 +286,41 @@ def nms(detections: Detections, iou_threshold: float = 0.5, class_agnostic: bool
         same = np.ones(len(detections), bool) if class_agnostic else detections.class_id == detections.class_id[i]
         suppressed |= (iou[i] > iou_threshold) & same
     return detections[np.array(sorted(keep), dtype=np.int64)]
+
+
+def save_detection_lists(path: str | Path, lists: dict[str, Sequence[Detections]], meta: dict) -> Path:
+    """Write named per-image detection lists (e.g. a proposer's boxes on every tile of two splits) to ``.npz``.
+
+    ``meta`` (JSON-serialisable) says what made them; :func:`load_detection_lists` returns it beside the lists.
+    Boxes, confidences and class ids round-trip exactly.
+    """
+    from aerosynth.data.atomic import atomic_write_bytes
+
+    arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)}
+    for name, dets in lists.items():
+        dets = list(dets)
+        if any(d.confidence is None for d in dets):
+            raise ValueError(f"{name}: every detection list needs confidences")
+        arrays[f"{name}.counts"] = np.array([len(d) for d in dets], np.int64)
+        arrays[f"{name}.xyxy"] = np.concatenate([d.xyxy for d in dets]) if dets else np.zeros((0, 4))
+        arrays[f"{name}.confidence"] = np.concatenate([d.confidence for d in dets]) if dets else np.zeros(0)
+        arrays[f"{name}.class_id"] = np.concatenate([d.class_id for d in dets]) if dets else np.zeros(0, np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_detection_lists(path: str | Path) -> tuple[dict[str, list[Detections]], dict]:
+    """The lists and ``meta`` written by :func:`save_detection_lists`."""
+    with np.load(path) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        out: dict[str, list[Detections]] = {}
+        for key in data.files:
+            if not key.endswith(".counts"):
+                continue
+            name = key.removesuffix(".counts")
+            ends = np.cumsum(data[key])
+            starts = ends - data[key]
+            xyxy, conf, cls = data[f"{name}.xyxy"], data[f"{name}.confidence"], data[f"{name}.class_id"]
+            out[name] = [Detections(xyxy[a:b], conf[a:b], cls[a:b]) for a, b in zip(starts, ends, strict=True)]
+    return out, meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -214,6 +215,10 @@ def relabel_round(
     return name, stage_dir / "dataset"
 
 
+#: A real-tile stage's proposals on source-val and target-train (before threshold and flags).
+PROPOSALS_FILE = "proposals.npz"
+
+
 def label_real_target(
     config: AdaptConfig, work: Path, tiles: Path, source_only: Path | None, model: Path | None
 ) -> dict[str, Path]:
@@ -257,6 +262,12 @@ def label_real_target(
                 upstream["real-heatmap"] = out["real-heatmap"].parent
                 proposer, readout = _heatmap_choice(out["real-heatmap"], proposer)
         key.update(_label_options(r))
+        # the proposals of the stages current in this run, which fused reads back instead of recomputing
+        reuse = {
+            kind: out[name].parent / PROPOSALS_FILE
+            for kind, name in (("detector", "real-self-training"), ("heatmap", "real-heatmap"))
+            if name in out
+        }
 
         def build(
             o: Path,
@@ -264,6 +275,7 @@ def label_real_target(
             proposer: Path | list[Path] = proposer,
             key: dict = key,
             readout: tuple | None = readout,
+            reuse: dict = reuse,
         ) -> None:
             label_real_split(
                 method,
@@ -281,6 +293,8 @@ def label_real_target(
                 readout=readout[1] if readout else None,
                 fusion_iou=r.fusion_iou,
                 mask_uncertain=r.mask_uncertain,
+                proposals=None if method == "fused" else o / PROPOSALS_FILE,
+                reuse=reuse if method == "fused" else None,
             )
 
         stage_dir, _ = run_stage(
@@ -325,6 +339,8 @@ def label_real_split(
     readout: dict | None = None,
     fusion_iou: float = 0.55,
     mask_uncertain: float | None = None,
+    proposals: Path | None = None,
+    reuse: dict[str, Path] | None = None,
 ) -> Path:
     """Label a weak target split with one proposer: F_S's detections, the LDM's heat-map boxes, or both fused.
 
@@ -351,6 +367,11 @@ def label_real_split(
         fusion_iou: IoU at which a heat-map box and a detection are one vehicle (``fused``).
         mask_uncertain: proposals of a flagged tile below the threshold but at or above this fraction of it
             are painted over (ignore regions; :class:`~aerosynth.annotation.real_target.RealTargetConfig`).
+        proposals: where to keep the proposer's boxes on both splits (``self-training``, ``heatmap``;
+            :func:`~aerosynth.data.detections.save_detection_lists`), for ``fused`` to read back.
+        reuse: ``{"detector": file, "heatmap": file}`` written by those stages (``fused``): a file whose
+            record matches what ``fused`` would compute (same weights, model, noise level, readout, seed and
+            tiles) is read instead of running the proposer again.
 
     With several models or noise levels, the pair (and the readout) with the best AP50 of heat-map boxes
     on ``source_val`` labels the split (:func:`~aerosynth.annotation.map_quality.choose_map_source`); every
@@ -360,19 +381,24 @@ def label_real_split(
     from aerosynth.data.tileset import open_split
 
     train, val = open_split(target_train), open_split(source_val)
+    reuse = reuse or {}
     extra: dict = {}
     if method == "self-training":
-        val_boxes, train_boxes = _detector_proposals(Path(proposer), val, train, device)  # type: ignore[arg-type]
+        val_boxes, train_boxes = _detector_proposals(Path(proposer), val, train, device, proposals)  # type: ignore[arg-type]
     elif method in ("heatmap", "fused"):
-        val_boxes, train_boxes, extra = _heatmap_proposals(
-            proposer, noise_fraction, heatmap_options, readout, val, train, seed
-        )
+        stored = _stored_heatmap_proposals(reuse.get("heatmap"), proposer, noise_fraction, readout, val, train, seed)
+        if method == "fused" and stored is not None:
+            val_boxes, train_boxes, extra = stored
+        else:
+            val_boxes, train_boxes, extra = _heatmap_proposals(
+                proposer, noise_fraction, heatmap_options, readout, val, train, seed, proposals
+            )
         if method == "fused":
             from aerosynth.annotation.fusion import fuse_proposers
 
             if detector is None:
                 raise InputError("detector", "fused labels need F_S's weights beside the heat maps")
-            det_val, det_train = _detector_proposals(Path(detector), val, train, device)
+            det_val, det_train = _detector_proposals(Path(detector), val, train, device, reuse=reuse.get("detector"))
             val_boxes = fuse_proposers([det_val, val_boxes], fusion_iou)
             train_boxes = fuse_proposers([det_train, train_boxes], fusion_iou)
             extra["fusion"] = {"detector": str(detector), "iou": fusion_iou, "method": "weighted boxes fusion"}
@@ -392,11 +418,70 @@ def label_real_split(
     )
 
 
-def _detector_proposals(detector: Path, val, train, device: str) -> tuple[list, list]:
-    """A detector's boxes with confidences on every tile of source-val and of target-train."""
+def _splits_record(val, train) -> dict:
+    """Which tiles, in which order, a stored proposal file covers."""
+    ids = [t.tile_id for t in val.tiles] + ["|"] + [t.tile_id for t in train.tiles]
+    return {"tiles_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def _read_matching(path: Path | None, record: dict) -> tuple[list, list, dict] | None:
+    """The stored ``(val, train)`` proposals of ``path`` when its record equals ``record`` (else ``None``)."""
+    from aerosynth.data.detections import load_detection_lists
+
+    if path is None or not Path(path).is_file():
+        return None
+    lists, meta = load_detection_lists(path)
+    if meta.get("record") != record:
+        return None
+    _logger().info("proposals read from %s", path)
+    return lists["val"], lists["train"], meta.get("extra", {})
+
+
+def _detector_proposals(
+    detector: Path, val, train, device: str, store: Path | None = None, reuse: Path | None = None
+) -> tuple[list, list]:
+    """A detector's boxes with confidences on every tile of source-val and of target-train.
+
+    ``store``: keep them there; ``reuse``: read them from such a file when it holds the same weights' boxes
+    on the same tiles.
+    """
+    from aerosynth.data.detections import save_detection_lists
     from aerosynth.detection.prediction import predict_split
 
-    return predict_split(detector, val, device=device), predict_split(detector, train, device=device)
+    record = {
+        "proposer": "detector",
+        "weights_sha256": hashlib.sha256(Path(detector).read_bytes()).hexdigest(),
+        "device": device,
+        **_splits_record(val, train),
+    }
+    stored = _read_matching(reuse, record)
+    if stored is not None:
+        return stored[0], stored[1]
+    val_boxes, train_boxes = predict_split(detector, val, device=device), predict_split(detector, train, device=device)
+    if store is not None:
+        save_detection_lists(store, {"val": val_boxes, "train": train_boxes}, {"record": record})
+    return val_boxes, train_boxes
+
+
+def _heatmap_record(model_dir: Path, level: float, readout: dict, seed: int, val, train) -> dict:
+    return {
+        "proposer": "heatmap",
+        "model": str(model_dir),
+        "noise_fraction": float(level),
+        "readout": readout,
+        "seed": seed,
+        **_splits_record(val, train),
+    }
+
+
+def _stored_heatmap_proposals(
+    path: Path | None, proposer, noise_fraction, readout: dict | None, val, train, seed: int
+) -> tuple[list, list, dict] | None:
+    """Heat-map proposals of the one (model, noise level, readout) given, read from ``path`` if stored there."""
+    models = [proposer] if isinstance(proposer, (str, Path)) else list(proposer)
+    if path is None or readout is None or len(models) != 1 or not isinstance(noise_fraction, (int, float)):
+        return None
+    return _read_matching(path, _heatmap_record(Path(models[0]), noise_fraction, readout, seed, val, train))
 
 
 def _heatmap_proposals(
@@ -407,8 +492,12 @@ def _heatmap_proposals(
     val,
     train,
     seed: int,
+    store: Path | None = None,
 ) -> tuple[list, list, dict]:
-    """Heat-map boxes of source-val and target-train from the (model, noise level, readout) best on source-val."""
+    """Heat-map boxes of source-val and target-train from the (model, noise level, readout) best on source-val.
+
+    ``store``: keep the chosen pair's boxes there (what ``fused`` reads back, with that pair's record).
+    """
     from aerosynth.annotation.heatmap_boxes import HeatmapBoxConfig
     from aerosynth.annotation.map_quality import MapReadout, choose_map_source, memoised
     from aerosynth.annotation.real_target import heatmap_proposals
@@ -443,6 +532,13 @@ def _heatmap_proposals(
         "map_sources": {k: round(v["ap50"], 4) for k, v in report["sources"].items()},
         "readout": chosen.to_dict(),
     }
+    if store is not None:
+        from aerosynth.data.detections import save_detection_lists
+
+        # what fused records when it reads them back: its one pair's source-val AP50
+        stored_extra = {**extra, "map_sources": {name: extra["map_sources"][name]}}
+        record = _heatmap_record(model_dir, level, chosen.to_dict(), seed, val, train)
+        save_detection_lists(store, {"val": val_boxes, "train": train_boxes}, {"record": record, "extra": stored_extra})
     return val_boxes, train_boxes, extra
 
 

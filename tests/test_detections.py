@@ -95,3 +95,17 @@ def test_pixel_mask_rounds_corners_outward_grows_by_the_margin_and_clips():
     grown = dets.pixel_mask(10, 9, margin=1.0)
     assert grown[1:5, 0:5].all() and not grown[6, 6]
     assert not Detections.empty().pixel_mask(4, 4).any()
+
+
+def test_detection_lists_round_trip_exactly(tmp_path):
+    from aerosynth.data.detections import load_detection_lists, save_detection_lists
+
+    lists = {
+        "a": [Detections([[1.5, 2.25, 9.0, 7.0], [0, 0, 3, 3]], [0.9, 0.125], [0, 2]), Detections.empty(True)],
+        "b": [],
+    }
+    save_detection_lists(tmp_path / "p.npz", lists, {"record": {"seed": 3}})
+    back, meta = load_detection_lists(tmp_path / "p.npz")
+    assert meta == {"record": {"seed": 3}} and back == lists
+    with pytest.raises(ValueError, match="confidences"):
+        save_detection_lists(tmp_path / "q.npz", {"a": [Detections([[0, 0, 1, 1]])]}, {})

@@ -398,3 +398,39 @@ def test_fused_labels_keep_the_flags_and_read_no_target_box(tiny_run, tmp_path):
     assert label(tmp_path / "b") == before
     with pytest.raises(Exception, match="F_S"):
         label_real_split("fused", tiles / "target-train", tiles / "source-val", tmp_path / "c", chosen, level)
+
+
+def test_fused_labels_read_back_the_stored_proposals_of_the_run(tiny_run, tmp_path):
+    """Fused labels from the proposals the F_S and heat-map stages stored equal those computed afresh."""
+    from aerosynth.data.detections import Detections, load_detection_lists, save_detection_lists
+    from aerosynth.flows.adapt_annotation import PROPOSALS_FILE, _heatmap_choice, label_real_split
+
+    work, _, _ = tiny_run
+    tiles = work / "tiles"
+    detector = work / "detectors" / "source-only" / "seed0" / "train" / "detector.pt"
+    models = sorted((work / "ldm").glob("stage[ABC]/model"))
+    chosen, (level, readout) = _heatmap_choice(work / "annotation" / "real-heatmap" / "dataset", models)
+    stored = {
+        k: work / "annotation" / f"real-{m}" / PROPOSALS_FILE
+        for k, m in (("detector", "self-training"), ("heatmap", "heatmap"))
+    }
+    assert all(p.is_file() for p in stored.values())
+
+    def label(out: Path, reuse: dict | None) -> tuple[dict[str, bytes], dict]:
+        label_real_split(
+            "fused", tiles / "target-train", tiles / "source-val", out, chosen, level,
+            detector=detector, readout=readout, reuse=reuse,
+        )  # fmt: skip
+        labels = {p.name: p.read_bytes() for p in sorted((out / "labels").glob("*.txt"))}
+        return labels, json.loads((out / "summary.json").read_text())["provenance"]
+
+    fresh, fresh_prov = label(tmp_path / "fresh", None)
+    assert label(tmp_path / "reused", stored) == (fresh, fresh_prov)
+    # the file is read: the same record with every heat-map box dropped changes the labels ...
+    lists, meta = load_detection_lists(stored["heatmap"])
+    blank = {name: [Detections.empty(with_confidence=True) for _ in dets] for name, dets in lists.items()}
+    save_detection_lists(tmp_path / "blank.npz", blank, meta)
+    assert label(tmp_path / "blank", {**stored, "heatmap": tmp_path / "blank.npz"})[0] != fresh
+    # ... and a file made with another noise level is not
+    save_detection_lists(tmp_path / "other.npz", blank, {**meta, "record": {**meta["record"], "noise_fraction": 0.99}})
+    assert label(tmp_path / "other", {**stored, "heatmap": tmp_path / "other.npz"})[0] == fresh
