@@ -113,6 +113,13 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
             row["two_sample_accuracy"] = _two_sample(work, name.removesuffix("+source"), previous, row)
     handed = json.loads((work / "detector.json").read_text()) if (work / "detector.json").is_file() else {}
     recommended = handed.get("variant")
+    references = ["continued", "oracle", "copy-paste+source", recommended]
+    for name, row in table.items():
+        row["paired"] = {
+            ref: stats
+            for ref in references
+            if ref and ref != name and ref in table and (stats := _paired(row["per_seed"], table[ref]["per_seed"]))
+        }
     adapted = [n for n, r in table.items() if r["kind"] not in ("source-only", "oracle", "control")]
     picked_best = {}
     for seed in base:
@@ -141,6 +148,25 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
     atomic_write_json(out, doc)
     print(json.dumps({n: (r["kind"], r["mean"], r["per_seed"]) for n, r in table.items()}, indent=1))
     return doc
+
+
+def _paired(values: dict, reference: dict) -> dict | None:
+    """Per-seed differences ``values - reference`` on their common seeds: mean, 95 % t-interval, seeds above."""
+    from scipy import stats
+
+    diffs = [values[s] - reference[s] for s in values if s in reference]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    sem = stats.sem(diffs)
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * sem) if sem > 0 else 0.0
+    return {
+        "seeds": len(diffs),
+        "mean_diff": round(mean, 4),
+        "ci95": [round(mean - half, 4), round(mean + half, 4)],
+        "seeds_above": sum(d > 0 for d in diffs),
+        "seeds_at_or_above": sum(d >= 0 for d in diffs),
+    }
 
 
 #: Seeds of the two-sample classifier: its held-out part is ~100 images a class, so one seed moves by ~0.04.
