@@ -446,11 +446,12 @@ def _detector_proposals(
     on the same tiles.
     """
     from aerosynth.data.detections import save_detection_lists
+    from aerosynth.data.manifest import file_sha256
     from aerosynth.detection.prediction import predict_split
 
     record = {
         "proposer": "detector",
-        "weights_sha256": hashlib.sha256(Path(detector).read_bytes()).hexdigest(),
+        "weights_sha256": file_sha256(detector),
         "device": device,
         **_splits_record(val, train),
     }
