@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -115,9 +116,11 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
     recommended = handed.get("variant")
     references = ["continued", "oracle", "copy-paste+source", recommended]
     for name, row in table.items():
+        budget = re.search(r"-\d+img$", name)  # a mix of its own budget: also against the others of that budget
+        same_budget = [n for n in table if budget and n.endswith(budget.group())]
         row["paired"] = {
             ref: stats
-            for ref in references
+            for ref in [*references, *same_budget]
             if ref and ref != name and ref in table and (stats := _paired(row["per_seed"], table[ref]["per_seed"]))
         }
     adapted = [n for n, r in table.items() if r["kind"] not in ("source-only", "oracle", "control")]

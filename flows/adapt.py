@@ -48,7 +48,7 @@ from aerosynth.flows.adapt_report import (
     write_synthetic_samples,
 )
 from aerosynth.flows.adapt_tiles import prepare_tiles
-from aerosynth.flows.config import AdaptConfig, build_config, dump_config
+from aerosynth.flows.config import AdaptConfig, MixBudget, build_config, dump_config
 from aerosynth.flows.scale import shared_api, task_runner
 
 __all__ = [
@@ -185,10 +185,12 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         detectors, datasets = self_training_rounds(cfg, work, tiles, first, runs, base, adapted_seeds)
         runs.update(detectors)
         built.update(datasets)
-    for names in d.mixes:  # several labelled sets at once (equal shares, or each its given share)
+    for spec in d.mixes:  # several labelled sets at once (equal shares, or each its given share and budget)
+        names = spec.shares if isinstance(spec, MixBudget) else spec
         if all(n in built for n in names):
             shares = names if isinstance(names, dict) else None
-            mix = mixed_variant(cfg, tiles, {n: built[n] for n in names}, shares)
+            images = spec.images if isinstance(spec, MixBudget) else None
+            mix = mixed_variant(cfg, tiles, {n: built[n] for n in names}, shares, images)
             runs[mix.name] = resolve(submit_detectors(cfg, work, tiles, mix, adapted_seeds, base))
     deliver_task(cfg, work, runs)
     report = report_task(cfg, work, tiles, runs)

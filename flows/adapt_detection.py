@@ -9,6 +9,7 @@ control is the same fine-tuning on source tiles only: what the extra budget alon
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ def variant_kind(name: str) -> str:
         return name
     if name == CONTINUED:
         return "control"
+    name = re.sub(r"-\d+img$", "", name)  # a mix with a budget of its own: <...>+source-<images>img
     if name.removesuffix("+source") in BASELINE_SETS:
         return "baseline"
     parts = [p.split("@")[0] for p in name.removesuffix("+source").split("+")]  # a mix's share: <set>@<percent>
@@ -53,12 +55,14 @@ class Variant:
     """One detector recipe: its training datasets and the stage folders they come from.
 
     ``finetune``: trained from the seed's source-only detector (paired design) rather than from scratch.
+    ``images``: its fine-tuning budget when not ``detection.finetune.images`` (a mix's own budget).
     """
 
     name: str
     train: list[Any]
     upstream: dict[str, Path]
     finetune: bool = False
+    images: int | None = None
 
     @property
     def kind(self) -> str:
@@ -111,13 +115,18 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
 
 
 def mixed_variant(
-    config: AdaptConfig, tiles: Path, datasets: dict[str, Path], shares: dict[str, float] | None = None
+    config: AdaptConfig,
+    tiles: Path,
+    datasets: dict[str, Path],
+    shares: dict[str, float] | None = None,
+    images: int | None = None,
 ) -> Variant:
     """A variant trained on several labelled sets at once (``detection.mixes``), fine-tuned from F_S (paired).
 
     Without ``shares`` each set is an equal share of the target part, real source tiles the rest
     (``mix_source_fraction``), named ``<set>+<set>+source``; with ``shares`` (each set's fraction of all
-    training images) source tiles take the rest, named ``<set>@<percent>+...+source``.
+    training images) source tiles take the rest, named ``<set>@<percent>+...+source``. ``images``: the
+    mix's own fine-tuning budget (``-<images>img`` joins the name) instead of ``detection.finetune.images``.
     """
     from aerosynth.detection.datasets import DatasetSpec
 
@@ -132,7 +141,8 @@ def mixed_variant(
     train = [DatasetSpec(path, name=n, fraction=share[n]) for n, path in datasets.items()]
     train.append(DatasetSpec(tiles / "source-train", name="source", fraction=f))
     upstream = {"tiles": tiles, **{n: (p if n == "translation" else p.parent) for n, p in datasets.items()}}
-    return Variant(name + "+source", train, upstream, config.detection.design == "paired")
+    name += "+source" + (f"-{images}img" if images else "")
+    return Variant(name, train, upstream, config.detection.design == "paired", images)
 
 
 def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path | None):
@@ -164,7 +174,7 @@ def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path
     return DetectorTrainConfig(
         model=str(Path(base) / "train" / "detector.pt"),
         epochs=ft.epochs,
-        mix_total=ft.images,
+        mix_total=variant.images or ft.images,
         extra={"lr0": ft.lr0, "warmup_epochs": ft.warmup_epochs, "close_mosaic": ft.close_mosaic},
         **common,
     )

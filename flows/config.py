@@ -240,6 +240,18 @@ class FinetuneSettings(Strict):
     close_mosaic: int = Field(1, ge=0)
 
 
+class MixBudget(Strict):
+    """A mix with a training budget of its own (``detection.mixes``): each set's share of ``images``.
+
+    E.g. ``{shares: {real-heatmap-r3: 0.3333, copy-paste-blended: 0.3333}, images: 1920}`` adds the
+    synthetic set on top of the 1280 images of the real labels and source tiles instead of resharing them;
+    named ``<set>@<percent>+...+source-<images>img``.
+    """
+
+    shares: dict[str, float] = Field(min_length=1)
+    images: int = Field(ge=1)
+
+
 class DetectionSettings(Strict):
     """The final detectors: source-only, each adapted variant, the continued control and the oracle, per seed.
 
@@ -255,7 +267,8 @@ class DetectionSettings(Strict):
     the run did not build is skipped), named ``<set>+<set>+source``; or a mapping of each set to its share
     of all training images, real source tiles the rest, e.g. ``{real-heatmap-r3: 0.5, copy-paste-blended:
     0.25}`` (the labelled real tiles keep the whole target half, the synthetic set takes half the source
-    share), named ``<set>@50+<set>@25+source``.
+    share), named ``<set>@50+<set>@25+source``; or ``{shares: {...}, images: N}`` (:class:`MixBudget`), the
+    same shares of a budget of its own, named ``<set>@<percent>+...+source-<N>img``.
     ``recommend`` lists the adapted variants in the order the run recommends them (the first one built
     becomes ``WORK/detector.pt``): a fixed order measured on both aerial-v1 targets, no target label read.
     ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
@@ -274,7 +287,9 @@ class DetectionSettings(Strict):
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     continued: bool = True
-    mixes: list[Annotated[list[str], Field(min_length=2)] | Annotated[dict[str, float], Field(min_length=1)]] = []
+    mixes: list[
+        Annotated[list[str], Field(min_length=2)] | Annotated[dict[str, float], Field(min_length=1)] | MixBudget
+    ] = []
     augment: bool = True
     recipe: Literal["aerosynth", "reference"] = "aerosynth"
     checkpoint: Literal["last", "best"] = "last"
@@ -294,6 +309,7 @@ class DetectionSettings(Strict):
     @classmethod
     def _shares_leave_room_for_source(cls, mixes: list) -> list:
         for mix in mixes:
+            mix = mix.shares if isinstance(mix, MixBudget) else mix
             if isinstance(mix, dict) and not (all(v > 0 for v in mix.values()) and sum(mix.values()) < 1):
                 raise ValueError(f"a mix's shares must be positive and sum below 1 (source tiles take the rest): {mix}")
         return mixes

@@ -155,3 +155,30 @@ def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_pa
     assert variant_kind("real-self-training-r3+source") == "real"
     with pytest.raises(Exception, match="at least 2"):
         build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [["real-heatmap"]]}})
+
+
+def test_a_mix_with_a_budget_of_its_own_adds_images_instead_of_resharing(tmp_path):
+    from aerosynth.flows.adapt_detection import detector_config, mixed_variant, variant_kind
+    from aerosynth.flows.config import MixBudget
+
+    spec = {"shares": {"real-heatmap-r3": 0.3333, "copy-paste-blended": 0.3333}, "images": 1920}
+    cfg = build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [spec, {"real-heatmap-r3": 0.5}]}})
+    budget, plain = cfg.detection.mixes
+    assert isinstance(budget, MixBudget) and budget.images == 1920 and plain == {"real-heatmap-r3": 0.5}
+    sets = {"real-heatmap-r3": tmp_path / "a" / "dataset", "copy-paste-blended": tmp_path / "b" / "dataset"}
+    mix = mixed_variant(cfg, tmp_path / "tiles", sets, budget.shares, budget.images)
+    assert mix.name == "real-heatmap-r3@33+copy-paste-blended@33+source-1920img"
+    assert mix.kind == "real+synthetic" and variant_kind("real-heatmap-r3@50+source-1920img") == "real"
+    assert [(s.name, round(s.fraction, 4)) for s in mix.train] == [
+        ("real-heatmap-r3", 0.3333),
+        ("copy-paste-blended", 0.3333),
+        ("source", 0.3334),
+    ]
+    base = tmp_path / "f_s"
+    assert detector_config(cfg, mix, 0, base).mix_total == 1920
+    resharing = mixed_variant(cfg, tmp_path / "tiles", sets, budget.shares)
+    assert detector_config(cfg, resharing, 0, base).mix_total == cfg.detection.finetune.images != 1920
+    with pytest.raises(Exception, match="sum below 1"):
+        build_config(
+            {**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [{"shares": {"a": 0.6, "b": 0.5}, "images": 99}]}}
+        )
