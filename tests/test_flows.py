@@ -434,3 +434,50 @@ def test_fused_labels_read_back_the_stored_proposals_of_the_run(tiny_run, tmp_pa
     # ... and a file made with another noise level is not
     save_detection_lists(tmp_path / "other.npz", blank, {**meta, "record": {**meta["record"], "noise_fraction": 0.99}})
     assert label(tmp_path / "other", {**stored, "heatmap": tmp_path / "other.npz"})[0] == fresh
+
+
+def test_mixes_train_one_detector_each_from_the_run_sets_with_their_shares_and_budget(tiny_run, tmp_path):
+    """``detection.mixes`` adds only the mixes' detectors; a mix's own budget sets its number of images."""
+    import shutil
+
+    from aerosynth.flows.adapt import adapt_flow
+
+    work, cfg, _ = tiny_run
+    adapt_flow(copy.deepcopy(cfg))  # current for cfg, whatever other tests changed
+    mixed = tmp_path / "mixed"
+    shutil.copytree(work, mixed)
+    before = _records(mixed)
+    mixes = [
+        ["real-heatmap", "threshold"],
+        {"real-self-training": 0.5, "relay": 0.25},
+        {"shares": {"real-self-training": 0.25, "relay": 0.25}, "images": 48},
+        ["real-heatmap", "not-built-by-this-run"],  # skipped
+    ]
+    config = {**copy.deepcopy(cfg), "work_dir": str(mixed)}
+    config["detection"] = {**config.get("detection", {}), "mixes": mixes}
+    adapt_flow(config)
+    after = _records(mixed)
+    added = {k.split("/")[1] for k in set(after) - set(before)}
+    assert added == {
+        "real-heatmap+threshold+source",
+        "real-self-training@50+relay@25+source",
+        "real-self-training@25+relay@25+source-48img",
+    }
+    assert {k: after[k]["key"] for k in before if k.startswith(("tiles", "ldm", "annotation"))} == {
+        k: before[k]["key"] for k in before if k.startswith(("tiles", "ldm", "annotation"))
+    }
+    images = build_config(cfg).detection.finetune.images
+    expected = {
+        "real-heatmap+threshold+source": {"real-heatmap": images // 4, "threshold": images // 4, "source": images // 2},
+        "real-self-training@50+relay@25+source": {
+            "real-self-training": images // 2,
+            "relay": images // 4,
+            "source": images // 4,
+        },
+        "real-self-training@25+relay@25+source-48img": {"real-self-training": 12, "relay": 12, "source": 24},
+    }
+    for name, counts in expected.items():
+        (view,) = (mixed / "detectors" / name / "seed0").rglob("view.json")
+        assert json.loads(view.read_text())["counts"] == counts, name
+    reported = {r["variant"] for r in json.loads((mixed / "report" / "report.json").read_text())["variants"]}
+    assert set(expected) <= reported
