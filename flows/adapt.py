@@ -110,14 +110,20 @@ def self_training_rounds(
 ) -> tuple[dict[str, list[Path]], dict[str, Path]]:
     """Rounds 2.. of the real-tile variant ``first``: relabel with the last round's detector, fine-tune again.
 
-    Each round's labels come from the first seed's detector of the round before (flags applied, threshold
-    on source-val); every seed fine-tunes from its own F_S on them. Stops after
+    Each round's labels come from the first seed's detector of the round before, or every seed's fused
+    (``relabel_with: all-seeds``; flags applied, threshold on source-val); every seed fine-tunes from its
+    own F_S on them. Stops after
     ``annotation.real_target.rounds`` or when the labels stop changing (``stop_agreement``). Returns the
     rounds' detectors by variant and their labelled sets by name.
     """
     out: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}
-    previous, detector = first.removesuffix("+source"), runs[first][0]
+    every_seed = cfg.annotation.real_target.relabel_with == "all-seeds"
+
+    def proposer(detectors: list[Path]) -> Path | list[Path]:
+        return detectors if every_seed and len(detectors) > 1 else detectors[0]
+
+    previous, detector = first.removesuffix("+source"), proposer(runs[first])
     for k in range(2, cfg.annotation.real_target.rounds + 1):
         name, dataset = relabel_task(cfg, work, tiles, previous, detector, k)
         if dataset is None:
@@ -125,7 +131,7 @@ def self_training_rounds(
         labelled[name] = dataset
         variant = next(v for v in variants(cfg, tiles, {name: dataset}, {}) if v.name == f"{name}+source")
         out[variant.name] = resolve(submit_detectors(cfg, work, tiles, variant, seeds, base))
-        previous, detector = name, out[variant.name][0]
+        previous, detector = name, proposer(out[variant.name])
     return out, labelled
 
 

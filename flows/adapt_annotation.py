@@ -158,13 +158,14 @@ def blend_copy_paste(config: AdaptConfig, work: Path, composites: Path, harmonis
 
 
 def relabel_round(
-    config: AdaptConfig, work: Path, tiles: Path, previous: str, detector: Path, round_index: int
+    config: AdaptConfig, work: Path, tiles: Path, previous: str, detector: Path | Sequence[Path], round_index: int
 ) -> tuple[str, Path | None]:
-    """One self-training round: the previous round's adapted detector relabels target-train.
+    """One self-training round: the previous round's adapted detector (or detectors, fused) relabels target-train.
 
     Args:
         previous: the previous round's labelled set (``real-heatmap``, ``real-self-training-r2``, ...).
-        detector: the stage folder of the previous round's adapted detector (first seed).
+        detector: the stage folder of the previous round's adapted detector (first seed), or the stage
+            folders of every seed's (``relabel_with: all-seeds``: their boxes fused tile by tile).
         round_index: this round's number (2, 3, ...).
 
     Returns:
@@ -176,7 +177,14 @@ def relabel_round(
 
     r = config.annotation.real_target
     name = f"{re.sub(r'-r[0-9]+$', '', previous)}-r{round_index}"
+    detectors = [Path(detector)] if isinstance(detector, (str, Path)) else [Path(d) for d in detector]
     key = {"method": "self-training", "round": round_index, "relabels": previous, **_label_options(r)}
+    if len(detectors) > 1:  # every seed's detector, fused (the first seed's alone keeps the older key)
+        key |= {"relabel_with": "all-seeds", "fusion_iou": r.fusion_iou}
+    weights = [d / "train" / "detector.pt" for d in detectors]
+    proposers = {f"detector{i}": d for i, d in enumerate(detectors)}
+    if len(detectors) == 1:
+        proposers = {"detector": detectors[0]}
 
     def build(o: Path) -> None:
         label_real_split(
@@ -184,12 +192,13 @@ def relabel_round(
             tiles / "target-train",
             _val_split(tiles),
             o / "dataset",
-            detector / "train" / "detector.pt",
+            weights[0] if len(weights) == 1 else weights,
             seed=config.seed,
             device=config.device,
             provenance=key,
             threshold_on=r.threshold_on,
             mask_uncertain=r.mask_uncertain,
+            fusion_iou=r.fusion_iou,
         )
         agreement = label_agreement(o / "dataset" / "labels", work / "annotation" / previous / "dataset" / "labels")
         atomic_write_json(o / "agreement.json", {"with": previous, **agreement})
@@ -198,7 +207,11 @@ def relabel_round(
         f"annotation/{name}",
         work / "annotation" / name,
         key,
-        {"tiles": tiles, "detector": detector, "previous": work / "annotation" / previous},
+        {
+            "tiles": tiles,
+            **proposers,
+            "previous": work / "annotation" / previous,
+        },
         build,
         _logger(),
     )
@@ -351,7 +364,8 @@ def label_real_split(
         target_train: the weak split to label.
         source_val: the labelled source split the proposer's threshold is chosen on.
         out: the labelled folder written (see :func:`aerosynth.annotation.real_target.label_real_tiles`).
-        proposer: the detector (``self-training``), or one or more LDM model folders (``heatmap``, ``fused``).
+        proposer: the detector (``self-training``; several: their boxes fused tile by tile at ``fusion_iou``),
+            or one or more LDM model folders (``heatmap``, ``fused``).
         noise_fraction: noise level(s) of the single UNet pass (``heatmap``, ``fused``).
         heatmap_options: :class:`~aerosynth.annotation.heatmap_boxes.HeatmapBoxConfig` fields (``heatmap``, on
             min-max normalised maps); empty or ``None``: the readout is chosen on ``source_val``
@@ -364,7 +378,8 @@ def label_real_split(
         detector: F_S's weights (``fused`` only).
         readout: a :class:`~aerosynth.annotation.map_quality.MapReadout` document that fixes the heat-map
             readout (``fused`` reuses the one ``heatmap`` chose); wins over ``heatmap_options``.
-        fusion_iou: IoU at which a heat-map box and a detection are one vehicle (``fused``).
+        fusion_iou: IoU at which a heat-map box and a detection (``fused``), or two detectors' boxes
+            (``self-training`` with several), are one vehicle.
         mask_uncertain: proposals of a flagged tile below the threshold but at or above this fraction of it
             are painted over (ignore regions; :class:`~aerosynth.annotation.real_target.RealTargetConfig`).
         proposals: where to keep the proposer's boxes on both splits (``self-training``, ``heatmap``;
@@ -383,7 +398,14 @@ def label_real_split(
     train, val = open_split(target_train), open_split(source_val)
     reuse = reuse or {}
     extra: dict = {}
-    if method == "self-training":
+    if method == "self-training" and not isinstance(proposer, (str, Path)):  # several detectors, fused
+        from aerosynth.annotation.fusion import fuse_proposers
+
+        each = [_detector_proposals(Path(p), val, train, device) for p in proposer]
+        val_boxes = fuse_proposers([v for v, _ in each], fusion_iou)
+        train_boxes = fuse_proposers([t for _, t in each], fusion_iou)
+        extra["fusion"] = {"detectors": [str(p) for p in proposer], "iou": fusion_iou, "method": "weighted boxes"}
+    elif method == "self-training":
         val_boxes, train_boxes = _detector_proposals(Path(proposer), val, train, device, proposals)  # type: ignore[arg-type]
     elif method in ("heatmap", "fused"):
         stored = _stored_heatmap_proposals(reuse.get("heatmap"), proposer, noise_fraction, readout, val, train, seed)

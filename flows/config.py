@@ -166,7 +166,9 @@ class RealTargetSettings(Strict):
     relabels the tiles (flags applied, its threshold again chosen on source-val) and a variant
     ``real-<method>-r<k>`` is fine-tuned from F_S on those labels; the rounds stop early when a round's
     labels agree with the previous round's at box F1 >= ``stop_agreement`` (label-free: the labels have
-    stopped changing).
+    stopped changing). ``relabel_with: all-seeds``: every seed's adapted detector of the round before
+    proposes, their boxes fused tile by tile (weighted boxes fusion at ``fusion_iou``; a box k of n
+    detectors found keeps k/n of its mean confidence) and thresholded on source-val like one detector's.
 
     ``fused`` (needs both proposers): F_S's detections and the heat-map boxes of the readout ``heatmap``
     chose, fused tile by tile by weighted boxes fusion (boxes overlapping at IoU >= ``fusion_iou`` are one
@@ -189,6 +191,7 @@ class RealTargetSettings(Strict):
     threshold_on: Literal["all", "flagged"] = "flagged"
     rounds: int = Field(3, ge=1)
     stop_agreement: float = Field(0.95, gt=0, le=1)
+    relabel_with: Literal["first-seed", "all-seeds"] = "first-seed"
 
     def noise_levels(self) -> list[float]:
         """The candidate noise levels, as a list."""

@@ -481,3 +481,46 @@ def test_mixes_train_one_detector_each_from_the_run_sets_with_their_shares_and_b
         assert json.loads(view.read_text())["counts"] == counts, name
     reported = {r["variant"] for r in json.loads((mixed / "report" / "report.json").read_text())["variants"]}
     assert set(expected) <= reported
+
+
+def test_relabelling_with_every_seed_fuses_their_boxes_keeps_the_flags_and_reads_no_target_box(tiny_run, tmp_path):
+    """``relabel_with: all-seeds``: the detectors' boxes fused per tile, thresholded on source-val, flags obeyed."""
+    import shutil
+
+    from aerosynth.annotation.fusion import fuse_proposers
+    from aerosynth.annotation.real_target import source_threshold
+    from aerosynth.data.tileset import open_split
+    from aerosynth.detection.prediction import predict_split
+    from aerosynth.flows.adapt_annotation import label_real_split
+
+    work, _, _ = tiny_run
+    tiles = tmp_path / "tiles"
+    shutil.copytree(work / "tiles", tiles)
+    detectors = [
+        work / "detectors" / v / "seed0" / "train" / "detector.pt" for v in ("real-self-training+source", "continued")
+    ]
+
+    def relabel(out: Path, proposer) -> tuple[dict[str, bytes], dict]:
+        label_real_split(
+            "self-training", tiles / "target-train", tiles / "source-val", out, proposer, threshold_on="flagged"
+        )
+        labels = {p.name: p.read_bytes() for p in sorted((out / "labels").glob("*.txt"))}
+        return labels, json.loads((out / "summary.json").read_text())
+
+    fused, summary = relabel(tmp_path / "a", detectors)
+    assert summary["provenance"]["fusion"]["detectors"] == [str(d) for d in detectors]
+    # the threshold is the fused boxes' own, F1-optimal on the source-val tiles holding a vehicle
+    val = open_split(tiles / "source-val")
+    boxes = fuse_proposers([predict_split(d, val) for d in detectors], 0.55)
+    threshold, _ = source_threshold(boxes, val, tiles="flagged")
+    assert summary["threshold"] == threshold
+    assert threshold != source_threshold(predict_split(detectors[0], val), val, tiles="flagged")[0]
+    # not the first detector's labels alone, and tiles flagged empty hold no box
+    assert fused != relabel(tmp_path / "one", detectors[0])[0]
+    flags = json.loads((tiles / "target-train" / "tiles.json").read_text())["tiles"]
+    assert all(fused[f"{t['tile_id']}.txt"] == b"" for t in flags if not t["has_vehicle"])
+    assert any(fused[f"{t['tile_id']}.txt"] for t in flags if t["has_vehicle"])
+    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
+        for path in labels.glob("*.txt"):
+            path.write_text("0 0.5 0.5 0.9 0.9\n")
+    assert relabel(tmp_path / "b", detectors)[0] == fused
