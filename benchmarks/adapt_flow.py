@@ -123,6 +123,12 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
             for ref in [*references, *same_budget]
             if ref and ref != name and ref in table and (stats := _paired(row["per_seed"], table[ref]["per_seed"]))
         }
+    against = getattr(args, "against", None)
+    if against:  # the same variants of another run (e.g. made with another option): paired by seed
+        other = json.loads(Path(against).read_text())["variants"]
+        for name, row in table.items():
+            if name in other and (stats := _paired(row["per_seed"], other[name]["per_seed"])):
+                row["paired"][f"{name} in {Path(against).name}"] = stats
     adapted = [n for n, r in table.items() if r["kind"] not in ("source-only", "oracle", "control")]
     picked_best = {}
     for seed in base:
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", type=Path, help="a config file instead of the target's preset")
         p.add_argument("--work-dir", help="the run folder (default: the preset's)")
         p.add_argument("--out", help="the JSON written (default benchmarks/results/adapt_flow_<target>.json)")
+        p.add_argument("--against", help="another run's JSON: each variant also paired with its namesake there")
         if name == "run":
             p.add_argument("--runner", choices=["sequential", "dask"])
             p.add_argument("--fresh", action="store_true")
