@@ -271,17 +271,24 @@ def test_model_trained_elsewhere_is_imported_as_a_stage(tiny_run, tmp_path):
         train_ldm(build_config(doc), tmp_path / "w2", work / "tiles")
 
 
-def test_moved_run_folder_is_still_current(tiny_run, tmp_path):
-    """Stage keys name paths inside the work folder relatively: a copied run skips every stage."""
+def _current_copy(tiny_run, dest: Path) -> tuple[Path, dict, dict[str, dict]]:
+    """The tiny run made current for its config (whatever other tests changed), copied to ``dest``: the
+    copy, the config and the copy's stage records."""
     import shutil
 
     from aerosynth.flows.adapt import adapt_flow
 
     work, cfg, _ = tiny_run
-    adapt_flow(copy.deepcopy(cfg))  # current for cfg, whatever other tests changed
-    moved = tmp_path / "moved"
-    shutil.copytree(work, moved)
-    before = _records(moved)
+    adapt_flow(copy.deepcopy(cfg))
+    shutil.copytree(work, dest)
+    return dest, cfg, _records(dest)
+
+
+def test_moved_run_folder_is_still_current(tiny_run, tmp_path):
+    """Stage keys name paths inside the work folder relatively: a copied run skips every stage."""
+    from aerosynth.flows.adapt import adapt_flow
+
+    moved, cfg, before = _current_copy(tiny_run, tmp_path / "moved")
     adapt_flow({**copy.deepcopy(cfg), "work_dir": str(moved)})
     assert _records(moved) == before
 
@@ -438,15 +445,9 @@ def test_fused_labels_read_back_the_stored_proposals_of_the_run(tiny_run, tmp_pa
 
 def test_mixes_train_one_detector_each_from_the_run_sets_with_their_shares_and_budget(tiny_run, tmp_path):
     """``detection.mixes`` adds only the mixes' detectors; a mix's own budget sets its number of images."""
-    import shutil
-
     from aerosynth.flows.adapt import adapt_flow
 
-    work, cfg, _ = tiny_run
-    adapt_flow(copy.deepcopy(cfg))  # current for cfg, whatever other tests changed
-    mixed = tmp_path / "mixed"
-    shutil.copytree(work, mixed)
-    before = _records(mixed)
+    mixed, cfg, before = _current_copy(tiny_run, tmp_path / "mixed")
     mixes = [
         ["real-heatmap", "threshold"],
         {"real-self-training": 0.5, "relay": 0.25},
