@@ -182,3 +182,43 @@ def test_a_mix_with_a_budget_of_its_own_adds_images_instead_of_resharing(tmp_pat
         build_config(
             {**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [{"shares": {"a": 0.6, "b": 0.5}, "images": 99}]}}
         )
+
+
+@pytest.mark.parametrize("relabel_with", ["first-seed", "all-seeds"])
+def test_each_round_is_relabelled_by_the_first_seed_or_by_every_seed_of_the_round_before(
+    monkeypatch, tmp_path, relabel_with
+):
+    """The flow's rounds hand the relabelling the first seed's detector, or every seed's (``relabel_with``)."""
+    import aerosynth.flows.adapt as adapt
+
+    seeds = [0, 1, 2]
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["detection"] = {**doc.get("detection", {}), "seeds": seeds}
+    doc.setdefault("annotation", {})["real_target"] = {"rounds": 3, "relabel_with": relabel_with}
+    cfg = build_config(doc)
+    asked = []
+
+    def relabel(cfg, work, tiles, previous, detector, k):  # the labelling itself: tests/test_flows.py
+        asked.append((previous, detector, k))
+        return f"real-heatmap-r{k}", tmp_path / "annotation" / f"real-heatmap-r{k}" / "dataset"
+
+    def submit(cfg, work, tiles, variant, seeds, base):  # where each seed's detector of the round would be
+        return [tmp_path / "detectors" / variant.name / f"seed{s}" for s in seeds]
+
+    monkeypatch.setattr(adapt, "relabel_task", relabel)
+    monkeypatch.setattr(adapt, "submit_detectors", submit)
+    monkeypatch.setattr(adapt, "resolve", list)
+    first = [tmp_path / "detectors" / "real-heatmap+source" / f"seed{s}" for s in seeds]
+    runs = {"real-heatmap+source": first}
+    detectors, labelled = adapt.self_training_rounds(
+        cfg, tmp_path, tmp_path / "tiles", "real-heatmap+source", runs, {}, seeds
+    )
+    assert set(detectors) == {"real-heatmap-r2+source", "real-heatmap-r3+source"} and set(labelled) == {
+        "real-heatmap-r2",
+        "real-heatmap-r3",
+    }
+    round2 = detectors["real-heatmap-r2+source"]
+    if relabel_with == "all-seeds":
+        assert asked == [("real-heatmap", first, 2), ("real-heatmap-r2", round2, 3)]
+    else:
+        assert asked == [("real-heatmap", first[0], 2), ("real-heatmap-r2", round2[0], 3)]
