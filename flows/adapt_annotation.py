@@ -207,11 +207,7 @@ def relabel_round(
         f"annotation/{name}",
         work / "annotation" / name,
         key,
-        {
-            "tiles": tiles,
-            **proposers,
-            "previous": work / "annotation" / previous,
-        },
+        {"tiles": tiles, **proposers, "previous": work / "annotation" / previous},
         build,
         _logger(),
     )

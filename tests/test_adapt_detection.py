@@ -158,6 +158,7 @@ def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_pa
 
 
 def test_a_mix_with_a_budget_of_its_own_adds_images_instead_of_resharing(tmp_path):
+    from aerosynth.data.errors import InputError
     from aerosynth.flows.adapt_detection import detector_config, mixed_variant, variant_kind
     from aerosynth.flows.config import MixBudget
 
@@ -182,6 +183,8 @@ def test_a_mix_with_a_budget_of_its_own_adds_images_instead_of_resharing(tmp_pat
         build_config(
             {**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [{"shares": {"a": 0.6, "b": 0.5}, "images": 99}]}}
         )
+    with pytest.raises(InputError, match=r"mixes.*shares: \{set: share, \.\.\.\}, images: N\}, got keys \['shares'\]"):
+        build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [{"shares": {"a": 0.5}}]}})
 
 
 @pytest.mark.parametrize("relabel_with", ["first-seed", "all-seeds"])
