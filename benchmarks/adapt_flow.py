@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
 
     from aerosynth.annotation.metrics import label_quality
     from aerosynth.data.atomic import atomic_write_json
-    from aerosynth.flows.adapt_detection import variant_kind
+    from aerosynth.flows.adapt_detection import MIX_BUDGET_SUFFIX, variant_kind
 
     work = run_dir(args.config, args.target, args.work_dir)
     out = Path(args.out) if args.out else RESULTS / f"adapt_flow_{args.target}.json"
@@ -116,7 +115,7 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
     recommended = handed.get("variant")
     references = ["continued", "oracle", "copy-paste+source", recommended]
     for name, row in table.items():
-        budget = re.search(r"-\d+img$", name)  # a mix of its own budget: also against the others of that budget
+        budget = MIX_BUDGET_SUFFIX.search(name)  # a mix of its own budget: also against the others of that budget
         same_budget = [n for n in table if budget and n.endswith(budget.group())]
         row["paired"] = {
             ref: stats

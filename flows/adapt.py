@@ -121,7 +121,7 @@ def self_training_rounds(
     every_seed = cfg.annotation.real_target.relabel_with == "all-seeds"
 
     def proposer(detectors: list[Path]) -> Path | list[Path]:
-        return detectors if every_seed and len(detectors) > 1 else detectors[0]
+        return detectors if every_seed else detectors[0]
 
     previous, detector = first.removesuffix("+source"), proposer(runs[first])
     for k in range(2, cfg.annotation.real_target.rounds + 1):
@@ -192,10 +192,9 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         runs.update(detectors)
         built.update(datasets)
     for spec in d.mixes:  # several labelled sets at once (equal shares, or each its given share and budget)
-        names = spec.shares if isinstance(spec, MixBudget) else spec
+        names, images = (spec.shares, spec.images) if isinstance(spec, MixBudget) else (spec, None)
         if all(n in built for n in names):
             shares = names if isinstance(names, dict) else None
-            images = spec.images if isinstance(spec, MixBudget) else None
             mix = mixed_variant(cfg, tiles, {n: built[n] for n in names}, shares, images)
             runs[mix.name] = resolve(submit_detectors(cfg, work, tiles, mix, adapted_seeds, base))
     deliver_task(cfg, work, runs)

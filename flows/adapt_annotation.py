@@ -179,12 +179,11 @@ def relabel_round(
     name = f"{re.sub(r'-r[0-9]+$', '', previous)}-r{round_index}"
     detectors = [Path(detector)] if isinstance(detector, (str, Path)) else [Path(d) for d in detector]
     key = {"method": "self-training", "round": round_index, "relabels": previous, **_label_options(r)}
-    if len(detectors) > 1:  # every seed's detector, fused (the first seed's alone keeps the older key)
+    if len(detectors) > 1:  # every seed's detector, fused (one detector keeps the older key)
         key |= {"relabel_with": "all-seeds", "fusion_iou": r.fusion_iou}
     weights = [d / "train" / "detector.pt" for d in detectors]
-    proposers = {f"detector{i}": d for i, d in enumerate(detectors)}
-    if len(detectors) == 1:
-        proposers = {"detector": detectors[0]}
+    several = len(detectors) > 1
+    proposers = {f"detector{i}": d for i, d in enumerate(detectors)} if several else {"detector": detectors[0]}
 
     def build(o: Path) -> None:
         label_real_split(
@@ -192,7 +191,7 @@ def relabel_round(
             tiles / "target-train",
             _val_split(tiles),
             o / "dataset",
-            weights[0] if len(weights) == 1 else weights,
+            weights if several else weights[0],
             seed=config.seed,
             device=config.device,
             provenance=key,
@@ -467,6 +466,8 @@ def _detector_proposals(
     from aerosynth.data.manifest import file_sha256
     from aerosynth.detection.prediction import predict_split
 
+    if store is None and reuse is None:
+        return predict_split(detector, val, device=device), predict_split(detector, train, device=device)
     record = {
         "proposer": "detector",
         "weights_sha256": file_sha256(detector),

@@ -35,13 +35,17 @@ SYNTHETIC_SETS = ("relay", "threshold", "translation", "copy-paste-harmonised", 
 BASELINE_SETS = ("copy-paste",)
 
 
+#: The suffix a mix with a budget of its own carries: ``<...>+source-<images>img``.
+MIX_BUDGET_SUFFIX = re.compile(r"-\d+img$")
+
+
 def variant_kind(name: str) -> str:
     """``source-only``, ``control``, ``baseline``, ``real``, ``synthetic``, ``real+synthetic`` or ``oracle``."""
     if name in (SOURCE_ONLY, ORACLE):
         return name
     if name == CONTINUED:
         return "control"
-    name = re.sub(r"-\d+img$", "", name)  # a mix with a budget of its own: <...>+source-<images>img
+    name = MIX_BUDGET_SUFFIX.sub("", name)
     if name.removesuffix("+source") in BASELINE_SETS:
         return "baseline"
     parts = [p.split("@")[0] for p in name.removesuffix("+source").split("+")]  # a mix's share: <set>@<percent>
