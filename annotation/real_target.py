@@ -19,7 +19,12 @@ module needs neither a detector nor an LDM. The flag decides the rest:
 * with ``mask_uncertain`` set, the proposals of a flagged tile that were not kept but reach
   ``mask_uncertain x threshold`` are uncertain: they are painted over with the tile's mean colour
   (an ignore region: the detector is taught neither "car" nor "background" there) and listed as
-  ignore regions in COCO exports. Tiles flagged empty are never masked (their negatives are real).
+  ignore regions in COCO exports. Tiles flagged empty are never masked (their negatives are real);
+* with ``image_level`` set, a flagged tile where no proposal reaches the threshold keeps no box instead
+  of its best one: it is written without a label and listed in ``image_level.json``
+  (:class:`~aerosynth.data.exporters.LabelledImage`), so the detector learns "this tile holds a vehicle"
+  from it through an image-level loss (:mod:`aerosynth.detection.image_level`) rather than a forced box,
+  and is not taught that the tile is background.
 
 The output is a labelled folder (``images/`` symlinks, ``labels/`` YOLO, ``summary.json``) that the
 detector trains on and that ``aerosynth request --real`` exports for an analyst. Target boxes are never
@@ -62,11 +67,15 @@ class RealTargetConfig:
         max_boxes: at most this many boxes per tile (highest confidence first).
         mask_uncertain: on flagged tiles, proposals below the threshold but at or above this fraction of
             it are masked out of the image (``None``: no masking).
+        image_level: a flagged tile none of whose proposals reaches the threshold gets no box and is marked
+            image-level (its flag taught by the detector's image-level loss); wins over
+            ``keep_best_on_flagged``.
     """
 
     keep_best_on_flagged: bool = True
     max_boxes: int = 100
     mask_uncertain: float | None = None
+    image_level: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +167,7 @@ def _kept(flagged: bool, dets: Detections, threshold: float, config: RealTargetC
     conf = _confidence(dets)
     order = np.argsort(-conf, kind="stable")
     keep = [i for i in order if conf[i] >= threshold]
-    if not keep and config.keep_best_on_flagged:
+    if not keep and config.keep_best_on_flagged and not config.image_level:
         keep = [int(order[0])]
     return np.asarray(keep[: config.max_boxes], dtype=int)
 
@@ -223,16 +232,18 @@ def label_real_tiles(
     config = config or RealTargetConfig()
     labels = apply_flags(split, proposals, threshold, config)  # type: ignore[arg-type]
     ignore = uncertain_boxes(split, proposals, threshold, config)  # type: ignore[arg-type]
+    flagged = [t.has_vehicle for t in split.tiles]
+    image_level = [config.image_level and f and not len(d) for f, d in zip(flagged, labels, strict=True)]
     items = [
         LabelledImage(
             t.tile_id,
             mask_regions(split.image(t.tile_id), g) if len(g) else split.image_path(t.tile_id),
             d.with_class(0),
             g if len(g) else None,
+            image_level=lev,
         )
-        for t, d, g in zip(split.tiles, labels, ignore, strict=True)
+        for t, d, g, lev in zip(split.tiles, labels, ignore, image_level, strict=True)
     ]
-    flagged = [t.has_vehicle for t in split.tiles]
     summary = {
         "method": method,
         "split": split.info.name,
@@ -247,6 +258,7 @@ def label_real_tiles(
         ),
         "threshold": float(threshold),
         "masked_regions": int(sum(len(g) for g in ignore)),
+        "image_level_tiles": int(sum(image_level)),
         "config": config.to_dict(),
         "provenance": provenance or {},
     }

@@ -5,6 +5,7 @@ GeoJSON export lives in :mod:`aerosynth.data.geo`, next to the coordinate conver
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ import yaml
 
 from aerosynth.data.atomic import atomic_write_json, atomic_write_text
 from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import image_size, write_png
 
 
@@ -28,12 +30,16 @@ class LabelledImage:
         image: a path to an existing image, or an ``(H, W, 3)`` uint8 array.
         detections: its boxes (pixels of that image).
         ignore: optional ignore regions (COCO ``iscrowd: 1``; not in YOLO).
+        image_level: the image holds a vehicle whose box is not known (a tile flagged "vehicle" that no
+            proposal labelled): it has no box and is listed in the split's ``image_level.json``, for the
+            detector's image-level loss instead of being taught as background.
     """
 
     name: str
     image: Path | np.ndarray
     detections: Detections
     ignore: Detections | None = None
+    image_level: bool = False
 
     def size(self) -> tuple[int, int]:
         if isinstance(self.image, np.ndarray):
@@ -55,8 +61,14 @@ def _place_image(item: LabelledImage, target: Path, link: bool) -> None:
         shutil.copyfile(src, target)
 
 
+IMAGE_LEVEL_FILE = "image_level.json"
+
+
 def write_yolo_split(out_dir: str | Path, items: Iterable[LabelledImage], link: bool = True) -> int:
     """Write ``images/`` and ``labels/`` of one YOLO split (ultralytics layout); returns the count.
+
+    Images marked ``image_level`` are also listed (by file stem) in ``image_level.json``, written only
+    when there is one.
 
     Args:
         out_dir: the split folder.
@@ -65,13 +77,34 @@ def write_yolo_split(out_dir: str | Path, items: Iterable[LabelledImage], link: 
     """
     out_dir = Path(out_dir)
     n = 0
+    image_level = []
     for item in items:
         suffix = ".png" if isinstance(item.image, np.ndarray) else Path(item.image).suffix
         _place_image(item, out_dir / "images" / f"{item.name}{suffix}", link)
         w, h = item.size()
         atomic_write_text(out_dir / "labels" / f"{item.name}.txt", item.detections.to_yolo(w, h))
+        if item.image_level:
+            if len(item.detections):
+                raise ValueError(f"{item.name}: an image-level image has no box")
+            image_level.append(item.name)
         n += 1
+    if image_level:
+        atomic_write_json(
+            out_dir / IMAGE_LEVEL_FILE,
+            {"meaning": "each image holds a vehicle whose box is not known (no label)", "images": image_level},
+        )
     return n
+
+
+def read_image_level(split_dir: str | Path) -> frozenset[str]:
+    """File stems of a YOLO split's image-level images (``image_level.json``; none when absent)."""
+    path = Path(split_dir) / IMAGE_LEVEL_FILE
+    if not path.is_file():
+        return frozenset()
+    try:
+        return frozenset(str(n) for n in json.loads(path.read_text())["images"])
+    except (ValueError, KeyError, TypeError):
+        raise InputError(path, 'malformed image-level list (expected {"images": [file stems]})') from None
 
 
 def write_data_yaml(

@@ -18,6 +18,7 @@ seeded subsample for the remainder), so the mix is the same for the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
-from aerosynth.data.exporters import LabelledImage, write_data_yaml, write_yolo_split
+from aerosynth.data.exporters import LabelledImage, read_image_level, write_data_yaml, write_yolo_split
 from aerosynth.data.imageio import IMAGE_SUFFIXES, image_size
 from aerosynth.data.tileset import TILES_FILE, read_tiles_file
 
@@ -80,10 +81,12 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file and its boxes (pixels of that image)."""
+    """One image file and its boxes (pixels of that image); ``image_level``: it holds a vehicle whose box is
+    not known (listed in the dataset's ``image_level.json``, see :class:`~aerosynth.data.exporters.LabelledImage`)."""
 
     image: Path
     detections: Detections
+    image_level: bool = False
 
 
 def _synthetic_without_vehicles(root: Path) -> bool:
@@ -132,6 +135,7 @@ def list_samples(spec: DatasetSpec) -> list[Sample]:
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise InputError(image_dir, "no image found")
+    image_level = read_image_level(root)
     samples = []
     for img in images:
         label_file = labels_dir / f"{img.stem}.txt"
@@ -142,7 +146,7 @@ def list_samples(spec: DatasetSpec) -> list[Sample]:
             dets = Detections.empty()
         else:
             raise InputError(label_file, "label file missing (set missing_labels_are_empty for negatives)")
-        samples.append(Sample(img, dets))
+        samples.append(Sample(img, dets, img.stem in image_level))
     return samples
 
 
@@ -179,16 +183,21 @@ def resample(samples: Sequence[Sample], count: int, rng: np.random.Generator) ->
 
 @dataclass(frozen=True)
 class YoloView:
-    """A built ultralytics dataset: ``data.yaml`` and the counts behind it."""
+    """A built ultralytics dataset: ``data.yaml``, the counts behind it, and the file stems of its
+    image-level training images (``train/image_level.json``)."""
 
     data_yaml: Path
     root: Path
     counts: dict[str, int]
     val_count: int
+    image_level: frozenset[str] = frozenset()
 
 
 def _items(samples: Sequence[Sample], prefix: str) -> list[LabelledImage]:
-    return [LabelledImage(f"{prefix}_{i:06d}_{s.image.stem}", s.image, s.detections) for i, s in enumerate(samples)]
+    return [
+        LabelledImage(f"{prefix}_{i:06d}_{s.image.stem}", s.image, s.detections, image_level=s.image_level)
+        for i, s in enumerate(samples)
+    ]
 
 
 def build_yolo_view(
@@ -231,7 +240,7 @@ def build_yolo_view(
         items += _items(resample(samples, count, rng), lab)
         summary[lab] = count
     write_yolo_split(out_dir / "train", items, link=True)
-    val_items = _items(list_samples(val), val.label)
+    val_items = [dataclasses.replace(i, image_level=False) for i in _items(list_samples(val), val.label)]
     write_yolo_split(out_dir / "val", val_items, link=True)
     data_yaml = write_data_yaml(out_dir / "data.yaml", out_dir, "train/images", "val/images", list(class_names))
     atomic_write_json(
@@ -242,6 +251,7 @@ def build_yolo_view(
             "val": val.to_dict(),
             "counts": summary,
             "val_count": len(val_items),
+            "image_level_images": sum(i.image_level for i in items),
         },
     )
-    return YoloView(data_yaml, out_dir, summary, len(val_items))
+    return YoloView(data_yaml, out_dir, summary, len(val_items), read_image_level(out_dir / "train"))

@@ -22,12 +22,15 @@ Offline: ultralytics is imported only after :func:`aerosynth.data.offline.apply_
 (font from matplotlib, ``YOLO_OFFLINE``), ``amp=False`` skips the AMP check (it downloads a
 checkpoint), a ``.pt`` name that is not a local file is refused instead of being fetched.
 
+Training images listed in a dataset's ``image_level.json`` (a vehicle, box unknown) are trained by the
+image-level loss of :mod:`aerosynth.detection.image_level` instead of as background.
+
 Output folder::
 
     OUT/
       detector.pt        the final weights (``checkpoint="last"``) or the best by validation fitness
       detector.json      manifest: config, datasets and mix counts, GSD of the training data (when the
-                         datasets declare one and agree), epochs, metrics, sha256
+                         datasets declare one and agree), epochs, metrics, sha256, image-level images
       view/              the YOLO view (symlinks) trained on
       ultralytics/       ultralytics' own run folder (last.pt, results.csv)
 """
@@ -224,7 +227,12 @@ def train_detector(
 
     model = YOLO(model_ref)
     started = time.perf_counter()
-    model.train(**train_args(config, view.data_yaml, out_dir))
+    trainer = {}
+    if view.image_level:  # tiles that hold a vehicle with no box: the image-level loss, not "background"
+        from aerosynth.detection.image_level import image_level_trainer
+
+        trainer = {"trainer": image_level_trainer(view.image_level)}
+    model.train(**train_args(config, view.data_yaml, out_dir), **trainer)
     wall = time.perf_counter() - started
     trainer = model.trainer
     chosen = Path(trainer.last)
@@ -246,6 +254,7 @@ def train_detector(
             "train": [s.to_dict() for s in train],
             "val": val.to_dict(),
             "mix_counts": view.counts,
+            "image_level_images": len(view.image_level),
             "gsd": gsds.pop() if len(gsds) == 1 else None,
             "val_count": view.val_count,
             "epochs_run": int(trainer.epoch) + 1,

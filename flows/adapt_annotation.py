@@ -196,7 +196,7 @@ def relabel_round(
             device=config.device,
             provenance=key,
             threshold_on=r.threshold_on,
-            mask_uncertain=r.mask_uncertain,
+            flag_rule=_flag_rule(r),
             fusion_iou=r.fusion_iou,
         )
         agreement = label_agreement(o / "dataset" / "labels", work / "annotation" / previous / "dataset" / "labels")
@@ -300,7 +300,7 @@ def label_real_target(
                 detector=detector,
                 readout=readout[1] if readout else None,
                 fusion_iou=r.fusion_iou,
-                mask_uncertain=r.mask_uncertain,
+                flag_rule=_flag_rule(r),
                 proposals=None if method == "fused" else o / PROPOSALS_FILE,
                 reuse=reuse if method == "fused" else None,
             )
@@ -320,7 +320,16 @@ def _label_options(r) -> dict:
         out["threshold_on"] = r.threshold_on
     if r.mask_uncertain is not None:
         out["mask_uncertain"] = r.mask_uncertain
+    if r.flagged_without_box != "best-box":
+        out["flagged_without_box"] = r.flagged_without_box
     return out
+
+
+def _flag_rule(r):
+    """The :class:`~aerosynth.annotation.real_target.RealTargetConfig` of the run's real-tile settings."""
+    from aerosynth.annotation.real_target import RealTargetConfig
+
+    return RealTargetConfig(mask_uncertain=r.mask_uncertain, image_level=r.flagged_without_box == "image-level")
 
 
 def _heatmap_choice(labelled: Path, models: list[Path]) -> tuple[list[Path], tuple[float, dict]]:
@@ -346,7 +355,7 @@ def label_real_split(
     detector: Path | None = None,
     readout: dict | None = None,
     fusion_iou: float = 0.55,
-    mask_uncertain: float | None = None,
+    flag_rule=None,
     proposals: Path | None = None,
     reuse: dict[str, Path] | None = None,
 ) -> Path:
@@ -375,8 +384,8 @@ def label_real_split(
             readout (``fused`` reuses the one ``heatmap`` chose); wins over ``heatmap_options``.
         fusion_iou: IoU at which a heat-map box and a detection (``fused``), or two detectors' boxes
             (``self-training`` with several), are one vehicle.
-        mask_uncertain: proposals of a flagged tile below the threshold but at or above this fraction of it
-            are painted over (ignore regions; :class:`~aerosynth.annotation.real_target.RealTargetConfig`).
+        flag_rule: how the flags apply (:class:`~aerosynth.annotation.real_target.RealTargetConfig`: ignore
+            regions, image-level tiles); ``None``: the defaults.
         proposals: where to keep the proposer's boxes on both splits (``self-training``, ``heatmap``;
             :func:`~aerosynth.data.detections.save_detection_lists`), for ``fused`` to read back.
         reuse: ``{"detector": file, "heatmap": file}`` written by those stages (``fused``): a file whose
@@ -430,7 +439,7 @@ def label_real_split(
         threshold,
         out,
         {"self-training": "detector"}.get(method, method),
-        RealTargetConfig(mask_uncertain=mask_uncertain),
+        flag_rule or RealTargetConfig(),
         provenance={"source_val_at_threshold": scores, **(provenance or {}), **extra},
     )
 

@@ -181,12 +181,19 @@ class RealTargetSettings(Strict):
     ``mask_uncertain`` (a fraction, e.g. 0.5): the proposals of a flagged tile that the threshold dropped but
     that reach this fraction of it are painted over with the tile's mean colour (ignore regions): the
     detector is taught neither "car" nor "background" where the proposer was unsure. ``null``: none.
+
+    ``flagged_without_box``: what a tile flagged "vehicle" gets when none of its proposals reaches the
+    threshold. ``best-box`` (default): its best proposal, forced by the flag. ``image-level``: no box; the tile
+    is listed in the labels' ``image_level.json`` and the detector learns it through an image-level loss
+    (at least one anchor scores "vehicle"; none of the tile is taught "background";
+    :mod:`aerosynth.detection.image_level`).
     """
 
     enabled: bool = True
     methods: list[Literal["self-training", "heatmap", "fused"]] = ["self-training", "heatmap"]
     fusion_iou: float = Field(0.55, gt=0, le=1)
     mask_uncertain: float | None = Field(None, gt=0, lt=1)
+    flagged_without_box: Literal["best-box", "image-level"] = "best-box"
     noise_fraction: NoiseFraction | Annotated[list[NoiseFraction], Field(min_length=1)] = [0.1, 0.3, 0.5]
     heatmap_models: Literal["chosen", "last"] = "chosen"
     heatmap_options: dict[str, Any] = {}

@@ -525,3 +525,39 @@ def test_relabelling_with_every_seed_fuses_their_boxes_keeps_the_flags_and_reads
         for path in labels.glob("*.txt"):
             path.write_text("0 0.5 0.5 0.9 0.9\n")
     assert relabel(tmp_path / "b", detectors)[0] == fused
+
+
+def test_flagged_tiles_without_a_confident_box_reach_the_detector_image_level(tiny_run, tmp_path):
+    """``flagged_without_box: image-level`` reaches the labels (no forced box: the tiles listed instead) and their
+    detectors (the view's image-level images); the tiny run's tiles all have a confident box, so the tiles
+    themselves are covered in ``test_image_level.py``."""
+    from aerosynth.data.exporters import read_image_level
+    from aerosynth.flows.adapt import adapt_flow
+
+    work, cfg, before = _current_copy(tiny_run, tmp_path / "image-level")
+    cfg = copy.deepcopy(cfg)
+    cfg["work_dir"] = str(work)
+    cfg.setdefault("annotation", {}).setdefault("real_target", {})["flagged_without_box"] = "image-level"
+    adapt_flow(cfg)
+    after = _records(work)
+    # the real-tile labels and their detectors are made again; tiles, LDM, F_S and the other sets are kept
+    kept = [k for k in before if not k.startswith(("annotation/real-", "detectors/real-", "report"))]
+    assert kept and all(after[k] == before[k] for k in kept)
+    assert after["annotation/real-self-training"] != before["annotation/real-self-training"]
+    tiles_doc = json.loads((work / "tiles" / "target-train" / "tiles.json").read_text())
+    flags = {t["tile_id"]: t["has_vehicle"] for t in tiles_doc["tiles"]}
+    for dataset in sorted((work / "annotation").glob("real-*/dataset")):
+        summary = json.loads((dataset / "summary.json").read_text())
+        listed = read_image_level(dataset)
+        unlabelled = {p.stem for p in (dataset / "labels").glob("*.txt") if not p.read_text().strip()}
+        # exactly the flagged tiles left without a box: the flag is kept, as an image-level label
+        assert summary["config"]["image_level"] is True
+        assert listed == {t for t in unlabelled if flags[t]} and summary["image_level_tiles"] == len(listed)
+        assert summary["kept_below_threshold"] == 0
+        trained = work / "detectors" / f"{dataset.parent.name}+source" / "seed0" / "train"
+        if not trained.is_dir():  # a round whose labels agreed with the round before: not trained
+            continue
+        detector = json.loads((trained / "detector.json").read_text())
+        view = json.loads((trained / "view" / "view.json").read_text())
+        assert detector["image_level_images"] == view["image_level_images"]
+        assert (detector["image_level_images"] > 0) == bool(listed)
