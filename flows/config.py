@@ -171,7 +171,8 @@ class RealTargetSettings(Strict):
     detectors found keeps k/n of its mean confidence) and thresholded on source-val like one detector's.
     Measured through the flow (5 seeds, ``benchmarks/results/adapt_flow_*_all_seeds.json``): F_S's rounds
     gain on both targets (Minsk r2 0.794 against 0.777, KIT r3 0.904 against 0.887), heat maps' on KIT only
-    (r3 0.900 against 0.896; Minsk r2 0.767 against 0.785), so ``first-seed`` stays the default.
+    (r3 0.900 against 0.896; Minsk r2 0.767 against 0.785), fused labels' on KIT (r4 0.910, at or above the
+    oracle on every seed) but not on Minsk (r2 0.777 against 0.777), so ``first-seed`` stays the default.
 
     ``fused`` (needs both proposers): F_S's detections and the heat-map boxes of the readout ``heatmap``
     chose, fused tile by tile by weighted boxes fusion (boxes overlapping at IoU >= ``fusion_iou`` are one
