@@ -70,7 +70,7 @@ def image_level_loss_class(base: type) -> type:
             self.stems = frozenset(stems)
             self.weight = float(weight)
 
-        def loss(self, preds: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        def loss(self, preds: dict, batch: dict) -> tuple[torch.Tensor, dict]:
             scores = preds["scores"]
             mask = image_level_mask(batch.get("im_file", ()), self.stems, scores.device)
             if mask.numel() != scores.shape[0]:  # no file names (validation): ultralytics' loss unchanged
@@ -82,7 +82,7 @@ def image_level_loss_class(base: type) -> type:
                 self.bce.image_weight = None
             term = image_level_term(scores, mask) * self.weight * self.hyp.cls
             # ultralytics returns the loss times the batch size: the term is a sum over the batch already
-            total = total + F.one_hot(torch.tensor(1), len(total)).to(total) * term
+            total = torch.cat([total[:1], total[1:2] + term, total[2:]])
             per_image = term.detach() / max(scores.shape[0], 1)
             if isinstance(items, dict):
                 name = self.loss_names[1]

@@ -348,21 +348,32 @@ def test_request_real_detector_labels_the_run_tiles_with_the_handed_over_detecto
     assert record["labels_from"].startswith("real-detector labels")
 
 
-def test_a_relabelling_round_reads_no_target_box(tiny_run, tmp_path):
+@pytest.mark.parametrize("image_level", [False, True], ids=["best-box", "image-level"])
+def test_a_relabelling_round_reads_no_target_box(tiny_run, tmp_path, image_level):
     import shutil
 
+    from aerosynth.annotation.real_target import RealTargetConfig
     from aerosynth.flows.adapt_annotation import label_real_split
 
     work, _, _ = tiny_run
     tiles = tmp_path / "tiles"
     shutil.copytree(work / "tiles", tiles)
     detector = work / "detectors" / "real-self-training+source" / "seed0" / "train" / "detector.pt"
+    rule = RealTargetConfig(image_level=image_level)
 
     def relabel(out: Path) -> dict[str, bytes]:
         label_real_split(
-            "self-training", tiles / "target-train", tiles / "source-val", out, detector, threshold_on="flagged"
+            "self-training",
+            tiles / "target-train",
+            tiles / "source-val",
+            out,
+            detector,
+            threshold_on="flagged",
+            flag_rule=rule,
         )
-        return {p.name: p.read_bytes() for p in sorted((out / "labels").glob("*.txt"))}
+        assert json.loads((out / "summary.json").read_text())["config"]["image_level"] is image_level
+        files = [*sorted((out / "labels").glob("*.txt")), out / "image_level.json"]
+        return {p.name: p.read_bytes() for p in files if p.is_file()}
 
     before = relabel(tmp_path / "a")
     for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
@@ -564,30 +575,3 @@ def test_flagged_tiles_without_a_confident_box_reach_the_detector_image_level(ti
         view = json.loads((trained / "view" / "view.json").read_text())
         assert detector["image_level_images"] == view["image_level_images"]
         assert (detector["image_level_images"] > 0) == bool(listed)
-
-
-def test_image_level_labels_read_no_target_box(tiny_run, tmp_path):
-    """The poisoning check for ``flagged_without_box: image-level``: the same labels and list, whatever the truth."""
-    import shutil
-
-    from aerosynth.annotation.real_target import RealTargetConfig
-    from aerosynth.flows.adapt_annotation import label_real_split
-
-    work, _, _ = tiny_run
-    tiles = tmp_path / "tiles"
-    shutil.copytree(work / "tiles", tiles)
-    detector = work / "detectors" / "source-only" / "seed0" / "train" / "detector.pt"
-
-    def label(out: Path) -> dict[str, bytes]:
-        rule = RealTargetConfig(image_level=True)
-        label_real_split("self-training", tiles / "target-train", tiles / "source-val", out, detector, flag_rule=rule)
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["config"]["image_level"] is True
-        files = [*sorted(out.glob("labels/*.txt")), out / "image_level.json"]
-        return {p.name: p.read_bytes() for p in files if p.is_file()} | {"threshold": summary["threshold"]}
-
-    before = label(tmp_path / "a")
-    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
-        for path in labels.glob("*.txt"):
-            path.write_text("0 0.5 0.5 0.9 0.9\n")
-    assert label(tmp_path / "b") == before
