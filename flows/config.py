@@ -287,6 +287,9 @@ class DetectionSettings(Strict):
     same shares of a budget of its own, named ``<set>@<percent>+...+source-<N>img``.
     ``recommend`` lists the adapted variants in the order the run recommends them (the first one built
     becomes ``WORK/detector.pt``): a fixed order measured on both aerial-v1 targets, no target label read.
+    The default: the deepest relabelling round first (the stop rule ends the rounds when the labels stop
+    changing), heat-map labels, then fused, then F_S's within a round; without real-tile labels, the
+    copy-paste sets (blended, harmonised, plain), which beat source-only on both targets.
     ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
     they were trained with these settings on the same source tiles (their key matches).
     """
@@ -312,12 +315,14 @@ class DetectionSettings(Strict):
     finetune: FinetuneSettings = FinetuneSettings()
     threads: int = Field(1, ge=1)
     recommend: list[str] = [
-        "real-heatmap-r3+source",
-        "real-self-training-r3+source",
-        "real-heatmap-r2+source",
-        "real-self-training-r2+source",
-        "real-heatmap+source",
-        "real-self-training+source",
+        *(
+            f"real-{method}{'' if rounds == 1 else f'-r{rounds}'}+source"
+            for rounds in (4, 3, 2, 1)
+            for method in ("heatmap", "fused", "self-training")
+        ),
+        "copy-paste-blended+source",
+        "copy-paste-harmonised+source",
+        "copy-paste+source",
     ]
     reference_from: Path | None = None
 

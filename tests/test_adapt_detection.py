@@ -125,6 +125,37 @@ def test_detect_takes_the_run_detector_by_default(tmp_path):
         run_detector(tmp_path / "x.pt", run)
 
 
+@pytest.mark.parametrize(
+    ("built", "handed_over"),
+    [
+        # the heat maps' rounds ended at 3 (labels stopped changing), the fused labels went on to round 4
+        (["real-heatmap-r3+source", "real-fused-r4+source", "real-self-training-r3+source"], "real-fused-r4+source"),
+        (["real-heatmap-r4+source", "real-fused-r4+source", "real-heatmap-r3+source"], "real-heatmap-r4+source"),
+        (["real-fused-r2+source", "real-self-training-r2+source", "real-heatmap+source"], "real-fused-r2+source"),
+        (["copy-paste+source", "copy-paste-blended+source", "threshold+source"], "copy-paste-blended+source"),
+        (["threshold+source"], "source-only"),
+    ],
+)
+def test_the_run_hands_over_the_deepest_round_then_heat_maps_fused_and_f_s_labels(tmp_path, built, handed_over):
+    from aerosynth.flows.adapt_detection import deliver_detector
+
+    work = tmp_path / "run"
+    runs = {}
+    for variant in ["source-only", "oracle", *built]:
+        folder = work / "detectors" / variant / "seed0"
+        (folder / "train").mkdir(parents=True)
+        (folder / "train" / "detector.pt").write_bytes(variant.encode())
+        (folder / "metrics.json").write_text(json.dumps({"ap50": 0.5}))
+        runs[variant] = [folder]
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["work_dir"] = str(work)
+    assert "recommend" not in doc["detection"]  # the default order
+    assert deliver_detector(build_config(doc), work, runs) == work / "detector.pt"
+    assert (work / "detector.pt").read_bytes() == handed_over.encode()
+    handed = json.loads((work / "detector.json").read_text())
+    assert handed["variant"] == handed_over and handed["seed"] == 0
+
+
 def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_path):
     from aerosynth.flows.adapt_detection import mixed_variant, variant_kind
 
