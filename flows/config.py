@@ -315,11 +315,18 @@ class DetectionSettings(Strict):
     finetune: FinetuneSettings = FinetuneSettings()
     threads: int = Field(1, ge=1)
     recommend: list[str] = [
-        *(
-            f"real-{method}{'' if rounds == 1 else f'-r{rounds}'}+source"
-            for rounds in (4, 3, 2, 1)
-            for method in ("heatmap", "fused", "self-training")
-        ),
+        "real-heatmap-r4+source",
+        "real-fused-r4+source",
+        "real-self-training-r4+source",
+        "real-heatmap-r3+source",
+        "real-fused-r3+source",
+        "real-self-training-r3+source",
+        "real-heatmap-r2+source",
+        "real-fused-r2+source",
+        "real-self-training-r2+source",
+        "real-heatmap+source",
+        "real-fused+source",
+        "real-self-training+source",
         "copy-paste-blended+source",
         "copy-paste-harmonised+source",
         "copy-paste+source",
