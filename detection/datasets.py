@@ -240,6 +240,7 @@ def build_yolo_view(
         items += _items(resample(samples, count, rng), lab)
         summary[lab] = count
     write_yolo_split(out_dir / "train", items, link=True)
+    image_level = frozenset(i.name for i in items if i.image_level)  # the file stems train/image_level.json lists
     val_items = [dataclasses.replace(i, image_level=False) for i in _items(list_samples(val), val.label)]
     write_yolo_split(out_dir / "val", val_items, link=True)
     data_yaml = write_data_yaml(out_dir / "data.yaml", out_dir, "train/images", "val/images", list(class_names))
@@ -251,7 +252,7 @@ def build_yolo_view(
             "val": val.to_dict(),
             "counts": summary,
             "val_count": len(val_items),
-            "image_level_images": sum(i.image_level for i in items),
+            "image_level_images": len(image_level),
         },
     )
-    return YoloView(data_yaml, out_dir, summary, len(val_items), read_image_level(out_dir / "train"))
+    return YoloView(data_yaml, out_dir, summary, len(val_items), image_level)

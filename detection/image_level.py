@@ -98,7 +98,6 @@ def image_level_trainer(stems: Collection[str], weight: float = 1.0) -> type:
     from ultralytics.utils.loss import v8DetectionLoss
 
     loss_class = image_level_loss_class(v8DetectionLoss)
-    frozen = frozenset(stems)
 
     class ImageLevelTrainer(DetectionTrainer):
         def _setup_train(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -106,7 +105,7 @@ def image_level_trainer(stems: Collection[str], weight: float = 1.0) -> type:
             model = self.model.module if hasattr(self.model, "module") else self.model
             if getattr(model.model[-1], "one2one_cv2", None) is not None:
                 raise InputError("model", "the image-level loss needs a YOLOv8-style head (not an end-to-end one)")
-            model.criterion = loss_class(model, frozen, weight)
+            model.criterion = loss_class(model, stems, weight)
             return out
 
     return ImageLevelTrainer

@@ -227,12 +227,12 @@ def train_detector(
 
     model = YOLO(model_ref)
     started = time.perf_counter()
-    trainer = {}
+    custom_trainer = {}
     if view.image_level:  # tiles that hold a vehicle with no box: the image-level loss, not "background"
         from aerosynth.detection.image_level import image_level_trainer
 
-        trainer = {"trainer": image_level_trainer(view.image_level)}
-    model.train(**train_args(config, view.data_yaml, out_dir), **trainer)
+        custom_trainer = {"trainer": image_level_trainer(view.image_level)}
+    model.train(**train_args(config, view.data_yaml, out_dir), **custom_trainer)
     wall = time.perf_counter() - started
     trainer = model.trainer
     chosen = Path(trainer.last)

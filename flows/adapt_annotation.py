@@ -7,12 +7,16 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.errors import InputError
 from aerosynth.flows.adapt_common import _logger, _val_split
-from aerosynth.flows.config import AdaptConfig
+from aerosynth.flows.config import AdaptConfig, RealTargetSettings
 from aerosynth.flows.stage_cache import run_stage
+
+if TYPE_CHECKING:  # the annotation stage is imported where it is used (its imports are heavy)
+    from aerosynth.annotation.real_target import RealTargetConfig
 
 
 def annotate(
@@ -178,11 +182,11 @@ def relabel_round(
     r = config.annotation.real_target
     name = f"{re.sub(r'-r[0-9]+$', '', previous)}-r{round_index}"
     detectors = [Path(detector)] if isinstance(detector, (str, Path)) else [Path(d) for d in detector]
+    several = len(detectors) > 1  # every seed's detector, their boxes fused
     key = {"method": "self-training", "round": round_index, "relabels": previous, **_label_options(r)}
-    if len(detectors) > 1:  # every seed's detector, fused (one detector keeps the older key)
+    if several:  # (one detector keeps the older key)
         key |= {"relabel_with": "all-seeds", "fusion_iou": r.fusion_iou}
     weights = [d / "train" / "detector.pt" for d in detectors]
-    several = len(detectors) > 1
     proposers = {f"detector{i}": d for i, d in enumerate(detectors)} if several else {"detector": detectors[0]}
 
     def build(o: Path) -> None:
@@ -312,7 +316,7 @@ def label_real_target(
     return out
 
 
-def _label_options(r) -> dict:
+def _label_options(r: RealTargetSettings) -> dict:
     """The labelling options that enter a real-tile stage's key when they differ from the first settings
     (so stages made before an option existed stay current)."""
     out: dict = {}
@@ -325,7 +329,7 @@ def _label_options(r) -> dict:
     return out
 
 
-def _flag_rule(r):
+def _flag_rule(r: RealTargetSettings) -> RealTargetConfig:
     """The :class:`~aerosynth.annotation.real_target.RealTargetConfig` of the run's real-tile settings."""
     from aerosynth.annotation.real_target import RealTargetConfig
 
@@ -355,7 +359,7 @@ def label_real_split(
     detector: Path | None = None,
     readout: dict | None = None,
     fusion_iou: float = 0.55,
-    flag_rule=None,
+    flag_rule: RealTargetConfig | None = None,
     proposals: Path | None = None,
     reuse: dict[str, Path] | None = None,
 ) -> Path:
