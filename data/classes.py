@@ -81,10 +81,12 @@ def resolve_class(token: str, vocabulary: dict[int, str]) -> set[int]:
     return exact or {i for i, n in vocabulary.items() if n.casefold() == token.casefold()}
 
 
-def describe_classes(vocabulary: dict[int, str], limit: int = 12) -> str:
-    """``0=car, 1=truck, ...`` for messages (``class ids only`` without names)."""
+def describe_classes(vocabulary: dict[int, str], limit: int = 12, ids: Iterable[int] | None = None) -> str:
+    """``0=car, 1=truck, ...`` for messages; without names, the ``ids`` its labels hold."""
     if not vocabulary:
-        return "class ids only, no names (a data.yaml with names: gives them)"
+        found = [str(i) for i in sorted(ids or ())]
+        listed = "ids " + ", ".join(found[:limit]) + (", ..." if len(found) > limit else "") if found else "no box"
+        return f"{listed}, no names (a data.yaml with names: gives them)"
     items = [f"{i}={n}" for i, n in sorted(vocabulary.items())]
     return ", ".join(items[:limit]) + (f", ... ({len(items)} classes)" if len(items) > limit else "")
 
@@ -92,26 +94,37 @@ def describe_classes(vocabulary: dict[int, str], limit: int = 12) -> str:
 def choose_classes(domains: Sequence[Domain], tokens: Iterable[str], where: str = "--classes") -> None:
     """Set each domain's vehicle classes to what ``tokens`` name in it.
 
-    A domain in which no token names a class keeps the default (class 0 only, others refused).
+    A domain in which no token names a class keeps the default (class 0 only, others refused). An id names a
+    class of a domain without names (no ``data.yaml``) when some domain holds it: one of its names, or an id its
+    label files hold (:meth:`~aerosynth.data.domains.Domain.known_class_ids`).
 
     Raises:
         InputError: a token that names a class in none of the domains.
     """
     tokens = list(tokens)
     domains = list({id(d): d for d in domains}.values())
-    used: set[str] = set()
+    known_ids: dict[int, set[int]] = {}
+
+    def known(domain: Domain) -> set[int]:  # read once, and only when an id or a message needs it
+        if id(domain) not in known_ids:
+            known_ids[id(domain)] = domain.known_class_ids()
+        return known_ids[id(domain)]
+
+    used = {t for t in tokens if t.isdigit() and any(int(t) in known(d) for d in domains)}
     for domain in domains:
         chosen: set[int] = set()
         for token in tokens:
-            ids = resolve_class(token, domain.class_vocabulary)
+            ids = resolve_class(token, domain.class_vocabulary) if token in used or not token.isdigit() else set()
             if ids:
                 used.add(token)
                 chosen |= ids
         if chosen:
             domain.classes = frozenset(chosen)
+        else:
+            domain.classes_asked = tuple(tokens)
     unknown = [t for t in tokens if t not in used]
     if unknown:
-        known = "; ".join(f"{d.name}: {describe_classes(d.class_vocabulary)}" for d in domains)
+        known = "; ".join(f"{d.name}: {describe_classes(d.class_vocabulary, ids=known(d))}" for d in domains)
         raise InputError(where, f"{unknown[0]!r} is not a class of any domain ({known})")
 
 

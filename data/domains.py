@@ -86,6 +86,8 @@ class Domain:
         label_ids: label id of each class index of the loaded boxes (COCO: the sorted category ids);
             ``None``: class index and label id are the same.
         label_file: the file holding every image's labels (a COCO json), named in messages.
+        classes_asked: what ``--classes`` (or ``data.classes``) gave when none of it named a class of this
+            domain (which then keeps the default), for the message refusing another class.
     """
 
     name: str
@@ -99,6 +101,7 @@ class Domain:
     classes: frozenset[int] | None = None
     label_ids: list[int] | None = None
     label_file: Path | None = None
+    classes_asked: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -135,6 +138,39 @@ class Domain:
             raise self._class_error(item, int(ids[~keep][0]))
         return detections[keep], int((~keep).sum())
 
+    def known_class_ids(self) -> set[int]:
+        """The label ids of this domain: its named classes, or else the ids its label files hold.
+
+        A domain without names (no ``data.yaml``) has the class ids of its YOLO rows and GeoJSON
+        ``class_id`` properties (0 when a feature has none); rows that do not parse are skipped here (they
+        are refused when the image is loaded).
+        """
+        if self.class_vocabulary:
+            return set(self.class_vocabulary)
+        if self.label_ids is not None:
+            return set(self.label_ids)
+        ids: set[int] = set()
+        for item in self.images:
+            path = item.label_path
+            if path is None or not path.is_file():
+                continue
+            try:
+                if path.suffix.lower() == ".txt":
+                    rows = (line.split() for line in path.read_text(encoding="utf-8-sig").splitlines())
+                    values: list = [row[0] for row in rows if row]
+                else:
+                    values = [(f.get("properties") or {}).get("class_id", 0) for f in read_geojson(path)["features"]]
+            except (OSError, UnicodeDecodeError, InputError, AttributeError):
+                continue
+            for value in values:
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    continue
+                if number.is_integer() and number >= 0 and not isinstance(value, bool):
+                    ids.add(int(number))
+        return ids
+
     def check_classes(self, items: Sequence[DomainImage]) -> None:
         """Refuse boxes of other classes before any pixel is decoded when no classes were chosen.
 
@@ -165,6 +201,14 @@ class Domain:
         else:
             where, what = item.label_path or item.path, f"class_id {class_id}{self._class_name(class_id)}"
         default = self.default_class
+        if self.classes_asked:  # a choice was made, but it named none of this domain's classes
+            asked = ",".join(self.classes_asked)
+            return InputError(
+                where,
+                f"{what} is not a vehicle class: --classes {asked} names no class of domain {self.name!r}, which "
+                f"keeps the default ({default}{self._class_name(default)} only); add this domain's vehicle classes "
+                f"to --classes (e.g. --classes {asked},{class_id} if it is a vehicle too)",
+            )
         return InputError(
             where,
             f"{what} is not a vehicle class (unless chosen, only {default}{self._class_name(default)} is); "

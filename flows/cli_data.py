@@ -67,23 +67,25 @@ def data_prepare(
     exclude_groups: Annotated[str, typer.Option(help="Comma-separated target groups used by neither split.")] = "",
     bands: Annotated[str, typer.Option(help="Band selection for rasters, e.g. 3,2,1.")] = "",
     classes: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Vehicle classes of multi-class labels: YOLO ids / COCO category ids (0,1) or names from data.yaml "
             "or the COCO categories (car,truck); boxes of other classes are dropped. Default: class 0 only, "
             "other classes refused."
         ),
-    ] = "",
+    ] = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 128,
     gsd: Annotated[float, typer.Option(help="Target ground sample distance, m/px.")] = 0.125,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Resample, tile and split domains into the normalised tile dataset (prints counts, writes manifest.json)."""
+    from aerosynth.data.classes import choose_classes, parse_classes
     from aerosynth.data.prepare import prepare_dataset
     from aerosynth.data.presets import AERIAL_V1_PRESETS
 
-    if preset is not None and classes:
+    if preset is not None and classes is not None:
         raise InputError("--classes", "a preset chooses its own classes; use --source/--target to choose others")
+    tokens = parse_classes(classes) if classes is not None else None  # given, even empty: "" is refused
     if preset in AERIAL_V1_PRESETS:
         from aerosynth.data.presets import aerial_v1, default_aerial_root
 
@@ -106,10 +108,8 @@ def data_prepare(
         band_list = [int(b) for b in bands.split(",")] if bands else None
         src = open_domain(source, source_gsd, band_list)
         tgt = open_domain(target, target_gsd, band_list)
-        if classes:
-            from aerosynth.data.classes import choose_classes, parse_classes
-
-            choose_classes([src, tgt], parse_classes(classes))
+        if tokens is not None:
+            choose_classes([src, tgt], tokens)
         tg = [g for g in test_groups.split(",") if g]
         if not tg:
             raise InputError("--test-groups", "name the target groups held out for target-test")

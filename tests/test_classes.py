@@ -337,3 +337,47 @@ def test_cli_classes_errors(tmp_path, capsys):
     assert main(["data", "prepare", "--preset", "demo", "--out", str(tmp_path / "d"), "--classes", "0"]) == 2
     assert "--classes: a preset chooses its own classes" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_refuses_an_id_no_domain_has(tmp_path, capsys):
+    """``--classes 9``: the source names 0 and 1, the target (no data.yaml) holds class 0 only: 9 is no class."""
+    source = _multi_class_source(tmp_path / "src", {0: "car", 1: "truck", 7: "plane"})
+    target = _target(tmp_path / "tgt")
+    assert main(_cli(tmp_path, source, target, "--classes", "9")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: --classes: '9' is not a class of any domain")
+    assert "src: 0=car, 1=truck, 7=plane" in err[0] and "tgt: ids 0, no names" in err[0]
+    assert not (tmp_path / "cli-out").exists()
+
+
+@pytest.mark.parametrize("given", ["", " , "])
+def test_cli_refuses_empty_classes(tmp_path, capsys, given):
+    source = _multi_class_source(tmp_path / "src", {0: "car", 1: "truck"})
+    assert main(_cli(tmp_path, source, _target(tmp_path / "tgt"), "--classes", given)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --classes: give class ids or names, e.g. 0,1 or car,truck"]
+    assert not (tmp_path / "cli-out").exists()
+
+
+def test_an_id_only_held_by_an_unnamed_domain_is_a_class(tmp_path):
+    """A domain without data.yaml has the ids its label files hold: class 3 of the target may be chosen."""
+    target = _target(tmp_path / "tgt")
+    (target / "labels" / "t2.txt").write_text(_rows(BOTTOM_RIGHT.format(c=0), TOP_LEFT.format(c=3)))
+    source, tgt = open_domain(_target(tmp_path / "src"), 0.125), open_domain(target, 0.125)
+    assert tgt.known_class_ids() == {0, 3}
+    choose_classes([source, tgt], ["0", "3"])
+    assert tgt.classes == {0, 3}
+    with pytest.raises(InputError, match=r"'4' is not a class of any domain \(src: ids 0, .*tgt: ids 0, 3, "):
+        choose_classes([source, tgt], ["0", "4"])
+
+
+def test_a_domain_the_choice_misses_says_what_was_chosen(tmp_path, capsys):
+    """Names reach the source only; a truck in the target is refused naming the choice, not "unless chosen"."""
+    source = _multi_class_source(tmp_path / "src", {0: "car", 1: "truck", 7: "plane"})
+    target = _target(tmp_path / "tgt")
+    (target / "labels" / "t2.txt").write_text(_rows(BOTTOM_RIGHT.format(c=1)))
+    assert main(_cli(tmp_path, source, target, "--classes", "car,truck")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "t2.txt:1: class id 1 is not a vehicle class" in err[0]
+    assert "--classes car,truck names no class of domain 'tgt'" in err[0] and "unless chosen" not in err[0]
