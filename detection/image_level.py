@@ -10,8 +10,8 @@ ordinary image it would teach the detector that the whole tile is background, ag
   ultralytics' ``cls`` gain (``weight`` 1 by default).
 
 Images with boxes and images without a flag are trained exactly as ultralytics does. The images are known by
-their file stem in the YOLO view (``batch["im_file"]``). With mosaic on, the term follows the mosaic's first
-image (the fine-tuning recipe closes mosaic from its first epoch, so there each image is one tile).
+their file stem in the YOLO view (``batch["im_file"]``). A mosaic carries only its first tile's name, so the
+trainer switches mosaic off for the whole run, whatever the recipe asks: each training image is one tile.
 
 The loss is installed on the training model only, after the EMA copy is made, so the saved weights are plain
 ultralytics weights that load without aerosynth.
@@ -100,6 +100,11 @@ def image_level_trainer(stems: Collection[str], weight: float = 1.0) -> type:
     loss_class = image_level_loss_class(v8DetectionLoss)
 
     class ImageLevelTrainer(DetectionTrainer):
+        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            # a mosaic carries only its first tile's name: the term would land on the wrong tiles
+            self.args.mosaic = 0.0
+
         def _setup_train(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             out = super()._setup_train(*args, **kwargs)
             model = self.model.module if hasattr(self.model, "module") else self.model

@@ -9,7 +9,7 @@ never target labels) is watched for early stopping and, with ``checkpoint="best"
 Two recipes:
 
 * ``recipe="aerosynth"``: our augmentation (:mod:`aerosynth.detection.augment`), ultralytics' built-ins
-  switched off so nothing runs twice; AdamW/auto optimizer.
+  switched off so nothing runs twice; AdamW, ``lr0`` honoured (:func:`aerosynth_optimizer`).
 * ``recipe="reference"``: protocol aerial-v1 item 9, the recipe behind its reference figures:
   ultralytics' default augmentations (mosaic with ``close_mosaic=10``, HSV, horizontal flip, scale 0.5,
   translate 0.1), SGD lr0 0.01, momentum 0.937, weight decay 5e-4, nbs 64, 3 warm-up epochs.
@@ -167,6 +167,22 @@ REFERENCE_RECIPE = {
 }
 
 
+def aerosynth_optimizer(n_classes: int) -> dict:
+    """The optimizer of the ``aerosynth`` recipe, named so that ultralytics honours ``lr0``.
+
+    ultralytics' ``optimizer="auto"`` ignores ``lr0``: for short runs it builds AdamW at
+    ``0.002 * 5 / (4 + nc)`` with betas (0.9, 0.999) and no bias warm-up. These are the same settings made
+    explicit, so a run without ``lr0`` trains as before and one with ``lr0`` (``extra``, the fine-tuning's
+    ``finetune.lr0``) gets it.
+    """
+    return {
+        "optimizer": "AdamW",
+        "lr0": round(0.002 * 5 / (4 + n_classes), 6),
+        "momentum": 0.9,
+        "warmup_bias_lr": 0.0,
+    }
+
+
 def train_args(config: DetectorTrainConfig, data_yaml: Path, project: Path) -> dict:
     """The ultralytics ``train()`` arguments for a config (offline; the config's recipe)."""
     if config.recipe not in ("aerosynth", "reference"):
@@ -176,7 +192,11 @@ def train_args(config: DetectorTrainConfig, data_yaml: Path, project: Path) -> d
     recipe = (
         dict(REFERENCE_RECIPE)
         if config.recipe == "reference"
-        else {"augmentations": ultralytics_augmentations(config.augment), **ultralytics_overrides()}
+        else {
+            "augmentations": ultralytics_augmentations(config.augment),
+            **ultralytics_overrides(),
+            **aerosynth_optimizer(len(config.class_names)),
+        }
     )
     args = {
         "data": str(data_yaml),
@@ -266,9 +286,19 @@ def train_detector(
             "best_fitness": None if trainer.best_fitness is None else float(trainer.best_fitness),
             "final_val_metrics": metrics,
             "ultralytics_version": _ultralytics_version(),
+            "optimizer": _built_optimizer(trainer),
         },
     )
     return weights
+
+
+def _built_optimizer(trainer) -> dict | None:
+    """The optimizer ultralytics built (its class and the first group's initial learning rate)."""
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is None or not optimizer.param_groups:
+        return None
+    group = optimizer.param_groups[0]
+    return {"name": type(optimizer).__name__, "lr0": float(group.get("initial_lr", group["lr"]))}
 
 
 def _ultralytics_version() -> str:

@@ -170,6 +170,7 @@ def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monke
     manifest = json.loads((tmp_path / "out" / "detector.json").read_text())
     assert manifest["mix_counts"] == {"source-train": 9, "syn": 9}
     assert manifest["epochs_run"] == 2 and manifest["config"]["seed"] == 1 and manifest["gsd"] == 0.125
+    assert manifest["optimizer"] == {"name": "AdamW", "lr0": 0.002}  # what ultralytics built, not the config
     images = sorted((val / "images").iterdir())
     dets = predict(weights, images, conf=0.0001, imgsz=64)
     assert len(dets) == len(images)
@@ -181,12 +182,17 @@ def test_short_training_run_is_offline_and_writes_a_usable_model(tmp_path, monke
     assert 0.0 <= result.ap50 <= 1.0 and result.n_ground_truth > 0
     # fine-tuning from the local .pt the run wrote
     tuned = train_detector(
-        DetectorTrainConfig(model=str(weights), epochs=1, imgsz=64, batch=6),
+        DetectorTrainConfig(model=str(weights), epochs=1, imgsz=64, batch=6, extra={"lr0": 0.0123}),
         [DatasetSpec(real)],
         DatasetSpec(val),
         tmp_path / "tuned",
     )
     assert len(predict(tuned, images[:1], imgsz=64)) == 1
+    # the fine-tuning's lr0 reaches the optimizer ultralytics built (optimizer=auto would ignore it)
+    assert json.loads((tmp_path / "tuned" / "detector.json").read_text())["optimizer"] == {
+        "name": "AdamW",
+        "lr0": 0.0123,
+    }
     assert no_network == [] and list(work.iterdir()) == []
 
 

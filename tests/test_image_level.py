@@ -162,3 +162,36 @@ def test_a_malformed_image_level_list_is_named(tmp_path):
     (tmp_path / "image_level.json").write_text('["a"]')
     with pytest.raises(InputError, match="image_level.json"):
         list_samples(DatasetSpec(tmp_path))
+
+
+def test_image_level_tiles_are_never_trained_through_mosaic(tmp_path):
+    """The reference recipe asks for mosaic (kept open here); the image-level trainer builds no mosaic."""
+    from ultralytics.data.augment import Mosaic
+
+    from aerosynth.detection.training import train_args
+
+    split = _weak_split(tmp_path / "target-train", 8)
+    labels = label_real_tiles(
+        split, _proposals(8), 0.5, tmp_path / "labels", "detector", RealTargetConfig(image_level=True)
+    )
+    val = write_toy_split(tmp_path / "source-val", 4, seed=7, tile_size=64, name="source-val")
+    view = build_yolo_view(tmp_path / "view", [DatasetSpec(labels)], DatasetSpec(val), seed=0)
+    config = DetectorTrainConfig(epochs=3, imgsz=64, batch=4, recipe="reference", extra={"close_mosaic": 0})
+    args = train_args(config, view.data_yaml, tmp_path / "out")
+    assert args["mosaic"] == 1.0 and args["close_mosaic"] == 0
+
+    def mosaic_p(trainer_class: type) -> float:
+        trainer = trainer_class(overrides={**args, "model": "yolov8n.yaml"})
+        trainer.model = trainer.get_model(cfg="yolov8n.yaml", verbose=False)
+        dataset = trainer.build_dataset(trainer.data["train"], mode="train", batch=4)
+        found, todo = [], [dataset.transforms]
+        while todo:  # Mosaic sits inside the pre-transform Compose
+            t = todo.pop()
+            found += [t.p] if isinstance(t, Mosaic) else []
+            todo += list(getattr(t, "transforms", []))
+        return max(found, default=0.0)
+
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    assert mosaic_p(DetectionTrainer) == 1.0  # the recipe as ultralytics runs it
+    assert mosaic_p(image_level.image_level_trainer(view.image_level)) == 0.0
