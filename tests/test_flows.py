@@ -31,6 +31,27 @@ def tiny_run(prefect_harness, tmp_path_factory):
     return work, cfg, work / "report" / "report.md"
 
 
+
+def _poison_target_boxes(tiles: Path) -> None:
+    """Replace every target box under ``tiles/evaluation`` by a wrong one, in both forms it is kept in.
+
+    The YOLO label files and the COCO ``annotations.json`` that ``open_evaluation_split`` reads: a labelling
+    that read either would change.
+    """
+    poisoned = 0
+    for labels in (tiles / "evaluation").rglob("labels"):
+        for path in labels.glob("*.txt"):
+            path.write_text("0 0.5 0.5 0.9 0.9\n")
+            poisoned += 1
+    for coco in (tiles / "evaluation").rglob("annotations.json"):
+        doc = json.loads(coco.read_text())
+        for ann in doc["annotations"]:
+            ann["bbox"] = [1.0, 1.0, 100.0, 100.0]
+            ann["area"] = 10000.0
+        coco.write_text(json.dumps(doc))
+        poisoned += len(doc["annotations"])
+    assert poisoned, "no target box to poison"
+
 def test_adapt_writes_every_stage_and_a_report(tiny_run):
     work, tiny_config, report = tiny_run
     records = _records(work)
@@ -94,7 +115,14 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     assert (work / "detector.pt").read_bytes() == (
         work / "detectors" / handed_over / "seed0" / "train" / "detector.pt"
     ).read_bytes()
-    assert f"Detector handed over:** `detector.pt` = `{handed_over}`" in report.read_text()
+    # the report opens with it: variant and AP50 against source-only (means over seeds) in one short line
+    first = report.read_text().splitlines()[0]
+    rows = {r["variant"]: r["ap50"]["mean"] for r in doc["variants"]}
+    mine, base = rows[handed_over], rows["source-only"]
+    assert len(first) <= 200 and first.startswith(f"# Handed over `{handed_over}`: AP50 {mine:.3f}")
+    assert f"against source-only {base:.3f} ({mine - base:+.3f})" in first
+    assert f"`{work / 'detector.pt'}` is seed 0 of `{handed_over}`" in report.read_text()
+    assert "## How it was chosen" in report.read_text()
     # the real target-train tiles were labelled from flags + proposals: tiles flagged empty have no box
     for method in ("self-training", "heatmap"):
         dataset = work / "annotation" / f"real-{method}" / "dataset"
@@ -376,9 +404,7 @@ def test_a_relabelling_round_reads_no_target_box(tiny_run, tmp_path, image_level
         return {p.name: p.read_bytes() for p in files if p.is_file()}
 
     before = relabel(tmp_path / "a")
-    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
-        for path in labels.glob("*.txt"):
-            path.write_text("0 0.5 0.5 0.9 0.9\n")
+    _poison_target_boxes(tiles)
     assert relabel(tmp_path / "b") == before and before
 
 
@@ -410,9 +436,7 @@ def test_fused_labels_keep_the_flags_and_read_no_target_box(tiny_run, tmp_path):
     flags = json.loads((tiles / "target-train" / "tiles.json").read_text())["tiles"]
     assert all(before[f"{t['tile_id']}.txt"] == b"" for t in flags if not t["has_vehicle"])
     assert summary["flagged_tiles_with_boxes"] == summary["flagged_tiles"] > 0  # the flag keeps the best box
-    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
-        for path in labels.glob("*.txt"):
-            path.write_text("0 0.5 0.5 0.9 0.9\n")
+    _poison_target_boxes(tiles)
     assert label(tmp_path / "b") == before
     with pytest.raises(Exception, match="F_S"):
         label_real_split("fused", tiles / "target-train", tiles / "source-val", tmp_path / "c", chosen, level)
@@ -532,9 +556,7 @@ def test_relabelling_with_every_seed_fuses_their_boxes_keeps_the_flags_and_reads
     flags = json.loads((tiles / "target-train" / "tiles.json").read_text())["tiles"]
     assert all(fused[f"{t['tile_id']}.txt"] == b"" for t in flags if not t["has_vehicle"])
     assert any(fused[f"{t['tile_id']}.txt"] for t in flags if t["has_vehicle"])
-    for labels in (tiles / "evaluation").rglob("labels"):  # every target box replaced by a wrong one
-        for path in labels.glob("*.txt"):
-            path.write_text("0 0.5 0.5 0.9 0.9\n")
+    _poison_target_boxes(tiles)
     assert relabel(tmp_path / "b", detectors)[0] == fused
 
 
