@@ -206,8 +206,13 @@ def write_report(
     title: str = "aerosynth: detection on the target domain",
     grid_tiles: int = 8,
     diagnostics: Mapping | None = None,
+    handed_over: Mapping | None = None,
+    how_chosen: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the figures; return the markdown path.
+
+    With ``handed_over`` the report opens with the answer: its first line names the detector handed over
+    and its AP50 against source-only (:func:`handed_over_lines`); the title follows.
 
     Args:
         out_dir: report folder.
@@ -221,6 +226,9 @@ def write_report(
         grid_tiles: rows of the prediction grid.
         diagnostics: label-free checks of the synthetic sets (see :func:`diagnostics_lines`): a table in
             ``report.md`` and the document under ``synthetic_diagnostics`` in ``report.json``.
+        handed_over: the detector a run hands over: ``{"variant", "seed", "path"}`` and optionally ``"ap50"``
+            (that seed's own) and ``"kind"``; ``variant`` must be one of ``variants``.
+        how_chosen: markdown lines of a section "How it was chosen" below the table (none when empty).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +240,15 @@ def write_report(
         grid = write_prediction_grid(split, predictions, out_dir / GRID_PNG, thr, grid_tiles)
     listed = [{"path": str(Path(m)), "sha256": _sha256(Path(m))} for m in manifests]
 
-    lines = [f"# {title}", ""]
+    if handed_over is not None:
+        if handed_over["variant"] not in variants:
+            raise InputError("handed_over", f"{handed_over['variant']!r} is not one of the variants reported")
+        evaluated = split.name if split is not None else "target-test"
+        lines = [*handed_over_lines(rows, handed_over, source_only, evaluated), "", f"The run: {title}.", ""]
+    else:
+        lines = [f"# {title}", ""]
+    if handed_over is not None or how_chosen:
+        lines += ["## Results", ""]
     if split is not None:
         lines += [f"Evaluated on split `{split.name}` ({len(split)} tiles, domain `{split.info.domain}`).", ""]
     lines += [
@@ -251,6 +267,8 @@ def write_report(
     lines += ["", f"![PR curves]({PR_PNG})", ""]
     if grid is not None:
         lines += [f"![predictions (green) and truth (red)]({GRID_PNG})", ""]
+    if how_chosen:
+        lines += ["## How it was chosen", "", *how_chosen, ""]
     if diagnostics:
         lines += diagnostics_lines(diagnostics)
     lines += ["## Manifests", ""]
@@ -273,9 +291,50 @@ def write_report(
             "figures": {"pr_curves": PR_PNG, "predictions_grid": None if grid is None else GRID_PNG},
             "manifests": listed,
             "synthetic_diagnostics": dict(diagnostics) if diagnostics else None,
+            "handed_over": dict(handed_over) if handed_over is not None else None,
         },
     )
     return md
+
+
+def handed_over_lines(
+    rows: Sequence[dict], handed_over: Mapping, source_only: str = "source-only", split_name: str = "target-test"
+) -> list[str]:
+    """The report's opening: the detector handed over and its AP50 against source-only, short lines.
+
+    Line 1 (a heading): the variant, its AP50 on the evaluated split (mean over its seeds), source-only's
+    and the difference; then the file and the seed handed over (and its own AP50), and the seed counts.
+
+    Args:
+        rows: :func:`summarise`'s rows.
+        handed_over: ``{"variant", "seed", "path"}``, optionally ``"ap50"`` (the handed seed's) and ``"kind"``.
+        source_only: the baseline's variant name.
+        split_name: the evaluated split.
+    """
+    by_name = {r["variant"]: r for r in rows}
+    name = handed_over["variant"]
+    mine, base = by_name[name]["ap50"], by_name.get(source_only, {}).get("ap50")
+    if name == source_only:
+        first = f"# Handed over `{name}` (no adapted detector): AP50 {mine.fmt()} on {split_name}"
+    elif base is None or base.n == 0:
+        first = f"# Handed over `{name}`: AP50 {mine.fmt()} on {split_name} (no source-only to compare)"
+    else:
+        first = (
+            f"# Handed over `{name}`: AP50 {mine.mean:.3f} against source-only {base.mean:.3f} "
+            f"({mine.mean - base.mean:+.3f}) on {split_name}"
+        )
+    seeds = f"{mine.n} seed{'s' if mine.n != 1 else ''}"
+    if base is not None and name != source_only:
+        seeds += f" (source-only: {base.n})"
+    ap = handed_over.get("ap50")
+    own = f", its AP50 {ap:.3f}" if isinstance(ap, float) else ""
+    kind = f" ({handed_over['kind']})" if handed_over.get("kind") else ""
+    return [
+        first,
+        "",
+        f"`{handed_over['path']}` is seed {handed_over['seed']} of `{name}`{kind}{own}.",
+        f"AP50 above: mean over {seeds}.",
+    ]
 
 
 def _number(entry: Mapping | None, key: str) -> str:

@@ -33,6 +33,7 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
         (work / "annotation").glob("*/dataset/manifest.json")
     )
     title = f"aerosynth {config.name}: {split_domains(tiles)[0]} -> {split_domains(tiles)[1]}"
+    handed_over = handed_over_doc(work)
     report = write_report(
         work / "report",
         results,
@@ -47,11 +48,9 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
             if runs.get(SOURCE_ONLY) and config.generation.enabled
             else None
         ),
+        handed_over=handed_over,
+        how_chosen=how_chosen_lines(config, handed_over, results) if handed_over else (),
     )
-    recommended = recommendation_line(work)
-    if recommended:
-        head, _, rest = report.read_text().partition("\n")
-        atomic_write_text(report, f"{head}\n\n{recommended}\n{rest}")
     extra = {n: work / "annotation" / n / "dataset" for n in ("copy-paste-harmonised", "copy-paste-blended")}
     samples = write_synthetic_samples(
         work / "synthetic",
@@ -74,18 +73,54 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
     return report
 
 
-def recommendation_line(work: Path) -> str | None:
-    """One line on the detector the run hands over (``WORK/detector.json``), or ``None`` when there is none."""
+def handed_over_doc(work: Path) -> dict | None:
+    """The detector the run hands over (``WORK/detector.json``) as the report takes it, or ``None`` when none."""
     path = work / "detector.json"
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    ap = doc.get("target_test_ap50")
-    score = f", AP50 {ap:.3f} on target-test (measured after the choice)" if isinstance(ap, float) else ""
-    return (
-        f"**Detector handed over:** `detector.pt` = `{doc['variant']}` seed {doc['seed']} ({doc['kind']}){score}; "
-        f"chosen as {doc['how_chosen']}."
-    )
+    return {
+        "variant": doc["variant"],
+        "seed": doc["seed"],
+        "kind": doc.get("kind"),
+        "path": str(work / "detector.pt"),
+        "ap50": doc.get("target_test_ap50"),
+    }
+
+
+def how_chosen_lines(config: AdaptConfig, handed_over: dict, results: dict[str, list]) -> list[str]:
+    """The report's section on the choice: the rule, then ``detection.recommend`` one variant a line, built or not.
+
+    Args:
+        config: the run's config (its ``detection.recommend`` and ``detection.seeds``).
+        handed_over: :func:`handed_over_doc`.
+        results: the evaluation results of each variant the run built, one per seed.
+    """
+    from aerosynth.detection.report import Stat
+
+    order = config.detection.recommend
+    name = handed_over["variant"]
+    if name in order:
+        rule = (
+            f"`detector.pt` is the first variant of `detection.recommend` that this run built, seed "
+            f"{handed_over['seed']} (the first of `detection.seeds`). The order is fixed before the run and no "
+            "target label enters the choice; why this order: benchmarks/README.md."
+        )
+    else:
+        rule = (
+            f"No variant of `detection.recommend` was built, so `detector.pt` is `{name}`, seed {handed_over['seed']}."
+        )
+    lines = [rule, "", "`detection.recommend`, in order (AP50: mean over seeds, measured after the choice):", ""]
+    for i, variant in enumerate(order, 1):
+        if variant not in results:
+            lines.append(f"{i}. `{variant}`: not built")
+            continue
+        ap = Stat.of([r.ap50 for r in results[variant]]).fmt()
+        lines.append(f"{i}. `{variant}`: {'**handed over**' if variant == name else 'built'}, AP50 {ap}")
+    others = [v for v in results if v not in order]
+    if others:
+        lines += ["", "Also built, outside the order: " + ", ".join(f"`{v}`" for v in others) + "."]
+    return lines
 
 
 def write_synthetic_samples(

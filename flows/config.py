@@ -8,6 +8,7 @@ starting points; a config file names one with ``preset:`` and overrides any fiel
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,6 +43,9 @@ class DataSettings(Strict):
     classes: list[int | str] | None = None
     gsd: float = Field(0.125, gt=0)
     tile_size: int = Field(128, ge=32)
+    # a tile of a target without boxes that no flag covers (flags.json/.csv/.geojson in the target folder):
+    # refused (naming it), flagged empty, or left out (as `aerosynth data prepare --unflagged`)
+    unflagged: Literal["error", "empty", "skip"] = "error"
 
 
 class StageSettings(Strict):
@@ -50,7 +54,8 @@ class StageSettings(Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    # None: the stage's own default (stage 0 1e-3, A and B 1e-4, C 1e-5: stage C at 1e-4 broke the target maps)
+    # None: the stage's own default (stage 0 1e-3, A and B 1e-4, C 1e-5; a higher stage-C rate cost the target
+    # maps: benchmarks/README.md)
     learning_rate: float | None = Field(None, gt=0)
     # None: stages A and C train the UNet, stage B learns its tokens only (training the UNet there cost the maps)
     train_unet: bool | None = None
@@ -92,7 +97,8 @@ class SetCounts(Strict):
 class TranslationSettings(Strict):
     enabled: bool = True
     strength: float = Field(0.5, gt=0, le=1)
-    # 0 keeps every source box (measured better while the maps were uninformative: 0.359 vs 0.278)
+    # the heat-map score a translated source box needs to be kept; 0 (default) keeps every box: raise it only
+    # with an LDM whose maps are known to be good on the target (figures: benchmarks/README.md)
     keep_threshold: float = Field(0.0, ge=0, le=1)
     max_tiles: int | None = Field(None, ge=1)
 
@@ -148,48 +154,49 @@ NoiseFraction = Annotated[float, Field(gt=0, le=1)]
 class RealTargetSettings(Strict):
     """The real target-train tiles labelled without target boxes (``aerosynth.annotation.real_target``).
 
-    ``self-training``: F_S (the source-only detector) proposes boxes; ``heatmap``: the LDM's "cars" map of
-    the real tile (one UNet pass at a noise level), read by the readout with the best AP50 on real
-    source-val unless ``heatmap_options`` fixes one. With ``heatmap_models: chosen`` the model (each
-    trained LDM stage: A, B, C) and the noise level (a list in ``noise_fraction``) are chosen with it, on
-    real source-val only; ``last`` reads the last stage's model. Tiles flagged empty get none; the
-    threshold is the proposer's F1-optimal confidence on real source-val. Each becomes a variant trained
-    with real source.
+    Each method labels the tiles and becomes a variant ``real-<method>+source`` trained with real source
+    tiles. Tiles flagged empty get no box; a proposer's threshold is its F1-optimal confidence on real
+    source-val. The defaults are the settings that measured best or level on both aerial-v1 targets
+    (figures: benchmarks/README.md, "Where the defaults come from").
 
-    ``threshold_on: flagged`` (default) chooses each proposer's threshold on the source-val tiles that hold a
-    vehicle only: the condition under which a target tile keeps proposals (its flag says "vehicle"), so
-    more of the proposals on flagged tiles are kept; ``all`` uses every source-val tile. Through the flow
-    (3 seeds, F_S + flags): Minsk 0.741 against 0.727 in round 1 and 0.770 against 0.754 in round 2, above
-    on every seed; KIT 0.833 against 0.833; label F1 0.82 against 0.77 (Minsk), 0.69 against 0.61 (KIT).
+    ``methods`` (default ``[self-training, heatmap]``): ``self-training``: F_S (the source-only detector)
+    proposes boxes; ``heatmap``: the LDM's "cars" map of the real tile (one UNet pass at a noise level), read
+    by the readout with the best AP50 on real source-val unless ``heatmap_options`` fixes one (needs the LDM,
+    ``generation.enabled``); ``fused``: both proposers' boxes fused tile by tile by weighted boxes fusion
+    (boxes overlapping at IoU >= ``fusion_iou``, default 0.55, are one vehicle; a box only one proposer
+    found keeps half its confidence). Without an LDM only ``self-training`` runs.
 
-    ``rounds`` > 1: self-training rounds. After round 1, the first seed's adapted detector of each method
-    relabels the tiles (flags applied, its threshold again chosen on source-val) and a variant
-    ``real-<method>-r<k>`` is fine-tuned from F_S on those labels; the rounds stop early when a round's
-    labels agree with the previous round's at box F1 >= ``stop_agreement`` (label-free: the labels have
-    stopped changing). ``relabel_with: all-seeds``: every seed's adapted detector of the round before
-    proposes, their boxes fused tile by tile (weighted boxes fusion at ``fusion_iou``; a box k of n
-    detectors found keeps k/n of its mean confidence) and thresholded on source-val like one detector's.
-    Measured through the flow (5 seeds, ``benchmarks/results/adapt_flow_*_all_seeds.json``): F_S's rounds
-    gain on both targets (Minsk r2 0.794 against 0.777, KIT r3 0.904 against 0.887), heat maps' on KIT only
-    (r3 0.900 against 0.896; Minsk r2 0.767 against 0.785), fused labels' on KIT (r4 0.910, at or above the
-    oracle on every seed) but not on Minsk (r2 0.777 against 0.777), so ``first-seed`` stays the default.
+    ``heatmap_models`` (default ``chosen``): the model (each trained LDM stage: A, B, C) and the noise level
+    (a list in ``noise_fraction``, default 0.1, 0.3, 0.5) are chosen on real source-val; ``last`` reads the
+    last stage's model only (the noise level still chosen): fewer maps to compute on a slow machine.
 
-    ``fused`` (needs both proposers): F_S's detections and the heat-map boxes of the readout ``heatmap``
-    chose, fused tile by tile by weighted boxes fusion (boxes overlapping at IoU >= ``fusion_iou`` are one
-    vehicle; a box only one proposer found keeps half its confidence), the fused confidence thresholded on
-    source-val like any proposer's. Variant ``real-fused+source``.
+    ``threshold_on`` (default ``flagged``): each proposer's threshold is chosen on the source-val tiles that
+    hold a vehicle, the condition under which a target tile keeps proposals (its flag says "vehicle");
+    ``all`` uses every source-val tile (when the source-val tiles with vehicles are too few to choose on).
 
-    ``mask_uncertain`` (a fraction, e.g. 0.5): the proposals of a flagged tile that the threshold dropped but
-    that reach this fraction of it are painted over with the tile's mean colour (ignore regions): the
-    detector is taught neither "car" nor "background" where the proposer was unsure. ``null``: none.
+    ``rounds`` (default 3): self-training rounds. From round 2 the first seed's adapted detector of each
+    method relabels the tiles (flags applied, threshold chosen again on source-val) and a variant
+    ``real-<method>-r<k>+source`` is fine-tuned from F_S on those labels. The rounds stop early when a
+    round's labels agree with the previous round's at box F1 >= ``stop_agreement`` (default 0.95; the
+    labels have stopped changing, no target label read). Each round costs one more detector per method and
+    seed: lower it for a quick run, raise it (4) when the labels still change at the last round.
+
+    ``relabel_with`` (default ``first-seed``): which detectors of the round before relabel; ``all-seeds``
+    fuses every seed's detections tile by tile (weighted boxes fusion at ``fusion_iou``; a box k of n
+    detectors found keeps k/n of its mean confidence), thresholded on source-val like one detector's. It
+    helped on one aerial-v1 target and not the other: try it with several seeds when a round is still
+    gaining.
+
+    ``mask_uncertain`` (default ``null``, none): a fraction, e.g. 0.5: the proposals of a flagged tile that
+    the threshold dropped but that reach this fraction of it are painted over with the tile's mean colour
+    (ignore regions), so the detector is taught neither "car" nor "background" where the proposer was
+    unsure.
 
     ``flagged_without_box``: what a tile flagged "vehicle" gets when none of its proposals reaches the
-    threshold. ``best-box`` (default): its best proposal, forced by the flag. ``image-level``: no box; the tile
-    is listed in the labels' ``image_level.json`` and the detector learns it through an image-level loss
-    (at least one anchor scores "vehicle"; none of the tile is taught "background";
-    :mod:`aerosynth.detection.image_level`). Measured through the flow (F_S rounds, 5 seeds,
-    ``benchmarks/results/adapt_flow_*_image_level.json``): KIT r3 0.896 against 0.887, Minsk 0.783 against
-    0.782, within the seed noise, so ``best-box`` stays the default.
+    threshold. ``best-box`` (default): its best proposal, forced by the flag. ``image-level``: no box; the
+    tile is listed in the labels' ``image_level.json`` and the detector learns it through an image-level
+    loss (at least one anchor scores "vehicle"; none of the tile is taught "background";
+    :mod:`aerosynth.detection.image_level`); it measured level with ``best-box``.
     """
 
     enabled: bool = True
@@ -250,7 +257,7 @@ class FinetuneSettings(Strict):
     """
 
     epochs: int = Field(3, ge=1)
-    images: int | None = Field(1280, ge=1)
+    images: int = Field(1280, ge=1)  # required: without it each variant's budget would be its dataset's size
     lr0: float = Field(0.002, gt=0)
     warmup_epochs: float = Field(0.0, ge=0)
     close_mosaic: int = Field(1, ge=0)
@@ -285,11 +292,13 @@ class DetectionSettings(Strict):
     0.25}`` (the labelled real tiles keep the whole target half, the synthetic set takes half the source
     share), named ``<set>@50+<set>@25+source``; or ``{shares: {...}, images: N}`` (:class:`MixBudget`), the
     same shares of a budget of its own, named ``<set>@<percent>+...+source-<N>img``.
-    ``recommend`` lists the adapted variants in the order the run recommends them (the first one built
-    becomes ``WORK/detector.pt``): a fixed order measured on both aerial-v1 targets, no target label read.
-    The default: the deepest relabelling round first (the stop rule ends the rounds when the labels stop
-    changing), heat-map labels, then fused, then F_S's within a round; without real-tile labels, the
-    copy-paste sets (blended, harmonised, plain), which beat source-only on both targets.
+    ``recommend`` lists variants in the order the run recommends them: the first one the run built becomes
+    ``WORK/detector.pt`` (source-only when none was), so no target label enters the choice. The default: the
+    deepest relabelling round first (the stop rule ends the rounds when the labels stop changing), within a
+    round heat-map labels, then fused, then F_S's; without real-tile labels, the copy-paste sets (blended,
+    harmonised, plain). It may list variants a run does not build; a name no run could build (a typo) is
+    refused, as is a mix naming a set this config's enabled methods do not build. Change it to prefer another
+    kind of labels, or a mix, on a target where it measured better (figures: benchmarks/README.md).
     ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
     they were trained with these settings on the same source tiles (their key matches).
     """
@@ -507,6 +516,117 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The labelled sets a run can build besides the real tiles' (``real-<method>``, ``real-<method>-r<k>``).
+SET_NAMES = ("relay", "threshold", "translation", "copy-paste", "copy-paste-harmonised", "copy-paste-blended")
+#: The methods that label the real target tiles (``annotation.real_target.methods``).
+REAL_METHODS = ("self-training", "heatmap", "fused")
+#: The variants that are not a labelled set: the baseline, the control and the oracle.
+PLAIN_VARIANTS = ("source-only", "continued", "oracle")
+_REAL_SET = re.compile(r"real-(self-training|heatmap|fused)(?:-r(\d+))?")
+_MIX_PART = re.compile(r"(?P<set>.+?)(?:@(?P<percent>\d+))?")
+_BUDGET = re.compile(r"(?P<rest>.+)-(?P<images>\d+)img")
+#: What a variant name can be, for messages.
+VARIANT_FORMS = (
+    "source-only, continued, oracle; <set>+source; mixes <set>+<set>+source, <set>@<percent>+...+source, "
+    "<set>@<percent>+...+source-<N>img; a set is one of " + ", ".join(SET_NAMES) + ", real-<method> or "
+    "real-<method>-r<k> (k >= 2) with <method> one of " + ", ".join(REAL_METHODS)
+)
+
+
+def is_set_name(name: str) -> bool:
+    """Whether some config could build a labelled set of this name (``real-heatmap-r3``, ``copy-paste``, ...)."""
+    real = _REAL_SET.fullmatch(name)
+    return name in SET_NAMES or (real is not None and (real.group(2) is None or int(real.group(2)) >= 2))
+
+
+def is_variant_name(name: str) -> bool:
+    """Whether some config could build a detector variant of this name (forms: :data:`VARIANT_FORMS`)."""
+    if name in PLAIN_VARIANTS:
+        return True
+    budget = _BUDGET.fullmatch(name)
+    rest = budget.group("rest") if budget else name
+    if not rest.endswith("+source"):
+        return False
+    parts = [_MIX_PART.fullmatch(p) for p in rest.removesuffix("+source").split("+")]
+    if not parts or not all(m is not None and is_set_name(m.group("set")) for m in parts):
+        return False
+    shared = {m.group("percent") is not None for m in parts if m is not None}
+    # shares (each set's percentage of the training images), or one set or an equal-share mix (no budget)
+    return shared == {True} or (shared == {False} and budget is None)
+
+
+def missing_for(config: AdaptConfig, name: str) -> str | None:
+    """What ``config`` lacks to build the labelled set ``name`` (``None``: its enabled methods build it)."""
+    g, a = config.generation, config.annotation
+    real = _REAL_SET.fullmatch(name)
+    needs: list[tuple[bool, str]] = []
+    if real is not None:
+        method, k = real.group(1), int(real.group(2) or 1)
+        needs = [
+            (a.real_target.enabled, "annotation.real_target.enabled"),
+            (method in a.real_target.methods, f"{method} in annotation.real_target.methods"),
+            (method == "self-training" or g.enabled, "generation.enabled"),
+            (a.real_target.rounds >= k, f"annotation.real_target.rounds >= {k}"),
+        ]
+    elif name in ("relay", "threshold", "translation"):
+        on = {"relay": a.relay.enabled, "threshold": a.threshold.enabled, "translation": g.translation.enabled}[name]
+        where = "generation.translation" if name == "translation" else f"annotation.{name}"
+        needs = [(g.enabled, "generation.enabled"), (on, f"{where}.enabled")]
+    elif name.startswith("copy-paste"):
+        needs = [(a.copy_paste.enabled, "annotation.copy_paste.enabled")]
+        if name != "copy-paste":
+            needs += [
+                (g.enabled, "generation.enabled"),
+                (a.copy_paste.harmonise_strength > 0, "annotation.copy_paste.harmonise_strength > 0"),
+            ]
+        if name == "copy-paste-blended":
+            needs.append((a.copy_paste.blend_margin_px is not None, "annotation.copy_paste.blend_margin_px"))
+    lacking = [what for ok, what in needs if not ok]
+    return ", ".join(lacking) if lacking else None
+
+
+def buildable_sets(config: AdaptConfig) -> list[str]:
+    """The labelled sets the enabled methods of ``config`` build (rounds included), in the order a run makes them."""
+    rounds = [f"real-{m}-r{k}" for k in range(2, config.annotation.real_target.rounds + 1) for m in REAL_METHODS]
+    names = [*SET_NAMES, *(f"real-{m}" for m in REAL_METHODS), *rounds]
+    return [n for n in names if missing_for(config, n) is None]
+
+
+def check_names(config: AdaptConfig, where: str = "config") -> None:
+    """Refuse ``detection.recommend`` entries no config could build and mixes of sets this config does not build.
+
+    ``recommend`` may list variants a given run does not build (the run takes the first it built); a name no
+    run can build (a typo) is refused. A mix must name sets that the enabled methods of this config build.
+
+    Raises:
+        InputError: naming the entry, what is wrong and what exists.
+    """
+    import difflib
+
+    for i, name in enumerate(config.detection.recommend):
+        if not is_variant_name(name):
+            candidates = [*PLAIN_VARIANTS, *(f"{n}+source" for n in SET_NAMES)]
+            candidates += [f"real-{m}{r}+source" for m in REAL_METHODS for r in ("", "-r2", "-r3", "-r4")]
+            close = difflib.get_close_matches(name, candidates, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(
+                f"{where}: config.detection.recommend[{i}]",
+                f"{name!r} is not a variant any run can build ({hint}variants: {VARIANT_FORMS})",
+            )
+    built = buildable_sets(config)
+    for i, spec in enumerate(config.detection.mixes):
+        names = spec.shares if isinstance(spec, MixBudget) else spec
+        for name in names:
+            if name in built:
+                continue
+            lacking = missing_for(config, name) if is_set_name(name) else None
+            why = f"this config does not build it (needs {lacking})" if lacking else "no method builds a set so named"
+            raise InputError(
+                f"{where}: config.detection.mixes[{i}]",
+                f"{name!r}: {why}; the sets this config builds: {', '.join(built) or 'none'}",
+            )
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -535,7 +655,8 @@ def build_config(doc: dict[str, Any] | None = None, where: str = "config") -> Ad
     """Validate a config document (with an optional ``preset:`` underneath it).
 
     Raises:
-        InputError: unknown preset, unknown key (named), wrong type or value.
+        InputError: unknown preset, unknown key (named), wrong type or value, a variant or set name that
+            nothing builds (:func:`check_names`).
     """
     doc = dict(doc or {})
     preset = doc.get("preset")
@@ -544,11 +665,13 @@ def build_config(doc: dict[str, Any] | None = None, where: str = "config") -> Ad
             raise InputError(f"{where}: preset", f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
         doc = _merge(preset_document(preset), doc)
     try:
-        return AdaptConfig.model_validate(doc)
+        config = AdaptConfig.model_validate(doc)
     except ValidationError as exc:
         err = exc.errors()[0]
         problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise InputError(f"{where}: {_field_path(err['loc'])}", problem) from None
+    check_names(config, where)
+    return config
 
 
 def load_config(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from aerosynth.flows.config import build_config
+from aerosynth.flows.config import build_config, load_config
 from tests.conftest import TINY_ADAPT
 
 pytestmark = pytest.mark.slow
@@ -156,6 +157,53 @@ def test_the_run_hands_over_the_deepest_round_then_heat_maps_fused_and_f_s_label
     assert handed["variant"] == handed_over and handed["seed"] == 0
 
 
+def test_the_report_names_the_detector_handed_over_and_lists_the_order_below(tmp_path):
+    """detector.json -> the report's opening (variant, seed, path) and its "How it was chosen" section."""
+    from types import SimpleNamespace
+
+    from aerosynth.flows.adapt_detection import deliver_detector
+    from aerosynth.flows.adapt_report import handed_over_doc, how_chosen_lines
+
+    work = tmp_path / "run"
+    ap50 = {"source-only": [0.5, 0.4], "oracle": [0.9], "real-fused-r2+source": [0.7, 0.6], "relay+source": [0.55]}
+    runs = {}
+    for variant, scores in ap50.items():
+        runs[variant] = []
+        for seed, ap in enumerate(scores):
+            folder = work / "detectors" / variant / f"seed{seed}"
+            (folder / "train").mkdir(parents=True)
+            (folder / "train" / "detector.pt").write_bytes(variant.encode())
+            (folder / "metrics.json").write_text(json.dumps({"ap50": ap}))
+            runs[variant].append(folder)
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["work_dir"] = str(work)
+    config = build_config(doc)
+    assert deliver_detector(config, work, runs) == work / "detector.pt"
+    handed = handed_over_doc(work)
+    assert handed == {
+        "variant": "real-fused-r2+source",
+        "seed": 0,
+        "kind": "real",
+        "path": str(work / "detector.pt"),
+        "ap50": 0.7,
+    }
+    results = {v: [SimpleNamespace(ap50=a) for a in scores] for v, scores in ap50.items()}
+    lines = how_chosen_lines(config, handed, results)
+    order = config.detection.recommend
+    listed = [line for line in lines if line[:1].isdigit()]
+    assert [line.split("`")[1] for line in listed] == order  # the whole order, one variant a line
+    handed_line = listed[order.index("real-fused-r2+source")]
+    assert "**handed over**" in handed_line and "AP50 0.650 ± 0.071" in handed_line
+    assert all(line.endswith("not built") for line in listed if "real-fused-r2+source" not in line)
+    assert lines[-1] == "Also built, outside the order: `source-only`, `oracle`, `relay+source`."
+    # nothing of the order built: source-only, said so
+    del runs["real-fused-r2+source"]
+    deliver_detector(config, work, runs)
+    handed = handed_over_doc(work)
+    assert handed["variant"] == "source-only"
+    assert how_chosen_lines(config, handed, results)[0].startswith("No variant of `detection.recommend` was built")
+
+
 def test_a_mix_of_labelled_sets_shares_the_target_half_and_names_its_kind(tmp_path):
     from aerosynth.flows.adapt_detection import mixed_variant, variant_kind
 
@@ -194,7 +242,9 @@ def test_a_mix_with_a_budget_of_its_own_adds_images_instead_of_resharing(tmp_pat
     from aerosynth.flows.config import MixBudget
 
     spec = {"shares": {"real-heatmap-r3": 0.3333, "copy-paste-blended": 0.3333}, "images": 1920}
-    cfg = build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [spec, {"real-heatmap-r3": 0.5}]}})
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["annotation"] |= {"real_target": {"rounds": 3}, "copy_paste": {"enabled": True, "harmonise_strength": 0.3}}
+    cfg = build_config({**doc, "detection": {"mixes": [spec, {"real-heatmap-r3": 0.5}]}})
     budget, plain = cfg.detection.mixes
     assert isinstance(budget, MixBudget) and budget.images == 1920 and plain == {"real-heatmap-r3": 0.5}
     sets = {"real-heatmap-r3": tmp_path / "a" / "dataset", "copy-paste-blended": tmp_path / "b" / "dataset"}
@@ -216,6 +266,56 @@ def test_a_mix_with_a_budget_of_its_own_adds_images_instead_of_resharing(tmp_pat
         )
     with pytest.raises(InputError, match=r"mixes.*shares: \{set: share, \.\.\.\}, images: N\}, got keys \['shares'\]"):
         build_config({**copy.deepcopy(TINY_ADAPT), "detection": {"mixes": [{"shares": {"a": 0.5}}]}})
+
+
+def test_every_name_the_flow_forms_is_a_variant_name_and_typos_are_not(tmp_path):
+    """The config's name check (recommend) accepts every name the detector step forms, refuses the rest."""
+    from aerosynth.data.errors import InputError
+    from aerosynth.flows.adapt_detection import mixed_variant, variants
+    from aerosynth.flows.config import buildable_sets, is_variant_name
+
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["annotation"] |= {
+        "real_target": {"rounds": 4, "methods": ["self-training", "heatmap", "fused"]},
+        "copy_paste": {"enabled": True, "harmonise_strength": 0.3},
+    }
+    cfg = build_config(doc)
+    sets = {n: tmp_path / n / "dataset" for n in buildable_sets(cfg)}
+    assert {"relay", "copy-paste-blended", "real-fused", "real-heatmap-r4", "translation"} <= set(sets)
+    names = [v.name for v in variants(cfg, tmp_path / "tiles", sets, {"translation": sets["translation"]})]
+    first, second = sets["real-fused-r3"], sets["copy-paste-blended"]
+    pair = {"real-fused-r3": first, "copy-paste-blended": second}
+    shares = {"real-fused-r3": 0.3333, "copy-paste-blended": 0.25}
+    names += [
+        mixed_variant(cfg, tmp_path / "tiles", pair).name,
+        mixed_variant(cfg, tmp_path / "tiles", pair, shares).name,
+        mixed_variant(cfg, tmp_path / "tiles", pair, shares, 1920).name,
+    ]
+    assert len(names) == len(sets) + 6 and all(is_variant_name(n) for n in names), names
+    assert all(is_variant_name(n) for n in cfg.detection.recommend)  # the default order
+    for typo in ("bogus", "real-heatmap-r1+source", "real-heatmap-r3", "copy-paste-blend+source", "relay+source-9img"):
+        assert not is_variant_name(typo), typo
+        with pytest.raises(InputError, match=f"recommend\\[0\\]: '{re.escape(typo)}' is not a variant"):
+            build_config({**doc, "detection": {"recommend": [typo]}})
+    # the mixes of the benchmark configs name sets their methods build
+    for path in sorted((Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_a_mix_must_name_sets_the_enabled_methods_build():
+    from aerosynth.data.errors import InputError
+
+    doc = copy.deepcopy(TINY_ADAPT)  # smoke: copy-paste without the LDM pass, rounds 2
+    for mix, lacking in [
+        (["real-heatmap-r3", "relay"], "annotation.real_target.rounds >= 3"),
+        (["copy-paste-blended", "relay"], "annotation.copy_paste.harmonise_strength > 0"),
+        (["real-fused", "relay"], "fused in annotation.real_target.methods"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(f"this config does not build it (needs {lacking})")):
+            build_config({**doc, "detection": {"mixes": [mix]}})
+    no_ldm = {**doc, "generation": {"enabled": False}, "detection": {"mixes": [["real-self-training-r2", "relay"]]}}
+    with pytest.raises(InputError, match=r"mixes\[0\]: 'relay': .*needs generation.enabled.*builds: copy-paste, real"):
+        build_config(no_ldm)
 
 
 @pytest.mark.parametrize("relabel_with", ["first-seed", "all-seeds"])

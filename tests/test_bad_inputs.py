@@ -277,6 +277,32 @@ def config_missing_file(tmp):
     return ["adapt", "--config", str(tmp / "missing.yaml")], "missing.yaml"
 
 
+def config_recommend_typo(tmp):
+    return _adapt(tmp, "preset: demo\ndetection:\n  recommend: [real-self-training+source, bogus]\n"), (
+        "config.detection.recommend[1]: 'bogus' is not a variant any run can build"
+    )
+
+
+def config_recommend_near_miss(tmp):
+    return _adapt(tmp, "preset: demo\ndetection:\n  recommend: [real-heatmap-r3+sources]\n"), (
+        "'real-heatmap-r3+sources' is not a variant any run can build (did you mean 'real-heatmap-r3+source'?"
+    )
+
+
+def config_mix_of_unknown_sets(tmp):
+    return _adapt(tmp, "preset: demo\ndetection:\n  mixes: [[nope, alsonope]]\n"), (
+        "config.detection.mixes[0]: 'nope': no method builds a set so named; the sets this config builds: "
+        "real-self-training"
+    )
+
+
+def config_mix_of_a_set_not_enabled(tmp):
+    return _adapt(tmp, "preset: demo\ndetection:\n  mixes: [{real-self-training: 0.4, copy-paste: 0.2}]\n"), (
+        "config.detection.mixes[0]: 'copy-paste': this config does not build it "
+        "(needs annotation.copy_paste.enabled); the sets this config builds: real-self-training"
+    )
+
+
 def unknown_runner(tmp):
     return ["adapt", "--preset", "demo", "--runner", "spark", "--work-dir", str(tmp / "out")], "--runner"
 
@@ -431,6 +457,10 @@ CASES: list[Case] = [
     config_bad_yaml,
     config_unknown_preset,
     config_missing_file,
+    config_recommend_typo,
+    config_recommend_near_miss,
+    config_mix_of_unknown_sets,
+    config_mix_of_a_set_not_enabled,
     unknown_runner,
     unknown_until_step,
     map_quality_unknown_split,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aerosynth.data.detections import Detections
+from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
 from aerosynth.data.tileset import open_evaluation_split
 from aerosynth.detection.evaluation import EvaluationResult, PRCurve, evaluate_split
@@ -89,3 +90,64 @@ def test_palette_png_keeps_shape_and_colours_and_is_smaller(tmp_path):
     assert len(np.unique(back.reshape(-1, 3), axis=0)) <= 256
     assert np.abs(back.astype(int) - img.astype(int)).mean() < 12
     assert small.stat().st_size < full.stat().st_size
+
+
+def _toy_run(tmp_path):
+    """A labelled toy target-test split and three variants' predictions on it: none, one box a tile, all."""
+    write_toy_split(
+        tmp_path / "target-test",
+        6,
+        seed=4,
+        name="target-test",
+        weak=True,
+        labels_dir=tmp_path / "evaluation/target-test",
+    )
+    split = open_evaluation_split(tmp_path, "target-test")
+    truth = [split.labels(t.tile_id) for t in split.tiles]
+    predictions = {
+        "source-only": [Detections(d.xyxy[:1], np.full(min(len(d), 1), 0.3)) for d in truth[:3]]
+        + [Detections.empty(True) for _ in truth[3:]],
+        "real-heatmap-r2+source": [Detections(d.xyxy[:1], np.full(min(len(d), 1), 0.6)) for d in truth],
+        "oracle": [Detections(d.xyxy, np.full(len(d), 0.9)) for d in truth],
+    }
+    return split, {k: [evaluate_split(split, v)] for k, v in predictions.items()}
+
+
+def test_report_opens_with_the_detector_handed_over_and_its_ap50_against_source_only(tmp_path):
+    split, variants = _toy_run(tmp_path)
+    name = "real-heatmap-r2+source"
+    order = [f"`real-{m}-r{k}+source`: not built" for k in (4, 3) for m in ("heatmap", "fused", "self-training")]
+    md = write_report(
+        tmp_path / "report",
+        variants,
+        split=split,
+        title="aerosynth toy: a -> b",
+        handed_over={"variant": name, "seed": 0, "path": "runs/toy/detector.pt", "kind": "real"},
+        how_chosen=["the first of the order built", "", *order, f"`{name}`: **handed over**"],
+    )
+    lines = md.read_text().splitlines()
+    mine, base = variants[name][0].ap50, variants["source-only"][0].ap50
+    assert mine > base  # the toy run: the adapted variant finds every tile's first box
+    first = lines[0]
+    assert len(first) <= 200 and first.startswith("# Handed over `real-heatmap-r2+source`")
+    assert f"AP50 {mine:.3f} against source-only {base:.3f} ({mine - base:+.3f}) on target-test" in first
+    assert all(len(line) <= 200 for line in lines[:6])
+    assert "`runs/toy/detector.pt` is seed 0 of `real-heatmap-r2+source` (real)" in "\n".join(lines[:4])
+    assert "The run: aerosynth toy: a -> b." in lines[:6]
+    # the order and the rule come further down, below the table
+    chosen = lines.index("## How it was chosen")
+    assert lines.index("## Results") < chosen and lines[chosen + 2] == "the first of the order built"
+    assert not any("real-fused-r4+source" in line for line in lines[:chosen])
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert doc["handed_over"]["variant"] == name
+
+
+def test_report_says_when_source_only_is_handed_over_and_refuses_an_unknown_variant(tmp_path):
+    split, variants = _toy_run(tmp_path)
+    handed = {"variant": "source-only", "seed": 1, "path": "w/detector.pt"}
+    first = write_report(tmp_path / "r1", variants, split=split, handed_over=handed).read_text().splitlines()[0]
+    ap = variants["source-only"][0].ap50
+    assert first == f"# Handed over `source-only` (no adapted detector): AP50 {ap:.3f} on target-test"
+
+    with pytest.raises(InputError, match="'real-fused\\+source' is not one of the variants reported"):
+        write_report(tmp_path / "r2", variants, split=split, handed_over={**handed, "variant": "real-fused+source"})
