@@ -73,6 +73,7 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
 
     from aerosynth.annotation.metrics import label_quality
     from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.detection.closure import gap_closure
     from aerosynth.flows.adapt_detection import MIX_BUDGET_SUFFIX, variant_kind
 
     work = run_dir(args.config, args.target, args.work_dir)
@@ -96,13 +97,8 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         if name != "source-only" and base:
             diffs = {s: v - base[s] for s, v in row["per_seed"].items() if s in base}
             row["above_source_only_on_every_seed"] = bool(diffs) and all(d > 0 for d in diffs.values())
-            closure = [
-                (v - base[s]) / (oracle[s] - base[s])
-                for s, v in row["per_seed"].items()
-                if s in base and s in oracle and oracle[s] != base[s]
-            ]
-            if closure and name != "oracle":
-                row["gap_closure_mean"] = round(float(np.mean(closure)), 3)
+            if name != "oracle" and oracle:
+                row["closure"] = gap_closure(row["per_seed"], base, oracle).to_dict()
         dataset = work / "annotation" / name.removesuffix("+source") / "dataset"
         if row["kind"] == "real" and (dataset / "labels").is_dir():
             row["labels"] = label_quality(dataset / "labels", work / "tiles")
@@ -232,6 +228,35 @@ def _stage_seconds(work: Path) -> dict:
     return out
 
 
+def _closure_text(closure: dict) -> str:
+    from aerosynth.detection.closure import GapClosure
+
+    ci = closure.get("ci95")
+    return GapClosure(closure["ratio_of_means"], tuple(ci) if ci else None, tuple(closure["seeds"])).fmt()
+
+
+def recompute_closure(paths: list[Path]) -> None:
+    """Rewrite the closure of every variant of committed results JSON from their per-seed figures.
+
+    The one closure (:mod:`aerosynth.detection.closure`) replaces the mean of per-seed ratios
+    (``gap_closure_mean``) that files written before it carry; nothing else in the files changes.
+    """
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.detection.closure import gap_closure
+
+    for path in paths:
+        doc = json.loads(path.read_text())
+        variants = doc["variants"]
+        base = variants.get("source-only", {}).get("per_seed", {})
+        oracle = variants.get("oracle", {}).get("per_seed", {})
+        for name, row in variants.items():
+            row.pop("gap_closure_mean", None)
+            if name not in ("source-only", "oracle") and base and oracle:
+                row["closure"] = gap_closure(row["per_seed"], base, oracle).to_dict()
+        atomic_write_json(path, doc)
+        print(path.name, {n: r["closure"]["ratio_of_means"] for n, r in variants.items() if "closure" in r})
+
+
 def table() -> str:
     """Markdown: one row per variant, one column per target, from the committed JSON files."""
     docs = {t: json.loads(p.read_text()) for t in PRESETS if (p := RESULTS / f"adapt_flow_{t}.json").is_file()}
@@ -250,7 +275,7 @@ def table() -> str:
                 cells.append("")
                 continue
             per = ", ".join(f"{v:.3f}" for v in row["per_seed"].values())
-            extra = f"; closure {row['gap_closure_mean']:.2f}" if "gap_closure_mean" in row else ""
+            extra = f"; closure {_closure_text(row['closure'])}" if row.get("closure") else ""
             if "labels" in row:
                 extra += f"; labels P {row['labels']['precision']:.2f} R {row['labels']['recall']:.2f}"
             cells.append(f"{row['mean']:.3f} ({per}){extra}")
@@ -273,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--runner", choices=["sequential", "dask"])
             p.add_argument("--fresh", action="store_true")
     sub.add_parser("table", help="markdown table of the committed JSON files")
+    p = sub.add_parser("closure", help="rewrite the closure of results JSON files from their per-seed figures")
+    p.add_argument("results", nargs="+", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "table":
         print(table())
+    elif args.cmd == "closure":
+        recompute_closure(args.results)
     else:
         run(args) if args.cmd == "run" else collect(args)
     return 0

@@ -57,6 +57,7 @@ def collect() -> dict:
     import numpy as np
 
     from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.detection.closure import gap_closure
 
     def ap(name: str, seed: int, target: str) -> float | None:
         path = _run_dir(name, seed) / "metrics.json"
@@ -88,11 +89,6 @@ def collect() -> dict:
             diffs = np.array([v - base[s] for s, v in got.items()])
             cont = rows["continued"]
             vs_cont = np.array([v - cont[s] for s, v in got.items() if cont.get(s) is not None])
-            closure = [
-                (v - base[s]) / (oracle[s] - base[s])
-                for s, v in got.items()
-                if oracle.get(s) is not None and oracle[s] != base[s]
-            ]
             table[variant] = {
                 "per_seed": {str(s): v for s, v in got.items()},
                 "mean": round(float(vals.mean()), 4),
@@ -102,8 +98,9 @@ def collect() -> dict:
                 "above_source_only_on_every_seed": bool((diffs > 0).all()) if variant != "source-only" else None,
                 "paired_diff_to_continued_mean": round(float(vs_cont.mean()), 4) if len(vs_cont) else None,
                 "paired_diff_to_continued_std": round(float(vs_cont.std(ddof=1)), 4) if len(vs_cont) > 1 else None,
-                "gap_closure_mean": round(float(np.mean(closure)), 3) if closure else None,
-                "gap_closure_std": round(float(np.std(closure, ddof=1)), 3) if len(closure) > 1 else None,
+                "closure": gap_closure(
+                    got, {s: v for s, v in base.items() if v is not None}, {s: v for s, v in oracle.items() if v}
+                ).to_dict(),
             }
         doc["targets"][target] = table
     speeds = [
@@ -138,6 +135,8 @@ def labels_vs_truth(labels: Path, tiles: Path) -> dict:
 
 def markdown(doc: dict) -> str:
     """The README tables of a collected document: one per target, a row per variant."""
+    from aerosynth.detection.closure import GapClosure
+
     lines = []
     names = {
         "source-only": "source-only (reference recipe, final weights)",
@@ -164,10 +163,9 @@ def markdown(doc: dict) -> str:
                 else ("yes" if row["above_source_only_on_every_seed"] else "no")
             )
             closure = ""
-            if row["gap_closure_mean"] is not None and variant not in ("source-only", "oracle"):
-                closure = f"{row['gap_closure_mean']:.2f}" + (
-                    f" ± {row['gap_closure_std']:.2f}" if row["gap_closure_std"] is not None else ""
-                )
+            if row.get("closure") and variant not in ("source-only", "oracle"):
+                c = row["closure"]
+                closure = GapClosure(c["ratio_of_means"], tuple(c["ci95"]) if c["ci95"] else None, ()).fmt()
             to_cont = ""
             if row["paired_diff_to_continued_mean"] is not None and variant not in ("source-only", "continued"):
                 to_cont = f"{row['paired_diff_to_continued_mean']:+.3f}" + (
