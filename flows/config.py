@@ -39,8 +39,9 @@ class DataSettings(Strict):
     exclude_groups: list[str] = []
     bands: list[int] | None = None
     # vehicle classes of multi-class custom labels (YOLO ids / COCO category ids, or names from data.yaml or
-    # the COCO categories); None: class 0 only, other ids refused (as `aerosynth data prepare --classes`)
-    classes: list[int | str] | None = None
+    # the COCO categories); None (default): class 0 only, other ids refused (as `aerosynth data prepare
+    # --classes`); an empty list, or an id or name no domain has, is refused
+    classes: list[int | str] | None = Field(None, min_length=1)
     gsd: float = Field(0.125, gt=0)
     tile_size: int = Field(128, ge=32)
     # a tile of a target without boxes that no flag covers (flags.json/.csv/.geojson in the target folder):
@@ -80,6 +81,14 @@ class StageSettings(Strict):
 
 
 class SamplingSettings(Strict):
+    """How synthetic images are sampled from the LDM.
+
+    ``steps`` (25) denoising steps of ``scheduler`` (``ddim``); ``guidance_scale`` (4.0) classifier-free
+    guidance, ``guidance_rescale`` (0: off) its rescaling; ``batch_size`` (8) images per UNet batch and
+    ``shard_size`` (32) images per shard (the unit a resumed run skips). Fewer steps make a quicker, rougher
+    set (the CPU presets use 10); lower ``batch_size`` when memory runs short.
+    """
+
     steps: int = Field(25, ge=1)
     guidance_scale: float = Field(4.0, ge=1.0)
     guidance_rescale: float = Field(0.0, ge=0, le=1)
@@ -89,12 +98,20 @@ class SamplingSettings(Strict):
 
 
 class SetCounts(Strict):
+    """How many synthetic images of each set are generated: source-style tiles with cars (32), target-style
+    tiles with cars (32), target-style tiles without (16). More images give the synthetic variants more to
+    train on at a proportional synthesis cost."""
+
     source_cars: int = Field(32, ge=1)
     target_cars: int = Field(32, ge=1)
     target_empty: int = Field(16, ge=0)
 
 
 class TranslationSettings(Strict):
+    """Source-train tiles translated to the target style (noised to ``strength`` of the schedule, 0.5, and
+    denoised with the target prompt), their boxes kept: variant ``translation+source``. ``max_tiles``
+    (all by default) caps the tiles translated, for a quicker run; ``enabled: false`` skips the set."""
+
     enabled: bool = True
     strength: float = Field(0.5, gt=0, le=1)
     # the heat-map score a translated source box needs to be kept; 0 (default) keeps every box: raise it only

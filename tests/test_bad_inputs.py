@@ -289,6 +289,10 @@ def config_recommend_near_miss(tmp):
     )
 
 
+def config_empty_classes(tmp):
+    return _adapt(tmp, "preset: demo\ndata:\n  classes: []\n"), "config.data.classes: List should have at least 1 item"
+
+
 def config_mix_of_unknown_sets(tmp):
     return _adapt(tmp, "preset: demo\ndetection:\n  mixes: [[nope, alsonope]]\n"), (
         "config.detection.mixes[0]: 'nope': no method builds a set so named; the sets this config builds: "
@@ -459,6 +463,7 @@ CASES: list[Case] = [
     config_missing_file,
     config_recommend_typo,
     config_recommend_near_miss,
+    config_empty_classes,
     config_mix_of_unknown_sets,
     config_mix_of_a_set_not_enabled,
     unknown_runner,
