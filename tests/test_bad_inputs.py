@@ -261,6 +261,11 @@ def config_out_of_range(tmp):
     ), "config.generation.translation.strength"
 
 
+def config_finetune_without_budget(tmp):
+    # null would make each variant's budget its dataset's size: the paired design needs one budget
+    return _adapt(tmp, "preset: demo\ndetection:\n  finetune:\n    images: null\n"), "config.detection.finetune.images"
+
+
 def config_not_a_mapping(tmp):
     return _adapt(tmp, "- just\n- a list\n"), "mapping"
 
@@ -457,6 +462,7 @@ CASES: list[Case] = [
     unknown_config_key,
     config_wrong_type,
     config_out_of_range,
+    config_finetune_without_budget,
     config_not_a_mapping,
     config_bad_yaml,
     config_unknown_preset,
