@@ -7,6 +7,7 @@ extension is checked in Python (:func:`aerosynth.data.stac_labels.check_label_it
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,22 @@ def _inside(root: Path, path: Path) -> bool:
         return False
 
 
+def _href_target(root: Path, path: Path, href: str) -> Path | None:
+    """The file that the relative ``href`` of the STAC file ``path`` names, or ``None`` when it leaves ``root``.
+
+    The href is joined to ``path``'s place inside ``root`` as text, not through the file system, so an href
+    that climbs out of the folder and back in by its name (``../../<folder>/tiles/a.tif``) is refused too:
+    it resolves while the folder has that name and breaks once the folder is renamed (as a temporary
+    export folder is when it is published) or moved.
+    """
+    where = path.parent.relative_to(root).as_posix()
+    joined = posixpath.normpath(posixpath.join(where, href))
+    if joined == ".." or joined.startswith("../") or posixpath.isabs(joined):
+        return None
+    target = root / joined
+    return target if _inside(root, target) else None
+
+
 def validate_export(folder: str | Path) -> dict[str, int]:
     """Validate a tile export offline: STAC core schemas, label extension, hrefs, files.
 
@@ -66,7 +83,9 @@ def validate_export(folder: str | Path) -> dict[str, int]:
     ``label:assets``; a ``labels`` GeoJSON asset that exists, is a FeatureCollection whose features
     carry each ``label:properties`` key with a value from ``label:classes``, and matches the
     ``label:overviews`` counts. Every link and asset href must be relative and point to an existing
-    file inside ``folder`` (self-contained catalog).
+    file inside ``folder`` without leaving it on the way (self-contained catalog: it validates the same
+    before and after the folder is renamed or moved, so a temporary export folder can be checked before it
+    is published).
 
     Args:
         folder: the export folder (with ``catalog.json``).
@@ -77,10 +96,10 @@ def validate_export(folder: str | Path) -> dict[str, int]:
     Raises:
         InputError: the first problem, naming the file.
     """
-    root = Path(folder)
+    root = Path(folder).resolve()
     catalog_path = root / "catalog.json"
     if not catalog_path.is_file():
-        raise InputError(catalog_path, "no STAC catalog")
+        raise InputError(Path(folder) / "catalog.json", "no STAC catalog")
     validator = OfflineSTACValidator()
     seen: set[Path] = set()
     docs: dict[Path, dict] = {}
@@ -112,11 +131,14 @@ def validate_export(folder: str | Path) -> dict[str, int]:
             if not _is_relative(href):
                 raise InputError(path, f"link {link.get('rel')} has a non-relative href {href!r}")
             if link.get("rel") in ("child", "item", "source", "parent", "root"):
-                todo.append((path.parent / href).resolve())
+                target = _href_target(root, path, href)
+                if target is None:
+                    raise InputError(path, f"link {link.get('rel')} href {href!r} leaves the export folder")
+                todo.append(target.resolve())
         for key, asset in (doc.get("assets") or {}).items():
             href = str(asset.get("href", ""))
-            target = (path.parent / href).resolve()
-            if not _is_relative(href) or not _inside(root, target) or not target.is_file():
+            target = _href_target(root, path, href) if _is_relative(href) else None
+            if target is None or not target.is_file():
                 raise InputError(path, f"asset {key} href {href!r} is not a relative path to a file of the export")
     counts = {"catalogs": 0, "items": 0, "label_items": 0}
     for path, doc in docs.items():

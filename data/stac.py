@@ -18,6 +18,8 @@ Label Items come from :mod:`aerosynth.data.stac_labels`; the export is checked o
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,7 +71,11 @@ def write_stac_catalog(
         real: real tiles (``aerosynth:synthetic: false``, no seed).
         georeference: where real tiles' georeference comes from, in words.
     """
-    root, tiles, crs, class_names = export.root, export.tiles, export.crs, export.class_names
+    # pystac reads a relative href as relative to the object that holds it, not to the working folder: every
+    # href is built absolute here (wherever the export is being built: a relative OUT_ROOT, a temporary
+    # folder) and made relative to its file when the catalog is saved, so the catalog works wherever it is moved.
+    root = Path(os.path.abspath(export.root))
+    tiles, crs, class_names = export.tiles, export.crs, export.class_names
     kind = {True: "with vehicles", False: "without vehicles", None: "all"}[with_vehicles]
     if real:
         what, where = f"real tiles of {domain}", georeference

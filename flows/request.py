@@ -9,11 +9,13 @@ writes one new dated export folder, never touching an earlier one. Its steps:
 1. check every input before anything is written, find the model (:mod:`aerosynth.data.run_model`);
 2. synthesise the images (:func:`aerosynth.generation.sampling.generate_set`);
 3. label them (:func:`heatmap_labels` or :func:`detector_labels`);
-4. export them into a new folder published atomically under a lock (:mod:`aerosynth.data.export_folder` has the
-   layout): GeoTIFF tiles, GeoJSON, COCO and YOLO (:mod:`aerosynth.data.tile_export`), a STAC catalog with an
-   image and a label Item per tile (:mod:`aerosynth.data.stac`), ``preview.png`` (tiles | heat maps with their
+4. export them into a temporary folder (:mod:`aerosynth.data.export_folder` has the layout): GeoTIFF tiles,
+   GeoJSON, COCO and YOLO (:mod:`aerosynth.data.tile_export`), a STAC catalog with an image and a label Item
+   per tile (:mod:`aerosynth.data.stac`, relative hrefs only), ``preview.png`` (tiles | heat maps with their
    boxes, first 16 tiles) and ``request.json`` (the request, model, seeds, counts and the sha256 of every file);
-5. :func:`request_flow` validates the export offline (:func:`aerosynth.data.export_validation.validate_export`).
+5. validate it there, offline (:func:`aerosynth.data.export_validation.validate_export`), and only then
+   publish it under its final name (a rename under a lock). A request that fails at any step leaves no
+   folder under the final name and no temporary one, so the same request can be made again.
 
 Synthetic georeference: generated images have no place on Earth. Tile ``i`` is laid on the grid
 that :mod:`aerosynth.annotation.export` uses for ``georef.json``: EPSG:3857 near (0, 0), ``ceil(sqrt(N))``
@@ -44,6 +46,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,12 +267,12 @@ def request_tiles(
             that method gave them (``source`` must be the run folder; module docstring).
 
     Returns:
-        The export folder.
+        The export folder (validated before it was published).
 
     Raises:
         InputError: a bad name or value, an unknown domain, no model, a missing detector, a run without
-            the real-tile labels asked for, or an export of that name and date that already exists.
-            Nothing is written then.
+            the real-tile labels asked for, or an export of that name and date that already exists
+            (nothing is written then); or an export that fails its validation (nothing is published).
     """
     req = TileRequest(
         name=name,
@@ -298,10 +301,33 @@ def request_tiles(
     log.info(
         "request %s: %d tiles of %s (%s vehicles) from %s", req.name, req.count, domain_name, kind, model.model_dir
     )
-    with publish_export(folder) as tmp:
-        _build(tmp, folder, req, model, domain_name, tile_gsd, progress)
-    log.info("request %s: export %s", req.name, folder)
+    _publish(folder, req, lambda tmp: _build(tmp, folder, req, model, domain_name, tile_gsd, progress))
     return folder
+
+
+def _publish(folder: Path, req: TileRequest, build: Callable[[Path], None]) -> dict[str, int]:
+    """Build the export into a temporary folder, validate it there, then rename it to ``folder``.
+
+    Any error (the validation's included) removes the temporary folder: nothing is left under ``folder``.
+
+    Returns:
+        The validation's counts (catalogs, items, label items).
+
+    Raises:
+        InputError: the export fails its validation (named by ``folder`` and the file at fault).
+    """
+    with publish_export(folder) as tmp:
+        build(tmp)
+        try:
+            counts = validate_export(tmp)
+        except InputError as exc:
+            try:
+                where = Path(exc.where).relative_to(tmp.resolve()).as_posix()
+            except ValueError:
+                where = exc.where
+            raise InputError(folder, f"not published, the export is invalid: {where}: {exc.problem}") from None
+    _logger().info("request %s: export %s (STAC valid: %s)", req.name, folder, counts)
+    return counts
 
 
 def _build(
@@ -442,9 +468,7 @@ def _request_real(run_dir: Path, folder: Path, req: TileRequest) -> Path:
         domain,
         req.real,
     )
-    with publish_export(folder) as tmp:
-        _build_real(tmp, folder, req, choice)
-    log.info("request %s: export %s", req.name, folder)
+    _publish(folder, req, lambda tmp: _build_real(tmp, folder, req, choice))
     return folder
 
 
@@ -506,7 +530,7 @@ def request_flow(
     gsd: float | None = None,
     real: str | None = None,
 ) -> str:
-    """Prefect flow ``request``: :func:`request_tiles`, then the export is validated; returns its path."""
+    """Prefect flow ``request``: :func:`request_tiles` (which validates the export before publishing it); its path."""
     folder = request_tiles(
         source,
         out_root,
@@ -523,6 +547,4 @@ def request_flow(
         gsd=gsd,
         real=real,
     )
-    counts = validate_export(folder)
-    _logger().info("STAC valid: %s", counts)
     return str(folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -266,12 +267,79 @@ def test_validator_rejects_broken_exports_offline(exports, tmp_path):
         broken = _corrupt(export, tmp_path, rel, change)
         with pytest.raises(InputError, match=message):
             validate_export(broken)
+    # hrefs that leave the folder and come back in by its name resolve, but only until the folder is renamed
+    # (a temporary export folder always is): refused, so a check before publishing holds after it
+    for rel, kind, message in [(image, "asset", "not a relative path"), (label, "source", "leaves the export")]:
+        broken = _corrupt(export, tmp_path, rel, lambda d: None)
+        doc = json.loads((broken / rel).read_text())
+        if kind == "asset":
+            href = doc["assets"]["image"]["href"] = f"../../../{broken.name}/tiles/munich-cars_000001.tif"
+        else:
+            (link,) = [lk for lk in doc["links"] if lk["rel"] == "source"]
+            href = link["href"] = f"../../../{broken.name}/stac/images/munich-cars_000001.json"
+        (broken / rel).write_text(json.dumps(doc))
+        assert (broken / rel).parent.joinpath(href).resolve().is_file()
+        with pytest.raises(InputError, match=message):
+            validate_export(broken)
     ok = json.loads((export / label).read_text())
     check_label_item(ok, label)
     bad = copy.deepcopy(ok)
     bad["properties"]["label:classes"] = [{"name": "class_name", "classes": ["car", 3]}]
     with pytest.raises(InputError, match="all strings or all numbers"):
         check_label_item(bad, label)
+
+
+def test_relative_out_and_run_folders_give_a_catalog_that_opens_from_anywhere(run_dir, tmp_path, monkeypatch):
+    """`aerosynth request` with the default (relative) --out: the hrefs were once built from the temporary path."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    folder = request_tiles(Path(os.path.relpath(run_dir, work)), Path("exports"), "rel", "target", 2, **FAST)
+    assert folder == Path("exports/2025-06-01_rel") and sorted(p.name for p in Path("exports").iterdir()) == [
+        "2025-06-01_rel"
+    ]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    export = (work / folder).resolve()
+    assert validate_export(Path("..") / "cwd" / folder) == {"catalogs": 3, "items": 4, "label_items": 2}
+    catalog = pystac.Catalog.from_file(os.path.relpath(export / "catalog.json"))
+    assets = [asset for item in catalog.get_items(recursive=True) for asset in item.assets.values()]
+    assert len(assets) == 4
+    for asset in assets:
+        target = Path(asset.get_absolute_href())
+        assert target.is_file() and target.resolve().is_relative_to(export)
+        assert not Path(asset.href).is_absolute() and ".partial" not in asset.href
+    for path in export.rglob("*.json"):
+        assert ".partial" not in path.read_text() and str(work) not in path.read_text()
+
+
+def test_an_export_that_fails_validation_is_not_published_and_the_request_can_be_repeated(
+    run_dir, tmp_path, monkeypatch
+):
+    import aerosynth.data.stac
+
+    write_stac_catalog = aerosynth.data.stac.write_stac_catalog
+    built: list[Path] = []
+
+    def climbing_href(export, *args, **kwargs):
+        """The catalog as written, then one label href that resolves only under the temporary name."""
+        write_stac_catalog(export, *args, **kwargs)
+        item = export.root / "stac" / "labels" / "again_000001.json"
+        doc = json.loads(item.read_text())
+        doc["assets"]["labels"]["href"] = f"../../../{export.root.name}/labels/again_000001.geojson"
+        item.write_text(json.dumps(doc))
+        built.append(export.root)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(aerosynth.data.stac, "write_stac_catalog", climbing_href)
+    with pytest.raises(InputError, match=r"2025-06-01_again: not published, the export is invalid: stac/labels/"):
+        request_tiles(run_dir, out, "again", "target", 2, **FAST)
+    assert built and built[0].name.endswith(".partial") and not built[0].exists()
+    assert list(out.iterdir()) == []  # no folder under the final name, no temporary folder, no lock
+    monkeypatch.setattr(aerosynth.data.stac, "write_stac_catalog", write_stac_catalog)
+    folder = request_tiles(run_dir, out, "again", "target", 2, **FAST)
+    assert validate_export(folder)["label_items"] == 2 and [p.name for p in out.iterdir()] == [folder.name]
 
 
 def test_prefect_flow_wraps_the_request(prefect_harness, run_dir, tmp_path):
