@@ -24,6 +24,7 @@ from affine import Affine
 from aerosynth.data.classes import NAMES_FILE, first_yolo_line, read_yolo_names
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
+from aerosynth.data.flags import FLAGS_GEOJSON, TargetFlags, read_target_flags
 from aerosynth.data.geo import geojson_to_detections, read_geojson
 from aerosynth.data.imageio import IMAGE_SUFFIXES, image_size, read_rgb
 from aerosynth.data.rasters import read_raster
@@ -86,6 +87,10 @@ class Domain:
         label_ids: label id of each class index of the loaded boxes (COCO: the sorted category ids);
             ``None``: class index and label id are the same.
         label_file: the file holding every image's labels (a COCO json), named in messages.
+        has_labels: whether the domain comes with boxes at all (a ``labels/`` folder, GeoJSON labels, COCO
+            annotations); without them an image without labels is not a negative, and a target needs flags.
+        flags: the weak flags given with the domain (:mod:`aerosynth.data.flags`), or ``None``.
+        root: the folder the domain was opened from (its flag files are there), named in messages.
         classes_asked: what ``--classes`` (or ``data.classes``) gave when none of it named a class of this
             domain (which then keeps the default), for the message refusing another class.
     """
@@ -102,6 +107,9 @@ class Domain:
     label_ids: list[int] | None = None
     label_file: Path | None = None
     classes_asked: tuple[str, ...] = ()
+    has_labels: bool = True
+    flags: TargetFlags | None = None
+    root: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -238,7 +246,7 @@ class Domain:
             )
         elif item.label_path is not None:
             dets = read_yolo_labels(item.label_path, w, h)
-        elif self.missing_labels == "negative":
+        elif self.missing_labels == "negative" and self.has_labels:
             dets = Detections.empty()
         return LoadedImage(rgb, valid, dets, transform, crs, gsd)
 
@@ -277,7 +285,10 @@ def yolo_folder_domain(
     class_names: list[str] | None = None,
     classes: Collection[int] | None = None,
 ) -> Domain:
-    """A folder with ``images/``, ``labels/`` (YOLO txt) and optional ``groups.json``.
+    """A folder with ``images/``, ``labels/`` (YOLO txt) and optional ``groups.json`` and flag files.
+
+    Without a ``labels/`` folder the domain has no boxes (:attr:`Domain.has_labels` false): a target then
+    takes its weak flags from ``flags.json``/``flags.csv``/``flags.geojson`` (:mod:`aerosynth.data.flags`).
 
     Args:
         root: the folder.
@@ -290,8 +301,8 @@ def yolo_folder_domain(
             folder's ``data.yaml`` ``names:`` name them for ``--classes``.
 
     Raises:
-        InputError: missing folders, a label file without image, an image without label file
-            (unless negatives are allowed), no images, an unreadable ``data.yaml``.
+        InputError: missing folders, a label file without image, an image without label file in a
+            ``labels/`` folder (unless negatives are allowed), no images, an unreadable ``data.yaml`` or flag file.
     """
     root = Path(root)
     images = _images_in(root / "images", IMAGE_SUFFIXES)
@@ -307,7 +318,7 @@ def yolo_folder_domain(
     items = []
     for p in images:
         lab = label_files.get(p.stem)
-        if lab is None and missing_labels != "negative":
+        if lab is None and missing_labels != "negative" and labels_dir.is_dir():
             raise InputError(p, "image without label file (set missing_labels='negative' if it has no vehicle)")
         items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
     names_file = root / NAMES_FILE
@@ -319,6 +330,9 @@ def yolo_folder_domain(
         missing_labels=missing_labels,
         class_vocabulary=read_yolo_names(names_file) if names_file.is_file() else {},
         classes=frozenset(classes) if classes is not None else None,
+        has_labels=labels_dir.is_dir(),
+        flags=read_target_flags(root),
+        root=root,
     )
 
 
@@ -391,7 +405,8 @@ def _coco_domain(
         path = image_dir / im["file_name"]
         if not path.is_file():
             raise InputError(path, "image listed in the COCO json not found")
-        items.append(DomainImage(path.stem, path, str(im.get("group", path.stem)), None, by_image.get(im["id"], [])))
+        anns_of = by_image.get(im["id"], []) if "annotations" in doc else None
+        items.append(DomainImage(path.stem, path, str(im.get("group", path.stem)), None, anns_of))
     return Domain(
         name or coco_json.stem,
         items,
@@ -400,6 +415,9 @@ def _coco_domain(
         class_vocabulary={c["id"]: str(c["name"]) for c in cats},
         label_ids=[c["id"] for c in cats],
         label_file=coco_json,
+        has_labels="annotations" in doc,
+        flags=read_target_flags(coco_json.parent),
+        root=coco_json.parent,
     )
 
 
@@ -416,20 +434,24 @@ def geotiff_domain(
 
     The GSD comes from each raster's transform unless ``gsd`` is given. Groups come from
     ``groups.json`` when present, else each raster is its own group. ``classes`` are the
-    ``class_id`` values that are vehicles (default: 0 only, others refused).
+    ``class_id`` values that are vehicles (default: 0 only, others refused). A folder without any label
+    file has no boxes (its weak flags come from ``flags.json``/``flags.csv``/``flags.geojson``).
     """
     folder = Path(folder)
     rasters = _images_in(folder, RASTER_SUFFIXES)
     groups = read_groups(folder / "groups.json") if (folder / "groups.json").is_file() else {}
     stems = {p.stem for p in rasters}
     for lab in folder.glob("*.geojson"):
+        if lab.name == FLAGS_GEOJSON:  # weak flags (aerosynth.data.flags), not labels
+            continue
         if lab.stem not in stems:
             raise InputError(lab, "label file without raster")
+    labelled = any(p.with_suffix(".geojson").is_file() for p in rasters)
     items = []
     for p in rasters:
         lab = p.with_suffix(".geojson")
         if not lab.is_file():
-            if missing_labels != "negative":
+            if missing_labels != "negative" and labelled:
                 raise InputError(p, "raster without label file")
             lab = None
         items.append(DomainImage(p.stem, p, groups.get(p.name, p.stem), lab))
@@ -441,6 +463,9 @@ def geotiff_domain(
         point_box_m=point_box_m,
         missing_labels=missing_labels,
         classes=frozenset(classes) if classes is not None else None,
+        has_labels=labelled,
+        flags=read_target_flags(folder),
+        root=folder,
     )
 
 

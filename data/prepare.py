@@ -1,9 +1,16 @@
-"""Turn domains into normalised tile splits (the format of :mod:`aerosynth.data.tileset`)."""
+"""Turn domains into normalised tile splits (the format of :mod:`aerosynth.data.tileset`).
+
+A target split is weak: one flag per tile (vehicle or empty). Each flag comes from, in this order, the
+target's flag files (:mod:`aerosynth.data.flags`: a tile entry, an image entry, ``flags.geojson``), else its
+boxes (a tile with a kept box has a vehicle), else the rule for unflagged tiles (``unflagged``: refuse,
+empty, or leave the tile out). The boxes of a target, when it has any, go to ``evaluation/<split>`` only;
+a target without boxes has no ``evaluation/`` folder and its manifest says ``"target_boxes": false``.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,14 +18,16 @@ import numpy as np
 from affine import Affine
 
 from aerosynth.data.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from aerosynth.data.domains import Domain, check_image_headers
+from aerosynth.data.detections import Detections
+from aerosynth.data.domains import RASTER_SUFFIXES, Domain, DomainImage, check_image_headers
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_coco
+from aerosynth.data.flags import FLAG_FILES, FLAGS_GEOJSON, UnflaggedRule, check_unflagged_rule, tile_id
 from aerosynth.data.geo import crs_to_string
 from aerosynth.data.imageio import write_png
 from aerosynth.data.manifest import tree_sha256, write_manifest
 from aerosynth.data.tileset import COCO_FILE, EVALUATION_DIR, TILES_FILE, SplitInfo, TileRecord, tiles_document
-from aerosynth.data.tiling import cut_tiles, resample, resample_labels, resample_transform
+from aerosynth.data.tiling import Tile, cut_tiles, resample, resample_labels, resample_transform, tile_offsets
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,11 @@ class SplitSpec:
 
 @dataclass
 class PrepareSpec:
-    """A whole dataset: target GSD, tile size, splits."""
+    """A whole dataset: target GSD, tile size, splits, and what a target tile without flag becomes.
+
+    ``unflagged`` applies to tiles of a target without boxes that no flag covers: ``"error"`` refuses
+    them (naming the tile), ``"empty"`` flags them empty, ``"skip"`` leaves them out of the split.
+    """
 
     preset: str
     splits: list[SplitSpec]
@@ -59,6 +72,10 @@ class PrepareSpec:
     single_class: bool = True
     min_valid_fraction: float = 0.5
     min_inside: float = 0.5
+    unflagged: UnflaggedRule = "error"
+
+    def __post_init__(self) -> None:
+        check_unflagged_rule(self.unflagged, "unflagged")
 
 
 def _select(split: SplitSpec) -> list:
@@ -76,68 +93,229 @@ def _select(split: SplitSpec) -> list:
     return items
 
 
-def _scale_for(split: SplitSpec, gsd: float | None, target_gsd: float, where: Path) -> float:
-    if split.scale is not None:
-        return split.scale
+def _scale_for(scale: float | None, gsd: float | None, target_gsd: float, where: Path) -> float:
+    if scale is not None:
+        return scale
     if gsd is None:
         raise InputError(where, "unknown ground sample distance: give the domain a gsd or use a georeferenced raster")
     return gsd / target_gsd
 
 
+@dataclass
+class CutImage:
+    """One domain image resampled to the tiles' GSD, with its boxes and georeference at that scale.
+
+    Attributes:
+        item: the domain image.
+        rgb: its pixels, resampled.
+        valid: valid (not nodata) pixels, resampled, or ``None`` when all are valid.
+        detections: vehicle boxes in resampled pixels, or ``None`` without labels (or when not asked for).
+        dropped: boxes of classes that are not vehicles, dropped.
+        transform: pixel -> map transform of the resampled image, or ``None``.
+        crs: CRS of ``transform``, or ``None``.
+    """
+
+    item: DomainImage
+    rgb: np.ndarray
+    valid: np.ndarray | None
+    detections: Detections | None
+    dropped: int
+    transform: Affine | None
+    crs: object | None
+
+    def tile_positions(self, tile_size: int, mode: str = "grid") -> list[tuple[int, int]]:
+        """``(x0, y0)`` of every tile of the grid, those later skipped for nodata included."""
+        h, w = self.rgb.shape[:2]
+        return [(x0, y0) for y0 in tile_offsets(h, tile_size, mode) for x0 in tile_offsets(w, tile_size, mode)]
+
+    def tiles(
+        self, tile_size: int, mode: str = "grid", min_valid_fraction: float = 0.5, min_inside: float = 0.5
+    ) -> Iterator[tuple[str, Tile]]:
+        """``(tile id, tile)`` of the tiles kept (at least ``min_valid_fraction`` valid pixels), row by row."""
+        for tile in cut_tiles(self.rgb, self.detections, tile_size, mode, self.valid, str(self.item.path), min_inside):
+            if tile.valid_fraction >= min_valid_fraction:
+                yield tile_id(self.item.image_id, tile.x0, tile.y0), tile
+
+
+def cut_image(
+    domain: Domain,
+    item: DomainImage,
+    target_gsd: float,
+    scale: float | None = None,
+    single_class: bool = True,
+    boxes: bool = True,
+) -> CutImage:
+    """Decode one image of ``domain`` and resample it (and its vehicle boxes) to ``target_gsd``.
+
+    The one resampling every tile of aerosynth goes through (``data prepare``, ``aerosynth flag``), so that
+    tile ids and pixels agree between them.
+
+    Args:
+        domain: the domain.
+        item: one of its images.
+        target_gsd: metres per pixel of the tiles.
+        scale: fixed resampling factor (overrides ``gsd / target_gsd``).
+        single_class: fold every vehicle class into class 0.
+        boxes: read the boxes (``False``: :attr:`CutImage.detections` is ``None``).
+
+    Raises:
+        InputError: unknown GSD, unreadable image or labels, a box of a class not chosen.
+    """
+    loaded = domain.load(item)
+    scale = _scale_for(scale, loaded.gsd, target_gsd, item.path)
+    h, w = loaded.rgb.shape[:2]
+    rgb = resample(loaded.rgb, scale)
+    nh, nw = rgb.shape[:2]
+    valid = None
+    if loaded.valid is not None and not loaded.valid.all():
+        valid = resample(loaded.valid.astype(np.uint8) * 255, scale) >= 128
+    dets, dropped = (loaded.detections if boxes else None), 0
+    if dets is not None:
+        dets, dropped = domain.keep_vehicles(item, dets)
+        if single_class:
+            dets = dets.with_class(0)
+        dets = resample_labels(dets, (w, h), (nw, nh))
+    transform = resample_transform(loaded.transform, (w, h), (nw, nh)) if loaded.transform is not None else None
+    return CutImage(item, rgb, valid, dets, dropped, transform, loaded.crs)
+
+
+#: How to give the flags that are missing (the end of every "no flag" message).
+FLAG_HINT = (
+    "flag its tiles (aerosynth flag TARGET), or choose what unflagged tiles are: --unflagged empty|skip "
+    "(data.unflagged in a config)"
+)
+
+
+def check_target_flags(split: SplitSpec, unflagged: str) -> None:
+    """Refuse a weak split that cannot get a flag for every tile, before any pixel is decoded.
+
+    Checks that flag entries name images of the domain, and, for a domain without boxes under the
+    ``"error"`` rule, that it has flags and that some flag reaches every image of the split (tiles not
+    covered inside a covered image are found while cutting).
+
+    Raises:
+        InputError: one line naming the folder, the flag file or the image.
+    """
+    domain = split.domain
+    where = domain.root or domain.name
+    flags = domain.flags
+    if flags is not None:
+        names, stems = {im.path.name for im in domain.images}, {im.image_id for im in domain.images}
+        unknown = flags.unknown_entries(names, stems)
+        if unknown:
+            first = unknown[0]
+            raise InputError(
+                Path(where) / flags.sources[first],
+                f"{first!r} names no image of the target (keys: tile id <image stem>_<x0>_<y0>, image name or stem)"
+                + (f", nor {len(unknown) - 1} other key(s)" if len(unknown) > 1 else ""),
+            )
+    if domain.has_labels or unflagged != "error":
+        return
+    if flags is None:
+        raise InputError(
+            where,
+            f"target without boxes (no labels) and without flags ({', '.join(FLAG_FILES)}): {FLAG_HINT}",
+        )
+    for item in _select(split):
+        raster = item.path.suffix.lower() in RASTER_SUFFIXES
+        if not flags.covers(item.path.name, item.image_id, raster):
+            why = f"; {FLAGS_GEOJSON} flags georeferenced rasters only" if flags.geojson is not None else ""
+            raise InputError(
+                item.path, f"no flag for this image or its tiles in {', '.join(flags.files)}{why}: {FLAG_HINT}"
+            )
+
+
+def _weak_flag(
+    split: SplitSpec, cut: CutImage, tid: str, tile: Tile, tile_size: int, mask: np.ndarray | None
+) -> tuple[bool | None, str]:
+    flags = split.domain.flags
+    if flags is not None:
+        found = flags.tile_flag(tid, cut.item.path.name, cut.item.image_id, mask, tile.x0, tile.y0, tile_size)
+        if found is not None:
+            return found
+    if cut.detections is not None:
+        return bool(len(tile.boxes)), "boxes"
+    return None, "unflagged"
+
+
 def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: Progress | None = None) -> dict:
-    """Write one split under ``out_root`` and return its counts."""
+    """Write one split under ``out_root`` and return its counts.
+
+    A labelled split takes boxes and flags from the domain's labels; a weak split takes its flags as the
+    module docstring says, and writes the domain's boxes (if any) under ``evaluation/<split>``.
+    """
     items = _select(split)
+    domain = split.domain
+    if not domain.has_labels and not split.weak:
+        raise InputError(domain.root or domain.name, f"split {split.name} needs boxes: the domain has no labels")
     split_dir = out_root / split.name
     labels_dir = out_root / EVALUATION_DIR / split.name if split.weak else split_dir
+    flags = domain.flags if split.weak else None
     records: list[TileRecord] = []
     coco_items: list[LabelledImage] = []
+    sources: dict[str, int] = {}
     n_boxes = n_ignore = n_dropped = 0
     unlabelled = False
     for k, item in enumerate(items):
-        loaded = split.domain.load(item)
-        scale = _scale_for(split, loaded.gsd, spec.target_gsd, item.path)
-        h, w = loaded.rgb.shape[:2]
-        rgb = resample(loaded.rgb, scale)
-        nh, nw = rgb.shape[:2]
-        valid = None
-        if loaded.valid is not None and not loaded.valid.all():
-            valid = resample(loaded.valid.astype(np.uint8) * 255, scale) >= 128
-        dets = loaded.detections
-        if dets is None:
+        cut = cut_image(domain, item, spec.target_gsd, split.scale, spec.single_class)
+        dets = cut.detections
+        if dets is None and domain.has_labels:
             unlabelled = True
-        else:
-            dets, dropped = split.domain.keep_vehicles(item, dets)
-            n_dropped += dropped
-            if spec.single_class:
-                dets = dets.with_class(0)
-            dets = resample_labels(dets, (w, h), (nw, nh))
-        transform = resample_transform(loaded.transform, (w, h), (nw, nh)) if loaded.transform is not None else None
-        crs = crs_to_string(loaded.crs) if loaded.crs is not None else None
-        for tile in cut_tiles(rgb, dets, spec.tile_size, split.mode, valid, str(item.path), spec.min_inside):
-            if tile.valid_fraction < spec.min_valid_fraction:
-                continue
-            tile_id = f"{item.image_id}_{tile.x0}_{tile.y0}"
-            write_png(split_dir / "images" / f"{tile_id}.png", tile.pixels)
-            tt = transform @ Affine.translation(tile.x0, tile.y0) if transform is not None else None
+        n_dropped += cut.dropped
+        crs = crs_to_string(cut.crs) if cut.crs is not None else None
+        mask = None
+        if flags is not None:
+            grid = set(cut.tile_positions(spec.tile_size, split.mode))
+            stray = sorted(flags.tile_entries(item.image_id) - grid)
+            if stray:
+                tid = tile_id(item.image_id, *stray[0])
+                raise InputError(
+                    Path(domain.root or ".") / flags.sources[tid],
+                    f"{tid} is not a tile of {item.path.name} at {spec.target_gsd} m/px and {spec.tile_size} px "
+                    "(flags made with another --gsd or --tile-size?)",
+                )
+            if flags.geojson is not None and flags.image_entry(item.path.name, item.image_id) is None:
+                h, w = cut.rgb.shape[:2]
+                mask = flags.vehicle_mask(cut.transform, cut.crs, w, h, item.path)
+        for tid, tile in cut.tiles(spec.tile_size, split.mode, spec.min_valid_fraction, spec.min_inside):
+            if split.weak:
+                flag, source = _weak_flag(split, cut, tid, tile, spec.tile_size, mask)
+                if flag is None:
+                    if spec.unflagged == "error":
+                        raise InputError(
+                            item.path,
+                            f"tile {tid} has no flag in {', '.join(flags.files) if flags else 'any flag file'}: "
+                            f"{FLAG_HINT}",
+                        )
+                    source = f"unflagged ({spec.unflagged})"
+                    if spec.unflagged == "skip":
+                        sources[source] = sources.get(source, 0) + 1
+                        continue
+                    flag = False
+            else:
+                flag, source = bool(len(tile.boxes)), "boxes"
+            sources[source] = sources.get(source, 0) + 1
+            write_png(split_dir / "images" / f"{tid}.png", tile.pixels)
+            tt = cut.transform @ Affine.translation(tile.x0, tile.y0) if cut.transform is not None else None
             records.append(
                 TileRecord(
-                    tile_id=tile_id,
+                    tile_id=tid,
                     source_image=str(item.path.name),
                     group=item.group,
                     x0=tile.x0,
                     y0=tile.y0,
                     width=spec.tile_size,
                     height=spec.tile_size,
-                    has_vehicle=bool(len(tile.boxes)),
+                    has_vehicle=bool(flag),
                     transform=tuple(float(v) for v in tt[:6]) if tt is not None else None,
                     crs=crs,
                 )
             )
             if dets is not None:
                 atomic_write_text(
-                    labels_dir / "labels" / f"{tile_id}.txt", tile.boxes.to_yolo(spec.tile_size, spec.tile_size)
+                    labels_dir / "labels" / f"{tid}.txt", tile.boxes.to_yolo(spec.tile_size, spec.tile_size)
                 )
-                coco_items.append(LabelledImage(tile_id, tile.pixels, tile.boxes, tile.ignore))
+                coco_items.append(LabelledImage(tid, tile.pixels, tile.boxes, tile.ignore))
                 n_boxes += len(tile.boxes)
                 n_ignore += len(tile.ignore)
         if progress:
@@ -148,19 +326,20 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         raise InputError(f"split {split.name}", "weak flags need labels (or a flag file) for every image")
     info = SplitInfo(
         split.name,
-        split.domain.name,
+        domain.name,
         spec.target_gsd,
         spec.tile_size,
         split.weak,
-        split.domain.class_names if not spec.single_class else ["vehicle"],
+        domain.class_names if not spec.single_class else ["vehicle"],
     )
     atomic_write_json(split_dir / TILES_FILE, tiles_document(info, records))
     class_names = info.class_names
-    write_coco(labels_dir / COCO_FILE, coco_items, class_names)
+    if domain.has_labels:
+        write_coco(labels_dir / COCO_FILE, coco_items, class_names)
     if not records:
         raise InputError(f"split {split.name}", "no tile could be cut (images smaller than the tile, or all nodata)")
     counts = {
-        "domain": split.domain.name,
+        "domain": domain.name,
         "weak": split.weak,
         "images": len(items),
         "groups": sorted({im.group for im in items}),
@@ -168,10 +347,13 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         "tiles_with_vehicles": sum(r.has_vehicle for r in records),
         "boxes": n_boxes,
         "ignore_regions": n_ignore,
-        "vehicle_classes": [int(c) for c in split.domain.vehicle_classes],
+        "vehicle_classes": [int(c) for c in domain.vehicle_classes],
         "dropped_boxes": n_dropped,
         "content_sha256": tree_sha256(split_dir),
     }
+    if split.weak:
+        counts["target_boxes"] = domain.has_labels
+        counts["flag_sources"] = dict(sorted(sources.items()))
     return counts
 
 
@@ -197,6 +379,9 @@ def prepare_dataset(
         check_image_headers(domain)
     for split in spec.splits:  # boxes of classes nobody chose as vehicles, before any pixel is decoded
         split.domain.check_classes(_select(split))
+    for split in spec.splits:  # a flag for every target tile, or a rule for those without
+        if split.weak:
+            check_target_flags(split, spec.unflagged)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         splits = {}
         for split in spec.splits:
@@ -207,6 +392,7 @@ def prepare_dataset(
             "preset": spec.preset,
             "target_gsd": spec.target_gsd,
             "tile_size": spec.tile_size,
+            "target_boxes": all(s.get("target_boxes", True) for s in splits.values()),
             "splits": splits,
         }
         write_manifest(tmp, manifest)
@@ -222,11 +408,13 @@ def custom_spec(
     tile_size: int = 128,
     train_groups: list[str] | None = None,
     exclude_groups: list[str] | None = None,
+    unflagged: UnflaggedRule = "error",
 ) -> PrepareSpec:
     """Source (train, and val when ``val_groups``) and weak target (train, test) splits of two domains.
 
     Target-train is every target group not in ``test_groups``, or only ``train_groups`` when given;
-    ``exclude_groups`` are used by neither target split (e.g. Minsk's oblique ``photos``).
+    ``exclude_groups`` are used by neither target split (e.g. Minsk's oblique ``photos``). ``unflagged``
+    is what a tile of a target without boxes that no flag covers becomes (see :class:`PrepareSpec`).
     """
     if not test_groups:
         raise InputError("test_groups", "name the target groups held out for target-test")
@@ -247,4 +435,4 @@ def custom_spec(
         ),
         SplitSpec("target-test", target, groups=list(test_groups), mode="grid", weak=True),
     ]
-    return PrepareSpec("custom", splits, target_gsd=target_gsd, tile_size=tile_size)
+    return PrepareSpec("custom", splits, target_gsd=target_gsd, tile_size=tile_size, unflagged=unflagged)

@@ -226,4 +226,6 @@ def open_evaluation_split(root: str | Path, split: str) -> LabelledTileSplit:
     split_dir = root / split
     info, _ = read_tiles_file(split_dir)
     labels_dir = root / EVALUATION_DIR / split if info.weak else split_dir
+    if info.weak and not (labels_dir / COCO_FILE).is_file():
+        raise InputError(split_dir, "no boxes: the target was prepared from weak flags only, it cannot be scored")
     return LabelledTileSplit(split_dir, labels_dir)

@@ -1,21 +1,22 @@
 """A watched folder of new imagery: GeoTIFFs not used before, and the ``flags.json`` given with them.
 
-``flags.json`` in the watched folder maps tile ids (``<raster stem>_<x0>_<y0>``, offsets in tiles at
-the tiles' GSD) or raster names to ``true``/``false`` (has a vehicle).
+``flags.json`` in the watched folder maps tile ids (``<raster stem>_<x0>_<y0>``, offsets in pixels at
+the tiles' GSD) or raster names to ``true``/``false`` (has a vehicle); it is read by
+:func:`aerosynth.data.flags.read_flags_file`, the reader of a target folder's flags.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
 from aerosynth.data.domains import RASTER_SUFFIXES
 from aerosynth.data.errors import InputError
+from aerosynth.data.flags import FLAGS_FILE, read_flags_file
 from aerosynth.data.manifest import file_sha256
 
-FLAGS_FILE = "flags.json"
+__all__ = ["FLAGS_FILE", "NewRaster", "find_new_rasters", "read_flags_file"]
 
 
 @dataclass(frozen=True)
@@ -60,24 +61,3 @@ def find_new_rasters(watch_dir: str | Path, seen: Container[str]) -> list[NewRas
     if dup:
         raise InputError(watch_dir, f"two new rasters share the file stem {dup[0]!r} (tile ids would collide)")
     return list(out.values())
-
-
-def read_flags_file(path: str | Path) -> dict[str, bool]:
-    """``flags.json``: tile id or raster name -> has_vehicle (``{}`` when the file is absent).
-
-    Raises:
-        InputError: not JSON, not a mapping, or a value that is not true/false.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "must map tile ids or raster names to true/false")
-    for k, v in doc.items():
-        if not isinstance(v, bool):
-            raise InputError(f"{path}: {k}", f"flag must be true or false, got {v!r}")
-    return doc

@@ -47,7 +47,7 @@ from aerosynth.flows.adapt_report import (
     write_run_report,
     write_synthetic_samples,
 )
-from aerosynth.flows.adapt_tiles import prepare_tiles
+from aerosynth.flows.adapt_tiles import prepare_tiles, require_target_boxes
 from aerosynth.flows.config import AdaptConfig, MixBudget, build_config, dump_config
 from aerosynth.flows.scale import shared_api, task_runner
 
@@ -160,6 +160,8 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     tiles = prepare_tiles_task(cfg, work)
     if until == "tiles":
         return str(tiles)
+    if until not in ("ldm", "synthetic"):  # a target with flags only: no detector can be scored on it
+        require_target_boxes(tiles)
     if not cfg.generation.enabled:
         if until in ("ldm", "synthetic"):
             raise InputError("until", f"generation.enabled is false: this run has no {until} step")

@@ -56,7 +56,10 @@ def data_prepare(
     source: Annotated[
         Path | None, typer.Option(help="Source domain: YOLO folder, GeoTIFF folder or COCO json.")
     ] = None,
-    target: Annotated[Path | None, typer.Option(help="Target domain (its boxes become weak flags).")] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option(help="Target domain: its flags.json/flags.csv/flags.geojson, else its boxes, give weak flags."),
+    ] = None,
     source_gsd: Annotated[float | None, typer.Option(help="Source m/px (plain images).")] = None,
     target_gsd: Annotated[float | None, typer.Option(help="Target m/px (plain images).")] = None,
     val_groups: Annotated[str, typer.Option(help="Comma-separated source groups for source-val.")] = "",
@@ -77,15 +80,24 @@ def data_prepare(
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 128,
     gsd: Annotated[float, typer.Option(help="Target ground sample distance, m/px.")] = 0.125,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    unflagged: Annotated[
+        str,
+        typer.Option(
+            help="A tile of a target without boxes that no flag covers (flags.json, flags.csv, flags.geojson): "
+            "error (refuse, naming it), empty, or skip (leave it out)."
+        ),
+    ] = "error",
 ) -> None:
     """Resample, tile and split domains into the normalised tile dataset (prints counts, writes manifest.json)."""
     from aerosynth.data.classes import choose_classes, parse_classes
+    from aerosynth.data.flags import check_unflagged_rule
     from aerosynth.data.prepare import prepare_dataset
     from aerosynth.data.presets import AERIAL_V1_PRESETS
 
     if preset is not None and classes is not None:
         raise InputError("--classes", "a preset chooses its own classes; use --source/--target to choose others")
     tokens = parse_classes(classes) if classes is not None else None  # given, even empty: "" is refused
+    rule = check_unflagged_rule(unflagged)
     if preset in AERIAL_V1_PRESETS:
         from aerosynth.data.presets import aerial_v1, default_aerial_root
 
@@ -123,6 +135,7 @@ def data_prepare(
             train_groups=[g for g in train_groups.split(",") if g],
             exclude_groups=[g for g in exclude_groups.split(",") if g],
         )
+    spec.unflagged = rule
     with _progress() as progress:
         tasks: dict[str, int] = {}
 
@@ -133,6 +146,11 @@ def data_prepare(
 
         manifest = prepare_dataset(spec, out, overwrite=overwrite, progress=report)
     Console(width=max(Console().width, 120)).print(_counts_table(manifest))
+    for name, s in manifest["splits"].items():
+        if s.get("flag_sources"):
+            where = ", ".join(f"{k} {v}" for k, v in s["flag_sources"].items())
+            boxes = "" if s.get("target_boxes", True) else " (no target boxes: not scored)"
+            Console().print(f"{name} flags from: {where}{boxes}")
     dropped = {n: s["dropped_boxes"] for n, s in manifest["splits"].items() if s.get("dropped_boxes")}
     if dropped:
         per_split = ", ".join(f"{n} {k}" for n, k in dropped.items())

@@ -142,7 +142,7 @@ def test_band_count_without_selection(tmp_path, capsys):
     tgt.mkdir()
     shutil.copy(FIXTURES / "geotiff_domain" / "scene_0.tif", tgt / "scene_0.tif")
     shutil.copy(FIXTURES / "rasters" / "four_band.tif", tgt / "scene_1.tif")
-    rc, err = run_cli(_prepare(tmp_path, FIXTURES / "yolo_domain", tgt), capsys)
+    rc, err = run_cli(_prepare(tmp_path, FIXTURES / "yolo_domain", tgt, ["--unflagged", "empty"]), capsys)
     assert rc == 2 and "scene_1.tif" in err and "4 band" in err
 
 
