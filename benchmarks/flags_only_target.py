@@ -1,8 +1,9 @@
 """A user-like target without boxes: the images, ``groups.json`` and a ``flags.json`` made from the boxes.
 
 The people aerosynth is for have no boxes for their region, only one flag per tile. This script makes
-such a folder from a labelled YOLO domain, outside the product: images linked (never copied into the
-repository), ``groups.json`` copied, and ``flags.json`` computed from the YOLO boxes per tile the way
+such a folder (``OUT/<domain folder name>``) from a labelled YOLO domain, outside the product: images
+linked (never copied into the repository), ``groups.json`` copied, and ``flags.json`` computed from the
+YOLO boxes per tile the way
 ``aerosynth data prepare`` cuts target tiles (resampled by ``--scale``, a grid of ``--tile-size`` tiles
 from the top-left corner, a tile has a vehicle when a box of a vehicle class has at least half its area
 in it). The cutting is written again here, from the rule, rather than imported, so that ``--check`` is a
@@ -107,13 +108,13 @@ def write_flags_only_target(
     return flags
 
 
-def _prepare(target: Path, out: Path, target_gsd: float, tile_size: int, classes: str) -> dict:
+def _prepare(target: Path, out: Path, target_gsd: float, tile_size: int, classes: str | None) -> dict:
     cmd = [
         sys.executable, "-m", "aerosynth.flows.cli", "data", "prepare",
         "--source", str(REPO / "tests" / "data" / "yolo_domain"), "--source-gsd", "0.125",
         "--target", str(target), "--target-gsd", str(target_gsd), "--gsd", "0.125", "--tile-size", str(tile_size),
         "--train-groups", MINSK_TRAIN, "--test-groups", MINSK_TEST, "--exclude-groups", MINSK_EXCLUDE,
-        "--classes", classes, "--out", str(out),
+        "--out", str(out), *(["--classes", classes] if classes else []),
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return json.loads((out / "manifest.json").read_text())
@@ -125,7 +126,7 @@ def check(domain: Path, flags_dir: Path, scale: float, tile_size: int, classes: 
     target_gsd = 0.125 * scale  # a custom target's scale is its gsd / the tiles' gsd
     try:
         boxes = _prepare(domain, work / "boxes", target_gsd, tile_size, classes)
-        flags = _prepare(flags_dir, work / "flags", target_gsd, tile_size, classes)
+        flags = _prepare(flags_dir, work / "flags", target_gsd, tile_size, None)  # no boxes: no classes
         result = {"scale": scale, "tile_size": tile_size, "splits": {}}
         for split in ("target-train", "target-test"):
             a = json.loads((work / "boxes" / split / "tiles.json").read_text())
@@ -152,7 +153,12 @@ def check(domain: Path, flags_dir: Path, scale: float, tile_size: int, classes: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--domain", type=Path, default=MINSK, help="a YOLO domain with boxes (read in place)")
-    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "aerosynth_flags_only_minsk")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "aerosynth_flags_only",
+        help="the target folder is OUT/<domain folder name> (the same domain name as the boxes' target)",
+    )
     ap.add_argument("--scale", type=float, default=MINSK_SCALE, help="resampling factor to the tiles' GSD")
     ap.add_argument("--tile-size", type=int, default=128)
     ap.add_argument("--classes", default="0,1", help="vehicle classes of the YOLO labels")
@@ -164,10 +170,11 @@ def main() -> None:
     if math.isclose(args.scale, 0) or args.scale < 0:
         sys.exit("--scale must be positive")
     classes = {int(c) for c in args.classes.split(",")}
-    flags = write_flags_only_target(args.domain, args.out, args.scale, args.tile_size, classes, args.copy)
-    print(f"{args.out}: {len(flags)} tiles flagged, {sum(flags.values())} with a vehicle")
+    target = args.out / args.domain.resolve().name
+    flags = write_flags_only_target(args.domain, target, args.scale, args.tile_size, classes, args.copy)
+    print(f"{target}: {len(flags)} tiles flagged, {sum(flags.values())} with a vehicle")
     if args.check:
-        result = check(args.domain, args.out, args.scale, args.tile_size, args.classes)
+        result = check(args.domain, target, args.scale, args.tile_size, args.classes)
         print(json.dumps(result, indent=1))
         (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
         (REPO / "benchmarks" / "results" / "flags_only_target.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -19,6 +19,7 @@ from rich.console import Console
 from aerosynth.data.errors import InputError
 from aerosynth.data.offline import apply_offline_settings
 from aerosynth.flows.cli_data import data_demo, data_prepare
+from aerosynth.flows.cli_flag import flag
 from aerosynth.flows.cli_run import _demo_note, adapt, demo, request, retrain, serve
 from aerosynth.flows.cli_tools import annotate, detect, evaluate, generate, map_quality, train
 
@@ -113,6 +114,7 @@ app.command("detect")(detect)
 app.command("request")(request)
 app.command("retrain")(retrain)
 app.command("serve")(serve)
+app.command("flag")(flag)
 
 __all__ = ["_demo_note", "app", "data_app", "main"]
 

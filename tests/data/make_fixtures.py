@@ -7,6 +7,9 @@ Deterministic: the same script writes the same files. Everything is small (a few
 * ``geotiff_domain/`` — two RGB GeoTIFFs in EPSG:32632 with GeoJSON labels: polygons in the
   raster CRS for one, vehicle-centre points in WGS84 for the other.
 * ``rasters/`` — a 16-bit single-band GeoTIFF with nodata, and a 4-band one.
+
+:func:`write_flag_target` writes, where a test asks (not under tests/data: 300 KB), a target without labels
+of two GeoTIFFs large enough for 200 tiles of 32 px, for the flagging page.
 """
 
 from __future__ import annotations
@@ -130,6 +133,24 @@ def write_rasters(root: Path, rng: np.random.Generator) -> None:
     _write_tif(root / "single_band_16bit.tif", data16, transform, CRS, nodata=0)
     _write_tif(root / "four_band.tif", rng.integers(100, 104, (4, 160, 160)).astype(np.uint8), transform, CRS)
     _write_tif(root / "no_crs.tif", rng.integers(100, 104, (3, 160, 160)).astype(np.uint8), Affine.identity(), None)
+
+
+def write_flag_target(root: Path, seed: int = 1) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Two 320 x 320 px RGB GeoTIFFs at 0.25 m/px (EPSG:32632) with red vehicles, no labels; returns the boxes."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i in range(2):
+        boxes = []
+        for _ in range(12):
+            x, y = (int(v) for v in rng.integers(4, 300, 2))
+            boxes.append((x, y, x + 14, y + 7))
+        img = _scene(rng, 320, 320, boxes)
+        img[::40, :] = (90, 90, 90)  # a road grid, for the context view
+        transform = Affine(0.25, 0, ORIGIN[0] + 200 * i, 0, -0.25, ORIGIN[1])
+        _write_tif(root / f"scene_{i}.tif", np.moveaxis(img, -1, 0), transform, CRS)
+        out[f"scene_{i}.tif"] = boxes
+    return out
 
 
 def main() -> None:
