@@ -17,12 +17,15 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from aerosynth.data.detections import Detections, box_iou
+from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 
 Predictor = Callable[[list[np.ndarray]], list[Detections]]
@@ -71,34 +74,177 @@ def _cut_mask(dets: Detections, x0: int, y0: int, tile: int, width: int, height:
     return cut
 
 
+def same_pairs(xyxy: np.ndarray, iou: float = 0.5, ios: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of boxes that are the same vehicle under the merge rule.
+
+    Boxes are hashed into a grid of cells as large as the largest box side, by their top-left corner;
+    only boxes in the same or neighbouring cells can intersect, so time and memory grow with the number
+    of boxes times the boxes per neighbourhood, never with its square.
+
+    Args:
+        xyxy: ``(N, 4)`` boxes.
+        iou: the pair's IoU exceeds this, or
+        ios: its intersection over the smaller box's area exceeds this.
+    """
+    n = len(xyxy)
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if n < 2:
+        return none
+    wh = np.clip(xyxy[:, 2:] - xyxy[:, :2], 0, None)
+    size = max(float(wh.max()), 1.0)
+    cx = np.floor(xyxy[:, 0] / size).astype(np.int64)
+    cy = np.floor(xyxy[:, 1] / size).astype(np.int64)
+    cx -= cx.min()
+    cy -= cy.min()
+    ncols = int(cx.max()) + 3
+    key = cy * ncols + cx
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    firsts, seconds = [], []
+    for dy, dx in ((0, 0), (0, 1), (1, -1), (1, 0), (1, 1)):
+        target = key + dy * ncols + dx
+        lo = np.searchsorted(sorted_key, target, "left")
+        counts = np.searchsorted(sorted_key, target, "right") - lo
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        a = np.repeat(np.arange(n), counts)
+        b = order[np.repeat(lo, counts) + np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)]
+        if dy == 0 and dx == 0:
+            a, b = a[a < b], b[a < b]
+        firsts.append(a)
+        seconds.append(b)
+    if not firsts:
+        return none
+    a, b = np.concatenate(firsts), np.concatenate(seconds)
+    lt = np.maximum(xyxy[a, :2], xyxy[b, :2])
+    rb = np.minimum(xyxy[a, 2:], xyxy[b, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    area = wh[:, 0] * wh[:, 1]
+    union = area[a] + area[b] - inter
+    ious = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    smaller = np.maximum(np.minimum(area[a], area[b]), 1e-12)
+    same = (inter > 0) & ((ious > iou) | (inter / smaller > ios))
+    a, b = a[same], b[same]
+    swap = a > b
+    return np.where(swap, b, a), np.where(swap, a, b)
+
+
+def _greedy(n: int, order: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Keep mask of the greedy pass over ``order``: a box is kept unless a kept box earlier in order is the same."""
+    keep = np.ones(n, bool)
+    if len(a) == 0:
+        return keep
+    ends = np.concatenate([a, b])
+    others = np.concatenate([b, a])
+    by_end = np.argsort(ends, kind="stable")
+    others = others[by_end].tolist()
+    indptr = np.searchsorted(ends[by_end], np.arange(n + 1)).tolist()
+    linked = np.diff(np.asarray(indptr)) > 0
+    suppressed = bytearray(n)
+    for i in order[linked[order]].tolist():
+        if suppressed[i]:
+            keep[i] = False
+            continue
+        for j in others[indptr[i] : indptr[i + 1]]:
+            suppressed[j] = 1
+    return keep
+
+
+def _rank(dets: Detections, cut: np.ndarray) -> np.ndarray:
+    conf = dets.confidence if dets.confidence is not None else np.ones(len(dets))
+    return np.lexsort((-conf, cut))  # complete boxes first, then by confidence
+
+
 def merge_boxes(dets: Detections, cut: np.ndarray | None = None, iou: float = 0.5, ios: float = 0.7) -> Detections:
     """Greedy NMS over boxes from overlapping windows (class-agnostic).
+
+    Boxes are taken complete ones first, then by confidence; a box is dropped when a box taken before it
+    is the same vehicle: IoU above ``iou``, or intersection over the smaller area above ``ios``. Only
+    neighbouring boxes are compared (:func:`same_pairs`): memory is linear in the number of boxes.
 
     Args:
         dets: boxes with confidences, raster pixels.
         cut: per box, whether it touches an inner window edge (ranked after complete boxes).
         iou: suppress a box whose IoU with a kept box exceeds this.
         ios: suppress a box whose intersection over the smaller area with a kept box exceeds this.
+
+    Returns:
+        The kept boxes, in their input order.
     """
     n = len(dets)
     if n == 0:
         return dets
-    conf = dets.confidence if dets.confidence is not None else np.ones(n)
     cut = np.zeros(n, bool) if cut is None else np.asarray(cut, bool)
-    order = np.lexsort((-conf, cut))  # complete boxes first, then by confidence
-    area = dets.area
-    ious = box_iou(dets.xyxy, dets.xyxy)
-    inter = ious * (area[:, None] + area[None, :]) / (1 + ious)
-    smaller = np.maximum(np.minimum(area[:, None], area[None, :]), 1e-12)
-    same = (ious > iou) | (inter / smaller > ios)
-    suppressed = np.zeros(n, bool)
-    keep = []
-    for i in order:
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= same[i]
-    return dets[np.array(sorted(keep), dtype=np.int64)]
+    a, b = same_pairs(dets.xyxy, iou, ios)
+    return dets[np.flatnonzero(_greedy(n, _rank(dets, cut), a, b))]
+
+
+class BoxMerger:
+    """:func:`merge_boxes` over a stream of boxes arriving window row by window row.
+
+    :meth:`flush` returns the boxes whose fate is final: those in groups of same-vehicle boxes that lie
+    wholly above a frontier (the top of every window still to come; a later box can only start below
+    it, so it cannot be the same as any box of such a group). The greedy rule decides within each group
+    independently, so the boxes flushed over a whole raster are exactly :func:`merge_boxes` of all of
+    them. Memory holds the boxes not yet final: about one row of windows.
+
+    Args:
+        iou: as in :func:`merge_boxes`.
+        ios: as in :func:`merge_boxes`.
+    """
+
+    def __init__(self, iou: float = 0.5, ios: float = 0.7) -> None:
+        self.iou, self.ios = iou, ios
+        self.pending = Detections.empty(with_confidence=True)
+        self.cut = np.zeros(0, bool)
+
+    def add(self, dets: Detections, cut: np.ndarray) -> None:
+        """Add boxes (with confidences) and their cut flags."""
+        if len(dets):
+            self.pending = Detections.merge([self.pending, dets])
+            self.cut = np.concatenate([self.cut, np.asarray(cut, bool)])
+
+    def flush(self, frontier: float | None = None) -> Detections:
+        """The kept boxes of every group ending at or above ``frontier`` (``None``: all), in arrival order."""
+        dets, n = self.pending, len(self.pending)
+        if n == 0:
+            return dets
+        a, b = same_pairs(dets.xyxy, self.iou, self.ios)
+        if frontier is None:
+            final = np.ones(n, bool)
+        else:
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+
+            graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+            count, label = connected_components(graph, directed=False)
+            bottom = np.full(count, -np.inf)
+            np.maximum.at(bottom, label, dets.xyxy[:, 3])
+            final = bottom[label] <= frontier
+        index = np.full(n, -1, np.int64)
+        index[final] = np.arange(int(final.sum()))
+        inside = final[a] & final[b]
+        part, part_cut = dets[np.flatnonzero(final)], self.cut[final]
+        keep = _greedy(len(part), _rank(part, part_cut), index[a[inside]], index[b[inside]])
+        self.pending, self.cut = dets[np.flatnonzero(~final)], self.cut[~final]
+        return part[np.flatnonzero(keep)]
+
+    def state(self) -> dict:
+        """The pending boxes as JSON-ready lists."""
+        d = self.pending
+        return {
+            "xyxy": d.xyxy.tolist(),
+            "confidence": d.confidence.tolist(),
+            "class_id": d.class_id.tolist(),
+            "cut": self.cut.tolist(),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Set the pending boxes from :meth:`state`."""
+        xyxy, conf = np.array(state["xyxy"], float), np.array(state["confidence"], float)
+        self.pending = Detections(xyxy, conf, state["class_id"])
+        self.cut = np.array(state["cut"], bool).reshape(-1)
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -174,10 +320,167 @@ def detector_gsd(model_path: str | Path) -> float | None:
     return None if gsd is None else float(gsd)
 
 
+@dataclass
+class BlockGrid:
+    """The windows of a raster at the detector's GSD, grouped into square blocks of windows.
+
+    Attributes:
+        width: raster width at the detector's GSD (pixels).
+        height: raster height at the detector's GSD.
+        tile: window size.
+        overlap: overlap of neighbouring windows.
+        block: windows per block side; a block is read, resampled and detected as one piece.
+        xs: window left edges.
+        ys: window top edges.
+    """
+
+    width: int
+    height: int
+    tile: int
+    overlap: int
+    block: int
+    xs: list[int] = field(init=False)
+    ys: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise InputError("block", f"must be at least 1 window, got {self.block}")
+        self.xs = window_origins(self.width, self.tile, self.overlap)
+        self.ys = window_origins(self.height, self.tile, self.overlap)
+
+    @property
+    def rows(self) -> int:
+        """Block rows."""
+        return -(-len(self.ys) // self.block)
+
+    @property
+    def cols(self) -> int:
+        """Blocks per block row."""
+        return -(-len(self.xs) // self.block)
+
+    @property
+    def windows(self) -> int:
+        """Windows in all."""
+        return len(self.xs) * len(self.ys)
+
+    def block_windows(self, row: int, col: int) -> list[tuple[int, int]]:
+        """``(x0, y0)`` of the windows of a block, row by row."""
+        b = self.block
+        return [(x, y) for y in self.ys[row * b : (row + 1) * b] for x in self.xs[col * b : (col + 1) * b]]
+
+    def frontier(self, row: int) -> float | None:
+        """Top of the first window after block row ``row`` (``None`` after the last)."""
+        nxt = (row + 1) * self.block
+        return float(self.ys[nxt]) if nxt < len(self.ys) else None
+
+
+def detect_block(
+    source, grid: BlockGrid, row: int, col: int, predictor: Predictor, batch: int = 32, threads: int | None = None
+) -> tuple[Detections, np.ndarray, int]:
+    """Detect in one block: read (and resample) its pixels, run its windows, return their boxes.
+
+    Args:
+        source: an :class:`aerosynth.data.rasters.RasterSource`.
+        grid: the windows.
+        row: block row.
+        col: block column.
+        predictor: windows in, detections (window pixels) out.
+        batch: windows per predictor call.
+        threads: torch threads to use (in a worker process), or ``None`` to leave them.
+
+    Returns:
+        Boxes in pixels of the raster at the detector's GSD, each clipped to its window, with
+        confidences; their cut flags; the number of windows run (windows without valid pixels are skipped).
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    wins = grid.block_windows(row, col)
+    tile = grid.tile
+    x0, y0 = wins[0]
+    x1 = min(wins[-1][0] + tile, grid.width)
+    y1 = min(wins[-1][1] + tile, grid.height)
+    sx, sy = source.width / grid.width, source.height / grid.height
+    rgb, valid = source.read(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, out_shape=(y1 - y0, x1 - x0))
+    wins = [(x, y) for x, y in wins if valid[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile].any()]
+    parts: list[Detections] = []
+    cuts: list[np.ndarray] = []
+    for chunk in _batches(wins, batch):
+        results = predictor([_crop(rgb, x - x0, y - y0, tile) for x, y in chunk])
+        if len(results) != len(chunk):
+            raise RuntimeError(f"predictor returned {len(results)} results for {len(chunk)} windows")
+        for (x, y), dets in zip(chunk, results, strict=True):
+            if len(dets) == 0:
+                continue
+            if dets.confidence is None:
+                dets = Detections(dets.xyxy, np.ones(len(dets)), dets.class_id)
+            dets = dets.clip(tile, tile)
+            cuts.append(_cut_mask(dets, x, y, tile, grid.width, grid.height))
+            parts.append(dets.translate(x, y))
+    if not parts:
+        return Detections.empty(with_confidence=True), np.zeros(0, bool), len(wins)
+    return Detections.merge(parts), np.concatenate(cuts), len(wins)
+
+
+def _job_key(source, model_path: str | Path | None, settings: dict[str, Any], predictor_given: bool) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the state."""
+    files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime] for p in source.files]
+    model = None
+    if not predictor_given and model_path is not None and Path(model_path).is_file():
+        model = [str(Path(model_path).resolve()), Path(model_path).stat().st_mtime]
+    return {"files": files, "model": model, **settings}
+
+
+def _block_results(
+    source, grid: BlockGrid, first_row: int, predictor: Predictor, batch: int, client=None
+) -> Iterator[tuple[int, int, tuple[Detections, np.ndarray, int]]]:
+    """``(row, col, detect_block(...))`` for every block from ``first_row`` on, in row-major order."""
+    jobs = [(r, c) for r in range(first_row, grid.rows) for c in range(grid.cols)]
+    if client is None:
+        for r, c in jobs:
+            yield r, c, detect_block(source, grid, r, c, predictor, batch)
+        return
+    from collections import deque
+
+    workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    src, pred = client.scatter([source, predictor], broadcast=True)
+    queue: deque = deque()
+    todo = iter(jobs)
+    for r, c in todo:
+        queue.append((r, c, client.submit(detect_block, src, grid, r, c, pred, batch, 1, pure=False)))
+        if len(queue) >= 3 * workers:
+            break
+    while queue:
+        r, c, fut = queue.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            queue.append((*nxt, client.submit(detect_block, src, grid, *nxt, pred, batch, 1, pure=False)))
+        yield r, c, fut.result()
+
+
+@contextmanager
+def _dask_client(workers: int, address: str | None):
+    if not workers and not address:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def detect_raster(
-    raster_path: str | Path,
+    raster_path: str | Path | Sequence[str | Path],
     model_path: str | Path,
-    out_geojson: str | Path,
+    out_path: str | Path,
     tile: int = 128,
     overlap: int = 32,
     conf: float = 0.25,
@@ -187,56 +490,138 @@ def detect_raster(
     to_wgs84: bool = False,
     device: str = "cpu",
     predictor: Predictor | None = None,
+    ios: float = 0.7,
+    block: int = 8,
+    batch: int = 32,
+    workers: int = 0,
+    dask_address: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Detect vehicles over a GeoTIFF and write them as GeoJSON polygons; return their number.
+    """Detect vehicles over a raster of any size, streaming them to a vector file; return their number.
+
+    The raster is read block by block (:class:`aerosynth.data.rasters.RasterSource`: a GeoTIFF or COG,
+    a ``.vrt``, a folder or a list of files on one grid), each block resampled to the detector's GSD
+    as it is read; blocks run in row-major order, in this process or on Dask workers. Boxes are
+    merged by :class:`BoxMerger` in this process and written as soon as no later window can
+    touch them (:mod:`aerosynth.detection.vector_output`). After every block row the output stream
+    and a state file (``OUT.state.json``: rows done and the boxes still pending) are saved: a rerun of
+    the same job continues from there and ends with the same features. Memory holds a block and
+    about one block row of boxes, whatever the raster's size.
 
     Args:
-        raster_path: the raster (three bands, or choose ``bands``).
+        raster_path: the raster(s) (three bands, or choose ``bands``).
         model_path: a trained detector ``.pt`` (ignored when ``predictor`` is given).
-        out_geojson: output file, in the raster's CRS (WGS84 with ``to_wgs84``).
+        out_path: output file: ``.geojson``, ``.geojsonl``/``.jsonl``, ``.gpkg`` or ``.fgb``; in the
+            raster's CRS (WGS84 with ``to_wgs84``).
         tile: window size in (resampled) pixels; the detector's input size.
         overlap: overlap between neighbouring windows.
         conf: lowest confidence kept.
-        target_gsd: the detector's GSD in m/px; the raster is resampled to it first (needs a CRS).
+        target_gsd: the detector's GSD in m/px; blocks are resampled to it (needs a CRS).
             ``None``: the ``gsd`` recorded in the ``detector.json`` next to the model, when there is one.
-        bands: 1-based band selection passed to :func:`aerosynth.data.rasters.read_raster`.
+        bands: 1-based band selection.
         iou: merge threshold (see :func:`merge_boxes`).
         to_wgs84: write longitude/latitude instead of the raster's CRS.
         device: inference device.
         predictor: a stand-in for the model (windows in, detections out), for tests and other detectors.
+        ios: merge threshold on intersection over the smaller box.
+        block: windows per block side.
+        batch: windows per predictor call.
+        workers: run blocks on this many local Dask worker processes (0: in this process).
+        dask_address: run blocks on the Dask scheduler at this address.
+        progress: called with ``(windows done, windows in all)`` after each block.
 
     Raises:
-        InputError: unreadable raster, no CRS, bad window settings, missing model.
+        InputError: unreadable raster, no CRS, bad window settings, missing model, unknown output
+            format, out of memory, output not writable.
     """
-    from aerosynth.data.geo import detections_to_geojson, write_geojson
-    from aerosynth.data.rasters import read_raster
+    from aerosynth.data.atomic import atomic_write_json
+    from aerosynth.data.rasters import RasterSource
+    from aerosynth.detection.vector_output import FeatureStream, check_output_format
 
-    raster = read_raster(raster_path, bands)
-    if raster.crs is None or raster.transform is None:
-        raise InputError(raster_path, "raster has no CRS/transform: GeoJSON output needs one")
-    rgb, valid = raster.rgb, raster.valid
+    out_path = Path(out_path)
+    check_output_format(out_path)
+    source = RasterSource(raster_path, bands)
+    if source.crs is None or source.transform is None:
+        raise InputError(source.where, "raster has no CRS/transform: vector output needs one")
     if target_gsd is None and predictor is None:
         target_gsd = detector_gsd(model_path)
     factor = 1.0
     if target_gsd is not None:
         if target_gsd <= 0:
             raise InputError("target_gsd", f"must be positive, got {target_gsd}")
-        if raster.gsd is None:
-            raise InputError(raster_path, "raster GSD unknown: cannot resample to target_gsd")
-        factor = raster.gsd / target_gsd
-        if abs(factor - 1) > 1e-3:
-            rgb, valid = _resample(rgb, valid, factor)
+        if source.gsd is None:
+            raise InputError(source.where, "raster GSD unknown: cannot resample to target_gsd")
+        factor = source.gsd / target_gsd
+    width, height = source.width, source.height
+    if abs(factor - 1) > 1e-3:
+        width, height = max(int(round(width * factor)), 1), max(int(round(height * factor)), 1)
+    grid = BlockGrid(width, height, tile, overlap, block)
+    predictor_given = predictor is not None
     if predictor is None:
         from aerosynth.detection.prediction import load_model, predict
 
         load_model(model_path)  # fail early on a missing file
         predictor = functools.partial(predict, model_path, conf=conf, imgsz=tile, max_det=300, device=device)
-    dets = detect_array(rgb, predictor, tile, overlap, valid, iou).filter_confidence(conf)
-    if factor != 1.0:
-        sx = raster.width / rgb.shape[1]
-        sy = raster.height / rgb.shape[0]
-        dets = dets.scale(sx, sy).clip(raster.width, raster.height)
-    names = ["vehicle"] if not np.any(dets.class_id) else None
-    doc = detections_to_geojson(dets, raster.transform, raster.crs, to_wgs84=to_wgs84, class_names=names)
-    write_geojson(out_geojson, doc)
-    return len(dets)
+
+    settings = {"tile": tile, "overlap": overlap, "conf": conf, "size": [width, height], "bands": source.bands}
+    settings.update({"iou": iou, "ios": ios, "wgs84": to_wgs84, "block": block})
+    job = _job_key(source, model_path, settings, predictor_given)
+    state_path = out_path.with_name(out_path.name + ".state.json")
+    stream_path = out_path.with_name(out_path.name + ".stream.geojsonl")
+    state = _read_state(state_path) if stream_path.is_file() else None
+    if state is not None and state.get("job") != job:
+        state = None  # another job wrote it: start over
+    merger = BoxMerger(iou, ios)
+    first_row, windows_done, written = 0, 0, 0
+    if state is not None:
+        merger.restore(state["pending"])
+        first_row, windows_done, written = state["rows_done"], state["windows_done"], state["features"]
+    sx, sy = source.width / width, source.height / height
+    stream = FeatureStream(stream_path, source.transform, source.crs, to_wgs84, state["stream_bytes"] if state else 0)
+
+    def emit(final: Detections) -> int:
+        final = final.clip(width, height)
+        ok = (final.xyxy[:, 2] > final.xyxy[:, 0]) & (final.xyxy[:, 3] > final.xyxy[:, 1])
+        final = final[np.flatnonzero(ok)].filter_confidence(conf)
+        if (sx, sy) != (1.0, 1.0):
+            final = final.scale(sx, sy).clip(source.width, source.height)
+        stream.write(final)
+        return len(final)
+
+    try:
+        with stream, _dask_client(workers, dask_address) as client:
+            row_left = grid.cols
+            for row, col, (dets, cut, _ran) in _block_results(source, grid, first_row, predictor, batch, client):
+                merger.add(dets, cut)
+                windows_done += len(grid.block_windows(row, col))
+                if progress is not None:
+                    progress(windows_done, grid.windows)
+                row_left -= 1
+                if row_left:
+                    continue
+                row_left = grid.cols
+                written += emit(merger.flush(grid.frontier(row)))
+                checkpoint = {"job": job, "rows_done": row + 1, "windows_done": windows_done, "features": written}
+                checkpoint["stream_bytes"] = stream.checkpoint()
+                checkpoint["pending"] = merger.state()
+                atomic_write_json(state_path, checkpoint)
+            written += emit(merger.flush())
+            stream.checkpoint()
+    except MemoryError:
+        raise InputError(out_path, "out of memory (rerun to resume; a smaller --block needs less)") from None
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise InputError(out_path, f"cannot write ({reason}); rerun to resume from the last block row") from None
+    from aerosynth.detection.vector_output import finish_output
+
+    finish_output(stream_path, out_path, source.crs, to_wgs84)
+    state_path.unlink(missing_ok=True)
+    return written
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "rows_done" in state else None
