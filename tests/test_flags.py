@@ -254,3 +254,23 @@ def test_vehicle_mask_marks_the_pixels_of_points_and_polygons():
     mask = TargetFlags(geojson=doc).vehicle_mask(Affine(1, 0, 0, 0, -1, 0), crs, 40, 40, "img")
     assert mask[3, 10] and mask[22, 28] and not mask[24, 21] and not mask[10, 10]
     assert mask[:, :15].sum() == 1 and np.all(mask[20:25, 20:31].any(axis=1))
+
+
+def test_adapt_tiles_step_reads_the_flags_and_rebuilds_when_they_change(tmp_path):
+    from aerosynth.flows.adapt_tiles import prepare_tiles, require_target_boxes
+    from aerosynth.flows.config import build_config
+
+    flags = _box_flags()
+    flags.pop("a_0_0_0")
+    target = _flags_only(tmp_path, flags)
+    data = {"preset": "custom", "source": str(FIXTURES / "yolo_domain"), "source_gsd": 0.125, "target": str(target)}
+    data.update({"target_gsd": TARGET_GSD, "gsd": GSD, "tile_size": TILE, "test_groups": ["clipC"]})
+    with pytest.raises(InputError, match="a_0.png: tile a_0_0_0 has no flag in flags.json"):
+        prepare_tiles(build_config({"data": data}), tmp_path / "work")
+    tiles = prepare_tiles(build_config({"data": {**data, "unflagged": "empty"}}), tmp_path / "work")
+    assert _weak(tiles, "target-train") == {**{k: v for k, v in flags.items() if k[0] in "ab"}, "a_0_0_0": False}
+    with pytest.raises(InputError, match="config.data.target: the target has weak flags but no boxes"):
+        require_target_boxes(tiles)
+    (target / "flags.json").write_text(json.dumps({**flags, "a_0_0_0": True}))  # the analyst flags on
+    tiles = prepare_tiles(build_config({"data": {**data, "unflagged": "empty"}}), tmp_path / "work")
+    assert _weak(tiles, "target-train")["a_0_0_0"] is True
