@@ -144,7 +144,8 @@ def check(domain: Path, flags_dir: Path, scale: float, tile_size: int, classes: 
                 == flags["splits"][split]["content_sha256"],
                 "flag_sources": flags["splits"][split].get("flag_sources"),
             }
-        result["target_boxes"] = {"from boxes": boxes.get("target_boxes"), "from flags": flags.get("target_boxes")}
+        pairs = (("from boxes", boxes), ("from flags", flags))
+        result["target_boxes"] = {k: m.get("target_boxes", True) for k, m in pairs}  # absent: the target has boxes
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)

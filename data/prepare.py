@@ -4,7 +4,8 @@ A target split is weak: one flag per tile (vehicle or empty). Each flag comes fr
 target's flag files (:mod:`aerosynth.data.flags`: a tile entry, an image entry, ``flags.geojson``), else its
 boxes (a tile with a kept box has a vehicle), else the rule for unflagged tiles (``unflagged``: refuse,
 empty, or leave the tile out). The boxes of a target, when it has any, go to ``evaluation/<split>`` only;
-a target without boxes has no ``evaluation/`` folder and its manifest says ``"target_boxes": false``.
+a target without boxes has no ``evaluation/`` folder and its manifest says ``"target_boxes": false`` (a
+target with boxes has no such key; with flag files, each weak split counts its ``flag_sources``).
 """
 
 from __future__ import annotations
@@ -351,7 +352,7 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         "dropped_boxes": n_dropped,
         "content_sha256": tree_sha256(split_dir),
     }
-    if split.weak:
+    if split.weak and (flags is not None or not domain.has_labels):  # a target labelled by boxes alone: as before
         counts["target_boxes"] = domain.has_labels
         counts["flag_sources"] = dict(sorted(sources.items()))
     return counts
@@ -392,9 +393,12 @@ def prepare_dataset(
             "preset": spec.preset,
             "target_gsd": spec.target_gsd,
             "tile_size": spec.tile_size,
-            "target_boxes": all(s.get("target_boxes", True) for s in splits.values()),
             "splits": splits,
         }
+        if not all(s.get("target_boxes", True) for s in splits.values()):
+            # absent, the target has boxes: the manifests of box-labelled targets (and the stage hashes
+            # of the adapt runs built on them) stay what they were
+            manifest["target_boxes"] = False
         write_manifest(tmp, manifest)
     return manifest
 

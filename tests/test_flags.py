@@ -70,11 +70,11 @@ def test_flags_only_target_gives_the_target_tiles_of_its_boxes(tmp_path, capsys)
         assert _tiles(tmp_path / "boxes", split) == _tiles(tmp_path / "flags", split)
         assert boxes_m["splits"][split]["content_sha256"] == flags_m["splits"][split]["content_sha256"]
         assert flags_m["splits"][split]["flag_sources"] == {"flags.json": boxes_m["splits"][split]["tiles"]}
-        assert boxes_m["splits"][split]["flag_sources"] == {"boxes": boxes_m["splits"][split]["tiles"]}
+        assert "flag_sources" not in boxes_m["splits"][split]  # a target labelled by boxes: the manifest as before
     assert _weak(tmp_path / "flags", "target-train") == {k: v for k, v in flags.items() if not k.startswith("c_0")}
     assert boxes_m["splits"]["target-train"]["tiles_with_vehicles"] > 0
     # the boxes of a boxless target are nowhere: no evaluation split, and the manifest says so
-    assert boxes_m["target_boxes"] is True and flags_m["target_boxes"] is False
+    assert "target_boxes" not in boxes_m and flags_m["target_boxes"] is False
     assert (tmp_path / "boxes" / "evaluation" / "target-test").is_dir()
     assert not (tmp_path / "flags" / "evaluation").exists()
 
