@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -223,7 +223,11 @@ def train_args(config: DetectorTrainConfig, data_yaml: Path, project: Path) -> d
 
 
 def train_detector(
-    config: DetectorTrainConfig, train: Sequence[DatasetSpec], val: DatasetSpec, out_dir: str | Path
+    config: DetectorTrainConfig,
+    train: Sequence[DatasetSpec],
+    val: DatasetSpec,
+    out_dir: str | Path,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> Path:
     """Train a detector and return the path of its weights (``OUT/detector.pt``).
 
@@ -232,6 +236,8 @@ def train_detector(
         train: training datasets (mixed by their ``fraction``).
         val: validation set for early stopping and checkpoint selection.
         out_dir: output folder (see the module docstring).
+        on_epoch: called after each epoch's validation with ``(epoch, epochs, metrics)`` (epochs from 1;
+            ``metrics`` as ultralytics names them, e.g. ``metrics/mAP50(B)``), for progress display.
 
     Raises:
         InputError: an unusable model name or dataset.
@@ -252,6 +258,13 @@ def train_detector(
         from aerosynth.detection.image_level import image_level_trainer
 
         custom_trainer = {"trainer": image_level_trainer(view.image_level)}
+    if on_epoch is not None:
+        model.add_callback(
+            "on_fit_epoch_end",
+            lambda trainer: on_epoch(
+                int(trainer.epoch) + 1, int(trainer.epochs), {k: float(v) for k, v in (trainer.metrics or {}).items()}
+            ),
+        )
     model.train(**train_args(config, view.data_yaml, out_dir), **custom_trainer)
     wall = time.perf_counter() - started
     trainer = model.trainer

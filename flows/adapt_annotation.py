@@ -58,6 +58,7 @@ def annotate(
                     tiles / "source-train", _val_split(tiles), sets["source_cars"], targets, o, rcfg, source_detector=fs
                 ),
                 _logger(),
+                headline=labels_headline,
             )
             out["relay"] = stage_dir / "dataset"
             _record_skipped(work, "relay", None)
@@ -75,6 +76,7 @@ def annotate(
             {k: v for k, v in upstream.items() if k != "source_cars"},
             lambda o: annotate_direct(targets, o / "dataset", hcfg),
             _logger(),
+            headline=labels_headline,
         )
         out["threshold"] = stage_dir / "dataset"
     if a.copy_paste.enabled:
@@ -110,6 +112,7 @@ def copy_paste(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         {"tiles": tiles},
         lambda o: copy_paste_set(tiles / "source-train", tiles / "target-train", o / "dataset", cpc),
         _logger(),
+        headline=labels_headline,
     )
     return stage_dir / "dataset"
 
@@ -159,6 +162,13 @@ def blend_copy_paste(config: AdaptConfig, work: Path, composites: Path, harmonis
         _logger(),
     )
     return stage_dir / "dataset"
+
+
+def labels_headline(stage_dir: Path) -> str:
+    """A labelling step's headline for its terminal line: boxes and images of its dataset (``summary.json``)."""
+    summary = json.loads((stage_dir / "dataset" / "summary.json").read_text())
+    images = summary.get("images", summary.get("tiles"))
+    return f"{summary['boxes']} boxes" + ("" if images is None else f" on {images} images")
 
 
 def relabel_round(
@@ -213,6 +223,9 @@ def relabel_round(
         {"tiles": tiles, **proposers, "previous": work / "annotation" / previous},
         build,
         _logger(),
+        headline=lambda o: (
+            f"{labels_headline(o)}, F1 {json.loads((o / 'agreement.json').read_text())['f1']:.3f} with {previous}"
+        ),
     )
     agreement = json.loads((stage_dir / "agreement.json").read_text())
     if agreement["f1"] >= r.stop_agreement:
@@ -310,7 +323,13 @@ def label_real_target(
             )
 
         stage_dir, _ = run_stage(
-            f"annotation/real-{method}", work / "annotation" / f"real-{method}", key, upstream, build, _logger()
+            f"annotation/real-{method}",
+            work / "annotation" / f"real-{method}",
+            key,
+            upstream,
+            build,
+            _logger(),
+            headline=labels_headline,
         )
         out[f"real-{method}"] = stage_dir / "dataset"
     return out

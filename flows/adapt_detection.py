@@ -17,6 +17,7 @@ from typing import Any
 
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json
 from aerosynth.data.manifest import file_sha256
+from aerosynth.flows import progress
 from aerosynth.flows.adapt_common import (
     CONTINUED,
     ORACLE,
@@ -215,7 +216,9 @@ def train_and_evaluate(
                 shutil.copytree(reused / "train", out / "train", dirs_exist_ok=True)
                 weights = out / "train" / "detector.pt"
             else:
-                weights = train_detector(dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train")
+                weights = train_detector(
+                    dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train", _epoch_progress
+                )
             test = open_evaluation_split(tiles, "target-test")
             preds = predict(
                 weights,
@@ -247,8 +250,20 @@ def train_and_evaluate(
         upstream,
         build,
         _logger(),
+        headline=ap50_headline,
     )
     return out
+
+
+def _epoch_progress(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+    """A detector's epoch on its terminal line, with the validation mAP50 (source-val: no target label)."""
+    val = metrics.get("metrics/mAP50(B)")
+    progress.advance(epoch, epochs, None if val is None else f"val mAP50 {val:.3f}", unit="epoch")
+
+
+def ap50_headline(out: Path) -> str:
+    """A detector stage's headline: its AP50 on target-test (``metrics.json``)."""
+    return f"AP50 {json.loads((out / 'metrics.json').read_text())['ap50']:.3f}"
 
 
 def _settings(work: Path, variant: Variant, seed: int, dcfg) -> dict:

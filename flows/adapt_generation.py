@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from aerosynth.data.errors import InputError
+from aerosynth.flows import progress
 from aerosynth.flows.adapt_common import _key_path, _logger, _repo_relative, _step_logger, split_domains
 from aerosynth.flows.config import AdaptConfig
 from aerosynth.flows.scale import map_shards
@@ -36,8 +37,9 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
             work / "ldm" / "stage0",
             {"stage": "0", **settings(g.stage0), **common},
             upstream,
-            lambda out: train_stage("0", cfg0, splits, out, on_step=_step_logger("stage 0", cfg0.steps)),
+            lambda out: train_stage("0", cfg0, splits, out, on_step=_on_step("stage 0", cfg0.steps)),
             _logger(),
+            headline=loss_headline,
         )
         autoencoder = out0 / "autoencoder"
         upstream["stage0"] = out0
@@ -76,9 +78,10 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
             key,
             upstream,
             lambda out, cfg=cfg, stage=stage: train_stage(
-                stage, cfg, splits, out, on_step=_step_logger(f"stage {stage}", cfg.steps)
+                stage, cfg, splits, out, on_step=_on_step(f"stage {stage}", cfg.steps)
             ),
             _logger(),
+            headline=loss_headline,
         )
         previous = out / "model"
         upstream = {"tiles": tiles, f"stage{stage}": out}
@@ -89,6 +92,33 @@ def train_ldm(config: AdaptConfig, work: Path, tiles: Path) -> Path:
         # no stage ran here: the given model becomes a stage of this run, keyed on its content
         previous = _import_model(work, previous)
     return previous
+
+
+def _on_step(name: str, total: int):
+    """An ``on_step`` callback: the step logged (:func:`_step_logger`) and shown on the stage's terminal line."""
+    log_step = _step_logger(name, total)
+
+    def on_step(step: int, losses: dict) -> None:
+        log_step(step, losses)
+        loss = losses.get("loss")
+        progress.advance(step, total, f"loss {loss:.3f}" if isinstance(loss, float) else None, unit="step")
+
+    return on_step
+
+
+def loss_headline(out: Path) -> str | None:
+    """An LDM stage's headline: the loss of its last step (``losses.csv``)."""
+    import csv
+
+    with open(out / "losses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return f"loss {float(rows[-1]['loss']):.3f}" if rows else None
+
+
+def set_headline(out: Path) -> str | None:
+    """A synthetic set's headline: how many images it holds (``synthetic.json``)."""
+    count = json.loads((out / "synthetic.json").read_text()).get("count")
+    return None if count is None else f"{count} images"
 
 
 def stage_models(config: AdaptConfig, work: Path, last: Path) -> list[Path]:
@@ -172,10 +202,12 @@ def synthesise(config: AdaptConfig, work: Path, tiles: Path, model: Path) -> dic
 
     def sharded(name: str, key: dict, upstream: dict, kind: str, n_items: int, args: dict, cfg, build) -> Path:
         out_dir = work / "synthetic" / name
-        if not stage_is_current(out_dir, key, upstream):
-            clear_stale_stage(out_dir)
-            map_shards(kind, model, out_dir, len(shard_ranges(n_items, cfg.shard_size)), args, cfg, threads)
-        out, _ = run_stage(f"synthetic/{name}", out_dir, key, upstream, build, _logger())
+        # one terminal line for the shards (in worker processes) and the stage that closes them
+        with progress.stage(f"synthetic/{name}", redirect=False):
+            if not stage_is_current(out_dir, key, upstream):
+                clear_stale_stage(out_dir)
+                map_shards(kind, model, out_dir, len(shard_ranges(n_items, cfg.shard_size)), args, cfg, threads)
+            out, _ = run_stage(f"synthetic/{name}", out_dir, key, upstream, build, _logger(), headline=set_headline)
         return out
 
     sets = {

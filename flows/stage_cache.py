@@ -20,6 +20,7 @@ from typing import Any
 
 from aerosynth.data.atomic import atomic_write_json, remove_partial_files
 from aerosynth.data.manifest import tree_sha256
+from aerosynth.flows import progress
 
 STAGE_RECORD = "stage_done.json"
 log = logging.getLogger("aerosynth.flows")
@@ -68,8 +69,13 @@ def run_stage(
     upstream: dict[str, Path],
     build: Callable[[Path], Any],
     logger: logging.Logger | None = None,
+    headline: Callable[[Path], str | None] | None = None,
 ) -> tuple[Path, bool]:
     """Run ``build(out_dir)`` unless ``out_dir`` already holds its result for these inputs.
+
+    The stage runs inside :func:`aerosynth.flows.progress.stage`: under a command, its start and end
+    (with ``headline``) become its terminal line and what it writes to stdout and stderr goes to
+    ``WORK/logs/<name>.log``.
 
     Args:
         name: stage name for the log.
@@ -78,12 +84,31 @@ def run_stage(
         upstream: the finished stage folders it reads (their recorded hashes join the key).
         build: writes the stage's outputs into ``out_dir`` (it may resume from what is there).
         logger: where to say ``cached``/``done``.
+        headline: the stage's headline figure read from its finished folder (``AP50 0.336``), for its
+            terminal line; also asked of a stage finished earlier. Any error reading it leaves the line without.
 
     Returns:
         ``(out_dir, ran)``; ``ran`` is False when the stage was skipped.
     """
-    logger = logger or log
-    out_dir = Path(out_dir)
+    with progress.stage(name) as running:
+        result = _run_stage(name, Path(out_dir), settings, upstream, build, logger or log)
+        running.cached = not result[1]
+        if headline is not None:
+            try:
+                progress.set_headline(headline(result[0]))
+            except Exception as exc:  # a figure for the terminal line, never a failure
+                (logger or log).debug("stage %s: no headline (%s)", name, exc)
+    return result
+
+
+def _run_stage(
+    name: str,
+    out_dir: Path,
+    settings: Any,
+    upstream: dict[str, Path],
+    build: Callable[[Path], Any],
+    logger: logging.Logger,
+) -> tuple[Path, bool]:
     key = stage_key(settings, {k: stage_hash(v) for k, v in sorted(upstream.items())})
     record = stage_record(out_dir)
     if record is not None and record.get("key") == key:
