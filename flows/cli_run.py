@@ -11,6 +11,15 @@ from rich.table import Table
 
 from aerosynth.data.errors import InputError
 
+#: ``--verbose`` of the commands that run a flow.
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Print ultralytics', Prefect's and other libraries' output on the terminal, not into a logs/ folder.",
+    ),
+]
+
 
 def _print_ap50_table(report_md: Path) -> None:
     import json
@@ -40,11 +49,13 @@ def _run_adapt(
     runner: str | None = None,
     dask_address: str | None = None,
     until: str | None = None,
+    verbose: bool = False,
 ) -> Path:
     import shutil
 
     from aerosynth.flows.adapt import check_until, run_adapt
     from aerosynth.flows.config import load_config
+    from aerosynth.flows.progress import terminal_output
 
     check_until(until, "--until")  # before the config is read or the flow starts
 
@@ -61,7 +72,8 @@ def _run_adapt(
         torch.set_num_threads(cfg.torch_threads)
     if fresh and cfg.work_dir.exists():
         shutil.rmtree(cfg.work_dir)
-    report = run_adapt(cfg, until)
+    with terminal_output(Path(cfg.work_dir) / "logs", verbose):
+        report = run_adapt(cfg, until)
     if until is not None:
         Console().print(f"stopped after {until}: {report}")
         return report
@@ -78,11 +90,12 @@ def demo(
     quick: Annotated[
         bool, typer.Option(help="The smallest run (smoke preset): checks an install in a minute.")
     ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
     if quick and work_dir == Path("runs/demo"):
         work_dir = Path("runs/smoke")
-    report = _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh)
+    report = _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh, verbose=verbose)
     Console(soft_wrap=True).print(_demo_note(report, quick), highlight=False, markup=False)
 
 
@@ -146,13 +159,14 @@ def adapt(
         str | None,
         typer.Option(help="Stop after this step: tiles, ldm, synthetic or annotation (a later run resumes)."),
     ] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
     if config is None and preset is None:
         raise InputError("--config", "give a config file or --preset")
     if runner not in (None, "sequential", "processes", "dask"):
         raise InputError("--runner", f"unknown runner {runner!r} (sequential, processes or dask)")
-    _run_adapt(config, preset, work_dir, fresh, runner, dask_address, until)
+    _run_adapt(config, preset, work_dir, fresh, runner, dask_address, until, verbose)
 
 
 def request(
@@ -182,6 +196,7 @@ def request(
             "COUNT drawn with SEED."
         ),
     ] = None,
+    verbose: Verbose = False,
 ) -> None:
     """N labelled tiles in a domain's style (or the run's real tiles): GeoTIFF, GeoJSON, COCO, YOLO, STAC, preview."""
     if detector is not None:  # before the flow (and Prefect) is imported
@@ -192,21 +207,23 @@ def request(
         from aerosynth.data.real_tiles import real_dataset_dir, run_detector
 
         run_detector(run) if real == "detector" else real_dataset_dir(run, real)
+    from aerosynth.flows.progress import stage, terminal_output
     from aerosynth.flows.request import request_flow
 
-    path = request_flow(
-        run,
-        out,
-        name,
-        domain,
-        count,
-        with_vehicles=vehicles,
-        seed=seed,
-        steps=steps,
-        guidance_scale=guidance,
-        detector=detector,
-        real=real,
-    )
+    with terminal_output(out / "logs", verbose), stage(f"request/{name}"):
+        path = request_flow(
+            run,
+            out,
+            name,
+            domain,
+            count,
+            with_vehicles=vehicles,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance,
+            detector=detector,
+            real=real,
+        )
     Console().print(f"export: {path}")
 
 
@@ -238,6 +255,7 @@ def retrain(
             "threshold+source, translation+source that the config makes)."
         ),
     ] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
     if baseline is not None:  # before the flows (and Prefect) are imported
@@ -254,7 +272,10 @@ def retrain(
 
     cfg = load_config(config, preset=preset or (None if config else "demo"))
     reg = ensure_registry(registry, tiles, eval_split, baseline, cfg.detection.imgsz, cfg.device)
-    result = run_retrain(reg.root, watch, cfg, flags, flag_threshold, variant)
+    from aerosynth.flows.progress import terminal_output
+
+    with terminal_output(reg.root / "logs", verbose):
+        result = run_retrain(reg.root, watch, cfg, flags, flag_threshold, variant)
     table = Table(title=f"registry {reg.root} (AP50 on {reg.evaluation.split})")
     for col in ("version", "AP50", "vs production", "promoted", "parent", "run", ""):
         table.add_column(col)
