@@ -266,13 +266,21 @@ def detect(
     overlap: Annotated[int, typer.Option(help="Overlap of the sliding windows in pixels.")] = 32,
     wgs84: Annotated[bool, typer.Option(help="Write longitude/latitude instead of the raster's CRS.")] = False,
     bands: Annotated[str, typer.Option(help="Band selection, e.g. 3,2,1.")] = "",
+    verbose: Annotated[
+        bool,
+        typer.Option(help="Print ultralytics' and other libraries' output on the terminal, not into logs/ beside OUT."),
+    ] = False,
 ) -> None:
     """Sliced detection over a whole GeoTIFF, merged by NMS, written as GeoJSON."""
     from aerosynth.detection.prediction import check_detector_file
     from aerosynth.detection.slicing import detect_raster
+    from aerosynth.flows.progress import stage, terminal_output
 
     model = run_detector(model, run)
     check_detector_file(model)
     band_list = [int(b) for b in bands.split(",")] if bands else None
-    n = detect_raster(raster, model, out, conf=conf, target_gsd=gsd, overlap=overlap, to_wgs84=wgs84, bands=band_list)
+    with terminal_output(out.parent / "logs", verbose, announce=False), stage(f"detect {raster.name}"):
+        n = detect_raster(
+            raster, model, out, conf=conf, target_gsd=gsd, overlap=overlap, to_wgs84=wgs84, bands=band_list
+        )
     Console().print(f"{n} vehicles -> {out}")
