@@ -159,7 +159,7 @@ def test_detect_on_a_geotiff(cwd):
     geo = json.loads((cwd / "cars.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and isinstance(geo["features"], list)
     assert geo["crs"]["properties"]["name"].startswith("urn:ogc:def:crs:EPSG::")
-    assert f"{len(geo['features'])} vehicles" in proc.stdout
+    assert f"{len(geo['features'])} vehicles" in proc.stdout + proc.stderr
 
 
 def test_retrain_with_a_relative_registry_and_watched_folder(cwd, elsewhere):
