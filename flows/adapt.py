@@ -49,6 +49,7 @@ from aerosynth.flows.adapt_report import (
 )
 from aerosynth.flows.adapt_tiles import prepare_tiles, require_target_boxes
 from aerosynth.flows.config import AdaptConfig, MixBudget, build_config, dump_config
+from aerosynth.flows.run_lock import work_lock
 from aerosynth.flows.scale import shared_api, task_runner
 
 __all__ = [
@@ -205,9 +206,13 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     return str(report)
 
 
-def run_adapt(config: dict | AdaptConfig, until: str | None = None) -> Path:
-    """Run the adapt flow with the task runner its config names (sequential, processes or Dask); see ``adapt_flow``."""
+def run_adapt(config: dict | AdaptConfig, until: str | None = None, wait: bool = False) -> Path:
+    """Run the adapt flow with the task runner its config names (sequential, processes or Dask); see ``adapt_flow``.
+
+    The run holds its work folder's lock (:func:`aerosynth.flows.run_lock.work_lock`): a second run on
+    the same folder is refused (``InputError``), or waits for this one with ``wait``.
+    """
     cfg = config if isinstance(config, AdaptConfig) else build_config(config)
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
-    with shared_api(cfg.runner, cfg.dask_address):
+    with work_lock(cfg.work_dir, wait=wait), shared_api(cfg.runner, cfg.dask_address):
         return Path(adapt_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), until))

@@ -11,7 +11,11 @@ registration and ``main``.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
@@ -125,15 +129,48 @@ __all__ = ["_demo_note", "app", "data_app", "main"]
 _CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, print bad input as one line, exit non-zero."""
-    apply_offline_settings()
-    from aerosynth.flows.server_cleanup import mark_owner, stop_orphan_servers
+def _catch_interrupts() -> Callable[[], None]:
+    """The first Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` in the main thread; a second one exits at once.
 
-    stop_orphan_servers()  # temporary Prefect servers of earlier runs that were killed
-    mark_owner()
+    The first lets the run stop in order (flow state, workers, temporary server; finished stages are kept).
+    The second kills the temporary server, writes one line and ends the process with status 130; the workers
+    die with it (:func:`aerosynth.flows.scale.guard_worker`). Only from the main thread (where signal
+    handlers live). Returns the function that puts the previous handler back, unless a Ctrl-C came (the
+    process is then on its way out, and a second Ctrl-C must still end it at once).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    presses = [0]
+
+    def on_sigint(signum: int, frame: object) -> None:
+        presses[0] += 1
+        if presses[0] == 1:
+            raise KeyboardInterrupt
+        scale = sys.modules.get("aerosynth.flows.scale")
+        if scale is not None:
+            scale.kill_api_server()
+        os.write(2, b"interrupted again: exiting now (finished stages are kept)\n")
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+
+    def restore() -> None:
+        if presses[0] == 0 and signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous)
+
+    return restore
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, print bad input as one line, exit non-zero (130 after Ctrl-C)."""
+    restore_sigint = _catch_interrupts()
     call_streams = (sys.stdout, sys.stderr)
     try:
+        apply_offline_settings()
+        from aerosynth.flows.server_cleanup import mark_owner, stop_orphans
+
+        stop_orphans()  # workers and temporary Prefect servers of earlier runs that were killed
+        mark_owner()
         code = app(args=argv, prog_name="aerosynth", standalone_mode=False)
     except InputError as exc:
         console.print(f"error: {exc}", soft_wrap=True, highlight=False, markup=False, style="red")
@@ -161,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0
     finally:
         _unbind_log_handlers(call_streams)
+        restore_sigint()
 
 
 if __name__ == "__main__":

@@ -49,13 +49,13 @@ def _run_adapt(
     runner: str | None = None,
     dask_address: str | None = None,
     until: str | None = None,
+    wait: bool = False,
     verbose: bool = False,
 ) -> Path:
-    import shutil
-
     from aerosynth.flows.adapt import check_until, run_adapt
     from aerosynth.flows.config import load_config
     from aerosynth.flows.progress import terminal_output
+    from aerosynth.flows.run_lock import clear_work_folder, work_lock
 
     check_until(until, "--until")  # before the config is read or the flow starts
 
@@ -70,10 +70,11 @@ def _run_adapt(
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    if fresh and cfg.work_dir.exists():
-        shutil.rmtree(cfg.work_dir)
-    with terminal_output(Path(cfg.work_dir) / "logs", verbose):
-        report = run_adapt(cfg, until)
+    with work_lock(cfg.work_dir, wait=wait):  # before --fresh empties the folder: one run per work folder
+        if fresh:
+            clear_work_folder(cfg.work_dir)
+        with terminal_output(Path(cfg.work_dir) / "logs", verbose):
+            report = run_adapt(cfg, until)
     if until is not None:
         Console().print(f"stopped after {until}: {report}")
         return report
@@ -90,12 +91,13 @@ def demo(
     quick: Annotated[
         bool, typer.Option(help="The smallest run (smoke preset): checks an install in a minute.")
     ] = False,
+    wait: Annotated[bool, typer.Option(help="If another run uses the run folder, wait for it to end.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
     if quick and work_dir == Path("runs/demo"):
         work_dir = Path("runs/smoke")
-    report = _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh, verbose=verbose)
+    report = _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh, wait=wait, verbose=verbose)
     Console(soft_wrap=True).print(_demo_note(report, quick), highlight=False, markup=False)
 
 
@@ -159,6 +161,7 @@ def adapt(
         str | None,
         typer.Option(help="Stop after this step: tiles, ldm, synthetic or annotation (a later run resumes)."),
     ] = None,
+    wait: Annotated[bool, typer.Option(help="If another run uses the work folder, wait for it to end.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Run the adapt flow: tiles -> LDM stages -> synthesis -> annotation -> detectors -> report."""
@@ -166,7 +169,7 @@ def adapt(
         raise InputError("--config", "give a config file or --preset")
     if runner not in (None, "sequential", "processes", "dask"):
         raise InputError("--runner", f"unknown runner {runner!r} (sequential, processes or dask)")
-    _run_adapt(config, preset, work_dir, fresh, runner, dask_address, until, verbose)
+    _run_adapt(config, preset, work_dir, fresh, runner, dask_address, until, wait, verbose)
 
 
 def request(
@@ -255,6 +258,7 @@ def retrain(
             "threshold+source, translation+source that the config makes)."
         ),
     ] = None,
+    wait: Annotated[bool, typer.Option(help="If another retrain uses the registry, wait for it to end.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Retrain on new imagery of a watched folder; promote the candidate only if its AP50 is not worse."""
@@ -275,7 +279,7 @@ def retrain(
     from aerosynth.flows.progress import terminal_output
 
     with terminal_output(reg.root / "logs", verbose):
-        result = run_retrain(reg.root, watch, cfg, flags, flag_threshold, variant)
+        result = run_retrain(reg.root, watch, cfg, flags, flag_threshold, variant, wait=wait)
     table = Table(title=f"registry {reg.root} (AP50 on {reg.evaluation.split})")
     for col in ("version", "AP50", "vs production", "promoted", "parent", "run", ""):
         table.add_column(col)

@@ -458,14 +458,20 @@ def run_retrain(
     flag_threshold: float = 0.25,
     variant: str | None = None,
     work_root: str | Path | None = None,
+    wait: bool = False,
 ) -> dict:
-    """Run :func:`retrain_flow` with the task runner the config names, as ``run_adapt`` does."""
+    """Run :func:`retrain_flow` with the task runner the config names, as ``run_adapt`` does.
+
+    The run holds the registry's lock (:func:`aerosynth.flows.run_lock.work_lock`): a second retrain of
+    the same registry is refused (``InputError``), or waits for this one with ``wait``.
+    """
+    from aerosynth.flows.run_lock import work_lock
     from aerosynth.flows.scale import shared_api, task_runner
 
     cfg = config if isinstance(config, AdaptConfig) else build_config(config or {"preset": "demo"})
     RunSettings(flags=flags, flag_threshold=flag_threshold)  # type: ignore[arg-type]  # bad input before any work
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
-    with shared_api(cfg.runner, cfg.dask_address):
+    with work_lock(registry, wait=wait), shared_api(cfg.runner, cfg.dask_address):
         return retrain_flow.with_options(task_runner=runner)(
             str(registry),
             str(watch),

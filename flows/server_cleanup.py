@@ -1,10 +1,13 @@
-"""Stop temporary Prefect servers left behind by aerosynth runs that were killed.
+"""Stop temporary Prefect servers and worker processes left behind by aerosynth runs that were killed.
 
 Without a ``PREFECT_API_URL``, Prefect starts a temporary server (uvicorn) as a child process and stops
 it when the flow's process exits. A SIGKILL skips that, so the server runs on as an orphan. Each
-aerosynth command marks its environment with its own pid and start time (inherited by the server it
-starts), and on start stops every temporary server whose marking aerosynth process is gone. Servers
-started any other way (``prefect server start``, other programs) carry no mark and are never touched.
+aerosynth command marks its environment with its own pid and start time (inherited by the server and the
+worker processes it starts), and on start stops every temporary server and every multiprocessing child
+(process-pool and Dask workers, the resource tracker) whose marking aerosynth process is gone. Workers end
+with their run on their own (:func:`aerosynth.flows.scale.guard_worker`); this catches those that could
+not (no ``prctl``, a worker stuck in a system call). Servers and processes started any other way
+(``prefect server start``, other programs) carry no mark and are never touched.
 """
 
 from __future__ import annotations
@@ -33,40 +36,94 @@ def _owner_alive(pid: int, start: str) -> bool:
         return False
 
 
+def _marked_orphan(proc: psutil.Process) -> dict[str, str] | None:
+    """The environment of ``proc`` if an aerosynth process that no longer runs marked it, else None."""
+    try:
+        env = proc.environ()
+    except (psutil.Error, OSError):
+        return None
+    if OWNER_PID not in env:
+        return None
+    try:
+        owner = int(env[OWNER_PID])
+    except ValueError:
+        return None
+    if owner == proc.pid or _owner_alive(owner, env.get(OWNER_START, "")):
+        return None
+    return env
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    """A multiprocessing child: a process-pool or Dask worker (spawn), or multiprocessing's resource tracker."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.Error, OSError):
+        return False
+    return "from multiprocessing." in cmdline and ("spawn_main" in cmdline or "resource_tracker" in cmdline)
+
+
 def orphan_servers() -> list[psutil.Process]:
     """Temporary Prefect servers marked by an aerosynth process that no longer runs."""
     found = []
     for proc in psutil.process_iter(["pid"]):
-        try:
-            env = proc.environ()
-        except (psutil.Error, OSError):
-            continue
-        if env.get(EPHEMERAL_MARK) != "1" or OWNER_PID not in env:
-            continue
-        try:
-            owner = int(env[OWNER_PID])
-        except ValueError:
-            continue
-        if owner != proc.pid and not _owner_alive(owner, env.get(OWNER_START, "")):
+        env = _marked_orphan(proc)
+        if env is not None and env.get(EPHEMERAL_MARK) == "1":
             found.append(proc)
     return found
 
 
-def stop_orphan_servers(timeout: float = 5.0) -> list[int]:
-    """Terminate (then kill) orphaned temporary servers; returns their pids."""
-    orphans = orphan_servers()
-    for proc in orphans:
+def orphan_workers() -> list[psutil.Process]:
+    """Worker processes (multiprocessing children) marked by an aerosynth process that no longer runs."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        env = _marked_orphan(proc)
+        if env is not None and env.get(EPHEMERAL_MARK) != "1" and _is_worker(proc):
+            found.append(proc)
+    return found
+
+
+def run_processes(owner: int) -> list[psutil.Process]:
+    """Every process that carries the mark of the aerosynth process ``owner`` (its server, workers ...)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == owner:
+            continue
+        try:
+            if proc.environ().get(OWNER_PID) == str(owner):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _stop(procs: list[psutil.Process], timeout: float) -> None:
+    for proc in procs:
         try:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(orphans, timeout=timeout)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         try:
             proc.kill()
         except psutil.Error:
             pass
+
+
+def stop_orphan_servers(timeout: float = 5.0) -> list[int]:
+    """Terminate (then kill) orphaned temporary servers; returns their pids."""
+    orphans = orphan_servers()
+    _stop(orphans, timeout)
     pids = [p.pid for p in orphans]
     if pids:
         log.info("stopped %d temporary Prefect server(s) left by killed runs: %s", len(pids), pids)
     return pids
+
+
+def stop_orphans(timeout: float = 5.0) -> list[int]:
+    """Terminate (then kill) the orphaned workers, then the orphaned temporary servers; returns their pids."""
+    workers = orphan_workers()
+    _stop(workers, timeout)
+    if workers:
+        log.info("stopped %d worker process(es) left by killed runs: %s", len(workers), [p.pid for p in workers])
+    return [p.pid for p in workers] + stop_orphan_servers(timeout)

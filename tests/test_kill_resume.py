@@ -1,5 +1,5 @@
 """Kill ``aerosynth adapt`` with SIGKILL during fine-tuning and during synthesis, rerun, and get
-the outputs of an uninterrupted run, with no partial file left."""
+the outputs of an uninterrupted run, with no partial file left and no worker of a killed run alive."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
+from aerosynth.flows.server_cleanup import run_processes
 from tests.conftest import TINY_ADAPT
 
 pytestmark = pytest.mark.slow
@@ -57,12 +59,32 @@ def _start(config: Path, work: Path, env: dict) -> subprocess.Popen:
     )
 
 
+def _left_behind(owner: int, seconds: float = 5.0) -> list[psutil.Process]:
+    """Processes of the killed run ``owner`` (workers, resource tracker) still running after ``seconds``."""
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    end = time.monotonic() + seconds
+    left = [p for p in run_processes(owner) if alive(p)]
+    while left and time.monotonic() < end:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    for p in left:  # never leave them to the rest of the suite
+        p.kill()
+    return left
+
+
 def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if condition():
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            assert _left_behind(proc.pid) == []  # its workers die with it
             return
         if proc.poll() is not None:
             pytest.fail(f"run ended (status {proc.returncode}) before the kill point")

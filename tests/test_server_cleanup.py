@@ -1,4 +1,4 @@
-"""Temporary Prefect servers left by killed aerosynth runs are stopped by the next aerosynth command."""
+"""Temporary Prefect servers and workers left by killed aerosynth runs are stopped by the next aerosynth command."""
 
 from __future__ import annotations
 
@@ -12,15 +12,24 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aerosynth.flows.server_cleanup import EPHEMERAL_MARK, OWNER_PID, OWNER_START, stop_orphan_servers
+from aerosynth.flows.server_cleanup import (
+    EPHEMERAL_MARK,
+    OWNER_PID,
+    OWNER_START,
+    orphan_workers,
+    stop_orphan_servers,
+    stop_orphans,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+#: what a process-pool or Dask worker's command line looks like (multiprocessing's spawn start method)
+WORKER = [sys.executable, "-c", "from multiprocessing.spawn import spawn_main; import time; time.sleep(120)"]
 
 
-def _spawn(extra_env: dict) -> subprocess.Popen:
+def _spawn(extra_env: dict, cmd: list[str] = SLEEPER) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in (OWNER_PID, OWNER_START, EPHEMERAL_MARK)}
-    return subprocess.Popen(SLEEPER, env={**env, **extra_env})
+    return subprocess.Popen(cmd, env={**env, **extra_env})
 
 
 def test_only_servers_of_dead_aerosynth_processes_are_stopped():
@@ -38,6 +47,34 @@ def test_only_servers_of_dead_aerosynth_processes_are_stopped():
         assert stop_orphan_servers() == [orphan.pid]
         assert orphan.wait(timeout=10) is not None
         assert all(p.poll() is None for p in (owned, unmarked, not_a_server))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_only_workers_of_dead_aerosynth_processes_are_stopped():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_start = repr(psutil.Process(gone.pid).create_time())
+    gone.wait()
+    me = repr(psutil.Process().create_time())
+    dead_mark = {OWNER_PID: str(gone.pid), OWNER_START: gone_start}
+    orphan = _spawn(dead_mark, WORKER)
+    server = _spawn({EPHEMERAL_MARK: "1", **dead_mark})
+    owned = _spawn({OWNER_PID: str(os.getpid()), OWNER_START: me}, WORKER)
+    unmarked = _spawn({}, WORKER)  # another program's pool: never touched
+    not_a_worker = _spawn(dead_mark)  # e.g. a tool a run started: not ours to stop
+    procs = [orphan, server, owned, unmarked, not_a_worker]
+    try:
+        time.sleep(0.3)
+        # (machine-wide: another killed run's orphans may be listed and stopped too)
+        found = [p.pid for p in orphan_workers()]
+        assert orphan.pid in found and not {server.pid, owned.pid, unmarked.pid, not_a_worker.pid} & set(found)
+        stopped = stop_orphans()
+        assert {orphan.pid, server.pid} <= set(stopped)
+        assert not {owned.pid, unmarked.pid, not_a_worker.pid} & set(stopped)
+        assert orphan.wait(timeout=10) is not None and server.wait(timeout=10) is not None
+        assert all(p.poll() is None for p in (owned, unmarked, not_a_worker))
     finally:
         for p in procs:
             p.kill()
