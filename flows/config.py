@@ -295,6 +295,10 @@ class MixBudget(Strict):
 class DetectionSettings(Strict):
     """The final detectors: source-only, each adapted variant, the continued control and the oracle, per seed.
 
+    ``model``: what F_S starts from: an ultralytics model yaml (default ``yolov8n.yaml``: random weights) or a
+    local ``.pt`` such as the COCO-pretrained ``yolov8n-coco.pt`` that ``tools/tflite_to_ultralytics.py``
+    writes (nothing is downloaded): ultralytics transfers every layer but the three class-logit convolutions,
+    new for ``vehicle``. The relay's detectors start from it too. Example: ``benchmarks/configs/pretrained_minsk.yaml``.
     ``design: paired`` (default): the source-only detector F_S of each seed is trained first (``epochs``,
     ``batch``, ``recipe``, ``checkpoint``, ``max_train_images``); every other variant of that seed, the
     oracle and the ``continued`` control (the same fine-tuning on source tiles only) are fine-tuned from
