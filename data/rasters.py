@@ -184,6 +184,9 @@ def write_geotiff(path: str | Path, rgb: np.ndarray, transform: Affine | None, c
 
 # ----------------------------------------------------------------------------- windowed reading
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+#: Bound set on GDAL's block cache when a :class:`RasterSource` opens (GDAL's default, 5 % of the machine's
+#: memory, lets a long windowed read grow by that much); enough for a row of blocks of a wide raster.
+GDAL_CACHE_BYTES = 256 * 2**20
 STRETCH_SAMPLE_PIXELS = 4096 * 4096
 
 
@@ -310,6 +313,7 @@ class RasterSource:
 
     def _dataset(self):
         if self._ds is None:
+            rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -314,8 +314,9 @@ def detector_gsd(model_path: str | Path) -> float | None:
     if not manifest.is_file():
         return None
     try:
-        gsd = json.loads(manifest.read_text()).get("gsd")
-    except ValueError:
+        info = json.loads(manifest.read_text())
+        gsd = info.get("gsd", info.get("gsd_m"))  # gsd_m: the detector.json a run hands over
+    except (ValueError, AttributeError):
         return None
     return None if gsd is None else float(gsd)
 
