@@ -471,7 +471,7 @@ def run_retrain(
     cfg = config if isinstance(config, AdaptConfig) else build_config(config or {"preset": "demo"})
     RunSettings(flags=flags, flag_threshold=flag_threshold)  # type: ignore[arg-type]  # bad input before any work
     runner = task_runner(cfg.runner, cfg.dask_address, cfg.dask_workers)
-    with work_lock(registry, wait=wait), shared_api(cfg.runner, cfg.dask_address):
+    with work_lock(registry, wait=wait, create=False), shared_api(cfg.runner, cfg.dask_address):
         return retrain_flow.with_options(task_runner=runner)(
             str(registry),
             str(watch),

@@ -92,13 +92,17 @@ def _write_holder(fd: int, command: str | None) -> None:
 
 
 @contextlib.contextmanager
-def work_lock(folder: str | Path, wait: bool = False, command: str | None = None) -> Iterator[Path]:
-    """Hold the run lock of ``folder`` (made if missing) for the block; yields the lock file's path.
+def work_lock(
+    folder: str | Path, wait: bool = False, command: str | None = None, create: bool = True
+) -> Iterator[Path]:
+    """Hold the run lock of ``folder`` for the block; yields the lock file's path.
 
     Args:
         folder: the work folder (or registry) a run writes to.
         wait: wait for a running holder to finish instead of refusing.
         command: how to name this run to others (default: this process's command line).
+        create: make a missing ``folder``; without, a missing folder is not locked (whoever needs it
+            reports it missing).
 
     Raises:
         InputError: another run holds the folder and ``wait`` is false (one line naming that run).
@@ -118,9 +122,10 @@ def work_lock(folder: str | Path, wait: bool = False, command: str | None = None
             with _HELD_GUARD:
                 held[1] -= 1
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    if fcntl is None:  # pragma: no cover - Windows
+    if fcntl is None or not folder.is_dir():  # Windows; or a missing folder not to be made
         yield path
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -325,6 +325,31 @@ def test_lock_of_a_killed_run_is_taken_over_and_fresh_keeps_it(tmp_path):
             holder.wait()
 
 
+def test_retrain_refuses_a_registry_in_use_and_never_makes_one(tmp_path):
+    from aerosynth.flows.retrain import run_retrain
+
+    with work_lock(tmp_path / "missing", create=False):  # nothing to lock, nothing made
+        pass
+    assert not (tmp_path / "missing").exists()
+    registry = tmp_path / "registry"
+    held, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with work_lock(registry, command="aerosynth retrain --registry registry"):
+            held.set()
+            done.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        held.wait(10)
+        with pytest.raises(InputError, match="aerosynth retrain --registry registry"):
+            run_retrain(registry, tmp_path / "watch", dict(TINY_ADAPT))
+    finally:
+        done.set()
+        t.join()
+
+
 @pytest.mark.slow
 def test_second_run_on_a_folder_is_refused_and_a_killed_run_leaves_no_worker(prefect_harness, tmp_path):
     from prefect.settings import PREFECT_API_URL
