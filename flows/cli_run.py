@@ -84,9 +84,10 @@ def _run_adapt(
 
 
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Run folder (kept: a rerun skips finished stages).")] = Path(
-        "runs/demo"
-    ),
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run folder, kept: a rerun skips finished stages (runs/demo; runs/smoke with --quick)."),
+    ] = None,
     fresh: Annotated[bool, typer.Option(help="Delete the run folder first.")] = False,
     quick: Annotated[
         bool, typer.Option(help="The smallest run (smoke preset): checks an install in a minute.")
@@ -95,8 +96,8 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """The main job: the whole adapt flow on the embedded demo domains (CPU, a few minutes)."""
-    if quick and work_dir == Path("runs/demo"):
-        work_dir = Path("runs/smoke")
+    if work_dir is None:  # a folder typed by the user is kept, even runs/demo with --quick
+        work_dir = Path("runs/smoke" if quick else "runs/demo")
     report = _run_adapt(None, "smoke" if quick else "demo", work_dir, fresh, wait=wait, verbose=verbose)
     Console(soft_wrap=True).print(_demo_note(report, quick), highlight=False, markup=False)
 
@@ -212,8 +213,10 @@ def request(
         run_detector(run) if real == "detector" else real_dataset_dir(run, real)
     from aerosynth.flows.progress import stage, terminal_output
     from aerosynth.flows.request import request_flow
+    from aerosynth.flows.scale import shared_api
 
-    with terminal_output(out / "logs", verbose), stage(f"request/{name}"):
+    # shared_api: the temporary Prefect server in a session of its own, so Ctrl-C stops the request in order
+    with shared_api("sequential"), terminal_output(out / ".logs", verbose), stage(f"request/{name}"):
         path = request_flow(
             run,
             out,

@@ -254,9 +254,30 @@ def run_detector(model: Path | None, run: Path | None) -> Path:
     return run / "detector.pt"
 
 
+def _windows_progress():
+    """A ``progress(done, total)`` callback reporting windows per second and the time left to the stage display."""
+    import time
+
+    from aerosynth.flows.progress import advance, format_seconds
+
+    start: list[float] = []
+
+    def report(done: int, total: int) -> None:
+        if not start:
+            start.extend([time.monotonic(), done])
+            return
+        rate = (done - start[1]) / max(time.monotonic() - start[0], 1e-9)
+        left = format_seconds((total - done) / rate) if rate > 0 else "?"
+        advance(done, total, figure=f"{rate:.0f} windows/s, {left} left", unit="windows")
+
+    return report
+
+
 def detect(
-    raster: Annotated[Path, typer.Argument(help="GeoTIFF to search.")],
-    out: Annotated[Path, typer.Option(help="Output GeoJSON (the raster's CRS).")],
+    raster: Annotated[
+        list[Path], typer.Argument(help="GeoTIFF/COG, .vrt, a folder of tiles, or several tiles on one pixel grid.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output .geojson, .geojsonl, .gpkg or .fgb (the raster's CRS); resumable.")],
     model: Annotated[Path | None, typer.Option(help="Trained detector .pt (default: --run's detector.pt).")] = None,
     run: Annotated[
         Path | None, typer.Option(help="An adapt run folder: its recommended detector, RUN/detector.pt.")
@@ -268,10 +289,16 @@ def detect(
     bands: Annotated[str, typer.Option(help="Band selection, e.g. 3,2,1.")] = "",
     verbose: Annotated[
         bool,
-        typer.Option(help="Print ultralytics' and other libraries' output on the terminal, not into logs/ beside OUT."),
+        typer.Option(help="Print ultralytics' and other libraries' output on the terminal, not in .logs/ beside OUT."),
     ] = False,
+    workers: Annotated[int, typer.Option(help="Run blocks on N local Dask worker processes (0: this process).")] = 0,
+    dask_address: Annotated[str | None, typer.Option(help="Run blocks on the Dask scheduler at this address.")] = None,
+    block: Annotated[int, typer.Option(help="Windows per block side (a block is read and detected at once).")] = 8,
 ) -> None:
-    """Sliced detection over a whole GeoTIFF, merged by NMS, written as GeoJSON."""
+    """Sliced detection over a raster of any size, block by block, merged by NMS, streamed to a vector file.
+
+    A killed run resumes from its last finished block row when run again with the same arguments.
+    """
     from aerosynth.detection.prediction import check_detector_file
     from aerosynth.detection.slicing import detect_raster
     from aerosynth.flows.progress import stage, terminal_output
@@ -279,8 +306,20 @@ def detect(
     model = run_detector(model, run)
     check_detector_file(model)
     band_list = [int(b) for b in bands.split(",")] if bands else None
-    with terminal_output(out.parent / "logs", verbose, announce=False), stage(f"detect {raster.name}"):
+    logs = out.parent / ".logs"  # hidden: the folder of OUT is the user's own
+    with terminal_output(logs, verbose, announce=False), stage(f"detect {raster[0].name}"):
         n = detect_raster(
-            raster, model, out, conf=conf, target_gsd=gsd, overlap=overlap, to_wgs84=wgs84, bands=band_list
+            raster,
+            model,
+            out,
+            conf=conf,
+            target_gsd=gsd,
+            overlap=overlap,
+            to_wgs84=wgs84,
+            bands=band_list,
+            block=block,
+            workers=workers,
+            dask_address=dask_address,
+            progress=_windows_progress(),
         )
     Console().print(f"{n} vehicles -> {out}")

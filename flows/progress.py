@@ -54,7 +54,7 @@ START_LINE_AFTER = 30.0
 #: Least seconds between two progress events of a stage (the last step is always sent).
 ADVANCE_EVERY = 0.5
 #: Width the stage names are padded to in the plain lines.
-NAME_WIDTH = 40
+NAME_WIDTH = 44
 
 #: aerosynth's stage folders: a warning logged from a file in them (through Prefect's run logger too) is the user's.
 _PACKAGE_DIRS = tuple(
