@@ -6,13 +6,17 @@ boxes (a tile with a kept box has a vehicle), else the rule for unflagged tiles 
 empty, or leave the tile out). The boxes of a target, when it has any, go to ``evaluation/<split>`` only;
 a target without boxes has no ``evaluation/`` folder and its manifest says ``"target_boxes": false`` (a
 target with boxes has no such key; with flag files, each weak split counts its ``flag_sources``).
+
+With ``PrepareSpec.flags_holdout`` > 0 a share of target-train is held out as the weak split ``target-holdout``
+(:func:`holdout_tiles`: whole groups where target-train has several, else tiles of each flag with a fixed
+seed): its flags score detectors without boxes; no training or labelling step reads it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +60,13 @@ class SplitSpec:
     mode: str = "grid"
     weak: bool = False
     scale: float | None = None
+    holdout: float = 0.0
+
+
+#: The weak split of target-train tiles held out of training, scored against their flags.
+HOLDOUT_SPLIT = "target-holdout"
+#: The seed of the tiles :func:`holdout_tiles` holds out (fixed, so a run's holdout never moves).
+HOLDOUT_SEED = 0
 
 
 @dataclass
@@ -64,6 +75,7 @@ class PrepareSpec:
 
     ``unflagged`` applies to tiles of a target without boxes that no flag covers: ``"error"`` refuses
     them (naming the tile), ``"empty"`` flags them empty, ``"skip"`` leaves them out of the split.
+    ``flags_holdout``: the share of ``target-train`` tiles written to :data:`HOLDOUT_SPLIT` instead.
     """
 
     preset: str
@@ -74,9 +86,42 @@ class PrepareSpec:
     min_valid_fraction: float = 0.5
     min_inside: float = 0.5
     unflagged: UnflaggedRule = "error"
+    flags_holdout: float = 0.0
 
     def __post_init__(self) -> None:
         check_unflagged_rule(self.unflagged, "unflagged")
+        if not 0.0 <= self.flags_holdout < 1.0:
+            raise InputError("flags_holdout", f"a fraction in [0, 1), got {self.flags_holdout}")
+
+
+def holdout_tiles(records: list[TileRecord], fraction: float, seed: int = HOLDOUT_SEED) -> tuple[set[str], str]:
+    """The tiles held out of a weak split: ``(tile ids, "group" or "tile")``.
+
+    Where the tiles come from several groups, whole groups in a seeded order until ``fraction`` of the tiles
+    is reached (frames of one group are never split; at least one group stays for training); else, tiles
+    of each flag in a seeded order, ``fraction`` of each (at least one of each flag that has two tiles).
+
+    Raises:
+        InputError: no tile can be held out with some left for training.
+    """
+    rng = np.random.default_rng(seed)
+    groups = sorted({r.group for r in records})
+    held: set[str] = set()
+    if len(groups) > 1:
+        by = "group"
+        for group in [groups[i] for i in rng.permutation(len(groups))][: len(groups) - 1]:
+            if len(held) >= fraction * len(records):
+                break
+            held |= {r.tile_id for r in records if r.group == group}
+    else:
+        by = "tile"
+        for flag in (True, False):
+            ids = sorted(r.tile_id for r in records if r.has_vehicle == flag)
+            take = min(max(int(round(fraction * len(ids))), 1), len(ids) - 1)
+            held |= {ids[i] for i in rng.permutation(len(ids))[: max(take, 0)]}
+    if not held:
+        raise InputError("flags_holdout", f"{len(records)} tile(s) in one group: none can be held out of training")
+    return held, by
 
 
 def _select(split: SplitSpec) -> list:
@@ -239,11 +284,15 @@ def _weak_flag(
     return None, "unflagged"
 
 
-def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: Progress | None = None) -> dict:
-    """Write one split under ``out_root`` and return its counts.
+def build_split(
+    spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: Progress | None = None
+) -> dict[str, dict]:
+    """Write one split under ``out_root`` and return its counts by split name.
 
     A labelled split takes boxes and flags from the domain's labels; a weak split takes its flags as the
-    module docstring says, and writes the domain's boxes (if any) under ``evaluation/<split>``.
+    module docstring says, and writes the domain's boxes (if any) under ``evaluation/<split>``. With
+    ``split.holdout`` the tiles :func:`holdout_tiles` picks go to :data:`HOLDOUT_SPLIT` (flags only), whose
+    counts come back too.
     """
     items = _select(split)
     domain = split.domain
@@ -255,7 +304,9 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
     records: list[TileRecord] = []
     coco_items: list[LabelledImage] = []
     sources: dict[str, int] = {}
-    n_boxes = n_ignore = n_dropped = 0
+    tile_source: dict[str, str] = {}
+    tile_boxes: dict[str, tuple[int, int]] = {}
+    n_dropped = 0
     unlabelled = False
     for k, item in enumerate(items):
         cut = cut_image(domain, item, spec.target_gsd, split.scale, spec.single_class)
@@ -296,6 +347,7 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
             else:
                 flag, source = bool(len(tile.boxes)), "boxes"
             sources[source] = sources.get(source, 0) + 1
+            tile_source[tid] = source
             write_png(split_dir / "images" / f"{tid}.png", tile.pixels)
             tt = cut.transform @ Affine.translation(tile.x0, tile.y0) if cut.transform is not None else None
             records.append(
@@ -317,14 +369,15 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
                     labels_dir / "labels" / f"{tid}.txt", tile.boxes.to_yolo(spec.tile_size, spec.tile_size)
                 )
                 coco_items.append(LabelledImage(tid, tile.pixels, tile.boxes, tile.ignore))
-                n_boxes += len(tile.boxes)
-                n_ignore += len(tile.ignore)
+                tile_boxes[tid] = (len(tile.boxes), len(tile.ignore))
         if progress:
             progress(split.name, k + 1, len(items))
     if unlabelled and not split.weak:
         raise InputError(f"split {split.name}", "a labelled split needs labels for every image")
     if unlabelled and split.weak:
         raise InputError(f"split {split.name}", "weak flags need labels (or a flag file) for every image")
+    if not records:
+        raise InputError(f"split {split.name}", "no tile could be cut (images smaller than the tile, or all nodata)")
     info = SplitInfo(
         split.name,
         domain.name,
@@ -333,29 +386,53 @@ def build_split(spec: PrepareSpec, split: SplitSpec, out_root: Path, progress: P
         split.weak,
         domain.class_names if not spec.single_class else ["vehicle"],
     )
-    atomic_write_json(split_dir / TILES_FILE, tiles_document(info, records))
-    class_names = info.class_names
-    if domain.has_labels:
-        write_coco(labels_dir / COCO_FILE, coco_items, class_names)
-    if not records:
-        raise InputError(f"split {split.name}", "no tile could be cut (images smaller than the tile, or all nodata)")
-    counts = {
-        "domain": domain.name,
-        "weak": split.weak,
-        "images": len(items),
-        "groups": sorted({im.group for im in items}),
-        "tiles": len(records),
-        "tiles_with_vehicles": sum(r.has_vehicle for r in records),
-        "boxes": n_boxes,
-        "ignore_regions": n_ignore,
-        "vehicle_classes": [int(c) for c in domain.vehicle_classes],
-        "dropped_boxes": n_dropped,
-        "content_sha256": tree_sha256(split_dir),
-    }
-    if split.weak and (flags is not None or not domain.has_labels):  # a target labelled by boxes alone: as before
-        counts["target_boxes"] = domain.has_labels
-        counts["flag_sources"] = dict(sorted(sources.items()))
-    return counts
+    held: set[str] = set()
+    if split.holdout > 0:
+        held, by = holdout_tiles(records, split.holdout)
+        _move_tiles(held, split_dir, out_root / HOLDOUT_SPLIT, labels_dir if domain.has_labels else None)
+    parts = {split.name: [r for r in records if r.tile_id not in held]}
+    if held:
+        parts[HOLDOUT_SPLIT] = [r for r in records if r.tile_id in held]
+    out: dict[str, dict] = {}
+    for name, part in parts.items():
+        ids = {r.tile_id for r in part}
+        part_dir = out_root / name
+        atomic_write_json(part_dir / TILES_FILE, tiles_document(replace(info, name=name), part))
+        if domain.has_labels and name == split.name:  # a holdout is flags only
+            write_coco(labels_dir / COCO_FILE, [c for c in coco_items if c.name in ids], info.class_names)
+        counts = {
+            "domain": domain.name,
+            "weak": split.weak,
+            "images": len({r.source_image for r in part}) if held else len(items),
+            "groups": sorted({r.group for r in part}) if held else sorted({im.group for im in items}),
+            "tiles": len(part),
+            "tiles_with_vehicles": sum(r.has_vehicle for r in part),
+            "boxes": sum(tile_boxes.get(t, (0, 0))[0] for t in ids) if name == split.name else 0,
+            "ignore_regions": sum(tile_boxes.get(t, (0, 0))[1] for t in ids) if name == split.name else 0,
+            "vehicle_classes": [int(c) for c in domain.vehicle_classes],
+            "dropped_boxes": n_dropped if name == split.name else 0,
+            "content_sha256": tree_sha256(part_dir),
+        }
+        if split.weak and (flags is not None or not domain.has_labels):  # a target labelled by boxes alone: as before
+            counts["target_boxes"] = domain.has_labels
+            part_sources = {}
+            for t in ids:
+                part_sources[tile_source[t]] = part_sources.get(tile_source[t], 0) + 1
+            skipped = {k: v for k, v in sources.items() if k == "unflagged (skip)"} if name == split.name else {}
+            counts["flag_sources"] = dict(sorted({**part_sources, **skipped}.items()))
+        if name == HOLDOUT_SPLIT:
+            counts["held_out"] = {"from": split.name, "fraction": split.holdout, "by": by, "seed": HOLDOUT_SEED}
+        out[name] = counts
+    return out
+
+
+def _move_tiles(ids: set[str], split_dir: Path, holdout_dir: Path, labels_dir: Path | None) -> None:
+    """Move the images of ``ids`` to the holdout split; their boxes (if any) are dropped: a holdout is flags only."""
+    (holdout_dir / "images").mkdir(parents=True, exist_ok=True)
+    for tid in sorted(ids):
+        (split_dir / "images" / f"{tid}.png").rename(holdout_dir / "images" / f"{tid}.png")
+        if labels_dir is not None:
+            (labels_dir / "labels" / f"{tid}.txt").unlink(missing_ok=True)
 
 
 def prepare_dataset(
@@ -386,8 +463,11 @@ def prepare_dataset(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         splits = {}
         for split in spec.splits:
-            splits[split.name] = build_split(spec, split, tmp, progress)
-            log.info("%s: %d tiles, %d boxes", split.name, splits[split.name]["tiles"], splits[split.name]["boxes"])
+            if spec.flags_holdout and split.weak and split.name == "target-train":
+                split = replace(split, holdout=spec.flags_holdout)
+            for name, counts in build_split(spec, split, tmp, progress).items():
+                splits[name] = counts
+                log.info("%s: %d tiles, %d boxes", name, counts["tiles"], counts["boxes"])
         manifest = {
             "kind": "aerosynth.tiles",
             "preset": spec.preset,

@@ -7,6 +7,12 @@
     report.json            the same numbers (and PR curves) for machines
     pr_curves.png          PR curves at IoU 0.5, one per variant (first seed)
     predictions_grid.png   target-test tiles: truth in red, predictions in green, one column per variant
+    predictions_holdout_grid.png  held-out flagged tiles (``flag_scores``): flagged "vehicle" framed in red
+
+Without target boxes (``variants`` empty, ``flag_scores`` given) the report has no AP50, no oracle and no PR
+curves: its first line gives the handed-over detector's tile-level AP on held-out flagged tiles against
+source-only's, and its table the flag-level figures of :mod:`aerosynth.detection.flag_scores`. With boxes
+and ``flag_scores``, both tables.
 
 Gap closure of an adapted variant is ``(AP50_adapted - AP50_source) / (AP50_oracle - AP50_source)``,
 computed for each seed of the adapted variant against the seed means of source-only and oracle;
@@ -27,13 +33,14 @@ from aerosynth.data.atomic import atomic_output_path, atomic_write_json, atomic_
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import write_png
-from aerosynth.data.tileset import LabelledTileSplit
+from aerosynth.data.tileset import LabelledTileSplit, WeakTileSplit
 from aerosynth.detection.evaluation import EvaluationResult
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 PR_PNG = "pr_curves.png"
 GRID_PNG = "predictions_grid.png"
+HOLDOUT_GRID_PNG = "predictions_holdout_grid.png"
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ def _draw(img: np.ndarray, dets: Detections, colour: tuple[int, int, int], scale
 
 
 def write_prediction_grid(
-    split: LabelledTileSplit,
+    split: LabelledTileSplit | WeakTileSplit,
     predictions: Mapping[str, Sequence[Detections]],
     out_png: str | Path,
     thresholds: Mapping[str, float] | None = None,
@@ -156,7 +163,8 @@ def write_prediction_grid(
     """A grid of tiles (rows) by variants (columns): truth in red, predictions above threshold in green.
 
     Args:
-        split: the labelled split the predictions belong to (``split.tiles`` order).
+        split: the split the predictions belong to (``split.tiles`` order): labelled (its boxes drawn) or
+            weak (a tile flagged "vehicle" framed in red).
         predictions: per variant, one :class:`Detections` per tile.
         out_png: the PNG to write.
         thresholds: per variant the lowest confidence drawn (default 0.25).
@@ -164,7 +172,8 @@ def write_prediction_grid(
         scale: pixel zoom.
     """
     thresholds = dict(thresholds or {})
-    with_cars = [i for i, t in enumerate(split.tiles) if len(split.labels(t.tile_id))]
+    boxes = isinstance(split, LabelledTileSplit)
+    with_cars = [i for i, t in enumerate(split.tiles) if (len(split.labels(t.tile_id)) if boxes else t.has_vehicle)]
     empty = [i for i in range(len(split.tiles)) if i not in set(with_cars)]
     n_cars = min(len(with_cars), max(tiles - min(len(empty), max(tiles // 4, 1)), 0))
     rows = with_cars[:n_cars] + empty[: tiles - n_cars]
@@ -182,10 +191,13 @@ def write_prediction_grid(
         tile = split.tiles[i]
         img = split.image(tile.tile_id)
         img = cv2.resize(img, (img.shape[1] * scale, img.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
-        truth = split.labels(tile.tile_id)
+        truth = split.labels(tile.tile_id) if boxes else None
         for c, name in enumerate(names or [""]):
             cell = np.ascontiguousarray(img.copy())
-            _draw(cell, truth, (255, 0, 0), scale)
+            if truth is not None:
+                _draw(cell, truth, (255, 0, 0), scale)
+            elif tile.has_vehicle:
+                cv2.rectangle(cell, (0, 0), (cell.shape[1] - 1, cell.shape[0] - 1), (255, 0, 0), 2)
             if name:
                 _draw(cell, predictions[name][i].filter_confidence(thresholds.get(name, 0.25)), (0, 255, 0), scale)
             h, w = cell.shape[:2]
@@ -208,6 +220,12 @@ def write_report(
     diagnostics: Mapping | None = None,
     handed_over: Mapping | None = None,
     how_chosen: Sequence[str] = (),
+    flag_scores: Mapping[str, Sequence[Mapping]] | None = None,
+    holdout: WeakTileSplit | None = None,
+    holdout_predictions: Mapping[str, Sequence[Detections]] | None = None,
+    agreement: Mapping[str, Mapping] | None = None,
+    wall_time: Mapping | None = None,
+    not_run: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the figures; return the markdown path.
 
@@ -229,26 +247,112 @@ def write_report(
         handed_over: the detector a run hands over: ``{"variant", "seed", "path"}`` and optionally ``"ap50"``
             (that seed's own) and ``"kind"``; ``variant`` must be one of ``variants``.
         how_chosen: markdown lines of a section "How it was chosen" below the table (none when empty).
+        flag_scores: per variant, one :meth:`~aerosynth.detection.flag_scores.FlagScores.to_dict` per seed
+            (``tile_ap``, ``auroc``, ``vehicles_per_tile``; ``None`` with a ``note`` where not defined), on
+            ``holdout``. Without boxes (``variants`` empty) the report's figures are these.
+        holdout: the held-out flagged tiles ``flag_scores`` were measured on (for their grid).
+        holdout_predictions: per variant, detections per tile of ``holdout`` (one seed) for its grid.
+        agreement: per self-training round, its labels' agreement with the round before (``with``, ``f1``, ...).
+        wall_time: ``{"run_s", "stages_s"}``: this run's wall time and the summed time of its stages.
+        not_run: markdown lines naming what the run left out (the comparisons it did not train).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarise(variants, source_only, oracle)
-    plot_pr_curves({r["variant"]: variants[r["variant"]] for r in rows}, out_dir / PR_PNG)
-    grid = None
+    flag_scores = dict(flag_scores or {})
+    if not variants and not flag_scores:
+        raise InputError("variants", "no evaluation result: neither AP50 (target boxes) nor flag-level figures")
+    rows = summarise(variants, source_only, oracle) if variants else []
+    flag_rows = summarise_flags(flag_scores, source_only)
+    if rows:
+        plot_pr_curves({r["variant"]: variants[r["variant"]] for r in rows}, out_dir / PR_PNG)
+    grid = holdout_grid = None
     if split is not None and predictions:
         thr = {n: variants[n][0].threshold for n in predictions if variants.get(n)}
         grid = write_prediction_grid(split, predictions, out_dir / GRID_PNG, thr, grid_tiles)
+    if holdout is not None and holdout_predictions:
+        thr = {n: variants[n][0].threshold for n in holdout_predictions if variants.get(n)}
+        holdout_grid = write_prediction_grid(holdout, holdout_predictions, out_dir / HOLDOUT_GRID_PNG, thr, grid_tiles)
     listed = [{"path": str(Path(m)), "sha256": _sha256(Path(m))} for m in manifests]
 
     if handed_over is not None:
-        if handed_over["variant"] not in variants:
+        if handed_over["variant"] not in (variants if rows else flag_scores):
             raise InputError("handed_over", f"{handed_over['variant']!r} is not one of the variants reported")
         evaluated = split.name if split is not None else "target-test"
-        lines = [*handed_over_lines(rows, handed_over, source_only, evaluated), "", f"The run: {title}.", ""]
+        opening = (
+            handed_over_lines(rows, handed_over, source_only, evaluated)
+            if rows
+            else handed_over_flag_lines(flag_rows, handed_over, source_only)
+        )
+        lines = [*opening, "", f"The run: {title}.", ""]
     else:
         lines = [f"# {title}", ""]
+    if wall_time:
+        lines += [wall_time_line(wall_time), ""]
     if handed_over is not None or how_chosen:
         lines += ["## Results", ""]
+    if rows:
+        lines += ap50_lines(rows, split)
+    if flag_rows:
+        lines += flag_lines(flag_rows, holdout, boxes=bool(rows))
+    if rows:
+        lines += [f"![PR curves]({PR_PNG})", ""]
+    if grid is not None:
+        lines += [f"![predictions (green) and truth (red)]({GRID_PNG})", ""]
+    if holdout_grid is not None:
+        lines += [f"![held-out tiles: predictions (green), flagged 'vehicle' framed in red]({HOLDOUT_GRID_PNG})", ""]
+    if agreement:
+        lines += agreement_lines(agreement)
+    if how_chosen:
+        lines += ["## How it was chosen", "", *how_chosen, ""]
+    if not_run:
+        lines += ["## Not trained", "", *not_run, ""]
+    if diagnostics:
+        lines += diagnostics_lines(diagnostics)
+    lines += ["## Manifests", ""]
+    lines += [f"- `{m['path']}` sha256 `{m['sha256'] or 'missing'}`" for m in listed] or ["- none given"]
+    md = atomic_write_text(out_dir / REPORT_MD, "\n".join(lines) + "\n")
+
+    def row_json(r: dict) -> dict:
+        out = {k: (v.to_dict() if isinstance(v, Stat) else v) for k, v in r.items()}
+        out["per_seed"] = [res.to_dict() for res in variants[r["variant"]]]
+        return out
+
+    def flag_json(r: dict) -> dict:
+        return {**{k: (v.to_dict() if isinstance(v, Stat) else v) for k, v in r.items()}, "per_seed": r["per_seed"]}
+
+    atomic_write_json(
+        out_dir / REPORT_JSON,
+        {
+            "title": title,
+            "target_boxes": bool(rows),
+            "split": None if split is None else {"name": split.name, "tiles": len(split), "domain": split.info.domain},
+            "source_only": source_only,
+            "oracle": oracle,
+            "variants": [row_json(r) for r in rows],
+            "flag_scores": None
+            if not flag_rows
+            else {
+                "split": None if holdout is None else {"name": holdout.name, "tiles": len(holdout)},
+                "variants": [flag_json(r) for r in flag_rows],
+            },
+            "label_agreement": dict(agreement) if agreement else None,
+            "wall_time": dict(wall_time) if wall_time else None,
+            "figures": {
+                "pr_curves": PR_PNG if rows else None,
+                "predictions_grid": None if grid is None else GRID_PNG,
+                "predictions_holdout_grid": None if holdout_grid is None else HOLDOUT_GRID_PNG,
+            },
+            "manifests": listed,
+            "synthetic_diagnostics": dict(diagnostics) if diagnostics else None,
+            "handed_over": dict(handed_over) if handed_over is not None else None,
+        },
+    )
+    return md
+
+
+def ap50_lines(rows: Sequence[dict], split: LabelledTileSplit | None) -> list[str]:
+    """The AP50 section of the report: where it was evaluated, the table of :func:`summarise`'s rows."""
+    lines = []
     if split is not None:
         lines += [f"Evaluated on split `{split.name}` ({len(split)} tiles, domain `{split.info.domain}`).", ""]
     lines += [
@@ -264,37 +368,113 @@ def write_report(
             f"| {r['variant']} | {r['role']} | {r['seeds']} | {r['ap50'].fmt()} | {r['ap50_95'].fmt()} | "
             f"{r['precision'].fmt()} | {r['recall'].fmt()} | {r['f1'].fmt()} | {gap} |"
         )
-    lines += ["", f"![PR curves]({PR_PNG})", ""]
-    if grid is not None:
-        lines += [f"![predictions (green) and truth (red)]({GRID_PNG})", ""]
-    if how_chosen:
-        lines += ["## How it was chosen", "", *how_chosen, ""]
-    if diagnostics:
-        lines += diagnostics_lines(diagnostics)
-    lines += ["## Manifests", ""]
-    lines += [f"- `{m['path']}` sha256 `{m['sha256'] or 'missing'}`" for m in listed] or ["- none given"]
-    md = atomic_write_text(out_dir / REPORT_MD, "\n".join(lines) + "\n")
+    return lines + [""]
 
-    def row_json(r: dict) -> dict:
-        out = {k: (v.to_dict() if isinstance(v, Stat) else v) for k, v in r.items()}
-        out["per_seed"] = [res.to_dict() for res in variants[r["variant"]]]
-        return out
 
-    atomic_write_json(
-        out_dir / REPORT_JSON,
-        {
-            "title": title,
-            "split": None if split is None else {"name": split.name, "tiles": len(split), "domain": split.info.domain},
-            "source_only": source_only,
-            "oracle": oracle,
-            "variants": [row_json(r) for r in rows],
-            "figures": {"pr_curves": PR_PNG, "predictions_grid": None if grid is None else GRID_PNG},
-            "manifests": listed,
-            "synthetic_diagnostics": dict(diagnostics) if diagnostics else None,
-            "handed_over": dict(handed_over) if handed_over is not None else None,
-        },
-    )
-    return md
+def summarise_flags(flag_scores: Mapping[str, Sequence[Mapping]], source_only: str = "source-only") -> list[dict]:
+    """One row per variant (source-only first): tile AP, AUROC and vehicles per tile (mean/std over seeds)."""
+    rows = []
+    for name in _order(list(flag_scores), source_only, ""):
+        per_seed = [dict(f) for f in flag_scores[name]]
+        rows.append(
+            {
+                "variant": name,
+                "role": "source-only" if name == source_only else "adapted",
+                "seeds": len(per_seed),
+                "tile_ap": Stat.of([f.get("tile_ap") for f in per_seed]),
+                "auroc": Stat.of([f.get("auroc") for f in per_seed]),
+                "vehicles_per_tile": Stat.of([f.get("vehicles_per_tile") for f in per_seed]),
+                "tiles": per_seed[0].get("tiles") if per_seed else None,
+                "flagged": per_seed[0].get("flagged") if per_seed else None,
+                "notes": sorted({f["note"] for f in per_seed if f.get("note")}),
+                "per_seed": per_seed,
+            }
+        )
+    return rows
+
+
+def flag_lines(rows: Sequence[dict], holdout: WeakTileSplit | None, boxes: bool) -> list[str]:
+    """The flag-level section: what the figures are, on which tiles, and the table of :func:`summarise_flags`."""
+    tiles, flagged = rows[0]["tiles"], rows[0]["flagged"]
+    where = f"`{holdout.name}`" if holdout is not None else "the held-out tiles"
+    lines = [
+        "### Flag-level figures" if boxes else "### Flag-level figures (no target boxes: no AP50, no oracle)",
+        "",
+        f"On {tiles} held-out flagged tiles of {where} ({flagged} flagged 'vehicle'), which no training or "
+        "labelling step read. A detector's tile score is its most confident box on the tile; tile AP is the "
+        "average precision of that score at finding the flagged tiles, AUROC the chance that a flagged tile "
+        "outscores an empty one; vehicles per tile counts boxes at confidence >= "
+        f"{rows[0]['per_seed'][0].get('conf', 0.25)}.",
+        "",
+        "| variant | role | seeds | tile AP | AUROC | vehicles per tile |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['role']} | {r['seeds']} | {r['tile_ap'].fmt()} | {r['auroc'].fmt()} | "
+            f"{r['vehicles_per_tile'].fmt(2)} |"
+        )
+    notes = sorted({n for r in rows for n in r["notes"]})
+    return lines + [""] + ([f"- {n}" for n in notes] + [""] if notes else [])
+
+
+def handed_over_flag_lines(rows: Sequence[dict], handed_over: Mapping, source_only: str = "source-only") -> list[str]:
+    """The opening of a report without target boxes: the detector handed over and its tile-level AP.
+
+    Line 1 (a heading): the variant, its tile-level AP on the held-out flagged tiles (mean over its seeds)
+    against source-only's, the number of those tiles, and that the target has no boxes.
+
+    Args:
+        rows: :func:`summarise_flags`'s rows.
+        handed_over: ``{"variant", "seed", "path"}``, optionally ``"kind"``.
+        source_only: the baseline's variant name.
+    """
+    by_name = {r["variant"]: r for r in rows}
+    name = handed_over["variant"]
+    mine, base = by_name[name]["tile_ap"], by_name.get(source_only, {}).get("tile_ap")
+    on = f"on {by_name[name]['tiles']} held-out flagged tiles (no target boxes: no AP50)"
+    if name == source_only:
+        first = f"# Handed over `{name}` (no adapted detector): tile-level AP {mine.fmt()} {on}"
+    elif base is None or base.n == 0 or mine.n == 0:
+        first = f"# Handed over `{name}`: tile-level AP {mine.fmt()} {on}"
+    else:
+        first = f"# Handed over `{name}`: tile-level AP {mine.mean:.3f} against source-only {base.mean:.3f} {on}"
+    kind = f" ({handed_over['kind']})" if handed_over.get("kind") else ""
+    return [
+        first,
+        "",
+        f"`{handed_over['path']}` is seed {handed_over['seed']} of `{name}`{kind}.",
+        f"Tile-level AP above: mean over {mine.n} seed{'s' if mine.n != 1 else ''}; AUROC "
+        f"{by_name[name]['auroc'].fmt()}.",
+    ]
+
+
+def agreement_lines(agreement: Mapping[str, Mapping]) -> list[str]:
+    """The self-training rounds' label agreement: each round's labels against the round before (box F1)."""
+    lines = [
+        "## Self-training rounds: label agreement",
+        "",
+        "Each round's labels of the real target-train tiles against the previous round's (box F1 at IoU 0.5;",
+        "no target label read). The rounds stop when it reaches `stop_agreement`.",
+        "",
+        "| round | against | F1 |",
+        "|---|---|---|",
+    ]
+    for name, doc in agreement.items():
+        f1 = doc.get("f1")
+        lines.append(f"| {name} | {doc.get('with', '')} | {'n/a' if f1 is None else f'{f1:.3f}'} |")
+    return lines + [""]
+
+
+def wall_time_line(wall_time: Mapping) -> str:
+    """One line: the run's wall time and the summed time of its stages (earlier, resumed runs included)."""
+    run, stages = wall_time.get("run_s"), wall_time.get("stages_s")
+    parts = []
+    if run is not None:
+        parts.append(f"this run took {run / 60:.1f} min of wall time")
+    if stages is not None:
+        parts.append(f"its stages {stages / 60:.1f} min in all (summed from their records, earlier runs included)")
+    return "Wall time: " + "; ".join(parts) + "."
 
 
 def handed_over_lines(

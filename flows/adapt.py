@@ -22,6 +22,7 @@ Work folder of a run::
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -47,7 +48,7 @@ from aerosynth.flows.adapt_report import (
     write_run_report,
     write_synthetic_samples,
 )
-from aerosynth.flows.adapt_tiles import prepare_tiles, require_target_boxes
+from aerosynth.flows.adapt_tiles import plan_run, prepare_tiles
 from aerosynth.flows.config import AdaptConfig, MixBudget, build_config, dump_config
 from aerosynth.flows.run_lock import work_lock
 from aerosynth.flows.scale import shared_api, task_runner
@@ -154,6 +155,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     (``tiles``, ``ldm/stage<last>/model``, ``synthetic``, ``annotation``).
     """
     check_until(until)
+    started = time.time()
     cfg = build_config(config)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,8 +163,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     tiles = prepare_tiles_task(cfg, work)
     if until == "tiles":
         return str(tiles)
-    if until not in ("ldm", "synthetic"):  # a target with flags only: no detector can be scored on it
-        require_target_boxes(tiles)
+    cfg = plan_run(cfg, tiles)  # no oracle without target boxes; without comparisons, the recipe's stages only
     if not cfg.generation.enabled:
         if until in ("ldm", "synthetic"):
             raise InputError("until", f"generation.enabled is false: this run has no {until} step")
@@ -201,7 +202,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
             mix = mixed_variant(cfg, tiles, {n: built[n] for n in names}, shares, images)
             runs[mix.name] = resolve(submit_detectors(cfg, work, tiles, mix, adapted_seeds, base))
     deliver_task(cfg, work, runs)
-    report = report_task(cfg, work, tiles, runs)
+    report = report_task(cfg, work, tiles, runs, started)
     _publish_artifacts(report)
     return str(report)
 

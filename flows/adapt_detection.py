@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from aerosynth.data.atomic import atomic_output_path, atomic_write_json
+from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
+from aerosynth.data.prepare import HOLDOUT_SPLIT
+from aerosynth.data.tileset import TILES_FILE
 from aerosynth.flows import progress
 from aerosynth.flows.adapt_common import (
     CONTINUED,
@@ -27,6 +30,7 @@ from aerosynth.flows.adapt_common import (
     _repo_relative,
     _val_split,
 )
+from aerosynth.flows.adapt_tiles import target_has_boxes
 from aerosynth.flows.config import AdaptConfig
 from aerosynth.flows.stage_cache import run_stage, stage_record
 
@@ -188,7 +192,13 @@ def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path
 def train_and_evaluate(
     config: AdaptConfig, work: Path, tiles: Path, variant: Variant, seed: int, base: Path | None = None
 ) -> Path:
-    """Train one detector, predict on target-test, write ``metrics.json`` and ``predictions.json``.
+    """Train one detector, score it, write ``metrics.json`` and its predictions.
+
+    Where the target has boxes: AP50 on target-test (``metrics.json``, ``predictions.json``). Where the tiles
+    hold a ``target-holdout`` split (``data.flags_holdout``): its flag-level figures
+    (:func:`aerosynth.detection.flag_scores.flag_scores`) under ``flag_scores`` and its predictions in
+    ``predictions_holdout.json``; ``metrics.json``'s ``figures`` says which it holds (``ap50``, ``flags``,
+    ``ap50+flags``; absent: ``ap50``).
 
     ``base`` is the seed's source-only stage folder (required for a fine-tuned variant). The detector
     runs on ``detection.threads`` torch threads, whatever the runner, so that a run gives the same bytes
@@ -196,13 +206,20 @@ def train_and_evaluate(
     """
     import torch
 
-    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.data.tileset import open_evaluation_split, open_split
     from aerosynth.detection.evaluation import evaluate_split
     from aerosynth.detection.prediction import predict
     from aerosynth.detection.training import train_detector
 
     d = config.detection
     dcfg = detector_config(config, variant, seed, base)
+    boxes = target_has_boxes(tiles)
+    holdout = open_split(tiles / HOLDOUT_SPLIT) if (tiles / HOLDOUT_SPLIT / TILES_FILE).is_file() else None
+    if not boxes and holdout is None:
+        raise InputError(
+            "config.data.flags_holdout",
+            "the target has no boxes and no flags are held out: nothing to score detectors on (set it above 0)",
+        )
     reused = _reference_detector(config, variant, seed, dcfg) if variant.name == SOURCE_ONLY else None
 
     def build(out: Path) -> None:
@@ -219,25 +236,33 @@ def train_and_evaluate(
                 weights = train_detector(
                     dcfg, variant.train, DatasetSpec(_val_split(tiles), name="val"), out / "train", _epoch_progress
                 )
-            test = open_evaluation_split(tiles, "target-test")
-            preds = predict(
-                weights,
-                [test.image_path(t.tile_id) for t in test],
-                conf=0.001,
-                imgsz=d.imgsz,
-                max_det=100,
-                device=config.device,
-            )
+            test = open_evaluation_split(tiles, "target-test") if boxes else None
+            scored = [s for s in (test, holdout) if s is not None]
+            preds = {
+                s.name: predict(
+                    weights,
+                    [s.image_path(t.tile_id) for t in s],
+                    conf=0.001,
+                    imgsz=d.imgsz,
+                    max_det=100,
+                    device=config.device,
+                )
+                for s in scored
+            }
         finally:
             torch.set_num_threads(threads)
-        result = evaluate_split(test, preds)
+        metrics: dict[str, Any] = evaluate_split(test, preds[test.name]).to_dict() if test is not None else {}
+        if holdout is not None:
+            metrics["figures"] = "ap50+flags" if test is not None else "flags"
+            metrics["flag_scores"] = holdout_figures(holdout, preds[holdout.name])
         if variant.name == SOURCE_ONLY:
             atomic_write_json(out / "reference_key.json", reference_key(tiles, seed, dcfg))
-        atomic_write_json(out / "metrics.json", result.to_dict())
-        atomic_write_json(
-            out / "predictions.json",
-            {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(test.tiles, preds, strict=True))},
-        )
+        atomic_write_json(out / "metrics.json", metrics)
+        for s in scored:
+            atomic_write_json(
+                out / ("predictions.json" if s is test else HOLDOUT_PREDICTIONS),
+                {t.tile_id: p.to_coco(i) for i, (t, p) in enumerate(zip(s.tiles, preds[s.name], strict=True))},
+            )
 
     settings = _settings(work, variant, seed, dcfg)
     upstream = dict(variant.upstream)
@@ -262,8 +287,33 @@ def _epoch_progress(epoch: int, epochs: int, metrics: dict[str, float]) -> None:
 
 
 def ap50_headline(out: Path) -> str:
-    """A detector stage's headline: its AP50 on target-test (``metrics.json``)."""
-    return f"AP50 {json.loads((out / 'metrics.json').read_text())['ap50']:.3f}"
+    """A detector stage's headline: its AP50 on target-test, else its tile-level AP on held-out flags."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    if "ap50" in metrics:
+        return f"AP50 {metrics['ap50']:.3f}"
+    tile_ap = metrics["flag_scores"]["tile_ap"]
+    return "tile AP n/a" if tile_ap is None else f"tile AP {tile_ap:.3f}"
+
+
+#: A detector stage's predictions on the held-out flagged tiles (``target-holdout``).
+HOLDOUT_PREDICTIONS = "predictions_holdout.json"
+
+
+def holdout_figures(split, predictions: list) -> dict[str, Any]:
+    """The flag-level figures of one detector's ``predictions`` on the held-out weak ``split``.
+
+    :func:`aerosynth.detection.flag_scores.flag_scores` as a dict; where the held-out tiles are of one kind
+    only, the figures are ``None`` and ``note`` says why.
+    """
+    from aerosynth.detection.flag_scores import FlagScores, flag_scores
+
+    by_tile = {t.tile_id: p for t, p in zip(split.tiles, predictions, strict=True)}
+    flags = {t.tile_id: t.has_vehicle for t in split.tiles}
+    try:
+        return flag_scores(by_tile, flags).to_dict()
+    except InputError as exc:
+        empty = FlagScores(0.0, 0.0, len(flags), sum(flags.values()), 0.0, 0.25).to_dict()
+        return {**empty, "tile_ap": None, "auroc": None, "vehicles_per_tile": None, "note": exc.problem}
 
 
 def _settings(work: Path, variant: Variant, seed: int, dcfg) -> dict:
@@ -335,6 +385,7 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
         if (weights.parent / "detector.json").is_file()
         else {}
     )
+    metrics = json.loads((folder / "metrics.json").read_text())
     doc = {
         "variant": name,
         "kind": variant_kind(name),
@@ -345,8 +396,10 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
         "imgsz": d.imgsz,
         "gsd_m": trained.get("gsd"),
         "training": trained.get("config"),
-        "target_test_ap50": json.loads((folder / "metrics.json").read_text()).get("ap50"),
+        "target_test_ap50": metrics.get("ap50"),
     }
+    if "flag_scores" in metrics:
+        doc["holdout_tile_ap"] = metrics["flag_scores"]["tile_ap"]
     with atomic_output_path(work / "detector.pt") as tmp:
         shutil.copyfile(weights, tmp)
     atomic_write_json(work / "detector.json", doc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +12,60 @@ from aerosynth.data.errors import InputError
 from aerosynth.flows.adapt_annotation import SKIPPED_FILE
 from aerosynth.flows.adapt_common import ORACLE, SOURCE_ONLY, _logger, _val_split, split_domains
 from aerosynth.flows.config import AdaptConfig
-from aerosynth.flows.stage_cache import run_stage
+from aerosynth.flows.stage_cache import STAGE_RECORD, run_stage
 
 
-def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[str, list[Path]]) -> Path:
+def write_run_report(
+    config: AdaptConfig, work: Path, tiles: Path, runs: dict[str, list[Path]], started: float | None = None
+) -> Path:
+    """Write the run's report, ``WORK/report/report.md`` (returned) and ``report.json``.
+
+    AP50 on target-test where the target has boxes, flag-level figures on ``target-holdout`` where the run
+    held flags out, the rounds' label agreement, the wall time (``started``: the run's start, epoch seconds)
+    and what a run without ``detection.comparisons`` did not train.
+    """
     from aerosynth.data.detections import Detections
-    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.data.prepare import HOLDOUT_SPLIT
+    from aerosynth.data.tileset import open_evaluation_split, open_split
     from aerosynth.detection.evaluation import EvaluationResult
     from aerosynth.detection.report import write_report
+    from aerosynth.flows.adapt_detection import HOLDOUT_PREDICTIONS
+    from aerosynth.flows.adapt_tiles import target_has_boxes
 
-    results = {
-        name: [EvaluationResult.from_dict(json.loads((p / "metrics.json").read_text())) for p in paths]
-        for name, paths in runs.items()
+    metrics = {name: [json.loads((p / "metrics.json").read_text()) for p in paths] for name, paths in runs.items()}
+    boxes = target_has_boxes(tiles)
+    flag_part = ("figures", "flag_scores")
+    results = (
+        {
+            name: [EvaluationResult.from_dict({k: v for k, v in m.items() if k not in flag_part}) for m in ms]
+            for name, ms in metrics.items()
+        }
+        if boxes
+        else {}
+    )
+    flag_scores = {
+        name: [m["flag_scores"] for m in ms] for name, ms in metrics.items() if all("flag_scores" in m for m in ms)
     }
-    test = open_evaluation_split(tiles, "target-test")
-    predictions = {}
-    for name, paths in runs.items():
-        doc = json.loads((paths[0] / "predictions.json").read_text())
-        predictions[name] = [Detections.from_coco(doc[t.tile_id]) for t in test]
+    test = open_evaluation_split(tiles, "target-test") if boxes else None
+    holdout = open_split(tiles / HOLDOUT_SPLIT) if flag_scores else None
+
+    def first_seed_predictions(split, file: str) -> dict[str, list]:
+        out = {}
+        for name, paths in runs.items():
+            doc = json.loads((paths[0] / file).read_text())
+            out[name] = [Detections.from_coco(doc[t.tile_id]) for t in split]
+        return out
+
+    predictions = first_seed_predictions(test, "predictions.json") if test is not None else None
+    holdout_predictions = first_seed_predictions(holdout, HOLDOUT_PREDICTIONS) if holdout is not None else None
+    agreement = {
+        p.parent.name: json.loads(p.read_text()) for p in sorted((work / "annotation").glob("*/agreement.json"))
+    }
+    stages = [json.loads(p.read_text()).get("seconds") for p in work.rglob(STAGE_RECORD)]
+    wall_time = {
+        "run_s": None if started is None else round(time.time() - started, 1),
+        "stages_s": round(sum(x for x in stages if isinstance(x, (int, float))), 1),
+    }
     manifests = [work / "config.yaml", tiles / "manifest.json"] + sorted(
         (work / "annotation").glob("*/dataset/manifest.json")
     )
@@ -49,7 +86,13 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
             else None
         ),
         handed_over=handed_over,
-        how_chosen=how_chosen_lines(config, handed_over, results) if handed_over else (),
+        how_chosen=how_chosen_lines(config, handed_over, results or flag_scores) if handed_over else (),
+        flag_scores=flag_scores,
+        holdout=holdout,
+        holdout_predictions=holdout_predictions,
+        agreement=agreement,
+        wall_time=wall_time,
+        not_run=not_run_lines(config, boxes),
     )
     extra = {n: work / "annotation" / n / "dataset" for n in ("copy-paste-harmonised", "copy-paste-blended")}
     samples = write_synthetic_samples(
@@ -73,6 +116,23 @@ def write_run_report(config: AdaptConfig, work: Path, tiles: Path, runs: dict[st
     return report
 
 
+def not_run_lines(config: AdaptConfig, boxes: bool) -> list[str]:
+    """What a run without ``detection.comparisons`` left out (none when it ran the comparisons)."""
+    d = config.detection
+    if d.comparisons if d.comparisons is not None else boxes:
+        return []
+    lines = [
+        f"`detection.comparisons` is {'unset' if d.comparisons is None else 'false'}"
+        f"{' and the target has no boxes' if not boxes else ''}: the run trained seed {d.seeds[0]} of the detector "
+        "it hands over, its labelled sets and rounds, and source-only. The continued control, the other labelling "
+        "methods, copy-paste sets, translation, mixes and further seeds are not trained; set "
+        "`detection.comparisons: true` to train them (a rerun keeps every finished stage)."
+    ]
+    if not boxes:
+        lines += ["", "No oracle: it trains on target boxes, and this target has none."]
+    return lines
+
+
 def handed_over_doc(work: Path) -> dict | None:
     """The detector the run hands over (``WORK/detector.json``) as the report takes it, or ``None`` when none."""
     path = work / "detector.json"
@@ -94,9 +154,15 @@ def how_chosen_lines(config: AdaptConfig, handed_over: dict, results: dict[str, 
     Args:
         config: the run's config (its ``detection.recommend`` and ``detection.seeds``).
         handed_over: :func:`handed_over_doc`.
-        results: the evaluation results of each variant the run built, one per seed.
+        results: the evaluation results of each variant the run built, one per seed; without target boxes,
+            their flag-level figures (``tile_ap``) instead.
     """
     from aerosynth.detection.report import Stat
+
+    def figure(r) -> float | None:
+        return r.ap50 if hasattr(r, "ap50") else r.get("tile_ap")
+
+    label = "AP50" if any(hasattr(r, "ap50") for rs in results.values() for r in rs) else "tile-level AP"
 
     order = config.detection.recommend
     name = handed_over["variant"]
@@ -110,13 +176,13 @@ def how_chosen_lines(config: AdaptConfig, handed_over: dict, results: dict[str, 
         rule = (
             f"No variant of `detection.recommend` was built, so `detector.pt` is `{name}`, seed {handed_over['seed']}."
         )
-    lines = [rule, "", "`detection.recommend`, in order (AP50: mean over seeds, measured after the choice):", ""]
+    lines = [rule, "", f"`detection.recommend`, in order ({label}: mean over seeds, measured after the choice):", ""]
     for i, variant in enumerate(order, 1):
         if variant not in results:
             lines.append(f"{i}. `{variant}`: not built")
             continue
-        ap = Stat.of([r.ap50 for r in results[variant]]).fmt()
-        lines.append(f"{i}. `{variant}`: {'**handed over**' if variant == name else 'built'}, AP50 {ap}")
+        ap = Stat.of([figure(r) for r in results[variant]]).fmt()
+        lines.append(f"{i}. `{variant}`: {'**handed over**' if variant == name else 'built'}, {label} {ap}")
     others = [v for v in results if v not in order]
     if others:
         lines += ["", "Also built, outside the order: " + ", ".join(f"`{v}`" for v in others) + "."]

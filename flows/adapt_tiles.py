@@ -2,20 +2,26 @@
 
 A custom target may come without boxes, with weak flags only (``flags.json``, ``flags.csv`` or ``flags.geojson``
 in its folder, :mod:`aerosynth.data.flags`); the flag files' hashes join the step's key, so flagging more
-tiles rebuilds it. Such a target cannot be scored: :func:`require_target_boxes` stops the flow before the
-steps that evaluate on target-test.
+tiles rebuilds it. A share of target-train (``data.flags_holdout``; by default 0.2 without boxes, none with
+them) becomes the weak split ``target-holdout`` that every detector is scored on against its flags.
+:func:`plan_run` then says what the run trains: without ``detection.comparisons`` (the default without
+boxes) only what the detector handed over needs.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from aerosynth.data.errors import InputError
 from aerosynth.data.flags import FLAG_FILES
 from aerosynth.data.manifest import file_sha256, read_manifest
 from aerosynth.flows.adapt_common import _logger, _repo_relative
-from aerosynth.flows.config import AdaptConfig
+from aerosynth.flows.config import AdaptConfig, buildable_sets
 from aerosynth.flows.stage_cache import run_stage
+
+#: ``data.flags_holdout`` when unset, for a target without boxes (a target with boxes holds none out).
+DEFAULT_FLAGS_HOLDOUT = 0.2
 
 
 def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
@@ -28,6 +34,7 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
             from aerosynth.data.presets import AERIAL_V1_PRESETS, aerial_v1, default_aerial_root
 
             spec = aerial_v1(_repo_relative(d.aerial_root) or default_aerial_root(), AERIAL_V1_PRESETS[d.preset])
+            spec.flags_holdout = d.flags_holdout or 0.0  # the aerial-v1 targets have boxes
         elif d.preset == "demo":
             from aerosynth.data.demo import DemoConfig, demo_spec, write_demo_data
 
@@ -36,6 +43,7 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
                 raw, DemoConfig(scenes_per_domain=d.demo_scenes, size_px=d.demo_size, seed=config.seed), overwrite=True
             )
             spec = demo_spec(raw, d.gsd, d.tile_size)
+            spec.flags_holdout = d.flags_holdout or 0.0  # the demo target has boxes
         else:
             from aerosynth.data.domains import open_domain
             from aerosynth.data.prepare import custom_spec
@@ -62,9 +70,13 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
                 exclude_groups=d.exclude_groups,
                 unflagged=d.unflagged,
             )
+            holdout = d.flags_holdout
+            spec.flags_holdout = holdout if holdout is not None else 0.0 if tgt.has_labels else DEFAULT_FLAGS_HOLDOUT
         prepare_dataset(spec, out, overwrite=True)
 
     settings = {**d.model_dump(mode="json"), "seed": config.seed}
+    if d.flags_holdout is None:  # unset: the key of the runs made before the holdout existed
+        settings.pop("flags_holdout")
     flag_files = _flag_files(d.target) if d.preset == "custom" else {}
     if flag_files:  # flagging more tiles (aerosynth flag) rebuilds the tiles
         settings["target_flags"] = flag_files
@@ -87,20 +99,65 @@ def _flag_files(target: Path | None) -> dict[str, str]:
     return {name: file_sha256(folder / name) for name in FLAG_FILES if (folder / name).is_file()}
 
 
-def require_target_boxes(tiles: Path, step: str = "detectors") -> None:
-    """Refuse to go on to ``step`` when the prepared target has no boxes (weak flags only).
+def target_has_boxes(tiles: Path) -> bool:
+    """Whether the prepared target has boxes (``manifest.json`` says ``"target_boxes": false`` when not)."""
+    return (read_manifest(tiles) or {}).get("target_boxes", True) is not False
 
-    The detectors are scored on target-test and the report compares them there; a target without boxes
-    would be scored as if it had no vehicle.
 
-    Raises:
-        InputError: the tiles' manifest says ``"target_boxes": false``.
+def recipe_sets(name: str) -> list[str]:
+    """The labelled sets a variant is trained on (``real-heatmap-r3+source`` -> ``[real-heatmap-r3]``)."""
+    rest = re.sub(r"-\d+img$", "", name)
+    if not rest.endswith("+source"):
+        return []
+    return [part.split("@")[0] for part in rest.removesuffix("+source").split("+")]
+
+
+def recipe(config: AdaptConfig, boxes: bool = True) -> str | None:
+    """The detector the run hands over: the first of ``detection.recommend`` that ``config`` builds, else ``None``."""
+    built = set(buildable_sets(config))
+    plain = {"source-only": True, "continued": config.detection.continued, "oracle": config.detection.oracle and boxes}
+    for name in config.detection.recommend:
+        sets = recipe_sets(name)
+        if (name in plain and plain[name]) or (sets and all(s in built for s in sets)):
+            return name
+    return None
+
+
+def plan_run(config: AdaptConfig, tiles: Path) -> AdaptConfig:
+    """The config the run trains with, given its tiles (a copy; ``config`` is left as it is).
+
+    A target without boxes trains no oracle. With ``detection.comparisons`` (unset: true for a target with
+    boxes, false without) the config is the run's. Without, the run trains what the detector handed over needs:
+    the first seed, the labelled sets and rounds of :func:`recipe` (the LDM only when they need it; its
+    synthetic sets stay for the label-free checks), and no continued control, other method, copy-paste set,
+    translation or mix.
     """
-    manifest = read_manifest(tiles) or {}
-    if manifest.get("target_boxes", True) is False:
-        raise InputError(
-            "config.data.target",
-            f"the target has weak flags but no boxes, and the {step} step scores detectors on target-test boxes; "
-            f"run with --until tiles, ldm or synthetic (tiles are in {tiles}), or give the target boxes "
-            "(a labels/ folder)",
-        )
+    boxes = target_has_boxes(tiles)
+    cfg = config.model_copy(deep=True)
+    d, a, g = cfg.detection, cfg.annotation, cfg.generation
+    d.oracle = d.oracle and boxes
+    comparisons = d.comparisons if d.comparisons is not None else boxes
+    if comparisons:
+        return cfg
+    chosen = recipe(cfg, boxes)
+    needed = recipe_sets(chosen or "")
+    bases = {re.sub(r"-r\d+$", "", n) for n in needed}
+    rounds = [int(m.group(1)) for n in needed if (m := re.search(r"-r(\d+)$", n))]
+    d.seeds, d.adapted_seeds, d.continued = d.seeds[:1], None, False
+    d.mixes = [m for m in d.mixes if len(needed) > 1] if needed else []
+    a.relay.enabled = a.relay.enabled and "relay" in needed
+    a.threshold.enabled = a.threshold.enabled and "threshold" in needed
+    a.copy_paste.enabled = a.copy_paste.enabled and any(n.startswith("copy-paste") for n in needed)
+    a.real_target.methods = [m for m in a.real_target.methods if f"real-{m}" in bases]
+    a.real_target.enabled = a.real_target.enabled and bool(a.real_target.methods)
+    a.real_target.rounds = max([*rounds, 1]) if a.real_target.enabled else a.real_target.rounds
+    g.translation.enabled = g.translation.enabled and "translation" in needed
+    ldm = ("relay", "threshold", "translation", "copy-paste-harmonised", "copy-paste-blended")
+    g.enabled = g.enabled and any(n in ldm or n.startswith(("real-heatmap", "real-fused")) for n in needed)
+    _logger().info(
+        "target %s, detection.comparisons off: training for %s only (seed %d)",
+        "with boxes" if boxes else "without boxes",
+        chosen or "source-only",
+        d.seeds[0],
+    )
+    return cfg

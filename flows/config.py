@@ -47,6 +47,10 @@ class DataSettings(Strict):
     # a tile of a target without boxes that no flag covers (flags.json/.csv/.geojson in the target folder):
     # refused (naming it), flagged empty, or left out (as `aerosynth data prepare --unflagged`)
     unflagged: Literal["error", "empty", "skip"] = "error"
+    # the share of target-train flags held out of every training and labelling step (split tiles/target-holdout,
+    # by group where target-train has several, else by tile with a fixed seed), on which each detector is scored
+    # against the flags; None: 0.2 for a target without boxes, 0 for one with boxes
+    flags_holdout: float | None = Field(None, ge=0, lt=1)
 
 
 class StageSettings(Strict):
@@ -336,6 +340,9 @@ class DetectionSettings(Strict):
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     continued: bool = True
+    # the detectors a comparison needs beyond the one handed over (continued control, other labelled sets and
+    # methods, every seed); None: true for a target with boxes, false for one with flags only
+    comparisons: bool | None = None
     mixes: list[
         Annotated[list[str], Field(min_length=2)] | Annotated[dict[str, float], Field(min_length=1)] | MixBudget
     ] = []

@@ -79,15 +79,17 @@ def test_flags_only_target_gives_the_target_tiles_of_its_boxes(tmp_path, capsys)
     assert not (tmp_path / "flags" / "evaluation").exists()
 
 
-def test_a_boxless_target_is_not_scored(tmp_path, capsys):
+def test_a_boxless_target_is_not_scored_on_boxes(tmp_path, capsys):
     from aerosynth.data.tileset import open_evaluation_split
-    from aerosynth.flows.adapt_tiles import require_target_boxes
+    from aerosynth.flows.adapt_tiles import plan_run, target_has_boxes
+    from aerosynth.flows.config import build_config
 
     assert _prepare(capsys, _flags_only(tmp_path, _box_flags()), tmp_path / "out")[0] == 0
     with pytest.raises(InputError, match="target-test: no boxes: the target was prepared from weak flags only"):
         open_evaluation_split(tmp_path / "out", "target-test")
-    with pytest.raises(InputError, match="config.data.target: the target has weak flags but no boxes"):
-        require_target_boxes(tmp_path / "out")
+    assert not target_has_boxes(tmp_path / "out")
+    plan = plan_run(build_config({"detection": {"seeds": [0, 1]}}), tmp_path / "out")  # no oracle, one seed
+    assert not plan.detection.oracle and plan.detection.seeds == [0]
     assert open_evaluation_split(tmp_path / "out", "source-train").info.weak is False  # the source still has boxes
 
 
@@ -257,7 +259,7 @@ def test_vehicle_mask_marks_the_pixels_of_points_and_polygons():
 
 
 def test_adapt_tiles_step_reads_the_flags_and_rebuilds_when_they_change(tmp_path):
-    from aerosynth.flows.adapt_tiles import prepare_tiles, require_target_boxes
+    from aerosynth.flows.adapt_tiles import prepare_tiles, target_has_boxes
     from aerosynth.flows.config import build_config
 
     flags = _box_flags()
@@ -268,9 +270,11 @@ def test_adapt_tiles_step_reads_the_flags_and_rebuilds_when_they_change(tmp_path
     with pytest.raises(InputError, match="a_0.png: tile a_0_0_0 has no flag in flags.json"):
         prepare_tiles(build_config({"data": data}), tmp_path / "work")
     tiles = prepare_tiles(build_config({"data": {**data, "unflagged": "empty"}}), tmp_path / "work")
-    assert _weak(tiles, "target-train") == {**{k: v for k, v in flags.items() if k[0] in "ab"}, "a_0_0_0": False}
-    with pytest.raises(InputError, match="config.data.target: the target has weak flags but no boxes"):
-        require_target_boxes(tiles)
+    # without boxes a share of target-train (one of its two groups) is held out, scored against its flags
+    train, held = _weak(tiles, "target-train"), _weak(tiles, "target-holdout")
+    assert {k[0] for k in train} | {k[0] for k in held} == {"a", "b"} and not set(train) & set(held)
+    assert {**train, **held} == {**{k: v for k, v in flags.items() if k[0] in "ab"}, "a_0_0_0": False}
+    assert not target_has_boxes(tiles)
     (target / "flags.json").write_text(json.dumps({**flags, "a_0_0_0": True}))  # the analyst flags on
     tiles = prepare_tiles(build_config({"data": {**data, "unflagged": "empty"}}), tmp_path / "work")
-    assert _weak(tiles, "target-train")["a_0_0_0"] is True
+    assert {**_weak(tiles, "target-train"), **_weak(tiles, "target-holdout")}["a_0_0_0"] is True

@@ -165,3 +165,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_demo_targets(root: Path, scenes: int = 3, size_px: int = 384) -> tuple[Path, Path, Path]:
+    """The demo's domains, and its target again as flags only; returns ``(source, target, flags-only target)``.
+
+    The flags-only copy holds the target's GeoTIFFs without their GeoJSON boxes, and ``flags.json``: each
+    tile's flag as ``data prepare`` derives it from those boxes (a tile with a kept box holds a vehicle), so
+    the two targets give the same target tiles and flags.
+    """
+    import json
+
+    from aerosynth.data.demo import DemoConfig, demo_spec, write_demo_data
+    from aerosynth.data.prepare import prepare_dataset
+
+    raw = root / "raw"
+    write_demo_data(raw, DemoConfig(scenes_per_domain=scenes, size_px=size_px, seed=0), overwrite=True)
+    manifest = prepare_dataset(demo_spec(raw), root / "tiles")
+    flags = {}
+    for split in ("target-train", "target-test"):
+        doc = json.loads((root / "tiles" / split / "tiles.json").read_text())
+        flags.update({t["tile_id"]: t["has_vehicle"] for t in doc["tiles"]})
+    assert len(flags) == sum(manifest["splits"][s]["tiles"] for s in ("target-train", "target-test"))
+    flagged = root / "flags_only" / "arid_carpark"
+    flagged.mkdir(parents=True)
+    for tif in sorted((raw / "arid_carpark").glob("*.tif")):
+        shutil.copy(tif, flagged / tif.name)
+    (flagged / "flags.json").write_text(json.dumps(flags, indent=1, sort_keys=True))
+    shutil.rmtree(root / "tiles")
+    return raw / "leafy_suburb", raw / "arid_carpark", flagged
