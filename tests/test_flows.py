@@ -480,6 +480,7 @@ def test_fused_labels_read_back_the_stored_proposals_of_the_run(tiny_run, tmp_pa
 
 def test_mixes_train_one_detector_each_from_the_run_sets_with_their_shares_and_budget(tiny_run, tmp_path):
     """``detection.mixes`` adds only the mixes' detectors; a mix's own budget sets its number of images."""
+    from aerosynth.data.errors import InputError
     from aerosynth.flows.adapt import adapt_flow
 
     mixed, cfg, before = _current_copy(tiny_run, tmp_path / "mixed")
@@ -487,10 +488,14 @@ def test_mixes_train_one_detector_each_from_the_run_sets_with_their_shares_and_b
         ["real-heatmap", "threshold"],
         {"real-self-training": 0.5, "relay": 0.25},
         {"shares": {"real-self-training": 0.25, "relay": 0.25}, "images": 48},
-        ["real-heatmap", "not-built-by-this-run"],  # skipped
     ]
     config = {**copy.deepcopy(cfg), "work_dir": str(mixed)}
-    config["detection"] = {**config.get("detection", {}), "mixes": mixes}
+    # a mix of a set no method of this config builds is refused before any work (it used to be skipped)
+    config["detection"] = {**config.get("detection", {}), "mixes": [*mixes, ["real-heatmap", "not-built-by-this-run"]]}
+    with pytest.raises(InputError, match="not-built-by-this-run"):
+        adapt_flow(config)
+    assert _records(mixed) == before
+    config["detection"]["mixes"] = mixes
     adapt_flow(config)
     after = _records(mixed)
     added = {k.split("/")[1] for k in set(after) - set(before)}
