@@ -48,3 +48,37 @@ def prefect_harness():
 #: The smallest adapt run that still exercises every stage (the ``smoke`` preset, spelled out so
 #: that tests can change single fields).
 TINY_ADAPT = {"preset": "smoke", **copy.deepcopy(PRESETS["smoke"])}
+
+
+@pytest.fixture(scope="session")
+def readme_demo(tmp_path_factory) -> tuple[Path, str]:
+    """``aerosynth data demo --out demo_rasters`` and ``aerosynth demo --quick`` as the README types them.
+
+    The installed console script in a fresh working folder, relative paths, no Prefect server configured, both
+    streams into one pipe (what a person sees when the output goes to a file). Returns the folder (its
+    ``runs/smoke`` is the run) and the demo's output. Shared by the README-commands and terminal-output tests:
+    one smoke run, not one per module.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "aerosynth"
+    script = str(script) if script.is_file() else shutil.which("aerosynth")
+    if script is None:
+        pytest.skip("the aerosynth console script is not installed (pip install -e .)")
+    folder = tmp_path_factory.mktemp("readme") / "work"
+    folder.mkdir()
+    from aerosynth.flows.progress import LOG_DIR_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_") and k != LOG_DIR_ENV}
+    env |= {"PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+    outputs = []
+    for args in (["data", "demo", "--out", "demo_rasters"], ["demo", "--quick"]):
+        proc = subprocess.run(
+            [script, *args], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"aerosynth {' '.join(args)}: exit {proc.returncode}\n{proc.stdout[-3000:]}"
+        outputs.append(proc.stdout)
+    return folder, outputs[-1]

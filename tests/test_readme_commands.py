@@ -44,12 +44,9 @@ def aerosynth(cwd: Path, *args: str, expect: int = 0, timeout: float = 420) -> s
 
 
 @pytest.fixture(scope="module")
-def cwd(tmp_path_factory) -> Path:
+def cwd(readme_demo) -> Path:
     """A fresh working folder holding ``runs/smoke`` (``aerosynth demo --quick``) and ``demo_rasters/``."""
-    folder = tmp_path_factory.mktemp("readme") / "work"
-    folder.mkdir()
-    aerosynth(folder, "data", "demo", "--out", "demo_rasters")
-    aerosynth(folder, "demo", "--quick", timeout=600)
+    folder, _ = readme_demo
     return folder
 
 
