@@ -252,6 +252,50 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[s : s + size]
 
 
+def _predict_windows(
+    rgb: np.ndarray,
+    origins: Sequence[tuple[int, int]],
+    offset: tuple[int, int],
+    predictor: Predictor,
+    batch: int,
+    tile: int,
+    size: tuple[int, int],
+    clip_to_window: bool = True,
+) -> tuple[Detections, np.ndarray] | None:
+    """The predictor's boxes on every window of ``rgb``, in the pixels of the whole image, and their cut flags.
+
+    Args:
+        rgb: the pixels read, whose top-left corner is ``offset`` in the whole image.
+        origins: window corners in the whole image.
+        offset: where ``rgb`` starts in the whole image.
+        predictor: RGB windows in, one :class:`Detections` per window out.
+        batch: windows per predictor call.
+        tile: window size.
+        size: ``(width, height)`` of the whole image (a box at its edge is not cut by the window).
+        clip_to_window: clip each window's boxes to the window before they are placed.
+
+    Returns:
+        ``None`` when no window found a box.
+    """
+    ox, oy = offset
+    parts: list[Detections] = []
+    cuts: list[np.ndarray] = []
+    for chunk in _batches(origins, batch):
+        results = predictor([_crop(rgb, x - ox, y - oy, tile) for x, y in chunk])
+        if len(results) != len(chunk):
+            raise RuntimeError(f"predictor returned {len(results)} results for {len(chunk)} windows")
+        for (x, y), dets in zip(chunk, results, strict=True):
+            if len(dets) == 0:
+                continue
+            if dets.confidence is None:
+                dets = Detections(dets.xyxy, np.ones(len(dets)), dets.class_id)
+            if clip_to_window:
+                dets = dets.clip(tile, tile)
+            cuts.append(_cut_mask(dets, x, y, tile, *size))
+            parts.append(dets.translate(x, y))
+    return (Detections.merge(parts), np.concatenate(cuts)) if parts else None
+
+
 def detect_array(
     rgb: np.ndarray,
     predictor: Predictor,
@@ -278,23 +322,10 @@ def detect_array(
     origins = windows(width, height, tile, overlap)
     if valid is not None:
         origins = [(x, y) for x, y in origins if valid[y : y + tile, x : x + tile].any()]
-    parts: list[Detections] = []
-    cuts: list[np.ndarray] = []
-    for chunk in _batches(origins, batch):
-        results = predictor([_crop(rgb, x, y, tile) for x, y in chunk])
-        if len(results) != len(chunk):
-            raise RuntimeError(f"predictor returned {len(results)} results for {len(chunk)} windows")
-        for (x, y), dets in zip(chunk, results, strict=True):
-            if len(dets) == 0:
-                continue
-            if dets.confidence is None:
-                dets = Detections(dets.xyxy, np.ones(len(dets)), dets.class_id)
-            cuts.append(_cut_mask(dets, x, y, tile, width, height))
-            parts.append(dets.translate(x, y))
-    if not parts:
+    found = _predict_windows(rgb, origins, (0, 0), predictor, batch, tile, (width, height), clip_to_window=False)
+    if found is None:
         return Detections.empty(with_confidence=True)
-    merged_in = Detections.merge(parts)
-    merged = merge_boxes(merged_in, np.concatenate(cuts), iou, ios).clip(width, height)
+    merged = merge_boxes(*found, iou, ios).clip(width, height)
     ok = (merged.xyxy[:, 2] > merged.xyxy[:, 0]) & (merged.xyxy[:, 3] > merged.xyxy[:, 1])
     return merged[np.flatnonzero(ok)]
 
@@ -405,23 +436,10 @@ def detect_block(
     sx, sy = source.width / grid.width, source.height / grid.height
     rgb, valid = source.read(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, out_shape=(y1 - y0, x1 - x0))
     wins = [(x, y) for x, y in wins if valid[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile].any()]
-    parts: list[Detections] = []
-    cuts: list[np.ndarray] = []
-    for chunk in _batches(wins, batch):
-        results = predictor([_crop(rgb, x - x0, y - y0, tile) for x, y in chunk])
-        if len(results) != len(chunk):
-            raise RuntimeError(f"predictor returned {len(results)} results for {len(chunk)} windows")
-        for (x, y), dets in zip(chunk, results, strict=True):
-            if len(dets) == 0:
-                continue
-            if dets.confidence is None:
-                dets = Detections(dets.xyxy, np.ones(len(dets)), dets.class_id)
-            dets = dets.clip(tile, tile)
-            cuts.append(_cut_mask(dets, x, y, tile, grid.width, grid.height))
-            parts.append(dets.translate(x, y))
-    if not parts:
+    found = _predict_windows(rgb, wins, (x0, y0), predictor, batch, tile, (grid.width, grid.height))
+    if found is None:
         return Detections.empty(with_confidence=True), np.zeros(0, bool), len(wins)
-    return Detections.merge(parts), np.concatenate(cuts), len(wins)
+    return *found, len(wins)
 
 
 def _job_key(source, model_path: str | Path | None, settings: dict[str, Any], predictor_given: bool) -> dict[str, Any]:

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aerosynth.data.manifest import file_sha256
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TFLITE = REPO.parent / "shared" / "weights" / "yolov8n-coco-int8" / "yolov8n_int8.tflite"
 #: sha256 of ``yolov8n_int8.tflite`` as the shared README gives it.
@@ -87,17 +89,6 @@ class LayerMatch:
     quantized: bool
     rel_error: float
     runner_up_error: float | None
-
-
-def file_sha256(path: str | Path) -> str:
-    """The hex sha256 of a file."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_sha256(path: str | Path, expected: str = EXPECTED_SHA256) -> str:
