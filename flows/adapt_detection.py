@@ -324,6 +324,8 @@ def _settings(work: Path, variant: Variant, seed: int, dcfg) -> dict:
     doc = {"variant": variant.name, "train": train, "seed": seed, **dcfg.to_dict()}
     if variant.finetune:
         doc["model"] = "source-only detector of this seed"  # its content joins the key through upstream
+    elif str(doc.get("model", "")).endswith(".pt") and Path(doc["model"]).is_file():
+        doc["model_sha256"] = file_sha256(doc["model"])  # a start checkpoint rewritten in place retrains F_S
     return doc
 
 
@@ -336,6 +338,8 @@ def reference_key(tiles: Path, seed: int, dcfg) -> dict:
         if k in manifest["splits"]
     }
     settings = {k: v for k, v in dcfg.to_dict().items() if k != "device"}
+    if str(settings.get("model", "")).endswith(".pt") and Path(settings["model"]).is_file():
+        settings["model_sha256"] = file_sha256(settings["model"])  # the start checkpoint's content, not its path
     # as it reads back from reference_key.json (tuples become lists)
     return json.loads(json.dumps({"source_splits": splits, "seed": seed, "settings": settings}))
 
@@ -375,8 +379,8 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
     folder = runs[name][0]
     weights = folder / "train" / "detector.pt"
     how = (
-        f"the first of detection.recommend ({', '.join(d.recommend)}) built by this run, seed {d.seeds[0]}: a fixed "
-        "order measured on aerial-v1 Munich and Minsk, no target label read"
+        f"the first of detection.recommend (recommend_order) built by this run, seed {d.seeds[0]}: an order fixed "
+        "before the run, no target label read"
         if order
         else "no variant of detection.recommend was built: the source-only detector"
     )
@@ -391,6 +395,7 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
         "kind": variant_kind(name),
         "seed": int(folder.name.removeprefix("seed")),
         "how_chosen": how,
+        "recommend_order": list(d.recommend),
         "from": _key_path(weights, work),
         "sha256": file_sha256(weights),
         "imgsz": d.imgsz,

@@ -356,3 +356,29 @@ def test_each_round_is_relabelled_by_the_first_seed_or_by_every_seed_of_the_roun
         assert asked == [("real-heatmap", first, 2), ("real-heatmap-r2", round2, 3)]
     else:
         assert asked == [("real-heatmap", first[0], 2), ("real-heatmap-r2", round2[0], 3)]
+
+
+def test_a_start_checkpoint_joins_the_source_only_key_by_its_content(tmp_path):
+    """``detection.model: PATH.pt`` rewritten in place must retrain F_S: its key holds the file's sha256."""
+    from aerosynth.flows.adapt_detection import Variant, _settings, detector_config, reference_key
+
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"weights, first version")
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["detection"] = {**doc["detection"], "model": str(start)}
+    cfg = build_config(doc)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    (tiles / "manifest.json").write_text(json.dumps({"splits": {"source-train": {"content_sha256": "abc"}}}))
+    fs = Variant("source-only", [], {}, finetune=False)
+    dcfg = detector_config(cfg, fs, 0, None)
+
+    def keys() -> tuple[dict, dict]:
+        return _settings(tmp_path, fs, 0, dcfg), reference_key(tiles, 0, dcfg)
+
+    before = keys()
+    assert before[0]["model"] == str(start)  # the same path ...
+    start.write_bytes(b"weights, second version")
+    after = keys()
+    assert after[0]["model"] == str(start)
+    assert after[0] != before[0] and after[1] != before[1]  # ... another content, another key
