@@ -25,6 +25,9 @@ def _print_ap50_table(report_md: Path) -> None:
     import json
 
     doc = json.loads((report_md.parent / "report.json").read_text())
+    if not doc.get("variants") and doc.get("flag_scores"):  # a target without boxes: the flag-level figures
+        _print_flag_table(doc["flag_scores"])
+        return
     table = Table(title="AP50 on target-test (COCO, IoU 0.5)")
     for col in ("variant", "role", "seeds", "AP50", "gap closure"):
         table.add_column(col, justify="left" if col in ("variant", "role") else "right")
@@ -37,6 +40,28 @@ def _print_ap50_table(report_md: Path) -> None:
             str(row["seeds"]),
             f"{ap['mean']:.3f}" + (f" ± {ap['std']:.3f}" if row["seeds"] > 1 else ""),
             "" if not gap or gap.get("mean") is None else f"{gap['mean']:.2f}",
+        )
+    Console(width=max(Console().width, 100)).print(table)
+
+
+def _print_flag_table(scores: dict) -> None:
+    """The flag-level table of a run whose target has no boxes (tile-level AP and AUROC on held-out flags)."""
+    split = scores.get("split") or {}
+    table = Table(title=f"flag-level figures on {split.get('tiles', '?')} held-out tiles (no target boxes: no AP50)")
+    for col in ("variant", "role", "seeds", "tile AP", "AUROC", "vehicles/tile"):
+        table.add_column(col, justify="left" if col in ("variant", "role") else "right")
+
+    def fmt(stat: dict | None, digits: int = 3) -> str:
+        return "" if not stat or stat.get("mean") is None else f"{stat['mean']:.{digits}f}"
+
+    for row in scores.get("variants", []):
+        table.add_row(
+            row["variant"],
+            row["role"],
+            str(row["seeds"]),
+            fmt(row.get("tile_ap")),
+            fmt(row.get("auroc")),
+            fmt(row.get("vehicles_per_tile"), 2),
         )
     Console(width=max(Console().width, 100)).print(table)
 

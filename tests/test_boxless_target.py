@@ -103,6 +103,19 @@ def test_a_boxless_target_gets_a_flag_level_report_and_one_detector(boxless_run)
 
 
 @pytest.mark.slow
+def test_the_terminal_shows_the_flag_level_table_of_a_boxless_run(boxless_run, capsys):
+    """What ``aerosynth adapt`` prints at the end: the flag-level table (the AP50 table would be empty)."""
+    from aerosynth.flows.cli_run import _print_ap50_table
+
+    work, _, report = boxless_run
+    _print_ap50_table(Path(report))
+    text = capsys.readouterr().out
+    assert "no target boxes" in text and "tile AP" in text and "AP50 on target-test" not in text
+    doc = json.loads((Path(report).parent / "report.json").read_text())
+    for row in doc["flag_scores"]["variants"]:
+        assert row["variant"] in text
+
+
 def test_boxes_or_their_flags_hand_over_the_same_detector(boxless_run, domains, tmp_path):
     """The equivalence at fixture scale: the target with boxes, same holdout and no comparisons, same weights."""
     import torch
