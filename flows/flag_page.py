@@ -326,7 +326,8 @@ main{display:flex;gap:12px;padding:12px}
 .tile.vehicle{border-color:#e0443c}.tile.empty{border-color:#3c8f5a}.tile.empty img{opacity:.55}
 .tile.cursor{outline:3px solid #4aa3ff;outline-offset:2px}
 .tile .mark{position:absolute;left:2px;bottom:2px;font-size:11px;background:#000a;padding:0 3px}
-aside{flex:1 1 300px;min-width:240px;max-width:400px;position:sticky;top:56px;align-self:flex-start}aside img{max-width:100%;border:1px solid #555}
+aside{flex:1 1 300px;min-width:240px;max-width:400px;position:sticky;top:56px;align-self:flex-start}
+aside img{max-width:100%;border:1px solid #555}
 kbd{background:#333;border:1px solid #555;border-radius:3px;padding:0 4px}
 </style></head><body>
 <header><b>aerosynth flag</b><span id="progress">loading...</span><span id="save"></span>

@@ -31,7 +31,6 @@ def tiny_run(prefect_harness, tmp_path_factory):
     return work, cfg, work / "report" / "report.md"
 
 
-
 def _poison_target_boxes(tiles: Path) -> None:
     """Replace every target box under ``tiles/evaluation`` by a wrong one, in both forms it is kept in.
 
@@ -51,6 +50,7 @@ def _poison_target_boxes(tiles: Path) -> None:
         coco.write_text(json.dumps(doc))
         poisoned += len(doc["annotations"])
     assert poisoned, "no target box to poison"
+
 
 def test_adapt_writes_every_stage_and_a_report(tiny_run):
     work, tiny_config, report = tiny_run
