@@ -1,8 +1,9 @@
-"""A watched folder of new imagery: GeoTIFFs not used before, and the ``flags.json`` given with them.
+"""A watched folder of new imagery: GeoTIFFs not used before, and the flags given with them.
 
-``flags.json`` in the watched folder maps tile ids (``<raster stem>_<x0>_<y0>``, offsets in pixels at
-the tiles' GSD) or raster names to ``true``/``false`` (has a vehicle); it is read by
-:func:`aerosynth.data.flags.read_flags_file`, the reader of a target folder's flags.
+``flags.json`` (or ``flags.csv``, or both) in the watched folder maps tile ids (``<raster stem>_<x0>_<y0>``,
+offsets in pixels at the tiles' GSD) or raster names to vehicle / empty; they are read by
+:func:`aerosynth.data.flags.read_target_flags`, the reader of a target folder's flags. A ``flags.geojson``
+is refused here rather than ignored: retrain takes its flags by tile or raster.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 
 from aerosynth.data.domains import RASTER_SUFFIXES
 from aerosynth.data.errors import InputError
-from aerosynth.data.flags import FLAGS_FILE, read_flags_file
+from aerosynth.data.flags import FLAGS_FILE, FLAGS_GEOJSON, read_flags_file, read_target_flags
 from aerosynth.data.manifest import file_sha256
 
-__all__ = ["FLAGS_FILE", "NewRaster", "find_new_rasters", "read_flags_file"]
+__all__ = ["FLAGS_FILE", "NewRaster", "find_new_rasters", "read_flags_file", "read_watched_flags"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,20 @@ def find_new_rasters(watch_dir: str | Path, seen: Container[str]) -> list[NewRas
     if dup:
         raise InputError(watch_dir, f"two new rasters share the file stem {dup[0]!r} (tile ids would collide)")
     return list(out.values())
+
+
+def read_watched_flags(watch_dir: str | Path) -> dict[str, bool]:
+    """The flags given in a watched folder: ``flags.json`` and ``flags.csv`` (``{}`` without either).
+
+    Raises:
+        InputError: a malformed file, an id the two files flag differently, or a ``flags.geojson`` (retrain
+            does not read it: nothing is silently left out).
+    """
+    given = read_target_flags(watch_dir)
+    if given is None:
+        return {}
+    if given.geojson is not None:
+        raise InputError(
+            Path(watch_dir) / FLAGS_GEOJSON, "retrain reads flags.json and flags.csv only: give these flags by tile"
+        )
+    return dict(given.entries)

@@ -43,7 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from aerosynth.data.atomic import atomic_write_json, atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
-from aerosynth.data.watch import FLAGS_FILE, NewRaster, find_new_rasters, read_flags_file
+from aerosynth.data.watch import FLAGS_FILE, NewRaster, find_new_rasters, read_watched_flags
 from aerosynth.data.weak_split import FlagMode, Predictor, assemble_run_tiles, read_base_manifest
 from aerosynth.detection.promotion import (
     Decision,
@@ -356,7 +356,7 @@ def retrain(
         return RetrainOutcome("nothing-new", msg)
     names = [r.path.name for r in new]
     log.info("new imagery: %d raster(s): %s", len(new), ", ".join(names))
-    given = read_flags_file(Path(watch_dir) / FLAGS_FILE)
+    given = read_watched_flags(watch_dir)
     production = registry.production()
     run_id = run_id_for(new)
     work = Path(work_root) if work_root is not None else registry.root / "runs"

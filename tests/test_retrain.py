@@ -405,3 +405,22 @@ def test_run_settings_reject_unknown_flag_source(tmp_path, demo_tiles, new_scene
         RunSettings(flags="sometimes")
     with pytest.raises(InputError, match="flag_threshold"):
         RunSettings(flag_threshold=2.0)
+
+
+def test_a_watched_folder_gives_its_flags_in_json_csv_or_both_and_no_geojson_is_ignored(tmp_path):
+    from aerosynth.data.watch import read_watched_flags
+
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    assert read_watched_flags(watch) == {}
+    (watch / "flags.csv").write_text("id,flag\nscene_00_0_0,vehicle\nscene_01.tif,0\n")
+    assert read_watched_flags(watch) == {"scene_00_0_0": True, "scene_01.tif": False}
+    (watch / "flags.json").write_text(json.dumps({"scene_00_128_0": False}))
+    assert read_watched_flags(watch) == {"scene_00_128_0": False, "scene_00_0_0": True, "scene_01.tif": False}
+    (watch / "flags.json").write_text(json.dumps({"scene_00_0_0": False}))  # the two files disagree
+    with pytest.raises(InputError, match="scene_00_0_0"):
+        read_watched_flags(watch)
+    (watch / "flags.json").unlink()
+    (watch / "flags.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(InputError, match="flags.json and flags.csv only"):
+        read_watched_flags(watch)
