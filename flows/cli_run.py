@@ -260,7 +260,9 @@ def request(
 
 def retrain(
     registry: Annotated[Path, typer.Option(help="Model registry folder (made on first use with --tiles).")],
-    watch: Annotated[Path, typer.Option(help="Watched folder: new GeoTIFFs (+ <stem>.geojson labels, flags.json / flags.csv).")],
+    watch: Annotated[
+        Path, typer.Option(help="Watched folder: new GeoTIFFs (+ <stem>.geojson labels, flags.json / flags.csv).")
+    ],
     config: Annotated[Path | None, typer.Option(help="YAML adapt config of the re-adaptation.")] = None,
     preset: Annotated[str | None, typer.Option(help="demo, cpu-bench or gpu (default demo without --config).")] = None,
     tiles: Annotated[
