@@ -415,7 +415,7 @@ def _tiny_stage(steps: int, **kw: Any) -> dict:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The main job: the embedded demo, tiny LDM, about 3.5 minutes on 2 cores. 78 small scenes per domain
+    # The main job: the embedded demo, tiny LDM, a few minutes on 2 cores. 78 small scenes per domain
     # (104 target-test tiles); the detector budget goes to three variants: F_S (source-only, 12 epochs of
     # 208 tiles), then, at once in two worker processes, the real target tiles labelled by F_S with their
     # weak flags and the oracle, each fine-tuned from F_S for 7 epochs of 208 tiles (half source).
@@ -439,7 +439,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "annotation": {
             "relay": {"enabled": False},
             "threshold": {"enabled": False},
-            # measured so (benchmarks/results/demo.json); each round would add about 40 s here
+            # one round, F_S's labels: the demo stays short (its figures: benchmarks/results/demo.json)
             "real_target": {"methods": ["self-training"], "rounds": 1, "threshold_on": "all"},
         },
         "detection": {
@@ -483,7 +483,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.py), TAEF2 autoencoder.
     # aerial-v1 Madison -> Munich (KIT) on 2 CPU cores: the LDM recipe of box_ldm.py's stageA-v, real-tile and
     # synthetic variants, detectors in the paired design (aerial-v1 items 9-10) on three worker processes (the
-    # three F_S seeds at once; a Dask worker trained a detector 1.8x slower than a plain process here)
+    # three F_S seeds at once; plain processes, which train a detector faster than Dask workers here:
+    # benchmarks/results/detector_workers.json)
     "cpu-bench": {
         "name": "aerial-v1-cpu",
         "work_dir": "benchmarks/work/aerial-v1-cpu",

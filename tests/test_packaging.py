@@ -51,3 +51,16 @@ def test_stage_modules_import_under_the_package_name():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "aerosynth.data.tileset"
+
+
+def test_config_docs_say_what_options_do_not_what_they_measured():
+    """Measured figures go to benchmarks/README.md, where they are kept current; flows/config.py points there."""
+    import re
+
+    text = (REPO / "flows" / "config.py").read_text()
+    measured = re.compile(
+        r"(AP50|F1|closure)\s*[=:]?\s*[01]\.\d+|\d(\.\d+)?x (slower|faster)|about [\d.]+ (s|min|minutes)\b"
+        r"|\d+ of \d+ seeds|\(\d+ seeds"
+    )
+    found = [m.group(0) for m in measured.finditer(text)]
+    assert not found, found
