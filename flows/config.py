@@ -415,8 +415,8 @@ def _tiny_stage(steps: int, **kw: Any) -> dict:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The main job: the embedded demo, tiny LDM, a few minutes on 2 cores. 78 small scenes per domain
-    # (104 target-test tiles); the detector budget goes to three variants: F_S (source-only, 12 epochs of
+    # The main job: the embedded demo, tiny LDM, a few minutes on 2 cores. 78 small scenes per domain;
+    # the detector budget goes to three variants: F_S (source-only, 12 epochs of
     # 208 tiles), then, at once in two worker processes, the real target tiles labelled by F_S with their
     # weak flags and the oracle, each fine-tuned from F_S for 7 epochs of 208 tiles (half source).
     "demo": {
