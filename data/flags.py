@@ -31,7 +31,7 @@ from affine import Affine
 
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.errors import InputError
-from aerosynth.data.geo import geojson_crs, map_to_pixel, read_geojson, transformer
+from aerosynth.data.geo import geojson_crs, geometry_shapes, map_to_pixel, read_geojson, transformer
 
 FLAGS_FILE = "flags.json"
 FLAGS_CSV = "flags.csv"
@@ -123,38 +123,14 @@ def write_flags_file(path: str | Path, flags: Mapping[str, bool]) -> Path:
     return atomic_write_json(path, {str(k): bool(v) for k, v in flags.items()})
 
 
-def _ring(coords: Any, where: str) -> np.ndarray:
-    try:
-        pts = np.array([[float(c[0]), float(c[1])] for c in coords], dtype=np.float64).reshape(-1, 2)
-    except (TypeError, ValueError, IndexError, KeyError):
-        raise InputError(where, "malformed coordinates") from None
-    if not len(pts) or not np.all(np.isfinite(pts)):
-        raise InputError(where, "missing or non-finite coordinates")
-    return pts
-
-
 def _shapes(doc: dict, where: Path) -> list[tuple[str, np.ndarray]]:
     """``("point" | "polygon", coordinates)`` of every feature (polygons by their outer ring)."""
     shapes: list[tuple[str, np.ndarray]] = []
     for i, feat in enumerate(doc["features"]):
-        fwhere = f"{where}: feature {i}"
         geom = feat.get("geometry") if isinstance(feat, dict) else None
-        if not isinstance(geom, dict) or "coordinates" not in geom:
-            raise InputError(fwhere, "feature without a geometry")
-        kind, coords = geom.get("type"), geom["coordinates"]
-        try:
-            if kind == "Point":
-                shapes.append(("point", _ring([coords], fwhere)))
-            elif kind == "MultiPoint":
-                shapes.append(("point", _ring(coords, fwhere)))
-            elif kind == "Polygon":
-                shapes.append(("polygon", _ring(coords[0], fwhere)))
-            elif kind == "MultiPolygon":
-                shapes.extend(("polygon", _ring(poly[0], fwhere)) for poly in coords)
-            else:
-                raise InputError(fwhere, f"geometry type {kind} is not a Point or Polygon")
-        except (TypeError, IndexError, KeyError):
-            raise InputError(fwhere, f"malformed {kind} coordinates") from None
+        kinds = ("Point", "MultiPoint", "Polygon", "MultiPolygon")
+        for kind, pts in geometry_shapes(geom, f"{where}: feature {i}", kinds):
+            shapes.append(("point" if kind.endswith("Point") else "polygon", pts))
     return shapes
 
 

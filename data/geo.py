@@ -187,26 +187,45 @@ def _position(c: Any) -> list[float]:
     return [float(c[0]), float(c[1])]
 
 
-def _geometry_points(geom: Any, where: str) -> tuple[str, np.ndarray]:
+def geometry_shapes(geom: Any, where: str, kinds: tuple[str, ...] = ("Point", "Polygon", "MultiPolygon")) -> list:
+    """``[(GeoJSON type, (N, 2) coordinates)]`` of one geometry: a point set, or one outer ring per polygon.
+
+    ``Point`` and ``MultiPoint`` give one point set, ``Polygon`` its outer ring and ``MultiPolygon`` one outer
+    ring per polygon; ``kinds`` are the types accepted.
+
+    Raises:
+        InputError: no geometry, a type not in ``kinds``, malformed or non-finite coordinates.
+    """
     if not isinstance(geom, dict) or "type" not in geom or "coordinates" not in geom:
         raise InputError(where, "feature without a geometry")
     kind = geom["type"]
     coords = geom["coordinates"]
-    if kind not in ("Point", "Polygon", "MultiPolygon"):
+    if kind not in kinds:
         raise InputError(where, f"geometry type {kind} is not a Point or Polygon")
     try:
         if kind == "Point":
-            pts = [_position(coords)]
+            rings = [[_position(coords)]]
+        elif kind == "MultiPoint":
+            rings = [[_position(c) for c in coords]]
         elif kind == "Polygon":
-            pts = [_position(c) for c in coords[0]]
+            rings = [[_position(c) for c in coords[0]]]
         else:
-            pts = [_position(c) for poly in coords for c in poly[0]]
+            rings = [[_position(c) for c in poly[0]] for poly in coords]
     except (TypeError, ValueError, IndexError, KeyError):
         raise InputError(where, f"malformed {kind} coordinates") from None
-    arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
-    if arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise InputError(where, f"{kind} with missing or non-finite coordinates")
-    return kind, arr
+    shapes = []
+    for ring in rings or [[]]:
+        arr = np.array(ring, dtype=np.float64).reshape(-1, 2)
+        if arr.size == 0 or not np.all(np.isfinite(arr)):
+            raise InputError(where, f"{kind} with missing or non-finite coordinates")
+        shapes.append((kind, arr))
+    return shapes
+
+
+def _geometry_points(geom: Any, where: str) -> tuple[str, np.ndarray]:
+    """Every vertex of a Point, Polygon or MultiPolygon (outer rings), for its bounding box."""
+    shapes = geometry_shapes(geom, where)
+    return shapes[0][0], np.concatenate([pts for _, pts in shapes])
 
 
 def geojson_to_detections(
