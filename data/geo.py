@@ -129,10 +129,15 @@ def detections_to_geojson(
         )
     doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if not to_wgs84:
-        epsg = out_crs.to_epsg()
-        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else out_crs.to_wkt()
-        doc["crs"] = {"type": "name", "properties": {"name": name}}
+        doc["crs"] = crs_member(out_crs)
     return doc
+
+
+def crs_member(crs: Any) -> dict:
+    """The legacy GeoJSON ``crs`` member naming ``crs`` (an EPSG URN, else its WKT)."""
+    crs = as_crs(crs)
+    epsg = crs.to_epsg()
+    return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs.to_wkt()}}
 
 
 def _signed_area(ring: list[list[float]]) -> float:

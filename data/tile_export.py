@@ -19,7 +19,7 @@ from affine import Affine
 from aerosynth.data.atomic import atomic_write_text
 from aerosynth.data.detections import Detections
 from aerosynth.data.exporters import LabelledImage, write_coco, write_yolo_split
-from aerosynth.data.geo import as_crs, detections_to_geojson, write_geojson
+from aerosynth.data.geo import crs_member, detections_to_geojson, write_geojson
 from aerosynth.data.rasters import write_geotiff
 
 
@@ -45,13 +45,6 @@ class GeoTile:
     height: int
     detections: Detections
     properties: dict[str, Any] = field(default_factory=dict)
-
-
-def _crs_member(crs: Any) -> dict:
-    """The legacy GeoJSON ``crs`` member of ``crs``, as :func:`~aerosynth.data.geo.detections_to_geojson` writes it."""
-    out = as_crs(crs)
-    epsg = out.to_epsg()
-    return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else out.to_wkt()}}
 
 
 class TileExport:
@@ -111,7 +104,7 @@ class TileExport:
 
     def finish(self) -> list[GeoTile]:
         """Write ``labels.geojson``, ``coco.json`` and ``yolo/`` of the tiles added; returns them."""
-        merged = {"type": "FeatureCollection", "crs": _crs_member(self.crs), "features": self._features}
+        merged = {"type": "FeatureCollection", "crs": crs_member(self.crs), "features": self._features}
         write_geojson(self.root / "labels.geojson", merged)
         write_coco(self.root / "coco.json", self._tif, self.class_names, image_prefix="tiles/")
         write_yolo_split(self.root / "yolo", self._png, link=False)

@@ -26,7 +26,7 @@ from affine import Affine
 from aerosynth.data.atomic import atomic_output_path
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
-from aerosynth.data.geo import WGS84, as_crs, detections_to_geojson
+from aerosynth.data.geo import WGS84, as_crs, crs_member, detections_to_geojson
 
 #: Output suffixes and their GDAL drivers (``None``: written here without GDAL).
 FORMATS: dict[str, str | None] = {
@@ -112,12 +112,6 @@ def read_stream(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def _crs_member(crs: Any) -> dict:
-    crs = as_crs(crs)
-    epsg = crs.to_epsg()
-    return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs.to_wkt()}}
-
-
 def _write_ogr(stream: Path, tmp: Path, driver: str, crs: Any) -> None:
     import pyogrio.raw
     import shapely
@@ -169,7 +163,7 @@ def finish_output(stream: str | Path, out: str | Path, crs: Any, to_wgs84: bool 
             with open(tmp, "w", encoding="utf-8") as f:
                 head: dict[str, Any] = {"type": "FeatureCollection"}
                 if not to_wgs84:
-                    head["crs"] = _crs_member(crs)
+                    head["crs"] = crs_member(crs)
                 f.write(json.dumps(head)[:-1] + ', "features": [\n')
                 for i, feature in enumerate(read_stream(stream)):
                     f.write(("" if i == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
