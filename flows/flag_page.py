@@ -7,15 +7,15 @@ encoding), and writes every change to ``TARGET/flags.json`` atomically: tile id 
 the file ``data prepare`` and ``adapt`` read (:mod:`aerosynth.data.flags`). Entries the file held
 before (image entries, tiles of other grids) are kept.
 
-One writer per folder: the session holds an ``fcntl.flock`` on ``TARGET/.flags.lock`` while it runs; a
+One writer per folder: the session holds the run lock (:mod:`aerosynth.flows.run_lock`) on ``TARGET/.flags.lock``; a
 second session on the same folder is refused. :func:`serve_flag_page` serves the page (plain HTML and
 JavaScript, no network resource) with :mod:`http.server` on the local machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,11 +32,7 @@ from aerosynth.data.domains import Domain, open_domain
 from aerosynth.data.errors import InputError
 from aerosynth.data.flags import FLAGS_FILE, read_flags_file, write_flags_file
 from aerosynth.data.prepare import CutImage, cut_image
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from aerosynth.flows.run_lock import work_lock
 
 LOCK_NAME = ".flags.lock"
 #: tiles per page of the grid
@@ -63,7 +59,8 @@ def flags_folder(target: Path) -> Path:
 
 
 class FolderLock:
-    """An exclusive, non-blocking ``flock`` on ``FOLDER/.flags.lock``, released when the process ends.
+    """One ``aerosynth flag`` per folder: the run lock of :mod:`aerosynth.flows.run_lock` on
+    ``FOLDER/.flags.lock``, released when the session or its process ends.
 
     Raises:
         InputError: another process holds it (another ``aerosynth flag`` on the same folder).
@@ -71,29 +68,27 @@ class FolderLock:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK_NAME
-        self._fd: int | None = None
+        self._held: contextlib.ExitStack | None = None
 
     def acquire(self) -> FolderLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                holder = self.path.read_text().strip() or "another process"
-                raise InputError(
-                    self.path.parent, f"already being flagged ({holder}); one aerosynth flag per folder"
-                ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"aerosynth flag, pid {os.getpid()}\n".encode())
-        self._fd = fd
+        held = contextlib.ExitStack()
+        held.enter_context(
+            work_lock(
+                self.path.parent,
+                command="aerosynth flag",
+                create=False,
+                name=LOCK_NAME,
+                busy="already being flagged ({holder}); one aerosynth flag per folder",
+                reentrant=False,
+            )
+        )
+        self._held = held
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

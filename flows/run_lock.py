@@ -48,19 +48,19 @@ def command_line() -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def read_holder(folder: str | Path) -> dict | None:
+def read_holder(folder: str | Path, name: str = LOCK_NAME) -> dict | None:
     """The holder a lock file names (``pid``, ``command``, ``started``), or None when it names none."""
     try:
-        doc = json.loads((Path(folder) / LOCK_NAME).read_text())
+        doc = json.loads((Path(folder) / name).read_text())
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and "pid" in doc else None
 
 
-def _describe(folder: Path) -> str:
+def _describe(folder: Path, name: str = LOCK_NAME) -> str:
     holder = None
     for _ in range(20):  # the holder writes its name right after it takes the lock (over a dead run's)
-        holder = read_holder(folder)
+        holder = read_holder(folder, name)
         if holder is not None and _alive(holder["pid"]):
             break
         holder = None
@@ -93,7 +93,13 @@ def _write_holder(fd: int, command: str | None) -> None:
 
 @contextlib.contextmanager
 def work_lock(
-    folder: str | Path, wait: bool = False, command: str | None = None, create: bool = True
+    folder: str | Path,
+    wait: bool = False,
+    command: str | None = None,
+    create: bool = True,
+    name: str = LOCK_NAME,
+    busy: str = "in use by {holder}; wait for it to end, or rerun with --wait to queue behind it",
+    reentrant: bool = True,
 ) -> Iterator[Path]:
     """Hold the run lock of ``folder`` for the block; yields the lock file's path.
 
@@ -103,28 +109,31 @@ def work_lock(
         command: how to name this run to others (default: this process's command line).
         create: make a missing ``folder``; without, a missing folder is not locked (whoever needs it
             reports it missing).
+        name: the lock file in ``folder`` (another name is another lock: ``aerosynth flag`` uses its own).
+        busy: the refusal, with ``{holder}`` naming the holder.
+        reentrant: a thread that holds the lock may take it again (a flow inside a command that holds it).
 
     Raises:
         InputError: another run holds the folder and ``wait`` is false (one line naming that run).
     """
     folder = Path(folder).absolute()
-    key = str(folder.resolve())
+    key = f"{folder.resolve()}/{name}"
     me = threading.get_ident()
     with _HELD_GUARD:
         held = _HELD.get(key)
-        reentrant = held is not None and held[0] == me
-        if reentrant:
+        again = reentrant and held is not None and held[0] == me
+        if again:
             held[1] += 1
-    if reentrant:
+    if again:
         try:
-            yield folder / LOCK_NAME
+            yield folder / name
         finally:
             with _HELD_GUARD:
                 held[1] -= 1
         return
     if create:
         folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    path = folder / name
     if fcntl is None or not folder.is_dir():  # Windows; or a missing folder not to be made
         yield path
         return
@@ -133,11 +142,9 @@ def work_lock(
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(folder)
+            holder = _describe(folder, name)
             if not wait:
-                raise InputError(
-                    folder, f"in use by {holder}; wait for it to end, or rerun with --wait to queue behind it"
-                ) from None
+                raise InputError(folder, busy.format(holder=holder)) from None
             print(f"{folder}: waiting for {holder} to end", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         _write_holder(fd, command)
