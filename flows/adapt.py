@@ -22,6 +22,7 @@ Work folder of a run::
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -114,10 +115,13 @@ def self_training_rounds(
 
     Each round's labels come from the first seed's detector of the round before, or every seed's fused
     (``relabel_with: all-seeds``; flags applied, threshold on source-val); every seed fine-tunes from its
-    own F_S on them. Stops after
+    own F_S on them. With ``own-seed`` each seed's detector labels for that seed alone
+    (:func:`own_seed_rounds`). Stops after
     ``annotation.real_target.rounds`` or when the labels stop changing (``stop_agreement``). Returns the
     rounds' detectors by variant and their labelled sets by name.
     """
+    if cfg.annotation.real_target.relabel_with == "own-seed":
+        return own_seed_rounds(cfg, work, tiles, first, runs, base, seeds)
     out: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}
     every_seed = cfg.annotation.real_target.relabel_with == "all-seeds"
@@ -134,6 +138,41 @@ def self_training_rounds(
         variant = next(v for v in variants(cfg, tiles, {name: dataset}, {}) if v.name == f"{name}+source")
         out[variant.name] = resolve(submit_detectors(cfg, work, tiles, variant, seeds, base))
         previous, detector = name, proposer(out[variant.name])
+    return out, labelled
+
+
+def own_seed_rounds(
+    cfg: AdaptConfig, work: Path, tiles: Path, first: str, runs: dict[str, list[Path]], base: dict, seeds: list[int]
+) -> tuple[dict[str, list[Path]], dict[str, Path]]:
+    """Rounds 2.. with ``relabel_with: own-seed``: each seed's detector of the round before relabels for that seed.
+
+    Seed ``k``'s round-``r`` labels (``annotation/<set>-r<r>/seed<k>``) come from its own round ``r - 1``
+    detector, so the spread over seeds includes the labelling. The rounds stop when every seed's labels agree
+    with its previous ones at ``stop_agreement``. The labelled set returned under each name (for ``mixes``)
+    is the first seed's.
+    """
+    out: dict[str, list[Path]] = {}
+    labelled: dict[str, Path] = {}
+    r = cfg.annotation.real_target
+    previous = first.removesuffix("+source")
+    chain = {s: (work / "annotation" / previous, det) for s, det in zip(seeds, runs[first], strict=True)}
+    for k in range(2, r.rounds + 1):
+        made = {
+            s: relabel_task(cfg, work, tiles, previous, det, k, seed=s, previous_dir=prev, stop=False)
+            for s, (prev, det) in chain.items()
+        }
+        agreement = [json.loads((d.parent / "agreement.json").read_text())["f1"] for _, d in made.values()]
+        if min(agreement) >= r.stop_agreement:
+            break
+        name = next(iter(made.values()))[0]
+        futures = []
+        for s, (_, dataset) in made.items():
+            variant = next(v for v in variants(cfg, tiles, {name: dataset}, {}) if v.name == f"{name}+source")
+            futures += submit_detectors(cfg, work, tiles, variant, [s], base)
+        out[f"{name}+source"] = resolve(futures)
+        labelled[name] = made[seeds[0]][1]
+        chain = {s: (made[s][1].parent, det) for s, det in zip(seeds, out[f"{name}+source"], strict=True)}
+        previous = name
     return out, labelled
 
 

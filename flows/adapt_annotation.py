@@ -172,7 +172,15 @@ def labels_headline(stage_dir: Path) -> str:
 
 
 def relabel_round(
-    config: AdaptConfig, work: Path, tiles: Path, previous: str, detector: Path | Sequence[Path], round_index: int
+    config: AdaptConfig,
+    work: Path,
+    tiles: Path,
+    previous: str,
+    detector: Path | Sequence[Path],
+    round_index: int,
+    seed: int | None = None,
+    previous_dir: Path | None = None,
+    stop: bool = True,
 ) -> tuple[str, Path | None]:
     """One self-training round: the previous round's adapted detector (or detectors, fused) relabels target-train.
 
@@ -181,6 +189,12 @@ def relabel_round(
         detector: the stage folder of the previous round's adapted detector (first seed), or the stage
             folders of every seed's (``relabel_with: all-seeds``: their boxes fused tile by tile).
         round_index: this round's number (2, 3, ...).
+        seed: the seed whose detector relabels (``relabel_with: own-seed``): the labels go to
+            ``annotation/<name>/seed<k>`` and the key names the seed; ``None``: one set for every seed.
+        previous_dir: the previous round's stage folder (default ``annotation/<previous>``); a seed's own
+            round-2 labels follow the shared round-1 set, its round-3 labels its own round-2 set.
+        stop: apply the stop rule here; ``False`` returns the folder whatever the agreement (the caller
+            decides from ``agreement.json``, as ``own-seed`` does over every seed).
 
     Returns:
         ``(name, dataset)``: ``real-<method>-r<k>`` and its labelled folder, or ``None`` for the folder when
@@ -196,6 +210,10 @@ def relabel_round(
     key = {"method": "self-training", "round": round_index, "relabels": previous, **_label_options(r)}
     if several:  # (one detector keeps the older key)
         key |= {"relabel_with": "all-seeds", "fusion_iou": r.fusion_iou}
+    if seed is not None:
+        key |= {"relabel_with": "own-seed", "seed": seed}
+    previous_dir = previous_dir if previous_dir is not None else work / "annotation" / previous
+    folder = work / "annotation" / name / (f"seed{seed}" if seed is not None else "")
     weights = [d / "train" / "detector.pt" for d in detectors]
     proposers = {f"detector{i}": d for i, d in enumerate(detectors)} if several else {"detector": detectors[0]}
 
@@ -213,14 +231,14 @@ def relabel_round(
             flag_rule=_flag_rule(r),
             fusion_iou=r.fusion_iou,
         )
-        agreement = label_agreement(o / "dataset" / "labels", work / "annotation" / previous / "dataset" / "labels")
+        agreement = label_agreement(o / "dataset" / "labels", previous_dir / "dataset" / "labels")
         atomic_write_json(o / "agreement.json", {"with": previous, **agreement})
 
     stage_dir, _ = run_stage(
-        f"annotation/{name}",
-        work / "annotation" / name,
+        f"annotation/{name}" + (f"/seed{seed}" if seed is not None else ""),
+        folder,
         key,
-        {"tiles": tiles, **proposers, "previous": work / "annotation" / previous},
+        {"tiles": tiles, **proposers, "previous": previous_dir},
         build,
         _logger(),
         headline=lambda o: (
@@ -228,7 +246,7 @@ def relabel_round(
         ),
     )
     agreement = json.loads((stage_dir / "agreement.json").read_text())
-    if agreement["f1"] >= r.stop_agreement:
+    if stop and agreement["f1"] >= r.stop_agreement:
         _logger().info(
             "%s: labels agree with %s at F1 %.3f >= %.2f: rounds stop",
             name,

@@ -9,6 +9,8 @@ from pathlib import Path
 from prefect import get_run_logger
 
 SOURCE_ONLY, ORACLE, CONTINUED = "source-only", "oracle", "continued"
+#: The capped oracle: true boxes on one fine-tune's budget, as every variant gets (the full one is ``oracle``).
+ORACLE_PAIRED = "oracle-paired"
 
 
 def _logger() -> logging.Logger:

@@ -9,6 +9,7 @@ control is the same fine-tuning on source tiles only: what the extra budget alon
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from aerosynth.flows import progress
 from aerosynth.flows.adapt_common import (
     CONTINUED,
     ORACLE,
+    ORACLE_PAIRED,
     SOURCE_ONLY,
     _key_path,
     _logger,
@@ -48,6 +50,8 @@ def variant_kind(name: str) -> str:
     """``source-only``, ``control``, ``baseline``, ``real``, ``synthetic``, ``real+synthetic`` or ``oracle``."""
     if name in (SOURCE_ONLY, ORACLE):
         return name
+    if name == ORACLE_PAIRED:
+        return ORACLE
     if name == CONTINUED:
         return "control"
     name = MIX_BUDGET_SUFFIX.sub("", name)
@@ -64,7 +68,8 @@ class Variant:
     """One detector recipe: its training datasets and the stage folders they come from.
 
     ``finetune``: trained from the seed's source-only detector (paired design) rather than from scratch.
-    ``images``: its fine-tuning budget when not ``detection.finetune.images`` (a mix's own budget).
+    ``images``: its fine-tuning budget when not ``detection.finetune.images`` (a mix's own budget, the full
+    oracle's); ``epochs``: its fine-tuning epochs when not ``detection.finetune.epochs`` (the full oracle's).
     """
 
     name: str
@@ -72,6 +77,7 @@ class Variant:
     upstream: dict[str, Path]
     finetune: bool = False
     images: int | None = None
+    epochs: int | None = None
 
     @property
     def kind(self) -> str:
@@ -110,17 +116,44 @@ def variants(config: AdaptConfig, tiles: Path, labelled: dict[str, Path], sets: 
         ]
         stage = dataset if name == "translation" else dataset.parent  # a synthetic set is its own stage folder
         out.append(Variant(f"{name}+source", mix, {"tiles": tiles, name: stage}, paired))
-    if d.oracle:
+    if d.oracle or (paired and d.oracle_paired):
         truth = tiles / "evaluation" / "target-train" / "labels"
         if paired:
             oracle = [
                 DatasetSpec(tiles / "target-train", labels_dir=truth, name="oracle", fraction=1 - f),
                 DatasetSpec(tiles / "source-train", name="source", fraction=f),
             ]
+            if d.oracle:  # its budget (oracle_budget) is counted from the tiles when it trains
+                out.append(Variant(ORACLE, oracle, {"tiles": tiles}, True))
+            if d.oracle_paired:
+                out.append(Variant(ORACLE_PAIRED, oracle, {"tiles": tiles}, True))
         else:
             oracle = [DatasetSpec(tiles / "target-train", labels_dir=truth, name="oracle", fraction=whole)]
-        out.append(Variant(ORACLE, oracle, {"tiles": tiles}, paired))
+            out.append(Variant(ORACLE, oracle, {"tiles": tiles}, False))
     return out
+
+
+def oracle_budget(config: AdaptConfig, tiles: Path) -> tuple[int, int]:
+    """The full oracle's fine-tuning ``(images per epoch, epochs)``: a ceiling, not one more variant.
+
+    Every target-train tile is in each epoch (its target share, ``1 - mix_source_fraction``, holds them all,
+    real source tiles the rest, as for every variant), and its images over all epochs are at least what the
+    handed-over recipe spent over all its rounds: ``rounds x finetune.epochs x`` the recipe's images per
+    epoch (``real-heatmap-r3+source``: three fine-tunes). The capped oracle, one fine-tune's budget on a
+    draw of the tiles, is ``oracle-paired`` (``detection.oracle_paired``).
+    """
+    from aerosynth.data.tileset import read_tiles_file
+    from aerosynth.flows.adapt_tiles import recipe
+
+    d, ft = config.detection, config.detection.finetune
+    handed_over = recipe(config) or ""
+    rounds = int(m.group(1)) if (m := re.search(r"-r(\d+)(?:\+|$)", handed_over)) else 1
+    own = re.search(r"-(\d+)img$", handed_over)
+    recipe_images = int(own.group(1)) if own else ft.images
+    target_tiles = len(read_tiles_file(tiles / "target-train")[1])
+    images = max(ft.images, math.ceil(target_tiles / (1 - d.mix_source_fraction)))
+    epochs = math.ceil(rounds * ft.epochs * recipe_images / images)
+    return images, epochs
 
 
 def mixed_variant(
@@ -180,10 +213,13 @@ def detector_config(config: AdaptConfig, variant: Variant, seed: int, base: Path
     if base is None:
         raise ValueError(f"{variant.name} fine-tunes from the source-only detector of seed {seed}: none given")
     ft = d.finetune
+    images, epochs = variant.images, variant.epochs
+    if variant.name == ORACLE:
+        images, epochs = oracle_budget(config, variant.upstream["tiles"])
     return DetectorTrainConfig(
         model=str(Path(base) / "train" / "detector.pt"),
-        epochs=ft.epochs,
-        mix_total=variant.images or ft.images,
+        epochs=epochs or ft.epochs,
+        mix_total=images or ft.images,
         extra={"lr0": ft.lr0, "warmup_epochs": ft.warmup_epochs, "close_mosaic": ft.close_mosaic},
         **common,
     )

@@ -206,7 +206,8 @@ class RealTargetSettings(Strict):
     fuses every seed's detections tile by tile (weighted boxes fusion at ``fusion_iou``; a box k of n
     detectors found keeps k/n of its mean confidence), thresholded on source-val like one detector's. It
     helped on one aerial-v1 target and not the other: try it with several seeds when a round is still
-    gaining.
+    gaining. ``own-seed``: each seed's detector relabels for that seed alone, so seeds differ in their labels
+    as well as their training (the spread over seeds then includes the labelling; the scoreboard uses it).
 
     ``mask_uncertain`` (default ``null``, none): a fraction, e.g. 0.5: the proposals of a flagged tile that
     the threshold dropped but that reach this fraction of it are painted over with the tile's mean colour
@@ -232,7 +233,7 @@ class RealTargetSettings(Strict):
     threshold_on: Literal["all", "flagged"] = "flagged"
     rounds: int = Field(3, ge=1)
     stop_agreement: float = Field(0.95, gt=0, le=1)
-    relabel_with: Literal["first-seed", "all-seeds"] = "first-seed"
+    relabel_with: Literal["first-seed", "all-seeds", "own-seed"] = "first-seed"
 
     def noise_levels(self) -> list[float]:
         """The candidate noise levels, as a list."""
@@ -339,6 +340,7 @@ class DetectionSettings(Strict):
     max_train_images: int | None = Field(None, ge=1)
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
+    oracle_paired: bool = False
     continued: bool = True
     # the detectors a comparison needs beyond the one handed over (continued control, other labelled sets and
     # methods, every seed); None: true for a target with boxes, false for one with flags only
@@ -550,7 +552,7 @@ SET_NAMES = ("relay", "threshold", "translation", "copy-paste", "copy-paste-harm
 #: The methods that label the real target tiles (``annotation.real_target.methods``).
 REAL_METHODS = ("self-training", "heatmap", "fused")
 #: The variants that are not a labelled set: the baseline, the control and the oracle.
-PLAIN_VARIANTS = ("source-only", "continued", "oracle")
+PLAIN_VARIANTS = ("source-only", "continued", "oracle", "oracle-paired")
 _REAL_SET = re.compile(r"real-(self-training|heatmap|fused)(?:-r(\d+))?")
 _MIX_PART = re.compile(r"(?P<set>.+?)(?:@(?P<percent>\d+))?")
 _BUDGET = re.compile(r"(?P<rest>.+)-(?P<images>\d+)img")

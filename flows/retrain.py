@@ -206,7 +206,7 @@ def readapt(
         # as in the adapt flow: F_S (relay, self-training, the paired design's start) is the source-only detector
         source_only = train_and_evaluate(cfg, work, tiles, adapt.variants(cfg, tiles, {}, {})[0], seed)
     labelled = annotate(cfg, work, tiles, sets, source_only, model)
-    available = {v.name: v for v in adapt.variants(cfg, tiles, labelled, sets) if v.name != adapt.ORACLE}
+    available = {v.name: v for v in adapt.variants(cfg, tiles, labelled, sets) if v.kind != "oracle"}
     name = variant or next((n for n in CANDIDATE_ORDER if n in available), None)
     if name not in available:
         raise InputError("variant", f"{name!r} is not produced by this config (one of {', '.join(sorted(available))})")

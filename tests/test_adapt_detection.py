@@ -83,6 +83,35 @@ def test_fine_tuned_variants_start_from_their_seed_source_only(tiles, tmp_path):
     assert (ft.epochs, ft.mix_total, ft.extra["lr0"]) == (1, 32, cfg.detection.finetune.lr0)
 
 
+def test_the_full_oracle_sees_every_target_tile_for_the_whole_recipe_budget_and_the_paired_one_a_variant_s(tiles):
+    """``oracle``: every target-train tile in each epoch, and at least the images the handed-over recipe spent
+    over all its rounds; ``oracle-paired`` (``detection.oracle_paired``): the budget of one fine-tune."""
+    from aerosynth.data.tileset import read_tiles_file
+    from aerosynth.flows.adapt_detection import detector_config, variants
+
+    doc, tiles_dir = tiles
+    n_target = len(read_tiles_file(tiles_dir / "target-train")[1])
+    for rounds, images in [(2, 32), (3, 4)]:  # a budget above, and one below, the target tiles' count
+        cfg = build_config(
+            {
+                **doc,
+                "annotation": {**doc["annotation"], "real_target": {"rounds": rounds}},
+                "detection": {**doc["detection"], "oracle_paired": True, "finetune": {"epochs": 2, "images": images}},
+            }
+        )
+        plan = {v.name: v for v in variants(cfg, tiles_dir, {}, {})}
+        assert plan["oracle"].kind == plan["oracle-paired"].kind == "oracle"
+        fs = tiles_dir.parent / "detectors" / "source-only" / "seed0"
+        full = detector_config(cfg, plan["oracle"], 0, fs)
+        capped = detector_config(cfg, plan["oracle-paired"], 0, fs)
+        assert (capped.epochs, capped.mix_total) == (2, images)
+        target_share = 1 - cfg.detection.mix_source_fraction
+        assert full.mix_total * target_share >= n_target  # every target-train tile in each epoch
+        assert full.epochs * full.mix_total >= rounds * 2 * images  # the recipe's whole budget: rounds x one fine-tune
+        assert (full.epochs - 1) * full.mix_total < rounds * 2 * images  # and not an epoch more
+    assert "oracle-paired" not in {v.name for v in variants(build_config(doc), tiles_dir, {}, {})}
+
+
 def test_reference_from_reuses_a_matching_source_only_detector(tiles, tmp_path):
     from aerosynth.flows.adapt_detection import train_and_evaluate, variants
 
@@ -318,11 +347,12 @@ def test_a_mix_must_name_sets_the_enabled_methods_build():
         build_config(no_ldm)
 
 
-@pytest.mark.parametrize("relabel_with", ["first-seed", "all-seeds"])
+@pytest.mark.parametrize("relabel_with", ["first-seed", "all-seeds", "own-seed"])
 def test_each_round_is_relabelled_by_the_first_seed_or_by_every_seed_of_the_round_before(
     monkeypatch, tmp_path, relabel_with
 ):
-    """The flow's rounds hand the relabelling the first seed's detector, or every seed's (``relabel_with``)."""
+    """The flow's rounds hand the relabelling the first seed's detector, or every seed's (``relabel_with``), or
+    each seed its own (``own-seed``: that seed's labels, from its own chain, train that seed's detector only)."""
     import aerosynth.flows.adapt as adapt
 
     seeds = [0, 1, 2]
@@ -332,11 +362,18 @@ def test_each_round_is_relabelled_by_the_first_seed_or_by_every_seed_of_the_roun
     cfg = build_config(doc)
     asked = []
 
-    def relabel(cfg, work, tiles, previous, detector, k):  # the labelling itself: tests/test_flows.py
-        asked.append((previous, detector, k))
-        return f"real-heatmap-r{k}", tmp_path / "annotation" / f"real-heatmap-r{k}" / "dataset"
+    trained = []
+
+    def relabel(cfg, work, tiles, previous, detector, k, seed=None, previous_dir=None, stop=True):
+        # the labelling itself: tests/test_flows.py
+        asked.append((previous, detector, k) if seed is None else (previous_dir.name, detector, k, seed))
+        folder = tmp_path / "annotation" / f"real-heatmap-r{k}" / ("" if seed is None else f"seed{seed}")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "agreement.json").write_text(json.dumps({"f1": 0.5}))
+        return f"real-heatmap-r{k}", folder / "dataset"
 
     def submit(cfg, work, tiles, variant, seeds, base):  # where each seed's detector of the round would be
+        trained.append((variant.name, seeds, variant.train[0].path))
         return [tmp_path / "detectors" / variant.name / f"seed{s}" for s in seeds]
 
     monkeypatch.setattr(adapt, "relabel_task", relabel)
@@ -354,6 +391,12 @@ def test_each_round_is_relabelled_by_the_first_seed_or_by_every_seed_of_the_roun
     round2 = detectors["real-heatmap-r2+source"]
     if relabel_with == "all-seeds":
         assert asked == [("real-heatmap", first, 2), ("real-heatmap-r2", round2, 3)]
+    elif relabel_with == "own-seed":
+        r2 = [("real-heatmap", first[i], 2, s) for i, s in enumerate(seeds)]
+        assert asked == r2 + [(f"seed{s}", round2[i], 3, s) for i, s in enumerate(seeds)]
+        # each seed's detector of a round is trained on that seed's labels, alone
+        assert [(n, ss) for n, ss, _ in trained] == [(f"real-heatmap-r{k}+source", [s]) for k in (2, 3) for s in seeds]
+        assert [p.parent.name for _, _, p in trained] == [f"seed{s}" for _ in (2, 3) for s in seeds]
     else:
         assert asked == [("real-heatmap", first[0], 2), ("real-heatmap-r2", round2[0], 3)]
 
