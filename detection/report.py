@@ -14,9 +14,12 @@ curves: its first line gives the handed-over detector's tile-level AP on held-ou
 source-only's, and its table the flag-level figures of :mod:`aerosynth.detection.flag_scores`. With boxes
 and ``flag_scores``, both tables.
 
-Gap closure of an adapted variant is ``(AP50_adapted - AP50_source) / (AP50_oracle - AP50_source)``,
-computed for each seed of the adapted variant against the seed means of source-only and oracle;
-with several seeds the table shows mean +- sample standard deviation (ddof 1).
+Gap closure of an adapted variant is :func:`aerosynth.detection.closure.gap_closure`, the one definition:
+``(mean AP50_adapted - mean AP50_source) / (mean AP50_oracle - mean AP50_source)`` over the seeds the three
+share, with its paired bootstrap 95 % interval from two seeds on. It is always measured against the oracle
+(the variant named ``oracle``); the capped oracle ``oracle-paired`` (one fine-tune's budget), when a run has
+it, is a row of its own with role ``oracle-paired`` and no closure. The other figures are mean +- sample
+standard deviation (ddof 1) over a variant's seeds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import write_png
 from aerosynth.data.tileset import LabelledTileSplit, WeakTileSplit
+from aerosynth.detection.closure import GapClosure, gap_closure
 from aerosynth.detection.evaluation import EvaluationResult
 
 REPORT_MD = "report.md"
@@ -41,6 +45,8 @@ REPORT_JSON = "report.json"
 PR_PNG = "pr_curves.png"
 GRID_PNG = "predictions_grid.png"
 HOLDOUT_GRID_PNG = "predictions_holdout_grid.png"
+#: Suffix of the capped oracle's name (``oracle-paired``): listed beside the oracle, never the closure's reference.
+PAIRED_ORACLE_SUFFIX = "-paired"
 
 
 @dataclass(frozen=True)
@@ -69,37 +75,68 @@ class Stat:
         return {"mean": None if self.n == 0 else self.mean, "std": None if self.n == 0 else self.std, "n": self.n}
 
 
-def gap_closure(adapted: Sequence[float], source_only: Sequence[float], oracle: Sequence[float]) -> Stat:
-    """Gap closure per adapted seed against the means of source-only and oracle (``n/a`` if oracle <= source)."""
-    s, o = Stat.of(source_only), Stat.of(oracle)
-    if s.n == 0 or o.n == 0 or o.mean - s.mean <= 1e-12:
-        return Stat.of([])
-    return Stat.of([(a - s.mean) / (o.mean - s.mean) for a in adapted])
-
-
 def _sha256(path: Path) -> str | None:
     if not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _order(names: Sequence[str], source_only: str, oracle: str) -> list[str]:
-    middle = [n for n in names if n not in (source_only, oracle)]
-    return [n for n in [source_only] if n in names] + middle + [n for n in [oracle] if n in names]
+def _order(names: Sequence[str], source_only: str, last: Sequence[str] = ()) -> list[str]:
+    """Source-only first, the other names in their order, then ``last`` (in its order)."""
+    middle = [n for n in names if n != source_only and n not in last]
+    return [n for n in [source_only] if n in names] + middle + [n for n in last if n in names]
+
+
+def _role(name: str, source_only: str, oracle: str) -> str:
+    if name == source_only:
+        return "source-only"
+    if name == oracle:
+        return "oracle"
+    return "oracle-paired" if name == oracle + PAIRED_ORACLE_SUFFIX else "adapted"
+
+
+def _ap50_by_seed(
+    variants: Mapping[str, Sequence[EvaluationResult]], seeds: Mapping[str, Sequence[int | str]] | None
+) -> dict[str, dict[str, float]]:
+    """Per variant, AP50 by seed name: ``seeds[name]`` where given, else the results' positions (``"0"``, ...)."""
+    out = {}
+    for name, res in variants.items():
+        names = [str(s) for s in (seeds or {}).get(name, range(len(res)))]
+        if len(names) != len(res) or len(set(names)) != len(names):
+            raise InputError(f"seeds[{name}]", f"{len(names)} seed names (distinct?) for {len(res)} results")
+        out[name] = {s: r.ap50 for s, r in zip(names, res, strict=True)}
+    return out
 
 
 def summarise(
-    variants: Mapping[str, Sequence[EvaluationResult]], source_only: str = "source-only", oracle: str = "oracle"
+    variants: Mapping[str, Sequence[EvaluationResult]],
+    source_only: str = "source-only",
+    oracle: str = "oracle",
+    seeds: Mapping[str, Sequence[int | str]] | None = None,
 ) -> list[dict]:
-    """One row per variant: role, AP50, AP50:95, P, R, F1 (mean/std over seeds) and gap closure."""
-    src = [r.ap50 for r in variants.get(source_only, [])]
-    orc = [r.ap50 for r in variants.get(oracle, [])]
+    """One row per variant: role, AP50, AP50:95, P, R, F1 (mean/std over seeds) and gap closure.
+
+    Rows come source-only first, the adapted variants in their order, then ``oracle-paired`` and ``oracle``.
+    An adapted row's ``gap_closure`` is :func:`~aerosynth.detection.closure.gap_closure` of its AP50 against
+    source-only's and ``oracle``'s over the seeds the three share (``n/a`` without both); other rows have none.
+
+    Args:
+        variants: evaluation results per variant name, one per seed.
+        source_only: name of the source-only baseline in ``variants``.
+        oracle: name of the oracle the closure is measured against.
+        seeds: per variant, the seed of each result (same order), which pairs the seeds of the closure;
+            a variant not named pairs by position (its i-th result with the others' i-th).
+    """
+    ap50 = _ap50_by_seed(variants, seeds)
     rows = []
-    for name in _order(list(variants), source_only, oracle):
+    for name in _order(list(variants), source_only, [oracle + PAIRED_ORACLE_SUFFIX, oracle]):
         res = list(variants[name])
         if not res:
             raise InputError(f"variants[{name}]", "no evaluation result")
-        role = "source-only" if name == source_only else "oracle" if name == oracle else "adapted"
+        role = _role(name, source_only, oracle)
+        closure = None
+        if role == "adapted":
+            closure = gap_closure(ap50[name], ap50.get(source_only, {}), ap50.get(oracle, {}))
         row = {
             "variant": name,
             "role": role,
@@ -109,7 +146,7 @@ def summarise(
             "precision": Stat.of([r.precision for r in res]),
             "recall": Stat.of([r.recall for r in res]),
             "f1": Stat.of([r.f1 for r in res]),
-            "gap_closure": gap_closure([r.ap50 for r in res], src, orc) if role == "adapted" else None,
+            "gap_closure": closure,
         }
         rows.append(row)
     return rows
@@ -226,6 +263,7 @@ def write_report(
     agreement: Mapping[str, Mapping] | None = None,
     wall_time: Mapping | None = None,
     not_run: Sequence[str] = (),
+    seeds: Mapping[str, Sequence[int | str]] | None = None,
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the figures; return the markdown path.
 
@@ -255,13 +293,15 @@ def write_report(
         agreement: per self-training round, its labels' agreement with the round before (``with``, ``f1``, ...).
         wall_time: ``{"run_s", "stages_s"}``: this run's wall time and the summed time of its stages.
         not_run: markdown lines naming what the run left out (the comparisons it did not train).
+        seeds: per variant, the seed of each of its results in ``variants`` (same order): the gap closure
+            pairs seeds by these names; without, by position (see :func:`summarise`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     flag_scores = dict(flag_scores or {})
     if not variants and not flag_scores:
         raise InputError("variants", "no evaluation result: neither AP50 (target boxes) nor flag-level figures")
-    rows = summarise(variants, source_only, oracle) if variants else []
+    rows = summarise(variants, source_only, oracle, seeds) if variants else []
     flag_rows = summarise_flags(flag_scores, source_only)
     if rows:
         plot_pr_curves({r["variant"]: variants[r["variant"]] for r in rows}, out_dir / PR_PNG)
@@ -313,7 +353,7 @@ def write_report(
     md = atomic_write_text(out_dir / REPORT_MD, "\n".join(lines) + "\n")
 
     def row_json(r: dict) -> dict:
-        out = {k: (v.to_dict() if isinstance(v, Stat) else v) for k, v in r.items()}
+        out = {k: (v.to_dict() if isinstance(v, (Stat, GapClosure)) else v) for k, v in r.items()}
         out["per_seed"] = [res.to_dict() for res in variants[r["variant"]]]
         return out
 
@@ -357,7 +397,8 @@ def ap50_lines(rows: Sequence[dict], split: LabelledTileSplit | None) -> list[st
         lines += [f"Evaluated on split `{split.name}` ({len(split)} tiles, domain `{split.info.domain}`).", ""]
     lines += [
         "AP50 and AP50:95 are COCO (pycocotools, maxDets 100, ignore regions as iscrowd); P/R/F1 at the",
-        "F1-optimal confidence, IoU 0.5. Gap closure = (adapted - source-only) / (oracle - source-only).",
+        "F1-optimal confidence, IoU 0.5. Gap closure = (mean adapted - mean source-only) / (mean oracle -",
+        "mean source-only) over the seeds the three share, with its paired bootstrap 95 % interval (2+ seeds).",
         "",
         "| variant | role | seeds | AP50 | AP50:95 | precision | recall | F1 | gap closure |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -374,7 +415,7 @@ def ap50_lines(rows: Sequence[dict], split: LabelledTileSplit | None) -> list[st
 def summarise_flags(flag_scores: Mapping[str, Sequence[Mapping]], source_only: str = "source-only") -> list[dict]:
     """One row per variant (source-only first): tile AP, AUROC and vehicles per tile (mean/std over seeds)."""
     rows = []
-    for name in _order(list(flag_scores), source_only, ""):
+    for name in _order(list(flag_scores), source_only):
         per_seed = [dict(f) for f in flag_scores[name]]
         rows.append(
             {
@@ -483,7 +524,9 @@ def handed_over_lines(
     """The report's opening: the detector handed over and its AP50 against source-only, short lines.
 
     Line 1 (a heading): the variant, its AP50 on the evaluated split (mean over its seeds), source-only's
-    and the difference; then the file and the seed handed over (and its own AP50), and the seed counts.
+    and the difference, and, where its gap closure has an interval (two seeds or more shared with
+    source-only and the oracle), that closure with its paired bootstrap 95 % interval; then the file and
+    the seed handed over (and its own AP50), and the seed counts.
 
     Args:
         rows: :func:`summarise`'s rows.
@@ -503,18 +546,28 @@ def handed_over_lines(
             f"# Handed over `{name}`: AP50 {mine.mean:.3f} against source-only {base.mean:.3f} "
             f"({mine.mean - base.mean:+.3f}) on {split_name}"
         )
+    closure: GapClosure | None = by_name[name].get("gap_closure")
+    quoted = closure is not None and closure.ci95 is not None
+    if quoted:
+        first += f", gap closure {closure.fmt()}"
     seeds = f"{mine.n} seed{'s' if mine.n != 1 else ''}"
     if base is not None and name != source_only:
         seeds += f" (source-only: {base.n})"
     ap = handed_over.get("ap50")
     own = f", its AP50 {ap:.3f}" if isinstance(ap, float) else ""
     kind = f" ({handed_over['kind']})" if handed_over.get("kind") else ""
-    return [
+    lines = [
         first,
         "",
         f"`{handed_over['path']}` is seed {handed_over['seed']} of `{name}`{kind}{own}.",
         f"AP50 above: mean over {seeds}.",
     ]
+    if quoted:
+        lines.append(
+            f"Gap closure: (mean AP50 - source-only's) / (the oracle's - source-only's) over the "
+            f"{len(closure.seeds)} seeds the three share, paired bootstrap 95 % interval."
+        )
+    return lines
 
 
 def _number(entry: Mapping | None, key: str) -> str:

@@ -303,7 +303,8 @@ def _publish_artifacts(report_md: Path) -> None:
                 "role": r["role"],
                 "AP50": r["ap50"]["mean"],
                 "std": r["ap50"]["std"],
-                "gap closure": (r.get("gap_closure") or {}).get("mean"),
+                "gap closure": (r.get("gap_closure") or {}).get("ratio_of_means"),
+                "gap closure 95 %": (r.get("gap_closure") or {}).get("ci95"),
             }
             for r in rows
         ]

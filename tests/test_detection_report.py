@@ -1,4 +1,4 @@
-"""The run report: gap closure arithmetic, files written, figures, manifests."""
+"""The run report: gap closure (the one closure, ratio of means), files written, figures, manifests."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 from aerosynth.data.imageio import read_rgb
 from aerosynth.data.tileset import open_evaluation_split
+from aerosynth.detection import report as report_module
+from aerosynth.detection.closure import gap_closure
 from aerosynth.detection.evaluation import EvaluationResult, PRCurve, evaluate_split
-from aerosynth.detection.report import Stat, gap_closure, summarise, write_report
+from aerosynth.detection.report import Stat, summarise, write_report
 from aerosynth.detection.toydata import write_toy_split
 
 
@@ -22,21 +24,92 @@ def _result(ap50: float) -> EvaluationResult:
     return EvaluationResult(ap50, ap50 / 2, 0.8, ap50, 0.7, 0.3, 4, 10, 0, 12, curve)
 
 
-def test_gap_closure_mean_and_std():
-    g = gap_closure([0.6, 0.7], [0.4], [0.8])
-    assert g.mean == pytest.approx(0.625) and g.std == pytest.approx(np.std([0.5, 0.75], ddof=1)) and g.n == 2
-    assert gap_closure([0.6], [0.4, 0.6], [0.8, 1.0]).mean == pytest.approx((0.6 - 0.5) / (0.9 - 0.5))
-    assert gap_closure([0.6], [0.8], [0.8]).n == 0  # no gap to close: undefined
+# Two seeds where the ratio of means and the mean of per-seed ratios differ: seed 1's gap is small, so
+# its own ratio weighs as much as seed 0's in a mean of ratios but little in the ratio of means.
+SOURCE, ORACLE, ADAPTED = (0.40, 0.70), (0.80, 0.75), (0.60, 0.74)
+RATIO_OF_MEANS = (np.mean(ADAPTED) - np.mean(SOURCE)) / (np.mean(ORACLE) - np.mean(SOURCE))
+MEAN_OF_RATIOS = np.mean([(a - s) / (o - s) for a, s, o in zip(ADAPTED, SOURCE, ORACLE, strict=True)])
+
+
+def _two_seeds(**extra: tuple[float, ...]) -> dict[str, list[EvaluationResult]]:
+    runs = {"source-only": SOURCE, "agenda": ADAPTED, **extra, "oracle": ORACLE}
+    return {name: [_result(ap) for ap in aps] for name, aps in runs.items()}
+
+
+def test_stat_format():
     assert Stat.of([0.5]).fmt() == "0.500" and Stat.of([]).fmt() == "n/a"
     assert Stat.of([0.5, 0.7]).fmt(2) == "0.60 ± 0.14"
+
+
+def test_the_report_has_no_closure_of_its_own():
+    assert not hasattr(report_module, "gap_closure") or report_module.gap_closure is gap_closure
 
 
 def test_summary_orders_source_adapted_oracle():
     rows = summarise({"oracle": [_result(0.9)], "agenda": [_result(0.6), _result(0.7)], "source-only": [_result(0.5)]})
     assert [r["variant"] for r in rows] == ["source-only", "agenda", "oracle"]
     assert [r["role"] for r in rows] == ["source-only", "adapted", "oracle"]
-    assert rows[1]["gap_closure"].mean == pytest.approx(((0.6 - 0.5) / 0.4 + (0.7 - 0.5) / 0.4) / 2)
-    assert rows[1]["ap50"].n == 2 and rows[0]["gap_closure"] is None
+    # paired by seed: the adapted seed 1 has no source-only or oracle seed 1, so only seed 0 counts
+    assert rows[1]["gap_closure"].seeds == ("0",)
+    assert rows[1]["gap_closure"].ratio_of_means == pytest.approx((0.6 - 0.5) / 0.4)
+    assert rows[1]["gap_closure"].ci95 is None  # one seed: no interval
+    assert rows[1]["ap50"].n == 2 and rows[0]["gap_closure"] is None and rows[2]["gap_closure"] is None
+
+
+def test_summary_closure_is_the_ratio_of_means_with_its_interval():
+    assert abs(RATIO_OF_MEANS - MEAN_OF_RATIOS) > 0.1  # the two readings differ on these seeds
+    rows = {r["variant"]: r for r in summarise(_two_seeds())}
+    closure = rows["agenda"]["gap_closure"]
+    assert closure.ratio_of_means == pytest.approx(RATIO_OF_MEANS)
+    assert closure == gap_closure(dict(enumerate(ADAPTED)), dict(enumerate(SOURCE)), dict(enumerate(ORACLE)))
+    lo, hi = closure.ci95
+    assert lo <= closure.ratio_of_means <= hi and lo < hi
+
+
+def test_summary_pairs_seeds_by_name():
+    variants = {
+        "source-only": [_result(0.4), _result(0.7), _result(0.5)],
+        "agenda": [_result(0.74), _result(0.60)],
+        "oracle": [_result(0.8), _result(0.75), _result(0.9)],
+    }
+    rows = {r["variant"]: r for r in summarise(variants, seeds={"source-only": [0, 1, 2], "agenda": [1, 0]})}
+    closure = rows["agenda"]["gap_closure"]  # the oracle's seeds by position: 0, 1, 2, the same names
+    assert closure.seeds == ("1", "0") and closure.ratio_of_means == pytest.approx(RATIO_OF_MEANS)
+    with pytest.raises(InputError, match="seeds\\[agenda\\]"):
+        summarise(variants, seeds={"agenda": [0]})
+
+
+def test_the_paired_oracle_is_listed_but_the_closure_is_against_the_oracle():
+    rows = summarise(_two_seeds(**{"oracle-paired": (0.70, 0.74)}))
+    assert [(r["variant"], r["role"]) for r in rows] == [
+        ("source-only", "source-only"),
+        ("agenda", "adapted"),
+        ("oracle-paired", "oracle-paired"),
+        ("oracle", "oracle"),
+    ]
+    assert rows[2]["gap_closure"] is None and rows[2]["ap50"].mean == pytest.approx(0.72)
+    assert rows[1]["gap_closure"].ratio_of_means == pytest.approx(RATIO_OF_MEANS)
+
+
+def test_report_quotes_the_closure_with_its_interval(tmp_path):
+    variants = _two_seeds(**{"oracle-paired": (0.70, 0.74)})
+    handed = {"variant": "agenda", "seed": 0, "path": "w/detector.pt"}
+    md = write_report(tmp_path / "report", variants, handed_over=handed)
+    text = md.read_text()
+    closure = gap_closure(dict(enumerate(ADAPTED)), dict(enumerate(SOURCE)), dict(enumerate(ORACLE)))
+    shown = closure.fmt()
+    assert shown == f"{RATIO_OF_MEANS:.2f} ({closure.ci95[0]:.2f}..{closure.ci95[1]:.2f})"
+    assert f"{MEAN_OF_RATIOS:.2f}" not in shown
+    first = text.splitlines()[0]
+    assert first.endswith(f", gap closure {shown}") and len(first) <= 200
+    assert "| agenda | adapted | 2 |" in text and text.count(f" {shown} |") == 1  # the table's row
+    assert "| oracle-paired | oracle-paired | 2 |" in text
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows = {r["variant"]: r for r in doc["variants"]}
+    assert rows["agenda"]["gap_closure"] == closure.to_dict()
+    assert rows["agenda"]["gap_closure"]["ratio_of_means"] == pytest.approx(RATIO_OF_MEANS)
+    assert len(rows["agenda"]["gap_closure"]["ci95"]) == 2 and rows["agenda"]["gap_closure"]["seeds"] == ["0", "1"]
+    assert rows["oracle-paired"]["gap_closure"] is None and rows["oracle"]["gap_closure"] is None
 
 
 def test_write_report_files(tmp_path):
@@ -66,7 +139,9 @@ def test_write_report_files(tmp_path):
     assert rows["oracle"]["ap50"]["mean"] == pytest.approx(1.0)
     assert rows["source-only"]["ap50"]["mean"] == pytest.approx(0.0)
     expected_gap = variants["agenda"][0].ap50  # (adapted - 0) / (1 - 0)
-    assert rows["agenda"]["gap_closure"]["mean"] == pytest.approx(expected_gap)
+    assert rows["agenda"]["gap_closure"]["ratio_of_means"] == pytest.approx(expected_gap)
+    assert rows["agenda"]["gap_closure"]["ci95"] is None  # one seed: no interval
+    assert f"| {expected_gap:.2f} |" in text
     assert len(rows["agenda"]["per_seed"][0]["pr_curve"]["recall"]) > 0
     pr = read_rgb(tmp_path / "report" / "pr_curves.png")
     assert pr.shape[0] > 100 and pr.std() > 0
@@ -130,7 +205,8 @@ def test_report_opens_with_the_detector_handed_over_and_its_ap50_against_source_
     assert mine > base  # the toy run: the adapted variant finds every tile's first box
     first = lines[0]
     assert len(first) <= 200 and first.startswith("# Handed over `real-heatmap-r2+source`")
-    assert f"AP50 {mine:.3f} against source-only {base:.3f} ({mine - base:+.3f}) on target-test" in first
+    assert first.endswith(f"AP50 {mine:.3f} against source-only {base:.3f} ({mine - base:+.3f}) on target-test")
+    assert "gap closure" not in first  # one seed: no interval, so the opening quotes none
     assert all(len(line) <= 200 for line in lines[:6])
     assert "`runs/toy/detector.pt` is seed 0 of `real-heatmap-r2+source` (real)" in "\n".join(lines[:4])
     assert "The run: aerosynth toy: a -> b." in lines[:6]
