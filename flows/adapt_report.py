@@ -76,6 +76,7 @@ def write_run_report(
         results,
         SOURCE_ONLY,
         ORACLE,
+        seeds={name: [int(p.name.removeprefix("seed")) for p in paths] for name, paths in runs.items()},
         split=test,
         predictions=predictions,
         manifests=manifests,

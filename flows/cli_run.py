@@ -39,9 +39,15 @@ def _print_ap50_table(report_md: Path) -> None:
             row["role"],
             str(row["seeds"]),
             f"{ap['mean']:.3f}" + (f" ± {ap['std']:.3f}" if row["seeds"] > 1 else ""),
-            "" if not gap or gap.get("mean") is None else f"{gap['mean']:.2f}",
+            "" if not gap or gap.get("ratio_of_means") is None else _closure_text(gap),
         )
     Console(width=max(Console().width, 100)).print(table)
+
+
+def _closure_text(gap: dict) -> str:
+    """A report row's gap closure (:mod:`aerosynth.detection.closure`): ``1.06 (1.00..1.16)``, or ``1.06``."""
+    ci = gap.get("ci95")
+    return f"{gap['ratio_of_means']:.2f}" + (f" ({ci[0]:.2f}..{ci[1]:.2f})" if ci else "")
 
 
 def _print_flag_table(scores: dict) -> None:
@@ -134,18 +140,25 @@ def _demo_note(report_md: Path, quick: bool = False) -> str:
     doc = json.loads((report_md.parent / "report.json").read_text())
     split = doc.get("split") or {}
     ap = {row["variant"]: row["ap50"]["mean"] for row in doc.get("variants", [])}
+    closures = {row["variant"]: row.get("gap_closure") for row in doc.get("variants", [])}
     source, oracle = ap.get("source-only", 0.0), ap.get("oracle", 0.0)
     where = (
         f"on the {split.get('tiles', '?')} {split.get('name', 'test')} tiles of "
         f"{split.get('domain', 'the target domain')}, whose boxes no detector trained on"
     )
-    adapted = [v for v in ap if v.startswith("real-")] or [v for v in ap if v not in ("source-only", "oracle")]
+    plain = ("source-only", "continued", "oracle", "oracle-paired")
+    adapted = [v for v in ap if v.startswith("real-")] or [v for v in ap if v not in plain]
     if not adapted:
         reading = f"Reading: {where}, source-only reaches AP50 {source:.3f} and the oracle {oracle:.3f}."
     else:
         name = adapted[0]
         gain = ap[name] - source
-        closure = f", {gain / (oracle - source):.0%} of the way to the oracle" if oracle - source > 0.05 else ""
+        gap = closures.get(name) or {}  # the report's closure (aerosynth.detection.closure)
+        closure = (
+            f", {gap['ratio_of_means']:.0%} of the way to the oracle"
+            if oracle - source > 0.05 and gap.get("ratio_of_means") is not None
+            else ""
+        )
         verdict = (
             f"adaptation lifts it to {ap[name]:.3f} ({gain:+.3f}{closure})"
             if gain >= 0.05

@@ -44,7 +44,18 @@ def test_demo_preset_fine_tunes_at_once_in_two_worker_processes():
 
 
 def _report(tmp_path, ap: dict[str, float]):
-    rows = [{"variant": v, "role": "", "seeds": 1, "ap50": {"mean": x, "std": 0.0}} for v, x in ap.items()]
+    """A report.json as the report writes it: each adapted row carries its closure (detection.closure)."""
+    from aerosynth.detection.closure import gap_closure
+
+    def closure(v: str, x: float) -> dict | None:
+        if v in ("source-only", "oracle"):
+            return None
+        return gap_closure({"0": x}, {"0": ap["source-only"]}, {"0": ap["oracle"]}).to_dict()
+
+    rows = [
+        {"variant": v, "role": "", "seeds": 1, "ap50": {"mean": x, "std": 0.0}, "gap_closure": closure(v, x)}
+        for v, x in ap.items()
+    ]
     doc = {"split": {"name": "target-test", "tiles": 104, "domain": "arid_carpark"}, "variants": rows}
     (tmp_path / "report.json").write_text(json.dumps(doc))
     return tmp_path / "report.md"
