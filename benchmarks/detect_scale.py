@@ -6,7 +6,11 @@ packed shelf by shelf into one tiled GeoTIFF in UTM 32N at 0.125 m/px, are writt
 ``aerosynth detect MOSAIC --model M --gsd 0.125 --conf C --out cars.geojsonl`` as a child process whose
 process tree's resident memory is sampled every 0.2 s. The ceiling is the detector's batched inference on
 windows already in memory (``predict`` in batches of 32), measured in the same run. With ``--dask`` the
-1 km² mosaic also runs on two local Dask workers and its features are compared with the single process'.
+1 km² mosaic also runs on two local Dask workers (one torch thread each) and its features are compared with
+the single process'; the same run records the single process twice, with torch's default threads
+(``single_wall_s``) and with one thread (``single_1thread_wall_s``, ``OMP_NUM_THREADS=1`` as Dask gives each
+worker): on a machine with as many cores as workers, the default single process already uses every core,
+and the one-thread run is one worker's share, the figure a scale-out is measured against.
 
 Usage::
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,10 +81,16 @@ def build_mosaic(path: Path, side: int) -> Path:
     return path
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS of the process tree (MB) and exit code of a command."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS of the process tree (MB) and exit code of a command.
+
+    Args:
+        cmd: the command.
+        env: variables set for it on top of this process' environment.
+    """
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -160,7 +171,8 @@ def main() -> None:
     result.update({"model": args.model, "conf": args.conf, "cores": psutil.cpu_count(), "tile": 128, "overlap": 32})
     from aerosynth.detection.slicing import BlockGrid
 
-    for km2 in [int(s) for s in args.sizes.split(",")]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for km2 in sizes:
         side = SIDE_PX[km2]
         mosaic = build_mosaic(args.work / f"mosaic_{km2}km2.tif", side)
         out = args.work / f"cars_{km2}km2.geojsonl"
@@ -185,15 +197,31 @@ def main() -> None:
     print("ceiling", result["ceiling_windows_per_s"], flush=True)
     if args.dask:
         single_out, dask_out = args.work / "cars_1km2.geojsonl", args.work / "cars_1km2_dask.geojsonl"
+        one_thread_out = args.work / "cars_1km2_1thread.geojsonl"
+        if 1 in sizes:  # measured above, in this run
+            single = rasters[1]["wall_s"]
+        else:
+            single, _, code = run_measured(detect_cmd(first, args.model, args.conf, single_out))
+            if code:
+                raise SystemExit("detect failed on 1 km²")
+        one_thread_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # what Dask's nanny gives a worker
+        one_thread, _, code = run_measured(detect_cmd(first, args.model, args.conf, one_thread_out), one_thread_env)
+        if code:
+            raise SystemExit("detect failed on 1 km² with one thread")
         wall, peak, code = run_measured(detect_cmd(first, args.model, args.conf, dask_out, ["--workers", "2"]))
-        single = rasters[1]["wall_s"] if 1 in rasters else None
+        if code:
+            raise SystemExit("detect failed on 1 km² with two Dask workers")
         result["dask"] = {
             "workers": 2,
             "km2": 1,
             "wall_s": round(wall, 1),
-            "single_wall_s": single,
+            "single_wall_s": round(single, 1),
+            "single_1thread_wall_s": round(one_thread, 1),
+            "over_single": round(wall / single, 2),
+            "over_single_1thread": round(wall / one_thread, 2),
             "peak_rss_mb": round(peak),
             "same_features": features(dask_out) == features(single_out),
+            "same_features_1thread": features(one_thread_out) == features(single_out),
         }
         print(result["dask"], flush=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

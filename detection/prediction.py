@@ -1,16 +1,24 @@
 """Run a trained YOLO detector on images and return :class:`~aerosynth.data.detections.Detections`.
 
-Images are RGB (``(H, W, 3)`` uint8 arrays or files); ultralytics wants BGR arrays, the
-conversion happens here. A model is loaded once per path (and file modification time).
+Images are RGB (``(H, W, 3)`` uint8 arrays or files). A batch of images is one forward pass of the
+ultralytics ``DetectionModel``, prepared as ultralytics' predictor prepares it (fused, eval mode, its
+memory format, inference mode) and fed as that predictor feeds it: letterboxed to the inference size
+(images already that size are left as they are), RGB, CHW floats in ``[0, 1]``, then ultralytics'
+``non_max_suppression`` and boxes scaled back to each image's pixels. The boxes are the predictor's,
+without its per-call setup, per-image letterbox and result objects. A model is loaded once per
+process, path, file modification time and device.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import pickletools
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,11 +104,107 @@ def load_model(model_path: str | Path):
     return _load(str(path.resolve()), path.stat().st_mtime)
 
 
-def _as_bgr(image: str | Path | np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _inference_model(path: str, mtime: float, device: str):  # mtime in the key: a rewritten file is reloaded
+    """The detector as ultralytics' predictor runs it: a copy of the loaded model, fused, on ``device``, eval mode."""
+    import torchvision  # noqa: F401  (ultralytics' NMS uses torchvision's kernel once it is imported)
+    from ultralytics.nn.autobackend import AutoBackend
+    from ultralytics.utils.torch_utils import select_device
+
+    model = copy.deepcopy(_load(path, mtime).model)
+    return AutoBackend(model, device=select_device(device, verbose=False), fuse=True, verbose=False).eval()
+
+
+def inference_model(model_path: str | Path, device: str = "cpu"):
+    """The detector of a local ``.pt`` ready for batched inference on ``device`` (cached per process).
+
+    Raises:
+        InputError: the file does not exist or is not a detector (:func:`check_detector_file`).
+    """
+    path = check_detector_file(model_path)
+    return _inference_model(str(path.resolve()), path.stat().st_mtime, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _input_size(imgsz: int, stride: int) -> tuple[int, int]:
+    from ultralytics.utils.checks import check_imgsz
+
+    h, w = check_imgsz(imgsz, stride=stride, min_dim=2)  # rounded up to the stride, as the predictor does
+    return int(h), int(w)
+
+
+def _non_max_suppression():
+    try:
+        from ultralytics.utils.nms import non_max_suppression
+    except ImportError:  # ultralytics before the nms module
+        from ultralytics.utils.ops import non_max_suppression
+    return non_max_suppression
+
+
+def _as_rgb(image: str | Path | np.ndarray) -> np.ndarray:
     rgb = read_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise InputError("images", f"expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+    return rgb
+
+
+def _input_batch(images: list[np.ndarray], shape: tuple[int, int], stride: int) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8: the images letterboxed to ``shape`` as the predictor letterboxes them."""
+    same = len({im.shape for im in images}) == 1
+    if same and images[0].shape[:2] == shape:
+        return np.stack(images)  # the letterbox would leave them as they are
+    from ultralytics.data.augment import LetterBox
+
+    letterbox = LetterBox(shape, auto=same, stride=stride)  # auto: the predictor's rect for same-shaped images
+    return np.stack([letterbox(image=im) for im in images])
+
+
+def predict_batch(
+    model: Any, images: Sequence[np.ndarray], conf: float, imgsz: int, max_det: int, iou: float
+) -> list[Detections]:
+    """Detections for a batch of RGB images in one forward pass, in pixels of each image.
+
+    Args:
+        model: from :func:`inference_model`.
+        images: ``(H, W, 3)`` uint8 RGB arrays.
+        conf: lowest confidence kept.
+        imgsz: inference size (rounded up to the model's stride).
+        max_det: most detections per image.
+        iou: NMS IoU threshold.
+    """
+    import torch
+    from ultralytics.utils.ops import scale_boxes
+
+    images = [_as_rgb(im) for im in images]
+    if not images:
+        return []
+    stride = int(model.stride)
+    batch = _input_batch(images, _input_size(imgsz, stride), stride)
+    with torch.inference_mode():
+        x = torch.from_numpy(batch).to(model.device).permute(0, 3, 1, 2).contiguous()
+        x = (x.half() if model.fp16 else x.float()).div_(255)
+        preds = _non_max_suppression()(
+            model(x),
+            conf,
+            iou,
+            None,
+            False,
+            max_det=max_det,
+            nc=0,
+            end2end=getattr(model, "end2end", False),
+            rotated=False,
+        )
+        out = []
+        for pred, im in zip(preds, images, strict=True):
+            boxes = scale_boxes(x.shape[2:], pred[:, :4], im.shape)
+            out.append(
+                Detections(
+                    boxes.cpu().numpy().astype(np.float64),
+                    pred[:, 4].cpu().numpy().astype(np.float64),
+                    pred[:, 5].cpu().numpy().astype(np.int64),
+                )
+            )
+    return out
 
 
 def predict(
@@ -126,24 +230,54 @@ def predict(
         device: ``"cpu"`` or a CUDA device.
         batch: images per forward pass.
     """
-    model = load_model(model_path)
-    out: list[Detections] = []
+    model = inference_model(model_path, device)
     images = list(images)
+    out: list[Detections] = []
     for start in range(0, len(images), batch):
-        chunk = [_as_bgr(im) for im in images[start : start + batch]]
-        results = model.predict(
-            chunk, conf=conf, imgsz=imgsz, max_det=max_det, iou=iou, device=device, verbose=False, save=False
-        )
-        for r in results:
-            b = r.boxes
-            out.append(
-                Detections(
-                    b.xyxy.cpu().numpy().astype(np.float64),
-                    b.conf.cpu().numpy().astype(np.float64),
-                    b.cls.cpu().numpy().astype(np.int64),
-                )
-            )
+        out.extend(predict_batch(model, images[start : start + batch], conf, imgsz, max_det, iou))
     return out
+
+
+@dataclass(frozen=True)
+class WindowPredictor:
+    """A detector as a window predictor (RGB windows in, one :class:`Detections` per window out).
+
+    Picklable (it holds the settings, not the model): each process that calls it loads the model once
+    (:func:`inference_model`) and keeps it for every later call, so a Dask worker loads it once, not
+    once per block.
+
+    Attributes:
+        model_path: the detector ``.pt``.
+        conf: lowest confidence kept.
+        imgsz: inference size (the window size).
+        max_det: most detections per window.
+        iou: NMS IoU threshold.
+        device: inference device.
+    """
+
+    model_path: str
+    conf: float = 0.25
+    imgsz: int = 128
+    max_det: int = 300
+    iou: float = 0.7
+    device: str = "cpu"
+
+    def load(self) -> None:
+        """Load the model in this process now (a no-op when it is loaded)."""
+        inference_model(self.model_path, self.device)
+
+    def __call__(self, windows: Sequence[np.ndarray]) -> list[Detections]:
+        """Detections of each window, in window pixels (one forward pass per call)."""
+        return predict(
+            self.model_path,
+            windows,
+            conf=self.conf,
+            imgsz=self.imgsz,
+            max_det=self.max_det,
+            iou=self.iou,
+            device=self.device,
+            batch=max(len(windows), 1),
+        )
 
 
 def predict_split(

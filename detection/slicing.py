@@ -14,7 +14,6 @@ convention of the raster's affine transform).
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -425,9 +424,7 @@ def detect_block(
         confidences; their cut flags; the number of windows run (windows without valid pixels are skipped).
     """
     if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+        _use_threads(threads)
     wins = grid.block_windows(row, col)
     tile = grid.tile
     x0, y0 = wins[0]
@@ -442,6 +439,16 @@ def detect_block(
     return *found, len(wins)
 
 
+def _use_threads(threads: int) -> None:
+    """Use ``threads`` threads for torch and OpenCV in this process (a Dask worker: one each, one worker per core)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+
+
 def _job_key(source, model_path: str | Path | None, settings: dict[str, Any], predictor_given: bool) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the state."""
     files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime] for p in source.files]
@@ -454,7 +461,13 @@ def _job_key(source, model_path: str | Path | None, settings: dict[str, Any], pr
 def _block_results(
     source, grid: BlockGrid, first_row: int, predictor: Predictor, batch: int, client=None
 ) -> Iterator[tuple[int, int, tuple[Detections, np.ndarray, int]]]:
-    """``(row, col, detect_block(...))`` for every block from ``first_row`` on, in row-major order."""
+    """``(row, col, detect_block(...))`` for every block from ``first_row`` on, in row-major order.
+
+    On Dask, each task is a whole block (``block`` x ``block`` windows, a few forward passes of
+    ``batch`` windows), so scheduling costs little beside it; workers use one torch and OpenCV
+    thread each, and a predictor that loads a model (:class:`aerosynth.detection.prediction.WindowPredictor`)
+    loads it once per worker process, before the first block is submitted, and keeps it.
+    """
     jobs = [(r, c) for r in range(first_row, grid.rows) for c in range(grid.cols)]
     if client is None:
         for r, c in jobs:
@@ -463,6 +476,7 @@ def _block_results(
     from collections import deque
 
     workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    client.run(_prepare_worker, predictor)
     src, pred = client.scatter([source, predictor], broadcast=True)
     queue: deque = deque()
     todo = iter(jobs)
@@ -476,6 +490,14 @@ def _block_results(
         if nxt is not None:
             queue.append((*nxt, client.submit(detect_block, src, grid, *nxt, pred, batch, 1, pure=False)))
         yield r, c, fut.result()
+
+
+def _prepare_worker(predictor: Predictor) -> None:
+    """On a Dask worker: one torch and OpenCV thread, and the predictor's model loaded (when it has one)."""
+    _use_threads(1)
+    load = getattr(predictor, "load", None)
+    if callable(load):
+        load()
 
 
 @contextmanager
@@ -577,10 +599,14 @@ def detect_raster(
     grid = BlockGrid(width, height, tile, overlap, block)
     predictor_given = predictor is not None
     if predictor is None:
-        from aerosynth.detection.prediction import load_model, predict
+        from aerosynth.detection import prediction
 
-        load_model(model_path)  # fail early on a missing file
-        predictor = functools.partial(predict, model_path, conf=conf, imgsz=tile, max_det=300, device=device)
+        if workers or dask_address:
+            prediction.check_detector_file(model_path)  # fail early; the workers load the model
+        else:
+            prediction.load_model(model_path)  # fail early on a missing or unreadable file
+        model = str(Path(model_path).resolve())  # the same file for workers in another folder
+        predictor = prediction.WindowPredictor(model, conf=conf, imgsz=tile, max_det=300, device=device)
 
     settings = {"tile": tile, "overlap": overlap, "conf": conf, "size": [width, height], "bands": source.bands}
     settings.update({"iou": iou, "ios": ios, "wgs84": to_wgs84, "block": block})

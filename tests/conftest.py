@@ -45,6 +45,23 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def tiny_detector(tmp_path_factory) -> Path:
+    """A detector trained for one epoch on eight 64 px toy tiles (``detector.pt``, its ``detector.json`` beside it).
+
+    Weak, but a real ultralytics checkpoint: at a low confidence it gives many boxes per window, which is
+    what tests of the inference path need. One per session, shared by the tests that run a real model.
+    """
+    from aerosynth.detection.datasets import DatasetSpec
+    from aerosynth.detection.toydata import write_toy_split
+    from aerosynth.detection.training import DetectorTrainConfig, train_detector
+
+    root = tmp_path_factory.mktemp("tiny-detector")
+    split = write_toy_split(root / "source-train", 8, tile_size=64)
+    config = DetectorTrainConfig(epochs=1, imgsz=64, batch=8)
+    return train_detector(config, [DatasetSpec(split)], DatasetSpec(split), root / "m")
+
+
 #: The smallest adapt run that still exercises every stage (the ``smoke`` preset, spelled out so
 #: that tests can change single fields).
 TINY_ADAPT = {"preset": "smoke", **copy.deepcopy(PRESETS["smoke"])}

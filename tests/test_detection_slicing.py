@@ -13,10 +13,8 @@ from affine import Affine
 from aerosynth.data.detections import Detections, box_iou
 from aerosynth.data.errors import InputError
 from aerosynth.data.rasters import write_geotiff
-from aerosynth.detection.datasets import DatasetSpec
 from aerosynth.detection.slicing import detect_array, detect_raster, detector_gsd, merge_boxes, window_origins, windows
-from aerosynth.detection.toydata import background, write_toy_split
-from aerosynth.detection.training import DetectorTrainConfig, train_detector
+from aerosynth.detection.toydata import background
 
 torch.set_num_threads(2)
 
@@ -160,11 +158,8 @@ def test_detect_raster_input_errors(tmp_path):
         detect_raster(geo, "unused.pt", tmp_path / "o.geojson", target_gsd=0, predictor=stub_predictor())
 
 
-def test_detect_raster_with_a_real_model(tmp_path):
-    split = write_toy_split(tmp_path / "source-train", 8, tile_size=64)
-    weights = train_detector(
-        DetectorTrainConfig(epochs=1, imgsz=64, batch=8), [DatasetSpec(split)], DatasetSpec(split), tmp_path / "m"
-    )
+def test_detect_raster_with_a_real_model(tmp_path, tiny_detector):
+    weights = tiny_detector
     assert detector_gsd(weights) == 0.125  # detect_raster resamples to it when target_gsd is None
     img, _ = _scene(200, 150)
     raster = write_geotiff(tmp_path / "r.tif", img, Affine(0.125, 0, ORIGIN[0], 0, -0.125, ORIGIN[1]), "EPSG:32632")
