@@ -264,6 +264,7 @@ def write_report(
     wall_time: Mapping | None = None,
     not_run: Sequence[str] = (),
     seeds: Mapping[str, Sequence[int | str]] | None = None,
+    unscored: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the figures; return the markdown path.
 
@@ -295,11 +296,13 @@ def write_report(
         not_run: markdown lines naming what the run left out (the comparisons it did not train).
         seeds: per variant, the seed of each of its results in ``variants`` (same order): the gap closure
             pairs seeds by these names; without, by position (see :func:`summarise`).
+        unscored: the variants a run trained but could not score (a target without boxes whose flags were
+            derived, ``data.flags: none``): the report says so and keeps the label-free checks.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     flag_scores = dict(flag_scores or {})
-    if not variants and not flag_scores:
+    if not variants and not flag_scores and not unscored:
         raise InputError("variants", "no evaluation result: neither AP50 (target boxes) nor flag-level figures")
     rows = summarise(variants, source_only, oracle, seeds) if variants else []
     flag_rows = summarise_flags(flag_scores, source_only)
@@ -315,14 +318,21 @@ def write_report(
     listed = [{"path": str(Path(m)), "sha256": _sha256(Path(m))} for m in manifests]
 
     if handed_over is not None:
-        if handed_over["variant"] not in (variants if rows else flag_scores):
+        if handed_over["variant"] not in (variants if rows else flag_scores if flag_rows else unscored):
             raise InputError("handed_over", f"{handed_over['variant']!r} is not one of the variants reported")
         evaluated = split.name if split is not None else "target-test"
-        opening = (
-            handed_over_lines(rows, handed_over, source_only, evaluated)
-            if rows
-            else handed_over_flag_lines(flag_rows, handed_over, source_only)
-        )
+        if rows:
+            opening = handed_over_lines(rows, handed_over, source_only, evaluated)
+        elif flag_rows:
+            opening = handed_over_flag_lines(flag_rows, handed_over, source_only)
+        else:
+            opening = [
+                f"# Handed over `{handed_over['variant']}`: not scored (no target boxes and no flags: the flags were "
+                "derived by the source-only detector, data.flags none)",
+                "",
+                "No figure here measures the detector against the target; the label agreement and the checks below "
+                "need no label. Flag some tiles (`aerosynth flag`) to score it.",
+            ]
         lines = [*opening, "", f"The run: {title}.", ""]
     else:
         lines = [f"# {title}", ""]

@@ -49,7 +49,7 @@ from aerosynth.flows.adapt_report import (
     write_run_report,
     write_synthetic_samples,
 )
-from aerosynth.flows.adapt_tiles import plan_run, prepare_tiles
+from aerosynth.flows.adapt_tiles import derive_flags, plan_run, prepare_tiles
 from aerosynth.flows.config import AdaptConfig, MixBudget, build_config, dump_config
 from aerosynth.flows.run_lock import work_lock
 from aerosynth.flows.scale import shared_api, task_runner
@@ -91,6 +91,7 @@ train_and_evaluate_task = _task(train_and_evaluate)
 report_task = _task(write_run_report)
 deliver_task = _task(deliver_detector)
 relabel_task = _task(relabel_round)
+derive_flags_task = _task(derive_flags)
 
 
 def submit_detectors(
@@ -203,6 +204,11 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     if until == "tiles":
         return str(tiles)
     cfg = plan_run(cfg, tiles)  # no oracle without target boxes; without comparisons, the recipe's stages only
+    d = cfg.detection
+    runs: dict[str, list[Path]] = {}
+    if cfg.data.flags == "none":  # F_S first: its boxes flag the target tiles (every later step reads those)
+        runs[SOURCE_ONLY] = resolve(submit_detectors(cfg, work, tiles, variants(cfg, tiles, {}, {})[0], d.seeds))
+        tiles = derive_flags_task(cfg, work, tiles, runs[SOURCE_ONLY][0])
     if not cfg.generation.enabled:
         if until in ("ldm", "synthetic"):
             raise InputError("until", f"generation.enabled is false: this run has no {until} step")
@@ -214,11 +220,8 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         sets = synthesise(cfg, work, tiles, model)
     if until == "synthetic":
         return str(work / "synthetic")
-    d = cfg.detection
-    runs: dict[str, list[Path]] = {}
-    plan = variants(cfg, tiles, {}, {})
-    # F_S of every seed at once (Dask workers, or one after another in process)
-    runs[SOURCE_ONLY] = resolve(submit_detectors(cfg, work, tiles, plan[0], d.seeds))
+    if SOURCE_ONLY not in runs:  # F_S of every seed at once (Dask workers, or one after another in process)
+        runs[SOURCE_ONLY] = resolve(submit_detectors(cfg, work, tiles, variants(cfg, tiles, {}, {})[0], d.seeds))
     base = dict(zip(d.seeds, runs[SOURCE_ONLY], strict=True))
     labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0], model)
     if until == "annotation":

@@ -251,7 +251,7 @@ def train_and_evaluate(
     dcfg = detector_config(config, variant, seed, base)
     boxes = target_has_boxes(tiles)
     holdout = open_split(tiles / HOLDOUT_SPLIT) if (tiles / HOLDOUT_SPLIT / TILES_FILE).is_file() else None
-    if not boxes and holdout is None:
+    if not boxes and holdout is None and config.data.flags != "none":
         raise InputError(
             "config.data.flags_holdout",
             "the target has no boxes and no flags are held out: nothing to score detectors on (set it above 0)",
@@ -288,6 +288,8 @@ def train_and_evaluate(
         finally:
             torch.set_num_threads(threads)
         metrics: dict[str, Any] = evaluate_split(test, preds[test.name]).to_dict() if test is not None else {}
+        if test is None and holdout is None:  # data.flags none on a target without boxes: nothing to score on
+            metrics["figures"] = "none"
         if holdout is not None:
             metrics["figures"] = "ap50+flags" if test is not None else "flags"
             metrics["flag_scores"] = holdout_figures(holdout, preds[holdout.name])
@@ -327,6 +329,8 @@ def ap50_headline(out: Path) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     if "ap50" in metrics:
         return f"AP50 {metrics['ap50']:.3f}"
+    if "flag_scores" not in metrics:
+        return "not scored (no target boxes, no flags)"
     tile_ap = metrics["flag_scores"]["tile_ap"]
     return "tile AP n/a" if tile_ap is None else f"tile AP {tile_ap:.3f}"
 

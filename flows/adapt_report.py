@@ -77,6 +77,7 @@ def write_run_report(
         SOURCE_ONLY,
         ORACLE,
         seeds={name: [int(p.name.removeprefix("seed")) for p in paths] for name, paths in runs.items()},
+        unscored=[n for n, ms in metrics.items() if all(m.get("figures") == "none" for m in ms)],
         split=test,
         predictions=predictions,
         manifests=manifests,

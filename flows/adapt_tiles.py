@@ -55,6 +55,8 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
                 raise InputError("config.data.test_groups", "name the target groups held out for target-test")
             src = open_domain(d.source, d.source_gsd, d.bands)
             tgt = open_domain(d.target, d.target_gsd, d.bands)
+            if d.flags == "none":  # the source-free setting: no flag file is read
+                tgt.flags = None
             if d.classes:
                 from aerosynth.data.classes import choose_classes
 
@@ -68,20 +70,65 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
                 d.tile_size,
                 train_groups=d.train_groups,
                 exclude_groups=d.exclude_groups,
-                unflagged=d.unflagged,
+                unflagged="empty" if d.flags == "none" else d.unflagged,  # none: derive_flags writes them
             )
             holdout = d.flags_holdout
             spec.flags_holdout = holdout if holdout is not None else 0.0 if tgt.has_labels else DEFAULT_FLAGS_HOLDOUT
+            if d.flags == "none":  # no flag to hold out
+                spec.flags_holdout = 0.0
         prepare_dataset(spec, out, overwrite=True)
 
     settings = {**d.model_dump(mode="json"), "seed": config.seed}
     if d.flags_holdout is None:  # unset: the key of the runs made before the holdout existed
         settings.pop("flags_holdout")
-    flag_files = _flag_files(d.target) if d.preset == "custom" else {}
+    settings.pop("flag_precision")  # the derived flags' step reads it, not the tiles
+    if d.flags == "given":  # (the key of the runs made before derived flags existed)
+        settings.pop("flags")
+    flag_files = _flag_files(d.target) if d.preset == "custom" and d.flags == "given" else {}
     if flag_files:  # flagging more tiles (aerosynth flag) rebuilds the tiles
         settings["target_flags"] = flag_files
     out, _ = run_stage("tiles", work / "tiles", settings, {}, build, _logger(), headline=tiles_headline)
     return out
+
+
+def derive_flags(config: AdaptConfig, work: Path, tiles: Path, source_only: Path) -> Path:
+    """``data.flags: none``: the tile folder ``tiles-flagged/`` whose target-train flags F_S derived.
+
+    :func:`aerosynth.annotation.tile_flags.derive_target_flags` with the first seed's source-only detector, at
+    the threshold that keeps ``data.flag_precision`` of the flagged source-val tiles right. No target label is
+    read; every later step reads this folder as it reads given flags.
+    """
+    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags
+
+    d = config.data
+    out, _ = run_stage(
+        "tiles-flagged",
+        work / "tiles-flagged",
+        {"flags": "derived from the source-only detector", "flag_precision": d.flag_precision},
+        {"tiles": tiles, "source_only": source_only},
+        lambda o: derive_target_flags(
+            source_only / "train" / "detector.pt",
+            tiles,
+            o,
+            d.flag_precision,
+            imgsz=config.detection.imgsz,
+            device=config.device,
+        ),
+        _logger(),
+        headline=lambda o: _derived_headline(o / DERIVED_FLAGS_FILE),
+    )
+    return out
+
+
+def _derived_headline(path: Path) -> str:
+    import json
+
+    doc = json.loads(path.read_text())
+    val, train = doc["source_val"], doc["target_train"]
+    return (
+        f"{train['flagged_vehicle']} of {train['tiles']} target tiles flagged vehicle "
+        f"(threshold {val['threshold']:.2f}: source-val tile precision {val['precision']:.2f})"
+    )
 
 
 def tiles_headline(out: Path) -> str:

@@ -28,6 +28,9 @@ def _print_ap50_table(report_md: Path) -> None:
     if not doc.get("variants") and doc.get("flag_scores"):  # a target without boxes: the flag-level figures
         _print_flag_table(doc["flag_scores"])
         return
+    if not doc.get("variants"):  # no boxes, no flags (data.flags: none): nothing scored
+        Console().print("no target boxes and no flags: the detectors are not scored (see the report)")
+        return
     table = Table(title="AP50 on target-test (COCO, IoU 0.5)")
     for col in ("variant", "role", "seeds", "AP50", "gap closure"):
         table.add_column(col, justify="left" if col in ("variant", "role") else "right")

@@ -51,6 +51,11 @@ class DataSettings(Strict):
     # by group where target-train has several, else by tile with a fixed seed), on which each detector is scored
     # against the flags; None: 0.2 for a target without boxes, 0 for one with boxes
     flags_holdout: float | None = Field(None, ge=0, lt=1)
+    # where the target's flags come from: `given` (flag files, the flagging page, or boxes), or `none` (the
+    # source-free setting): the source-only detector's best box per tile, at the threshold that keeps
+    # `flag_precision` of the flagged source-val tiles right (annotation.tile_flags); no flag file is read
+    flags: Literal["given", "none"] = "given"
+    flag_precision: float = Field(0.9, gt=0, le=1)
 
 
 class StageSettings(Strict):

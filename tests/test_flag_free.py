@@ -1,0 +1,90 @@
+"""``data.flags: none``: the target's flags derived from F_S at a threshold chosen on source-val, no flag read."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, choose_flag_threshold, derive_target_flags
+from aerosynth.data.errors import InputError
+from tests.conftest import TINY_ADAPT
+from tests.data.make_fixtures import write_demo_targets
+
+
+def test_the_threshold_is_the_lowest_score_that_keeps_the_precision():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0])
+    truth = [True, True, False, True, False, True, True]
+    # flagged at >= 0.6: 3 of 4 right (0.75); at >= 0.4: 4 of 6 (0.67); at >= 0.8: 2 of 2
+    chosen = choose_flag_threshold(scores, truth, precision=0.75)
+    assert (chosen.threshold, chosen.precision, chosen.recall, chosen.reached) == (0.6, 0.75, 0.6, True)
+    assert choose_flag_threshold(scores, truth, precision=0.6).threshold == 0.4
+    assert choose_flag_threshold(scores, truth, precision=1.0).threshold == 0.8
+    # unreachable: the threshold of the best precision, and it says so
+    worst = choose_flag_threshold(np.array([0.9, 0.5]), [False, True], precision=0.9)
+    assert (worst.threshold, worst.reached, worst.precision) == (0.5, False, 0.5)
+    with pytest.raises(InputError, match="no tile holds a vehicle"):
+        choose_flag_threshold(scores, [False] * 7)
+    with pytest.raises(InputError, match="finds nothing"):
+        choose_flag_threshold(np.zeros(3), [True, False, True])
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    return write_demo_targets(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.mark.slow
+def test_a_target_without_any_flag_is_flagged_by_the_source_only_detector(prefect_harness, domains, tmp_path):
+    """No flag file is read (the target's flags.json is there, and ignored); F_S flags target-train; every step
+    after it reads the flagged tiles; the derived flags depend on no target label (boxes poisoned: same flags)."""
+    from aerosynth.data.tileset import read_tiles_file
+    from aerosynth.detection.prediction import predict
+    from aerosynth.flows.adapt import run_adapt
+
+    source, _, flagged = domains
+    work = tmp_path / "run"
+    cfg = copy.deepcopy(TINY_ADAPT)
+    cfg["work_dir"] = str(work)
+    cfg["data"] = {
+        "preset": "custom",
+        "source": str(source),
+        "target": str(flagged),
+        "val_groups": ["scene_02"],
+        "test_groups": ["scene_02"],
+        "flags": "none",
+    }
+    cfg["annotation"] = {**cfg["annotation"], "real_target": {"rounds": 1}}
+    report = run_adapt(cfg)
+    assert report.is_file()
+    given = read_tiles_file(work / "tiles" / "target-train")[1]
+    assert not any(t.has_vehicle for t in given)  # flags.json not read: every tile a placeholder "empty"
+    derived = json.loads((work / "tiles-flagged" / DERIVED_FLAGS_FILE).read_text())
+    records = read_tiles_file(work / "tiles-flagged" / "target-train")[1]
+    threshold = derived["source_val"]["threshold"]
+    assert {t.tile_id: t.has_vehicle for t in records} == {t: s >= threshold for t, s in derived["scores"].items()}
+    # the scores are F_S's best box per tile
+    fs = work / "detectors" / "source-only" / "seed0" / "train" / "detector.pt"
+    images = [work / "tiles-flagged" / "target-train" / "images" / f"{t.tile_id}.png" for t in records]
+    best = [float(d.confidence.max()) if len(d) else 0.0 for d in predict(fs, images, conf=0.001)]
+    assert np.allclose(best, [derived["scores"][t.tile_id] for t in records], atol=1e-4)
+    # the heat-map labels follow the derived flags: a box on every tile flagged vehicle (best-box), none elsewhere
+    labels = work / "annotation" / "real-heatmap" / "dataset" / "labels"
+    boxes = {
+        t.tile_id: bool((labels / f"{t.tile_id}.txt").is_file() and (labels / f"{t.tile_id}.txt").read_text().strip())
+        for t in records
+    }
+    assert boxes == {t.tile_id: t.has_vehicle for t in records}
+    handed = json.loads((work / "detector.json").read_text())
+    metrics = json.loads((work / "detectors" / handed["variant"] / "seed0" / "metrics.json").read_text())
+    assert metrics["figures"] == "none"
+    assert report.read_text().splitlines()[0].startswith(f"# Handed over `{handed['variant']}`: not scored")
+    # poisoned target boxes (the evaluation API's, were there any) and flags: the derived flags are the same
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(work / "tiles", poisoned, symlinks=True)
+    (flagged / "flags.json").write_text(json.dumps({}))
+    again = derive_target_flags(fs, poisoned, tmp_path / "again", derived["source_val"]["target_precision"])
+    assert json.loads((again / DERIVED_FLAGS_FILE).read_text())["scores"] == derived["scores"]
