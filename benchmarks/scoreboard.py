@@ -2,7 +2,7 @@
 
 One ``aerosynth adapt`` run per target with the defaults frozen (they were chosen on seeds 0-4; this run uses
 seeds 5-9, once), then a check of the full oracle's budget, then the figures read from the run folder into
-``benchmarks/results/scoreboard_<target>.json``::
+``benchmarks/results/<config stem>.json`` (``scoreboard_minsk``, ``pretrained_kit``, ...)::
 
     {"report_seeds": [5, ...], "handed_over": {"variant", "per_seed"}, "source_only": {"per_seed"},
      "oracle_full": {"per_seed", "budget_images", "images_per_epoch", "epochs"}, "oracle_paired": {"per_seed"},
@@ -46,8 +46,13 @@ CHECK = "oracle-budget-x2"
 
 
 def target_name(config: Path) -> str:
-    """``scoreboard_minsk.yaml`` -> ``minsk``."""
-    return config.stem.removeprefix("scoreboard_")
+    """``scoreboard_minsk.yaml`` -> ``minsk``; ``pretrained_kit.yaml`` -> ``kit``."""
+    return config.stem.split("_", 1)[-1]
+
+
+def results_path(config: Path) -> Path:
+    """``scoreboard_minsk.yaml`` -> ``results/scoreboard_minsk.json`` (the config's stem names its results)."""
+    return RESULTS / f"{config.stem}.json"
 
 
 def load(config: Path):
@@ -59,7 +64,7 @@ def load(config: Path):
 def run(args: argparse.Namespace) -> dict:
     """``aerosynth adapt --config`` (timed, resumable), the budget check, then :func:`collect`."""
     cmd = ["aerosynth", "adapt", "--config", str(args.config)]
-    log = REPO / "benchmarks" / "work" / f"scoreboard_{target_name(args.config)}.log"
+    log = REPO / "benchmarks" / "work" / f"{args.config.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print("$", shlex.join(cmd), f"> {log.relative_to(REPO)}", flush=True)
     t0 = time.perf_counter()
@@ -109,10 +114,18 @@ def _mean(values: dict[str, float]) -> float | None:
     return round(sum(values.values()) / len(values), 4) if values else None
 
 
+def _std(values: dict[str, float]) -> float | None:
+    """Sample standard deviation over seeds (``None`` below two)."""
+    if len(values) < 2:
+        return None
+    m = sum(values.values()) / len(values)
+    return round((sum((v - m) ** 2 for v in values.values()) / (len(values) - 1)) ** 0.5, 4)
+
+
 def collect(args: argparse.Namespace, command: str | None = None, wall_s: float | None = None) -> dict:
     """The scoreboard JSON from a finished run folder (and its budget check, where run)."""
     from aerosynth.detection.closure import gap_closure
-    from aerosynth.flows.adapt_common import ORACLE, ORACLE_PAIRED, SOURCE_ONLY
+    from aerosynth.flows.adapt_common import CONTINUED, ORACLE, ORACLE_PAIRED, SOURCE_ONLY
     from aerosynth.flows.adapt_detection import oracle_budget
 
     cfg = load(args.config)
@@ -123,6 +136,7 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
     source = {s: v for s, v in _per_seed(work, SOURCE_ONLY).items() if s in seeds}
     full = {s: v for s, v in _per_seed(work, ORACLE).items() if s in seeds}
     capped = {s: v for s, v in _per_seed(work, ORACLE_PAIRED).items() if s in seeds}
+    continued = {s: v for s, v in _per_seed(work, CONTINUED).items() if s in seeds}
     images, epochs = oracle_budget(cfg, work / "tiles")
     check = _per_seed(work, CHECK)
     delta = (
@@ -143,7 +157,8 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         "report_seeds": [int(s) for s in seeds],
         "relabel_with": cfg.annotation.real_target.relabel_with,
         "handed_over": {"variant": delivered["variant"], "per_seed": handed, "mean": _mean(handed)},
-        "source_only": {"per_seed": source, "mean": _mean(source)},
+        "source_only": {"per_seed": source, "mean": _mean(source), "std": _std(source)},
+        "detector_start": cfg.detection.model,
         "oracle_full": {
             "per_seed": full,
             "mean": _mean(full),
@@ -162,9 +177,11 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         "oracle_budget_check_per_seed": {s: {"x1": full.get(s), "x2": v} for s, v in check.items()},
         "beats_source_only_every_seed": bool(handed) and all(handed[s] > source.get(s, 1.0) for s in handed),
     }
+    if continued:  # the control: the same fine-tuning on source tiles only
+        doc["continued"] = {"per_seed": continued, "mean": _mean(continued)}
     if wall_s is not None:
         doc["wall_s"] = wall_s
-    out = Path(args.out) if args.out else RESULTS / f"scoreboard_{target_name(args.config)}.json"
+    out = Path(args.out) if args.out else results_path(args.config)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({k: doc[k] for k in ("handed_over", "source_only", "closure", "oracle_budget_check")}, indent=1))
     print("wrote", out.relative_to(REPO) if out.is_relative_to(REPO) else out)
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("run", "check", "collect"):
         p = sub.add_parser(name)
         p.add_argument("--config", type=Path, required=True)
-        p.add_argument("--out", help="the JSON written (default benchmarks/results/scoreboard_<target>.json)")
+        p.add_argument("--out", help="the JSON written (default benchmarks/results/<config stem>.json)")
         p.add_argument("--check-seeds", type=int, nargs="+", help="seeds of the budget check (default: first two)")
     args = parser.parse_args(argv)
     if args.cmd == "run":
