@@ -233,22 +233,48 @@ class Domain:
             rgb, valid, transform, crs, gsd = read_rgb(item.path), None, None, None, None
         gsd = self.gsd if self.gsd is not None else gsd
         h, w = rgb.shape[:2]
-        dets: Detections | None = None
+        return LoadedImage(rgb, valid, self.load_labels(item, w, h, transform, crs, gsd), transform, crs, gsd)
+
+    def load_labels(
+        self,
+        item: DomainImage,
+        width: int,
+        height: int,
+        transform: Affine | None,
+        crs: object | None,
+        gsd: float | None,
+    ) -> Detections | None:
+        """The boxes of one image of ``width`` x ``height`` pixels (validated against that size), without its pixels.
+
+        Args:
+            item: the image.
+            width: its width in pixels.
+            height: its height.
+            transform: its pixel -> map transform (GeoJSON labels), or ``None``.
+            crs: the CRS of ``transform``, or ``None``.
+            gsd: metres per pixel (the domain's, else the raster's), or ``None``.
+
+        Returns:
+            The boxes, empty for a negative, or ``None`` when the image has no labels.
+        """
         if item.coco_annotations is not None:
-            dets = Detections.from_coco(item.coco_annotations, category_to_class=None).validate(str(item.path), w, h)
-        elif item.label_path is not None and item.label_path.suffix.lower() in (".geojson", ".json"):
+            return Detections.from_coco(item.coco_annotations, category_to_class=None).validate(
+                str(item.path), width, height
+            )
+        if item.label_path is not None and item.label_path.suffix.lower() in (".geojson", ".json"):
             if transform is None or crs is None:
                 raise InputError(item.path, "raster has no CRS/transform: cannot place GeoJSON labels on it")
             if gsd is None:
                 raise InputError(item.path, "no ground sample distance: give the domain a gsd")
-            dets = geojson_to_detections(
-                read_geojson(item.label_path), str(item.label_path), transform, crs, w, h, gsd, self.point_box_m
+            doc = read_geojson(item.label_path)
+            return geojson_to_detections(
+                doc, str(item.label_path), transform, crs, width, height, gsd, self.point_box_m
             )
-        elif item.label_path is not None:
-            dets = read_yolo_labels(item.label_path, w, h)
-        elif self.missing_labels == "negative" and self.has_labels:
-            dets = Detections.empty()
-        return LoadedImage(rgb, valid, dets, transform, crs, gsd)
+        if item.label_path is not None:
+            return read_yolo_labels(item.label_path, width, height)
+        if self.missing_labels == "negative" and self.has_labels:
+            return Detections.empty()
+        return None
 
 
 def read_yolo_labels(path: Path, width: int, height: int) -> Detections:

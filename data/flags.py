@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -192,6 +192,27 @@ class TargetFlags:
                 out.append(key)
         return sorted(out)
 
+    def _pixel_shapes(
+        self, transform: Affine | None, crs: Any, where: str | Path
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The points (``(N, 2)`` pixels) and polygons (outer rings, 1/16 pixels) of ``flags.geojson`` in an
+        image georeferenced by ``transform`` and ``crs``."""
+        if transform is None or crs is None:
+            raise InputError(where, f"{FLAGS_GEOJSON} flags georeferenced rasters only: this image has no CRS")
+        to_image = transformer(geojson_crs(self.geojson, str(self.geojson_path)), crs)
+        points, polygons = [np.zeros((0, 2))], []
+        for kind, pts in self._shapes:
+            mx, my = to_image.transform(pts[:, 0], pts[:, 1])
+            px, py = map_to_pixel(transform, np.asarray(mx, np.float64), np.asarray(my, np.float64))
+            if not (np.all(np.isfinite(px)) and np.all(np.isfinite(py))):
+                raise InputError(f"{self.geojson_path}", f"a shape could not be reprojected to the CRS of {where}")
+            if kind == "point":
+                points.append(np.stack([px, py], axis=1))
+            else:  # sub-pixel vertices (4 fractional bits); a polygon smaller than a pixel still marks one
+                xy = np.stack([px, py], axis=1).clip(-1e6, 1e6)
+                polygons.append(np.round(xy * 16).astype(np.int32))
+        return np.concatenate(points), polygons
+
     def vehicle_mask(
         self, transform: Affine | None, crs: Any, width: int, height: int, where: str | Path
     ) -> np.ndarray | None:
@@ -203,45 +224,90 @@ class TargetFlags:
         """
         if self.geojson is None:
             return None
-        if transform is None or crs is None:
-            raise InputError(where, f"{FLAGS_GEOJSON} flags georeferenced rasters only: this image has no CRS")
-        to_image = transformer(geojson_crs(self.geojson, str(self.geojson_path)), crs)
+        points, polygons = self._pixel_shapes(transform, crs, where)
         mask = np.zeros((height, width), np.uint8)
-        for kind, pts in self._shapes:
-            mx, my = to_image.transform(pts[:, 0], pts[:, 1])
-            px, py = map_to_pixel(transform, np.asarray(mx, np.float64), np.asarray(my, np.float64))
-            if not (np.all(np.isfinite(px)) and np.all(np.isfinite(py))):
-                raise InputError(f"{self.geojson_path}", f"a shape could not be reprojected to the CRS of {where}")
-            if kind == "point":
-                col, row = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
-                inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
-                mask[row[inside], col[inside]] = 1
-            else:  # sub-pixel vertices (4 fractional bits); a polygon smaller than a pixel still marks one
-                xy = np.stack([px, py], axis=1).clip(-1e6, 1e6)
-                cv2.fillPoly(mask, [np.round(xy * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+        col, row = np.floor(points[:, 0]).astype(np.int64), np.floor(points[:, 1]).astype(np.int64)
+        inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+        mask[row[inside], col[inside]] = 1
+        for polygon in polygons:
+            cv2.fillPoly(mask, [polygon], 1, lineType=cv2.LINE_8, shift=4)
         return mask.astype(bool)
 
+    def marked_tiles(
+        self,
+        transform: Affine | None,
+        crs: Any,
+        width: int,
+        height: int,
+        where: str | Path,
+        tiles: tuple[Sequence[int], Sequence[int], int],
+    ) -> set[tuple[int, int]] | None:
+        """The tiles of an image in which its :meth:`vehicle_mask` holds a pixel, without that whole mask.
+
+        Each polygon is drawn on its own bounding box (cut at the image's edges, so that OpenCV draws it
+        pixel for pixel as on the whole image), one at a time: the memory is that of the largest polygon.
+
+        Args:
+            transform: pixel -> map transform of the image.
+            crs: its CRS.
+            width: image width.
+            height: image height.
+            where: the image, named in messages.
+            tiles: ``(x offsets, y offsets, tile side)`` of the tile grid, offsets ascending.
+
+        Returns:
+            ``(x0, y0)`` of the tiles marked, or ``None`` without a GeoJSON.
+
+        Raises:
+            InputError: the image has no georeference, or a shape cannot be reprojected to its CRS.
+        """
+        if self.geojson is None:
+            return None
+        points, polygons = self._pixel_shapes(transform, crs, where)
+        xs, ys, size = np.asarray(tiles[0], np.int64), np.asarray(tiles[1], np.int64), tiles[2]
+
+        def covering(offsets: np.ndarray, lo: int, hi: int) -> range:  # tiles meeting pixels lo .. hi - 1
+            return range(int(np.searchsorted(offsets + size, lo, "right")), int(np.searchsorted(offsets, hi, "left")))
+
+        marked: set[tuple[int, int]] = set()
+        for c, r in np.floor(points).astype(np.int64):
+            if 0 <= c < width and 0 <= r < height:
+                marked |= {(int(xs[i]), int(ys[j])) for j in covering(ys, r, r + 1) for i in covering(xs, c, c + 1)}
+        for polygon in polygons:
+            lo, hi = polygon.min(axis=0) // 16 - 2, polygon.max(axis=0) // 16 + 3
+            x0, y0, x1, y1 = max(int(lo[0]), 0), max(int(lo[1]), 0), min(int(hi[0]), width), min(int(hi[1]), height)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            box = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillPoly(box, [polygon - np.array([16 * x0, 16 * y0], np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+            for j in covering(ys, y0, y1):
+                for i in covering(xs, x0, x1):
+                    tx, ty = int(xs[i]), int(ys[j])
+                    part = box[max(ty - y0, 0) : ty + size - y0, max(tx - x0, 0) : tx + size - x0]
+                    if (tx, ty) not in marked and part.any():
+                        marked.add((tx, ty))
+        return marked
+
     def tile_flag(
-        self, tid: str, name: str, stem: str, mask: np.ndarray | None, x0: int, y0: int, size: int
+        self, tid: str, name: str, stem: str, marked: Collection[tuple[int, int]] | None, x0: int, y0: int
     ) -> tuple[bool, str] | None:
-        """The flag of one tile and its file: a tile entry, else an image entry, else the GeoJSON mask.
+        """The flag of one tile and its file: a tile entry, else an image entry, else the GeoJSON.
 
         Args:
             tid: the tile id.
             name: file name of its image.
             stem: stem of its image.
-            mask: :meth:`vehicle_mask` of the resampled image, or ``None``.
+            marked: :meth:`marked_tiles` of the resampled image, or ``None``.
             x0: left edge of the tile in resampled pixels.
             y0: top edge.
-            size: tile side.
         """
         if tid in self.entries:
             return self.entries[tid], self.sources[tid]
         whole = self.image_entry(name, stem)
         if whole is not None:
             return whole
-        if mask is not None:
-            return bool(mask[y0 : y0 + size, x0 : x0 + size].any()), FLAGS_GEOJSON
+        if marked is not None:
+            return (x0, y0) in marked, FLAGS_GEOJSON
         return None
 
 

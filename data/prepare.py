@@ -10,6 +10,10 @@ target with boxes has no such key; with flag files, each weak split counts its `
 With ``PrepareSpec.flags_holdout`` > 0 a share of target-train is held out as the weak split ``target-holdout``
 (:func:`holdout_tiles`: whole groups where target-train has several, else tiles of each flag with a fixed
 seed): its flags score detectors without boxes; no training or labelling step reads it.
+
+A raster of more than :data:`WINDOWED_PIXELS` pixels is never read whole: :func:`cut_raster` reads it window
+by window (a run of tiles of one tile row at a time, with the source pixels its resampling needs) and gives
+the tiles :func:`cut_image` gives, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -31,12 +35,32 @@ from aerosynth.data.flags import FLAG_FILES, FLAGS_GEOJSON, UnflaggedRule, check
 from aerosynth.data.geo import crs_to_string
 from aerosynth.data.imageio import write_png
 from aerosynth.data.manifest import tree_sha256, write_manifest
+from aerosynth.data.rasters import RasterSource, raster_size
 from aerosynth.data.tileset import COCO_FILE, EVALUATION_DIR, TILES_FILE, SplitInfo, TileRecord, tiles_document
-from aerosynth.data.tiling import Tile, cut_tiles, resample, resample_labels, resample_transform, tile_offsets
+from aerosynth.data.tiling import (
+    Tile,
+    assign_boxes,
+    axis_taps,
+    cut_tiles,
+    resample,
+    resample_labels,
+    resample_size,
+    resample_transform,
+    resample_window,
+    tile_offsets,
+)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+
+#: Rasters with more pixels than this are cut window by window (:func:`cut_raster`), never read whole.
+WINDOWED_PIXELS = 8192 * 8192
+#: Largest raster cut window by window (pixels); a header claiming more is refused unread (its tiles alone
+#: would fill a disk).
+MAX_WINDOWED_PIXELS = 65_536 * 65_536
+#: Resampled pixels across one windowed read: the tiles of a tile row are read this many at a time.
+WINDOW_WIDTH = 512
 
 
 @dataclass
@@ -169,10 +193,14 @@ class CutImage:
     transform: Affine | None
     crs: object | None
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the resampled image."""
+        return int(self.rgb.shape[1]), int(self.rgb.shape[0])
+
     def tile_positions(self, tile_size: int, mode: str = "grid") -> list[tuple[int, int]]:
         """``(x0, y0)`` of every tile of the grid, those later skipped for nodata included."""
-        h, w = self.rgb.shape[:2]
-        return [(x0, y0) for y0 in tile_offsets(h, tile_size, mode) for x0 in tile_offsets(w, tile_size, mode)]
+        return _tile_positions(self.size, tile_size, mode)
 
     def tiles(
         self, tile_size: int, mode: str = "grid", min_valid_fraction: float = 0.5, min_inside: float = 0.5
@@ -181,6 +209,28 @@ class CutImage:
         for tile in cut_tiles(self.rgb, self.detections, tile_size, mode, self.valid, str(self.item.path), min_inside):
             if tile.valid_fraction >= min_valid_fraction:
                 yield tile_id(self.item.image_id, tile.x0, tile.y0), tile
+
+
+def _tile_positions(size: tuple[int, int], tile_size: int, mode: str) -> list[tuple[int, int]]:
+    w, h = size
+    return [(x0, y0) for y0 in tile_offsets(h, tile_size, mode) for x0 in tile_offsets(w, tile_size, mode)]
+
+
+def _vehicle_boxes(
+    domain: Domain,
+    item: DomainImage,
+    dets: Detections | None,
+    single_class: bool,
+    old_size: tuple[int, int],
+    new_size: tuple[int, int],
+) -> tuple[Detections | None, int]:
+    """The vehicle boxes of an image in resampled pixels, and how many boxes of other classes were dropped."""
+    if dets is None:
+        return None, 0
+    dets, dropped = domain.keep_vehicles(item, dets)
+    if single_class:
+        dets = dets.with_class(0)
+    return resample_labels(dets, old_size, new_size), dropped
 
 
 def cut_image(
@@ -194,7 +244,7 @@ def cut_image(
     """Decode one image of ``domain`` and resample it (and its vehicle boxes) to ``target_gsd``.
 
     The one resampling every tile of aerosynth goes through (``data prepare``, ``aerosynth flag``), so that
-    tile ids and pixels agree between them.
+    tile ids and pixels agree between them (:func:`cut_raster` gives the same tiles window by window).
 
     Args:
         domain: the domain.
@@ -215,14 +265,139 @@ def cut_image(
     valid = None
     if loaded.valid is not None and not loaded.valid.all():
         valid = resample(loaded.valid.astype(np.uint8) * 255, scale) >= 128
-    dets, dropped = (loaded.detections if boxes else None), 0
-    if dets is not None:
-        dets, dropped = domain.keep_vehicles(item, dets)
-        if single_class:
-            dets = dets.with_class(0)
-        dets = resample_labels(dets, (w, h), (nw, nh))
+    dets, dropped = _vehicle_boxes(domain, item, loaded.detections if boxes else None, single_class, (w, h), (nw, nh))
     transform = resample_transform(loaded.transform, (w, h), (nw, nh)) if loaded.transform is not None else None
     return CutImage(item, rgb, valid, dets, dropped, transform, loaded.crs)
+
+
+@dataclass
+class WindowedCut:
+    """One raster resampled to the tiles' GSD window by window: :class:`CutImage` without the pixels in memory.
+
+    Attributes:
+        item: the domain image.
+        source: the raster, read by window.
+        size: ``(width, height)`` of the resampled raster.
+        enlarge: resampled by Lanczos (the GSD of the tiles is finer than the raster's), not by area.
+        detections: vehicle boxes in resampled pixels, or ``None`` without labels (or when not asked for).
+        dropped: boxes of classes that are not vehicles, dropped.
+        transform: pixel -> map transform of the resampled raster, or ``None``.
+        crs: CRS of ``transform``, or ``None``.
+    """
+
+    item: DomainImage
+    source: RasterSource
+    size: tuple[int, int]
+    enlarge: bool
+    detections: Detections | None
+    dropped: int
+    transform: Affine | None
+    crs: object | None
+
+    def tile_positions(self, tile_size: int, mode: str = "grid") -> list[tuple[int, int]]:
+        """``(x0, y0)`` of every tile of the grid, those later skipped for nodata included."""
+        return _tile_positions(self.size, tile_size, mode)
+
+    def tiles(
+        self, tile_size: int, mode: str = "grid", min_valid_fraction: float = 0.5, min_inside: float = 0.5
+    ) -> Iterator[tuple[str, Tile]]:
+        """The tiles :meth:`CutImage.tiles` gives, in the same order, read window by window.
+
+        Each read covers up to :data:`WINDOW_WIDTH` resampled pixels of one tile row and the source pixels
+        their resampling needs (:func:`aerosynth.data.tiling.axis_taps`); the raster is closed at the end.
+
+        Raises:
+            InputError: the tile is larger than the resampled raster, or a block cannot be read.
+        """
+        (nw, nh), (w, h) = self.size, (self.source.width, self.source.height)
+        if tile_size > nw or tile_size > nh:
+            raise InputError(
+                str(self.item.path), f"tile size {tile_size} is larger than the {nw}x{nh} image (after resampling)"
+            )
+        boxes = self.detections if self.detections is not None else Detections.empty()
+        xs = tile_offsets(nw, tile_size, mode)
+        per = max(1, WINDOW_WIDTH // tile_size)
+        try:
+            for y0 in tile_offsets(nh, tile_size, mode):
+                rows = axis_taps(h, nh, y0, y0 + tile_size, self.enlarge)
+                for run in (xs[i : i + per] for i in range(0, len(xs), per)):
+                    x0, x1 = run[0], run[-1] + tile_size
+                    cols = axis_taps(w, nw, x0, x1, self.enlarge)
+                    (r0, r1), (c0, c1) = rows.span, cols.span
+                    rgb, valid = self.source.read(c0, r0, c1 - c0, r1 - r0)
+                    pixels = resample_window(rgb, rows, cols, (r0, c0))
+                    inside = None
+                    if not valid.all():
+                        inside = resample_window(valid.astype(np.uint8) * 255, rows, cols, (r0, c0)) >= 128
+                    b = boxes.xyxy
+                    near = boxes[(b[:, 2] >= x0) & (b[:, 0] <= x1) & (b[:, 3] >= y0) & (b[:, 1] <= y0 + tile_size)]
+                    for tx in run:
+                        c = tx - x0
+                        vf = 1.0 if inside is None else float(inside[:, c : c + tile_size].mean())
+                        if vf < min_valid_fraction:
+                            continue
+                        kept, ignore = assign_boxes(near, tx, y0, tile_size, tile_size, min_inside)
+                        tile = Tile(tx, y0, np.ascontiguousarray(pixels[:, c : c + tile_size]), kept, ignore, vf)
+                        yield tile_id(self.item.image_id, tx, y0), tile
+        finally:
+            self.source.close()
+
+
+def cut_raster(
+    domain: Domain,
+    item: DomainImage,
+    target_gsd: float,
+    scale: float | None = None,
+    single_class: bool = True,
+    boxes: bool = True,
+) -> WindowedCut:
+    """Open one raster of ``domain`` for windowed cutting at ``target_gsd``: :func:`cut_image` without reading it.
+
+    Its tiles, boxes, flags and georeference are those :func:`cut_image` gives, pixel for pixel, except that a
+    raster of other than 8 bits takes its stretch from a sample of its pixels
+    (:class:`aerosynth.data.rasters.RasterSource`).
+
+    Args:
+        domain: the domain.
+        item: one of its rasters.
+        target_gsd: metres per pixel of the tiles.
+        scale: fixed resampling factor (overrides ``gsd / target_gsd``).
+        single_class: fold every vehicle class into class 0.
+        boxes: read the boxes (``False``: :attr:`WindowedCut.detections` is ``None``).
+
+    Raises:
+        InputError: unknown GSD, unreadable raster or labels, a box of a class not chosen.
+    """
+    source = RasterSource(item.path, domain.bands)
+    gsd = domain.gsd if domain.gsd is not None else source.gsd
+    scale = _scale_for(scale, gsd, target_gsd, item.path)
+    w, h = source.width, source.height
+    nw, nh = resample_size(w, h, scale)
+    dets = domain.load_labels(item, w, h, source.transform, source.crs, gsd) if boxes else None
+    dets, dropped = _vehicle_boxes(domain, item, dets, single_class, (w, h), (nw, nh))
+    transform = resample_transform(source.transform, (w, h), (nw, nh)) if source.transform is not None else None
+    return WindowedCut(item, source, (nw, nh), scale >= 1, dets, dropped, transform, source.crs)
+
+
+def open_cut(
+    domain: Domain,
+    item: DomainImage,
+    target_gsd: float,
+    scale: float | None = None,
+    single_class: bool = True,
+) -> CutImage | WindowedCut:
+    """:func:`cut_raster` for a raster of more than :data:`WINDOWED_PIXELS` pixels, else :func:`cut_image`.
+
+    Raises:
+        InputError: as those do, or a raster of more than :data:`MAX_WINDOWED_PIXELS` pixels.
+    """
+    if item.path.suffix.lower() in RASTER_SUFFIXES:
+        w, h = raster_size(item.path)
+        if w * h > MAX_WINDOWED_PIXELS:
+            raise InputError(item.path, f"raster of {w}x{h} pixels is over the {MAX_WINDOWED_PIXELS} limit")
+        if w * h > WINDOWED_PIXELS:
+            return cut_raster(domain, item, target_gsd, scale, single_class)
+    return cut_image(domain, item, target_gsd, scale, single_class)
 
 
 #: How to give the flags that are missing (the end of every "no flag" message).
@@ -272,11 +447,11 @@ def check_target_flags(split: SplitSpec, unflagged: str) -> None:
 
 
 def _weak_flag(
-    split: SplitSpec, cut: CutImage, tid: str, tile: Tile, tile_size: int, mask: np.ndarray | None
+    split: SplitSpec, cut: CutImage | WindowedCut, tid: str, tile: Tile, marked: set[tuple[int, int]] | None
 ) -> tuple[bool | None, str]:
     flags = split.domain.flags
     if flags is not None:
-        found = flags.tile_flag(tid, cut.item.path.name, cut.item.image_id, mask, tile.x0, tile.y0, tile_size)
+        found = flags.tile_flag(tid, cut.item.path.name, cut.item.image_id, marked, tile.x0, tile.y0)
         if found is not None:
             return found
     if cut.detections is not None:
@@ -309,13 +484,13 @@ def build_split(
     n_dropped = 0
     unlabelled = False
     for k, item in enumerate(items):
-        cut = cut_image(domain, item, spec.target_gsd, split.scale, spec.single_class)
+        cut = open_cut(domain, item, spec.target_gsd, split.scale, spec.single_class)
         dets = cut.detections
         if dets is None and domain.has_labels:
             unlabelled = True
         n_dropped += cut.dropped
         crs = crs_to_string(cut.crs) if cut.crs is not None else None
-        mask = None
+        marked = None
         if flags is not None:
             grid = set(cut.tile_positions(spec.tile_size, split.mode))
             stray = sorted(flags.tile_entries(item.image_id) - grid)
@@ -327,11 +502,12 @@ def build_split(
                     "(flags made with another --gsd or --tile-size?)",
                 )
             if flags.geojson is not None and flags.image_entry(item.path.name, item.image_id) is None:
-                h, w = cut.rgb.shape[:2]
-                mask = flags.vehicle_mask(cut.transform, cut.crs, w, h, item.path)
+                w, h = cut.size
+                grid_xy = (tile_offsets(w, spec.tile_size, split.mode), tile_offsets(h, spec.tile_size, split.mode))
+                marked = flags.marked_tiles(cut.transform, cut.crs, w, h, item.path, (*grid_xy, spec.tile_size))
         for tid, tile in cut.tiles(spec.tile_size, split.mode, spec.min_valid_fraction, spec.min_inside):
             if split.weak:
-                flag, source = _weak_flag(split, cut, tid, tile, spec.tile_size, mask)
+                flag, source = _weak_flag(split, cut, tid, tile, marked)
                 if flag is None:
                     if spec.unflagged == "error":
                         raise InputError(
@@ -348,7 +524,7 @@ def build_split(
                 flag, source = bool(len(tile.boxes)), "boxes"
             sources[source] = sources.get(source, 0) + 1
             tile_source[tid] = source
-            write_png(split_dir / "images" / f"{tid}.png", tile.pixels)
+            png = write_png(split_dir / "images" / f"{tid}.png", tile.pixels)
             tt = cut.transform @ Affine.translation(tile.x0, tile.y0) if cut.transform is not None else None
             records.append(
                 TileRecord(
@@ -368,7 +544,8 @@ def build_split(
                 atomic_write_text(
                     labels_dir / "labels" / f"{tid}.txt", tile.boxes.to_yolo(spec.tile_size, spec.tile_size)
                 )
-                coco_items.append(LabelledImage(tid, tile.pixels, tile.boxes, tile.ignore))
+                # the tile's PNG, not its pixels: memory holds no split's images (the COCO json needs their size)
+                coco_items.append(LabelledImage(tid, png, tile.boxes, tile.ignore))
                 tile_boxes[tid] = (len(tile.boxes), len(tile.ignore))
         if progress:
             progress(split.name, k + 1, len(items))

@@ -157,6 +157,24 @@ def read_raster(path: str | Path, bands: list[int] | None = None) -> RasterImage
     )
 
 
+def raster_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of a raster from its header, without reading its pixels.
+
+    Raises:
+        InputError: missing, unreadable or corrupt file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return ds.width, ds.height
+    except (RasterioIOError, rasterio.errors.RasterioError) as exc:
+        raise InputError(path, f"unreadable or corrupt raster ({str(exc).splitlines()[0][:80]})") from None
+
+
 def write_geotiff(path: str | Path, rgb: np.ndarray, transform: Affine | None, crs: Any | None) -> Path:
     """Write an ``(H, W, 3)`` uint8 RGB GeoTIFF atomically (deflate-compressed)."""
     path = Path(path)
