@@ -121,7 +121,7 @@ def self_training_rounds(
     ``annotation.real_target.rounds`` or when the labels stop changing (``stop_agreement``). Returns the
     rounds' detectors by variant and their labelled sets by name.
     """
-    if cfg.annotation.real_target.relabel_with == "own-seed":
+    if cfg.annotation.real_target.relabel_with == "own-seed" and len(seeds) > 1:  # one seed: the first's labels
         return own_seed_rounds(cfg, work, tiles, first, runs, base, seeds)
     out: dict[str, list[Path]] = {}
     labelled: dict[str, Path] = {}

@@ -58,8 +58,11 @@ def write_run_report(
 
     predictions = first_seed_predictions(test, "predictions.json") if test is not None else None
     holdout_predictions = first_seed_predictions(holdout, HOLDOUT_PREDICTIONS) if holdout is not None else None
-    agreement = {
-        p.parent.name: json.loads(p.read_text()) for p in sorted((work / "annotation").glob("*/agreement.json"))
+    agreement = {  # one label set per round, or one per seed and round (relabel_with: own-seed)
+        p.parent.relative_to(work / "annotation").as_posix().replace("/", " "): json.loads(p.read_text())
+        for p in sorted(
+            [*(work / "annotation").glob("*/agreement.json"), *(work / "annotation").glob("*/seed*/agreement.json")]
+        )
     }
     stages = [json.loads(p.read_text()).get("seconds") for p in work.rglob(STAGE_RECORD)]
     wall_time = {

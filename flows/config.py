@@ -200,19 +200,21 @@ class RealTargetSettings(Strict):
     hold a vehicle, the condition under which a target tile keeps proposals (its flag says "vehicle");
     ``all`` uses every source-val tile (when the source-val tiles with vehicles are too few to choose on).
 
-    ``rounds`` (default 3): self-training rounds. From round 2 the first seed's adapted detector of each
-    method relabels the tiles (flags applied, threshold chosen again on source-val) and a variant
+    ``rounds`` (default 3): self-training rounds. From round 2 the adapted detector of the round before
+    (``relabel_with``) relabels each method's tiles (flags applied, threshold chosen again on source-val) and a variant
     ``real-<method>-r<k>+source`` is fine-tuned from F_S on those labels. The rounds stop early when a
     round's labels agree with the previous round's at box F1 >= ``stop_agreement`` (default 0.95; the
     labels have stopped changing, no target label read). Each round costs one more detector per method and
     seed: lower it for a quick run, raise it (4) when the labels still change at the last round.
 
-    ``relabel_with`` (default ``first-seed``): which detectors of the round before relabel; ``all-seeds``
+    ``relabel_with`` (default ``own-seed``): which detectors of the round before relabel. ``own-seed``: each
+    seed's detector relabels for that seed alone (``annotation/<set>-r<k>/seed<s>/``; with one seed, the first
+    seed's set as ``first-seed`` writes it), so the spread over seeds includes the labelling; ``first-seed``:
+    the first seed's detector labels for every seed (the figures before the scoreboard); ``all-seeds``
     fuses every seed's detections tile by tile (weighted boxes fusion at ``fusion_iou``; a box k of n
     detectors found keeps k/n of its mean confidence), thresholded on source-val like one detector's. It
     helped on one aerial-v1 target and not the other: try it with several seeds when a round is still
-    gaining. ``own-seed``: each seed's detector relabels for that seed alone, so seeds differ in their labels
-    as well as their training (the spread over seeds then includes the labelling; the scoreboard uses it).
+    gaining.
 
     ``mask_uncertain`` (default ``null``, none): a fraction, e.g. 0.5: the proposals of a flagged tile that
     the threshold dropped but that reach this fraction of it are painted over with the tile's mean colour
@@ -238,7 +240,7 @@ class RealTargetSettings(Strict):
     threshold_on: Literal["all", "flagged"] = "flagged"
     rounds: int = Field(3, ge=1)
     stop_agreement: float = Field(0.95, gt=0, le=1)
-    relabel_with: Literal["first-seed", "all-seeds", "own-seed"] = "first-seed"
+    relabel_with: Literal["first-seed", "all-seeds", "own-seed"] = "own-seed"
 
     def noise_levels(self) -> list[float]:
         """The candidate noise levels, as a list."""
