@@ -7,15 +7,15 @@ precision). Target tiles at or above it are flagged "vehicle", the others "empty
 
 :func:`derive_target_flags` writes a tile folder like the one ``data prepare`` writes, whose ``target-train``
 carries those flags and whose other splits are the original ones (links), so every later stage reads it as it
-reads given flags.
+reads given flags. With a flag budget (``data.flag_budget``: an analyst flagged a share of the tiles,
+:func:`flag_budget_tiles`) the given flags of those tiles stay and the others are derived, or left out.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,18 +102,30 @@ def _predict_split(detector: Path, split, imgsz: int, device: str) -> list[Detec
     return predict(detector, [split.image_path(t.tile_id) for t in split], conf=0.001, imgsz=imgsz, device=device)
 
 
+def flag_budget_tiles(tile_ids: Sequence[str], budget: float, seed: int = 0) -> list[str]:
+    """The tiles an analyst flags when flagging a share ``budget`` of them: a seeded draw of
+    ``round(budget * n)`` tiles (at least one), in the order given."""
+    if not 0 < budget <= 1:
+        raise InputError("flag_budget", f"a share in (0, 1], got {budget}")
+    ids = sorted(tile_ids)
+    chosen = set(np.random.default_rng(seed).permutation(ids)[: max(1, round(budget * len(ids)))].tolist())
+    return [t for t in tile_ids if t in chosen]
+
+
 def derive_target_flags(
-    detector: str | Path,
+    detector: str | Path | None,
     tiles: str | Path,
     out: str | Path,
     precision: float = 0.9,
     imgsz: int = 128,
     device: str = "cpu",
+    keep: Collection[str] | None = None,
+    rest: str = "derived",
 ) -> Path:
     """A tile folder whose ``target-train`` flags come from ``detector`` (F_S), thresholded on ``source-val``.
 
     Args:
-        detector: the source-only detector's weights.
+        detector: the source-only detector's weights (``None`` only with ``rest="skip"``).
         tiles: the prepared tile folder (``data prepare`` output).
         out: the folder written: every entry of ``tiles`` linked, but ``target-train/tiles.json`` rewritten
             with the derived flags, ``manifest.json`` updated and ``derived_flags.json`` (the threshold, its
@@ -121,21 +133,37 @@ def derive_target_flags(
         precision: the tile-level precision the threshold keeps on source-val.
         imgsz: the detector's input size.
         device: inference device.
+        keep: target-train tiles whose given flags stay (a flag budget, :func:`flag_budget_tiles`); ``None``:
+            no given flag stays (``data.flags: none``).
+        rest: what the tiles outside ``keep`` become: ``derived`` (flagged by the detector) or ``skip`` (left
+            out of target-train).
 
     Returns:
         ``out``.
     """
+    if rest not in ("derived", "skip"):
+        raise InputError("rest", f"derived or skip, got {rest!r}")
     tiles, out = Path(tiles), Path(out)
-    val = open_split(tiles / "source-val")
-    if val.info.weak:
-        raise InputError(tiles / "source-val", "a weak split: derived flags are chosen on labelled source tiles")
     train_dir = tiles / "target-train"
-    target = open_split(train_dir)
-    val_flags = [len(val.labels(t.tile_id)) > 0 for t in val]  # type: ignore[attr-defined]
-    chosen = choose_flag_threshold(
-        tile_scores(_predict_split(Path(detector), val, imgsz, device)), val_flags, precision
-    )
-    scores = tile_scores(_predict_split(Path(detector), target, imgsz, device))
+    info, records = read_tiles_file(train_dir)
+    kept = set(keep) if keep is not None else set()
+    chosen, scores = None, None
+    if rest == "derived":
+        if detector is None:
+            raise InputError("detector", "derived flags need the source-only detector")
+        val = open_split(tiles / "source-val")
+        if val.info.weak:
+            raise InputError(tiles / "source-val", "a weak split: derived flags are chosen on labelled source tiles")
+        val_flags = [len(val.labels(t.tile_id)) > 0 for t in val]  # type: ignore[attr-defined]
+        chosen = choose_flag_threshold(
+            tile_scores(_predict_split(Path(detector), val, imgsz, device)), val_flags, precision
+        )
+        scores = tile_scores(_predict_split(Path(detector), open_split(train_dir), imgsz, device))
+        for record, score in zip(records, scores, strict=True):
+            if record.tile_id not in kept:
+                record.has_vehicle = bool(score >= chosen.threshold)
+    else:
+        records = [r for r in records if r.tile_id in kept]
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -147,26 +175,33 @@ def derive_target_flags(
     for entry in train_dir.iterdir():
         if entry.name != TILES_FILE:
             os.symlink(entry.resolve(), out / "target-train" / entry.name, target_is_directory=entry.is_dir())
-    info, records = read_tiles_file(train_dir)
-    for record, score in zip(records, scores, strict=True):
-        record.has_vehicle = bool(score >= chosen.threshold)
     atomic_write_json(out / "target-train" / TILES_FILE, tiles_document(info, records))
     flagged = sum(r.has_vehicle for r in records)
-    atomic_write_json(
-        out / DERIVED_FLAGS_FILE,
-        {
-            "from": "the source-only detector's best box per tile, thresholded on source-val (no target label read)",
-            "source_val": chosen.to_dict(),
-            "target_train": {"tiles": len(records), "flagged_vehicle": flagged},
-            "scores": {r.tile_id: float(s) for r, s in zip(records, scores, strict=True)},
-        },
-    )
+    record_doc: dict = {
+        "from": "given flags on the kept tiles; the others "
+        + (
+            "flagged by the source-only detector's best box per tile, thresholded on source-val"
+            if rest == "derived"
+            else "left out"
+        )
+        + " (no target label read)",
+        "given_kept": len(kept & {r.tile_id for r in records}),
+        "rest": rest,
+        "source_val": None if chosen is None else chosen.to_dict(),
+        "target_train": {"tiles": len(records), "flagged_vehicle": flagged},
+    }
+    if scores is not None:
+        ids = [r.tile_id for r in records]
+        record_doc["scores"] = {t: float(s) for t, s in zip(ids, scores, strict=True)}
+    atomic_write_json(out / DERIVED_FLAGS_FILE, record_doc)
     manifest = read_manifest(tiles) or {}
     manifest = {k: v for k, v in manifest.items() if k != "content_sha256"}
     split = dict(manifest.get("splits", {}).get("target-train", {}))
     split.pop("content_sha256", None)  # the images' are unchanged; the flags are in tiles.json
-    split.update({"tiles_with_vehicles": flagged, "flags": "derived"})
+    split.update(
+        {"tiles": len(records), "tiles_with_vehicles": flagged, "flags": "derived" if keep is None else "budget"}
+    )
     manifest.setdefault("splits", {})["target-train"] = split
-    manifest["derived_flags"] = json.loads((out / DERIVED_FLAGS_FILE).read_text())["source_val"]
+    manifest["derived_flags"] = {k: v for k, v in record_doc.items() if k != "scores"}
     write_manifest(out, manifest)
     return out

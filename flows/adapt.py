@@ -49,7 +49,7 @@ from aerosynth.flows.adapt_report import (
     write_run_report,
     write_synthetic_samples,
 )
-from aerosynth.flows.adapt_tiles import derive_flags, plan_run, prepare_tiles
+from aerosynth.flows.adapt_tiles import derive_flags, needs_flag_step, plan_run, prepare_tiles
 from aerosynth.flows.config import AdaptConfig, MixBudget, build_config, dump_config
 from aerosynth.flows.run_lock import work_lock
 from aerosynth.flows.scale import shared_api, task_runner
@@ -206,9 +206,16 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     cfg = plan_run(cfg, tiles)  # no oracle without target boxes; without comparisons, the recipe's stages only
     d = cfg.detection
     runs: dict[str, list[Path]] = {}
-    if cfg.data.flags == "none":  # F_S first: its boxes flag the target tiles (every later step reads those)
-        runs[SOURCE_ONLY] = resolve(submit_detectors(cfg, work, tiles, variants(cfg, tiles, {}, {})[0], d.seeds))
-        tiles = derive_flags_task(cfg, work, tiles, runs[SOURCE_ONLY][0])
+    prepared = tiles  # F_S reads source tiles only: it trains on these whatever the target's flags
+
+    def source_only() -> list[Path]:  # F_S of every seed at once (Dask workers, or one after another in process)
+        return resolve(submit_detectors(cfg, work, prepared, variants(cfg, prepared, {}, {})[0], d.seeds))
+
+    rewrite, fs_first = needs_flag_step(cfg)  # data.flags none, or a flag budget: tiles-flagged/
+    if fs_first:  # F_S first: its boxes flag the target tiles (every later step reads those)
+        runs[SOURCE_ONLY] = source_only()
+    if rewrite:
+        tiles = derive_flags_task(cfg, work, tiles, runs[SOURCE_ONLY][0] if fs_first else None)
     if not cfg.generation.enabled:
         if until in ("ldm", "synthetic"):
             raise InputError("until", f"generation.enabled is false: this run has no {until} step")
@@ -220,8 +227,8 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
         sets = synthesise(cfg, work, tiles, model)
     if until == "synthetic":
         return str(work / "synthetic")
-    if SOURCE_ONLY not in runs:  # F_S of every seed at once (Dask workers, or one after another in process)
-        runs[SOURCE_ONLY] = resolve(submit_detectors(cfg, work, tiles, variants(cfg, tiles, {}, {})[0], d.seeds))
+    if SOURCE_ONLY not in runs:
+        runs[SOURCE_ONLY] = source_only()
     base = dict(zip(d.seeds, runs[SOURCE_ONLY], strict=True))
     labelled = annotate_task(cfg, work, tiles, sets, runs[SOURCE_ONLY][0], model)
     if until == "annotation":

@@ -81,7 +81,8 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
     settings = {**d.model_dump(mode="json"), "seed": config.seed}
     if d.flags_holdout is None:  # unset: the key of the runs made before the holdout existed
         settings.pop("flags_holdout")
-    settings.pop("flag_precision")  # the derived flags' step reads it, not the tiles
+    for field in ("flag_precision", "flag_budget", "flag_budget_rest"):  # the derived flags' step reads them
+        settings.pop(field)
     if d.flags == "given":  # (the key of the runs made before derived flags existed)
         settings.pop("flags")
     flag_files = _flag_files(d.target) if d.preset == "custom" and d.flags == "given" else {}
@@ -91,28 +92,50 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
     return out
 
 
-def derive_flags(config: AdaptConfig, work: Path, tiles: Path, source_only: Path) -> Path:
-    """``data.flags: none``: the tile folder ``tiles-flagged/`` whose target-train flags F_S derived.
+def needs_flag_step(config: AdaptConfig) -> tuple[bool, bool]:
+    """Whether the run rewrites the target's flags (``tiles-flagged/``), and whether F_S must come first for it
+    (``data.flags: none``, or a flag budget whose other tiles are derived)."""
+    d = config.data
+    derived = d.flags == "none" or (d.flag_budget < 1 and d.flag_budget_rest == "derived")
+    return derived or d.flag_budget < 1, derived
 
-    :func:`aerosynth.annotation.tile_flags.derive_target_flags` with the first seed's source-only detector, at
-    the threshold that keeps ``data.flag_precision`` of the flagged source-val tiles right. No target label is
-    read; every later step reads this folder as it reads given flags.
+
+def derive_flags(config: AdaptConfig, work: Path, tiles: Path, source_only: Path | None) -> Path:
+    """The tile folder ``tiles-flagged/`` whose target-train flags are derived, or budgeted.
+
+    ``data.flags: none``: every flag from the first seed's source-only detector
+    (:func:`aerosynth.annotation.tile_flags.derive_target_flags`, at the threshold that keeps
+    ``data.flag_precision`` of the flagged source-val tiles right). ``data.flag_budget`` < 1: the given flags of
+    a seeded draw of that share of the tiles stay, the others are left out or derived
+    (``flag_budget_rest``). No target label is read; every later step reads this folder as it reads given flags.
     """
-    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags
+    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags, flag_budget_tiles
+    from aerosynth.data.tileset import read_tiles_file
 
     d = config.data
+    keep = None
+    key: dict = {"flags": "derived from the source-only detector", "flag_precision": d.flag_precision}
+    if d.flags == "given":
+        ids = [t.tile_id for t in read_tiles_file(tiles / "target-train")[1]]
+        keep = flag_budget_tiles(ids, d.flag_budget, config.seed)
+        key = {"flag_budget": d.flag_budget, "rest": d.flag_budget_rest, "seed": config.seed}
+        if d.flag_budget_rest == "derived":
+            key["flag_precision"] = d.flag_precision
+    rest = "skip" if keep is not None and d.flag_budget_rest == "skip" else "derived"
     out, _ = run_stage(
         "tiles-flagged",
         work / "tiles-flagged",
-        {"flags": "derived from the source-only detector", "flag_precision": d.flag_precision},
-        {"tiles": tiles, "source_only": source_only},
+        key,
+        {"tiles": tiles, **({"source_only": source_only} if rest == "derived" and source_only else {})},
         lambda o: derive_target_flags(
-            source_only / "train" / "detector.pt",
+            None if source_only is None else source_only / "train" / "detector.pt",
             tiles,
             o,
             d.flag_precision,
             imgsz=config.detection.imgsz,
             device=config.device,
+            keep=keep,
+            rest=rest,
         ),
         _logger(),
         headline=lambda o: _derived_headline(o / DERIVED_FLAGS_FILE),
@@ -125,10 +148,12 @@ def _derived_headline(path: Path) -> str:
 
     doc = json.loads(path.read_text())
     val, train = doc["source_val"], doc["target_train"]
-    return (
-        f"{train['flagged_vehicle']} of {train['tiles']} target tiles flagged vehicle "
-        f"(threshold {val['threshold']:.2f}: source-val tile precision {val['precision']:.2f})"
-    )
+    text = f"{train['flagged_vehicle']} of {train['tiles']} target tiles flagged vehicle"
+    if doc.get("given_kept"):
+        text += f" ({doc['given_kept']} flags given)"
+    if val is not None:
+        text += f", threshold {val['threshold']:.2f}: source-val tile precision {val['precision']:.2f}"
+    return text
 
 
 def tiles_headline(out: Path) -> str:

@@ -56,6 +56,11 @@ class DataSettings(Strict):
     # `flag_precision` of the flagged source-val tiles right (annotation.tile_flags); no flag file is read
     flags: Literal["given", "none"] = "given"
     flag_precision: float = Field(0.9, gt=0, le=1)
+    # the share of target-train tiles whose given flags are used (an analyst who flagged that many: a seeded
+    # draw); the others are left out (`flag_budget_rest: skip`) or flagged by the source-only detector as with
+    # `flags: none` (`derived`)
+    flag_budget: float = Field(1.0, gt=0, le=1)
+    flag_budget_rest: Literal["skip", "derived"] = "skip"
 
 
 class StageSettings(Strict):

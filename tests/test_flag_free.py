@@ -40,7 +40,7 @@ def domains(tmp_path_factory):
 @pytest.mark.slow
 def test_a_target_without_any_flag_is_flagged_by_the_source_only_detector(prefect_harness, domains, tmp_path):
     """No flag file is read (the target's flags.json is there, and ignored); F_S flags target-train; every step
-    after it reads the flagged tiles; the derived flags depend on no target label (boxes poisoned: same flags)."""
+    after it reads the flagged tiles; the derived flags ignore the flags the tiles carry (flipped: same flags)."""
     from aerosynth.data.tileset import read_tiles_file
     from aerosynth.detection.prediction import predict
     from aerosynth.flows.adapt import run_adapt
@@ -84,9 +84,73 @@ def test_a_target_without_any_flag_is_flagged_by_the_source_only_detector(prefec
     metrics = json.loads((work / "detectors" / handed["variant"] / "seed0" / "metrics.json").read_text())
     assert metrics["figures"] == "none"
     assert report.read_text().splitlines()[0].startswith(f"# Handed over `{handed['variant']}`: not scored")
-    # poisoned target boxes (the evaluation API's, were there any) and flags: the derived flags are the same
+    # the target-train flags the tiles carry (placeholders here) flipped: the derived flags are the same
     poisoned = tmp_path / "poisoned"
     shutil.copytree(work / "tiles", poisoned, symlinks=True)
-    (flagged / "flags.json").write_text(json.dumps({}))
+    index = json.loads((poisoned / "target-train" / "tiles.json").read_text())
+    for tile in index["tiles"]:
+        tile["has_vehicle"] = not tile["has_vehicle"]
+    (poisoned / "target-train" / "tiles.json").write_text(json.dumps(index))
     again = derive_target_flags(fs, poisoned, tmp_path / "again", derived["source_val"]["target_precision"])
     assert json.loads((again / DERIVED_FLAGS_FILE).read_text())["scores"] == derived["scores"]
+
+
+def test_a_flag_budget_draws_that_share_of_the_tiles_with_a_seed():
+    from aerosynth.annotation.tile_flags import flag_budget_tiles
+
+    ids = [f"t{i:03d}" for i in range(40)]
+    quarter = flag_budget_tiles(ids, 0.25, seed=0)
+    assert len(quarter) == 10 and quarter == sorted(quarter) and set(quarter) <= set(ids)
+    assert quarter == flag_budget_tiles(list(reversed(ids)), 0.25, seed=0)[::-1]  # the draw, not the order
+    assert quarter != flag_budget_tiles(ids, 0.25, seed=1)
+    assert flag_budget_tiles(ids, 1.0) == ids and len(flag_budget_tiles(ids, 0.001)) == 1
+    with pytest.raises(InputError, match="flag_budget"):
+        flag_budget_tiles(ids, 0.0)
+
+
+@pytest.mark.parametrize("rest", ["skip", "derived"])
+def test_a_flag_budget_keeps_the_given_flags_of_its_tiles_and_leaves_out_or_derives_the_rest(
+    domains, tiny_detector, tmp_path, rest
+):
+    """``data.flag_budget``: the drawn tiles keep their given flags; the others are left out of target-train,
+    or flagged by F_S (then the source-only detector must come first)."""
+    from aerosynth.annotation.tile_flags import flag_budget_tiles
+    from aerosynth.data.tileset import read_tiles_file
+    from aerosynth.flows.adapt_tiles import derive_flags, needs_flag_step, prepare_tiles
+    from aerosynth.flows.config import build_config
+
+    source, _, flagged = domains
+    doc = copy.deepcopy(TINY_ADAPT)
+    doc["work_dir"] = str(tmp_path / "run")
+    doc["data"] = {
+        "preset": "custom",
+        "source": str(source),
+        "target": str(flagged),
+        "val_groups": ["scene_02"],
+        "test_groups": ["scene_02"],
+        "flag_budget": 0.5,
+        "flag_budget_rest": rest,
+    }
+    cfg = build_config(doc)
+    assert needs_flag_step(cfg) == (True, rest == "derived")
+    assert needs_flag_step(build_config({**doc, "data": {**doc["data"], "flag_budget": 1.0}})) == (False, False)
+    tiles = prepare_tiles(cfg, tmp_path / "run")
+    given = {t.tile_id: t.has_vehicle for t in read_tiles_file(tiles / "target-train")[1]}
+    assert any(given.values()) and not all(given.values())  # the fixture's flags, read from flags.json
+    kept = flag_budget_tiles(list(given), 0.5, cfg.seed)
+    if rest == "skip":  # the flow's step (no detector needed)
+        out = derive_flags(cfg, tmp_path / "run", tiles, None)
+    else:  # the flow's step with F_S is tests above; here a small real detector stands in for F_S
+        out = derive_target_flags(tiny_detector, tiles, tmp_path / "flagged", imgsz=64, keep=kept, rest="derived")
+    now = {t.tile_id: t.has_vehicle for t in read_tiles_file(out / "target-train")[1]}
+    assert {t: now[t] for t in kept} == {t: given[t] for t in kept}  # the analyst's flags stay
+    record = json.loads((out / DERIVED_FLAGS_FILE).read_text())
+    if rest == "skip":
+        assert set(now) == set(kept) and record["source_val"] is None
+    else:
+        assert set(now) == set(given)
+        threshold = record["source_val"]["threshold"]
+        assert {t: now[t] for t in now if t not in kept} == {
+            t: record["scores"][t] >= threshold for t in now if t not in kept
+        }
+    assert record["given_kept"] == len(kept)
