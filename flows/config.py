@@ -187,8 +187,7 @@ class RealTargetSettings(Strict):
 
     Each method labels the tiles and becomes a variant ``real-<method>+source`` trained with real source
     tiles. Tiles flagged empty get no box; a proposer's threshold is its F1-optimal confidence on real
-    source-val. The defaults are the settings that measured best or level on both aerial-v1 targets
-    (figures: benchmarks/README.md, "Where the defaults come from").
+    source-val. Why each default: benchmarks/README.md, "Where the defaults come from".
 
     ``methods`` (default ``[self-training, heatmap]``): ``self-training``: F_S (the source-only detector)
     proposes boxes; ``heatmap``: the LDM's "cars" map of the real tile (one UNet pass at a noise level), read
@@ -215,11 +214,10 @@ class RealTargetSettings(Strict):
     ``relabel_with`` (default ``own-seed``): which detectors of the round before relabel. ``own-seed``: each
     seed's detector relabels for that seed alone (``annotation/<set>-r<k>/seed<s>/``; with one seed, the first
     seed's set as ``first-seed`` writes it), so the spread over seeds includes the labelling; ``first-seed``:
-    the first seed's detector labels for every seed (the figures before the scoreboard); ``all-seeds``
+    the first seed's detector labels for every seed (as the runs before the scoreboard did); ``all-seeds``
     fuses every seed's detections tile by tile (weighted boxes fusion at ``fusion_iou``; a box k of n
-    detectors found keeps k/n of its mean confidence), thresholded on source-val like one detector's. It
-    helped on one aerial-v1 target and not the other: try it with several seeds when a round is still
-    gaining.
+    detectors found keeps k/n of its mean confidence), thresholded on source-val like one detector's
+    (its figures: benchmarks/README.md).
 
     ``mask_uncertain`` (default ``null``, none): a fraction, e.g. 0.5: the proposals of a flagged tile that
     the threshold dropped but that reach this fraction of it are painted over with the tile's mean colour
@@ -230,7 +228,7 @@ class RealTargetSettings(Strict):
     threshold. ``best-box`` (default): its best proposal, forced by the flag. ``image-level``: no box; the
     tile is listed in the labels' ``image_level.json`` and the detector learns it through an image-level
     loss (at least one anchor scores "vehicle"; none of the tile is taught "background";
-    :mod:`aerosynth.detection.image_level`); it measured level with ``best-box``.
+    :mod:`aerosynth.detection.image_level`; figures against ``best-box``: benchmarks/README.md).
     """
 
     enabled: bool = True
@@ -336,7 +334,7 @@ class DetectionSettings(Strict):
     round heat-map labels, then fused, then F_S's; without real-tile labels, the copy-paste sets (blended,
     harmonised, plain). It may list variants a run does not build; a name no run could build (a typo) is
     refused, as is a mix naming a set this config's enabled methods do not build. Change it to prefer another
-    kind of labels, or a mix, on a target where it measured better (figures: benchmarks/README.md).
+    kind of labels, or a mix, for your target (the figures behind the default: benchmarks/README.md).
     ``reference_from``: the work folder of an earlier run whose source-only detectors are reused when
     they were trained with these settings on the same source tiles (their key matches).
     """
