@@ -21,7 +21,8 @@ decimated read of that many pixels.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,34 +113,23 @@ def read_raster(path: str | Path, bands: list[int] | None = None) -> RasterImage
         InputError: unreadable or corrupt file, oversized raster, wrong band count or index.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                if ds.width * ds.height > MAX_IMAGE_PIXELS:
-                    raise InputError(
-                        path, f"raster of {ds.width}x{ds.height} pixels is over the {MAX_IMAGE_PIXELS} limit"
-                    )
-                if bands is None:
-                    if ds.count != 3:
-                        raise InputError(path, f"has {ds.count} band(s), not 3: choose bands (e.g. bands=[1, 2, 3])")
-                    bands = [1, 2, 3]
-                if len(bands) not in (1, 3):
-                    raise InputError(path, f"band selection {bands} must name 1 or 3 bands")
-                for b in bands:
-                    if not 1 <= b <= ds.count:
-                        raise InputError(path, f"band {b} does not exist (raster has {ds.count})")
-                data = ds.read(bands)
-                masks = ds.read_masks(bands)
-                transform = ds.transform
-                crs = ds.crs
-                georeferenced = crs is not None or transform != Affine.identity()
-    except InputError:
-        raise
-    except (RasterioIOError, rasterio.errors.RasterioError) as exc:
-        raise InputError(path, f"unreadable or corrupt raster ({str(exc).splitlines()[0][:80]})") from None
+    with open_raster(path) as ds:
+        if ds.width * ds.height > MAX_IMAGE_PIXELS:
+            raise InputError(path, f"raster of {ds.width}x{ds.height} pixels is over the {MAX_IMAGE_PIXELS} limit")
+        if bands is None:
+            if ds.count != 3:
+                raise InputError(path, f"has {ds.count} band(s), not 3: choose bands (e.g. bands=[1, 2, 3])")
+            bands = [1, 2, 3]
+        if len(bands) not in (1, 3):
+            raise InputError(path, f"band selection {bands} must name 1 or 3 bands")
+        for b in bands:
+            if not 1 <= b <= ds.count:
+                raise InputError(path, f"band {b} does not exist (raster has {ds.count})")
+        data = ds.read(bands)
+        masks = ds.read_masks(bands)
+        transform = ds.transform
+        crs = ds.crs
+        georeferenced = crs is not None or transform != Affine.identity()
     valid = np.all(masks > 0, axis=0)
     if data.dtype.kind == "f":
         valid &= np.all(np.isfinite(data), axis=0)
@@ -163,6 +153,14 @@ def raster_size(path: str | Path) -> tuple[int, int]:
     Raises:
         InputError: missing, unreadable or corrupt file.
     """
+    with open_raster(path) as ds:
+        return ds.width, ds.height
+
+
+@contextmanager
+def open_raster(path: str | Path) -> Iterator[Any]:
+    """``rasterio.open`` for reading, with a missing, unreadable or corrupt file as one ``InputError`` line
+    (and no warning for a raster without georeference)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
@@ -170,7 +168,7 @@ def raster_size(path: str | Path) -> tuple[int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as ds:
-                return ds.width, ds.height
+                yield ds
     except (RasterioIOError, rasterio.errors.RasterioError) as exc:
         raise InputError(path, f"unreadable or corrupt raster ({str(exc).splitlines()[0][:80]})") from None
 
