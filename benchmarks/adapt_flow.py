@@ -55,16 +55,23 @@ def run(args: argparse.Namespace) -> dict:
         cmd += ["--runner", args.runner]
     if args.fresh:
         cmd.append("--fresh")
-    log = REPO / "benchmarks" / "work" / f"adapt_flow_{args.target}.log"
+    wall = run_logged(cmd, REPO / "benchmarks" / "work" / f"adapt_flow_{args.target}.log", "adapt_flow")
+    return collect(args, command=shlex.join(cmd), wall_s=wall)
+
+
+def run_logged(cmd: list[str], log: Path, script: str) -> float:
+    """Run ``cmd`` from the repository root, its output appended to ``log``; its wall time in seconds.
+
+    Exits with one line naming ``script``, the command and the log when it fails.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     print("$", shlex.join(cmd), f"> {log.relative_to(REPO)}", flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as out:
         rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    wall = round(time.perf_counter() - t0, 1)
     if rc != 0:
-        sys.exit(f"adapt_flow: `{shlex.join(cmd)}` failed ({rc}); see {log}")
-    return collect(args, command=shlex.join(cmd), wall_s=wall)
+        sys.exit(f"{script}: `{shlex.join(cmd)}` failed ({rc}); see {log}")
+    return round(time.perf_counter() - t0, 1)
 
 
 def collect(args: argparse.Namespace, command: str | None = None, wall_s: float | None = None) -> dict:

@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -64,15 +61,9 @@ def load(config: Path):
 def run(args: argparse.Namespace) -> dict:
     """``aerosynth adapt --config`` (timed, resumable), the budget check, then :func:`collect`."""
     cmd = ["aerosynth", "adapt", "--config", str(args.config)]
-    log = REPO / "benchmarks" / "work" / f"{args.config.stem}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print("$", shlex.join(cmd), f"> {log.relative_to(REPO)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a") as out:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    wall = round(time.perf_counter() - t0, 1)
-    if rc != 0:
-        sys.exit(f"scoreboard: `{shlex.join(cmd)}` failed ({rc}); see {log}")
+    from adapt_flow import run_logged
+
+    wall = run_logged(cmd, REPO / "benchmarks" / "work" / f"{args.config.stem}.log", "scoreboard")
     budget_check(args.config, args.check_seeds)
     return collect(args, command=shlex.join(cmd), wall_s=wall)
 
