@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -11,8 +10,8 @@ import pytest
 
 from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, choose_flag_threshold, derive_target_flags
 from aerosynth.data.errors import InputError
-from tests.conftest import TINY_ADAPT
 from tests.data.make_fixtures import write_demo_targets
+from tests.test_boxless_target import _config
 
 
 def test_the_threshold_is_the_lowest_score_that_keeps_the_precision():
@@ -47,16 +46,7 @@ def test_a_target_without_any_flag_is_flagged_by_the_source_only_detector(prefec
 
     source, _, flagged = domains
     work = tmp_path / "run"
-    cfg = copy.deepcopy(TINY_ADAPT)
-    cfg["work_dir"] = str(work)
-    cfg["data"] = {
-        "preset": "custom",
-        "source": str(source),
-        "target": str(flagged),
-        "val_groups": ["scene_02"],
-        "test_groups": ["scene_02"],
-        "flags": "none",
-    }
+    cfg = _config(work, source, flagged, data={"flags": "none"})
     # no LDM (seconds saved): F_S's own labels follow the flags as the heat-map labels do
     cfg["generation"] = {**cfg["generation"], "enabled": False}
     cfg["annotation"] = {**cfg["annotation"], "real_target": {"rounds": 1, "methods": ["self-training"]}}
@@ -120,17 +110,7 @@ def test_a_flag_budget_keeps_the_given_flags_of_its_tiles_and_leaves_out_or_deri
     from aerosynth.flows.config import build_config
 
     source, _, flagged = domains
-    doc = copy.deepcopy(TINY_ADAPT)
-    doc["work_dir"] = str(tmp_path / "run")
-    doc["data"] = {
-        "preset": "custom",
-        "source": str(source),
-        "target": str(flagged),
-        "val_groups": ["scene_02"],
-        "test_groups": ["scene_02"],
-        "flag_budget": 0.5,
-        "flag_budget_rest": rest,
-    }
+    doc = _config(tmp_path / "run", source, flagged, data={"flag_budget": 0.5, "flag_budget_rest": rest})
     cfg = build_config(doc)
     assert needs_flag_step(cfg) == (True, rest == "derived")
     assert needs_flag_step(build_config({**doc, "data": {**doc["data"], "flag_budget": 1.0}})) == (False, False)
