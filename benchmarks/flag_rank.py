@@ -1,0 +1,123 @@
+"""Does the flag-level figure rank detectors as AP50 does? (issue #31 item 4, on targets with boxes)
+
+A user without target boxes picks and checks detectors by their tile-level AP on held-out flags
+(:mod:`aerosynth.detection.flag_scores`); this measures whether that figure orders detectors as AP50 does.
+For every detector of a finished run folder (``detectors/<variant>/seed<s>/``: each variant x seed, the
+oracles included) the run already holds its predictions on target-test (``predictions.json``, down to the
+evaluation's low confidence) and its AP50 (``metrics.json``). The flags are the target-test tiles' own ("a
+vehicle is on this tile", from their boxes, ignore regions left out): tiles no detector trained on, as the
+held-out flags of a user's run are. Spearman's rank correlation is taken over all variants x seeds, and per
+seed over the variants (the choice a user makes within one run). Writes ``flag_rank`` and
+``flag_rank_spearman`` into ``benchmarks/results/flags_only_<target>.json``::
+
+    python benchmarks/flag_rank.py --run benchmarks/work/scoreboard-minsk --target minsk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import use_checkout  # noqa: E402
+
+use_checkout()
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def detector_figures(run: Path, flags: dict[str, bool]) -> dict[str, dict]:
+    """``"<variant>/seed<s>"`` -> its AP50 and flag-level figures on target-test, for every scored detector."""
+    from aerosynth.data.detections import Detections
+    from aerosynth.detection.flag_scores import flag_scores
+
+    out = {}
+    for metrics_file in sorted((run / "detectors").glob("*/seed*/metrics.json")):
+        folder = metrics_file.parent
+        predictions_file = folder / "predictions.json"
+        if not predictions_file.is_file():
+            continue
+        raw = json.loads(predictions_file.read_text())
+        by_tile = {t: Detections.from_coco(raw.get(t, [])) for t in flags}
+        scores = flag_scores(by_tile, flags)
+        ap50 = json.loads(metrics_file.read_text())["ap50"]
+        out[f"{folder.parent.name}/{folder.name}"] = {
+            "ap50": round(float(ap50), 4),
+            "tile_ap": scores.tile_ap,
+            "auroc": scores.auroc,
+        }
+    return out
+
+
+def concordance(detectors: dict[str, dict], gap: float) -> dict:
+    """Among pairs of detectors whose AP50 differs by more than ``gap``: the share tile-level AP orders alike."""
+    keys = sorted(detectors)
+    pairs = same = 0
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            d_ap50 = detectors[a]["ap50"] - detectors[b]["ap50"]
+            if abs(d_ap50) > gap:
+                pairs += 1
+                same += (detectors[a]["tile_ap"] - detectors[b]["tile_ap"]) * d_ap50 > 0
+    return {"pairs": pairs, "ordered_alike": round(same / pairs, 3) if pairs else None}
+
+
+def rank_figures(detectors: dict[str, dict]) -> dict:
+    """Spearman of tile-level AP (and AUROC) against AP50: over all detectors, and per seed over its variants."""
+    from aerosynth.detection.flag_scores import spearman
+
+    def rho(keys: list[str], figure: str) -> float:
+        return round(
+            spearman({k: detectors[k][figure] for k in keys}, {k: detectors[k]["ap50"] for k in keys}), 3
+        )
+
+    keys = sorted(detectors)
+    seeds = sorted({k.split("/")[1] for k in keys}, key=lambda s: int(s.removeprefix("seed")))
+    per_seed = {}
+    for seed in seeds:
+        mine = [k for k in keys if k.endswith("/" + seed)]
+        if len(mine) >= 3:
+            per_seed[seed.removeprefix("seed")] = {"tile_ap": rho(mine, "tile_ap"), "auroc": rho(mine, "auroc")}
+    return {
+        "detectors": len(keys),
+        "concordance": {f"ap50_gap_over_{gap}": concordance(detectors, gap) for gap in (0.0, 0.02, 0.05, 0.1)},
+        "spearman_tile_ap": rho(keys, "tile_ap"),
+        "spearman_auroc": rho(keys, "auroc"),
+        "per_seed": per_seed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aerosynth.data.tileset import open_evaluation_split
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished run folder with target boxes")
+    parser.add_argument("--target", required=True, help="names the results file flags_only_<target>.json")
+    args = parser.parse_args(argv)
+    test = open_evaluation_split(args.run / "tiles", "target-test")
+    flags = {t.tile_id: len(test.labels(t.tile_id)) > 0 for t in test}
+    detectors = detector_figures(args.run, flags)
+    ranking = rank_figures(detectors)
+    path = RESULTS / f"flags_only_{args.target}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc["flag_rank_spearman"] = ranking["spearman_tile_ap"]
+    doc["flag_rank"] = {
+        "what": "tile-level AP (best box per tile) on the target-test tiles' flags against AP50 on their boxes, "
+        "for every detector of the run (variants x seeds); Spearman over all, and per seed over its variants",
+        "command": f"python benchmarks/flag_rank.py --run {args.run} --target {args.target}",
+        "run": str(args.run),
+        "tiles": len(flags),
+        "flagged": sum(flags.values()),
+        **ranking,
+        "per_detector": detectors,
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in doc["flag_rank"].items() if k != "per_detector"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
