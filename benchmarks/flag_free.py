@@ -10,6 +10,14 @@ derivation). Writes ``flag_free_flags`` into ``benchmarks/results/flags_only_<ta
      "target_train": {"precision", "recall", "f1", "accuracy", "flagged", "tiles", "with_vehicle"}}}, ...}}
 
     python benchmarks/flag_free.py --run benchmarks/work/scoreboard-minsk --target minsk
+
+``--collect RUN`` reads a finished ``data.flags: none`` adapt run instead (``configs/flag_free_<target>.yaml``): the
+handed-over variant's AP50 per seed, against the flagged scoreboard run's (``results/scoreboard_<target>.json``,
+same seeds, same recipe, the true flags) and source-only, and the share of the flagged recipe's gain kept, as a
+ratio of means over the shared seeds (the goal: at least 0.5). Writes ``flag_free`` (seed -> AP50) and
+``flag_free_gain``::
+
+    python benchmarks/flag_free.py --collect benchmarks/work/flag-free-minsk --target minsk
 """
 
 from __future__ import annotations
@@ -47,16 +55,71 @@ def compare(derived: dict[str, bool], truth: dict[str, bool]) -> dict:
     }
 
 
+def collect(run: Path, target: str) -> dict:
+    """The flag-free run's handed-over AP50 per seed against the flagged scoreboard's, and the gain kept."""
+    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE
+    from aerosynth.data.tileset import open_evaluation_split, read_tiles_file
+
+    board = json.loads((RESULTS / f"scoreboard_{target}.json").read_text())
+    handed = json.loads((run / "detector.json").read_text())
+    variant = handed["from"].split("/")[1]
+    if variant != board["handed_over"]["variant"]:
+        raise SystemExit(f"{run} handed over {variant}, the scoreboard {board['handed_over']['variant']}")
+    flag_free = {}
+    for metrics in sorted((run / "detectors" / variant).glob("seed*/metrics.json")):
+        flag_free[metrics.parent.name.removeprefix("seed")] = round(json.loads(metrics.read_text())["ap50"], 4)
+    seeds = [s for s in flag_free if s in board["handed_over"]["per_seed"]]
+    so = [board["source_only"]["per_seed"][s] for s in seeds]
+    flagged = [board["handed_over"]["per_seed"][s] for s in seeds]
+    free = [flag_free[s] for s in seeds]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    truth_split = open_evaluation_split(run / "tiles", "target-train")
+    truth = {t.tile_id: len(truth_split.labels(t.tile_id)) > 0 for t in truth_split}
+    derived = {t.tile_id: t.has_vehicle for t in read_tiles_file(run / "tiles-flagged" / "target-train")[1]}
+    record = json.loads((run / "tiles-flagged" / DERIVED_FLAGS_FILE).read_text())
+    return {
+        "flag_free": flag_free,
+        "flag_free_gain": {
+            "what": "handed-over AP50 with data.flags: none (every target-train flag derived by the first seed's "
+            "F_S) against the same recipe on the true flags (the scoreboard run, same seeds) and source-only; "
+            "gain kept = (mean flag-free - mean source-only) / (mean flagged - mean source-only)",
+            "command": f"aerosynth adapt --config benchmarks/configs/flag_free_{target}.yaml; "
+            f"python benchmarks/flag_free.py --collect {run} --target {target}",
+            "variant": variant,
+            "seeds": [int(s) for s in seeds],
+            "source_only": dict(zip(seeds, so, strict=True)),
+            "flagged": dict(zip(seeds, flagged, strict=True)),
+            "flag_free": dict(zip(seeds, free, strict=True)),
+            "gain_kept": round((mean(free) - mean(so)) / (mean(flagged) - mean(so)), 3),
+            "gain_kept_per_seed": {
+                s: round((f - o) / (g - o), 3) for s, f, o, g in zip(seeds, free, so, flagged, strict=True)
+            },
+            "beats_source_only_every_seed": all(f > o for f, o in zip(free, so, strict=True)),
+            "derived_flags": {"threshold": record["source_val"]["threshold"], **compare(derived, truth)},
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags
     from aerosynth.data.tileset import open_evaluation_split, read_tiles_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished run folder (tiles/, detectors/)")
+    parser.add_argument("--run", type=Path, help="a finished run folder (tiles/, detectors/)")
+    parser.add_argument("--collect", type=Path, help="a finished data.flags: none adapt run to collect")
     parser.add_argument("--target", required=True, help="names the results file flags_only_<target>.json")
     parser.add_argument("--precision", type=float, default=0.9)
     parser.add_argument("--imgsz", type=int, default=128)
     args = parser.parse_args(argv)
+    if args.collect:
+        path = RESULTS / f"flags_only_{args.target}.json"
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+        doc.update(collect(args.collect, args.target))
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(json.dumps(doc["flag_free_gain"], indent=1))
+        return 0
+    if args.run is None:
+        parser.error("give --run or --collect")
     tiles = args.run / "tiles"
     evaluation = open_evaluation_split(tiles, "target-train")
     truth = {t.tile_id: len(evaluation.labels(t.tile_id)) > 0 for t in evaluation}
