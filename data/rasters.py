@@ -31,7 +31,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -319,6 +319,8 @@ class RasterSource:
             if not 1 <= b <= ds.count:
                 raise InputError(self.where, f"band {b} does not exist (raster has {ds.count})")
         self.bands = list(bands)
+        # GDAL reports a band without nodata, mask or alpha as all valid: its mask need not be read
+        self._masked = any(ds.mask_flag_enums[b - 1] != [MaskFlags.all_valid] for b in set(self.bands))
         self.width, self.height = ds.width, ds.height
         georeferenced = ds.crs is not None or ds.transform != Affine.identity()
         self.transform: Affine | None = ds.transform if georeferenced else None
@@ -368,10 +370,13 @@ class RasterSource:
         unique = sorted(set(self.bands))
         try:
             data = ds.read(unique, window=window, out_shape=(len(unique), *shape), resampling=resampling)
-            masks = ds.read_masks(unique, window=window, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
+            if self._masked:
+                masks = ds.read_masks(
+                    unique, window=window, out_shape=(len(unique), *shape), resampling=Resampling.nearest
+                )
         except (RasterioIOError, rasterio.errors.RasterioError) as exc:
             raise InputError(self.where, f"unreadable block ({str(exc).splitlines()[0][:80]})") from None
-        valid = np.all(masks > 0, axis=0)
+        valid = np.all(masks > 0, axis=0) if self._masked else np.ones(shape, bool)
         if data.dtype.kind == "f":
             valid &= np.all(np.isfinite(data), axis=0)
         return data[[unique.index(b) for b in self.bands]], valid

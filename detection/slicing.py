@@ -14,9 +14,10 @@ convention of the raster's affine transform).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
 
 Predictor = Callable[[list[np.ndarray]], list[Detections]]
+#: A block as read: its RGB pixels, their top-left corner ``(x0, y0)``, the corners of its windows to run.
+BlockPixels = tuple[np.ndarray, tuple[int, int], list[tuple[int, int]]]
 EDGE_PX = 2.0  # a box this close to an inner window edge is "cut"
 
 
@@ -58,19 +61,23 @@ def _crop(rgb: np.ndarray, x0: int, y0: int, tile: int) -> np.ndarray:
     return out
 
 
-def _cut_mask(dets: Detections, x0: int, y0: int, tile: int, width: int, height: int) -> np.ndarray:
-    """Boxes (window pixels) touching a window edge that is not the raster border."""
-    b = dets.xyxy
-    cut = np.zeros(len(dets), bool)
-    if x0 > 0:
-        cut |= b[:, 0] <= EDGE_PX
-    if y0 > 0:
-        cut |= b[:, 1] <= EDGE_PX
-    if x0 + tile < width:
-        cut |= b[:, 2] >= tile - EDGE_PX
-    if y0 + tile < height:
-        cut |= b[:, 3] >= tile - EDGE_PX
-    return cut
+def _cut_mask(xyxy: np.ndarray, x0: np.ndarray, y0: np.ndarray, tile: int, width: int, height: int) -> np.ndarray:
+    """Boxes (window pixels) touching an edge of their window that is not the raster border.
+
+    Args:
+        xyxy: ``(N, 4)`` boxes, each in the pixels of its window.
+        x0: ``(N,)`` left edge of each box's window in the raster.
+        y0: ``(N,)`` top edge of each box's window.
+        tile: window size.
+        width: raster width.
+        height: raster height.
+    """
+    return (
+        ((x0 > 0) & (xyxy[:, 0] <= EDGE_PX))
+        | ((y0 > 0) & (xyxy[:, 1] <= EDGE_PX))
+        | ((x0 + tile < width) & (xyxy[:, 2] >= tile - EDGE_PX))
+        | ((y0 + tile < height) & (xyxy[:, 3] >= tile - EDGE_PX))
+    )
 
 
 def same_pairs(xyxy: np.ndarray, iou: float = 0.5, ios: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
@@ -278,21 +285,27 @@ def _predict_windows(
     """
     ox, oy = offset
     parts: list[Detections] = []
-    cuts: list[np.ndarray] = []
+    corners: list[tuple[int, int]] = []
     for chunk in _batches(origins, batch):
         results = predictor([_crop(rgb, x - ox, y - oy, tile) for x, y in chunk])
         if len(results) != len(chunk):
             raise RuntimeError(f"predictor returned {len(results)} results for {len(chunk)} windows")
-        for (x, y), dets in zip(chunk, results, strict=True):
+        for corner, dets in zip(chunk, results, strict=True):
             if len(dets) == 0:
                 continue
             if dets.confidence is None:
                 dets = Detections(dets.xyxy, np.ones(len(dets)), dets.class_id)
-            if clip_to_window:
-                dets = dets.clip(tile, tile)
-            cuts.append(_cut_mask(dets, x, y, tile, *size))
-            parts.append(dets.translate(x, y))
-    return (Detections.merge(parts), np.concatenate(cuts)) if parts else None
+            parts.append(dets)
+            corners.append(corner)
+    if not parts:
+        return None
+    found = Detections.merge(parts)  # every window's boxes at once: clipped, flagged and placed as one array
+    counts = [len(d) for d in parts]
+    x0 = np.repeat(np.array([x for x, _ in corners], np.float64), counts)
+    y0 = np.repeat(np.array([y for _, y in corners], np.float64), counts)
+    xyxy = np.clip(found.xyxy, 0, tile) if clip_to_window else found.xyxy
+    cut = _cut_mask(xyxy, x0, y0, tile, *size)
+    return Detections(xyxy + np.stack([x0, y0, x0, y0], axis=1), found.confidence, found.class_id), cut
 
 
 def detect_array(
@@ -405,6 +418,41 @@ class BlockGrid:
         return float(self.ys[nxt]) if nxt < len(self.ys) else None
 
 
+def read_block(source, grid: BlockGrid, row: int, col: int) -> BlockPixels:
+    """Read (and resample) the pixels of one block, and find its windows that hold a valid pixel.
+
+    Args:
+        source: an :class:`aerosynth.data.rasters.RasterSource`.
+        grid: the windows.
+        row: block row.
+        col: block column.
+
+    Returns:
+        The block's RGB pixels at the detector's GSD, where they start in the raster at that GSD
+        ``(x0, y0)``, and the ``(x, y)`` corners of the block's windows with a valid pixel, row by row.
+    """
+    wins = grid.block_windows(row, col)
+    tile = grid.tile
+    x0, y0 = wins[0]
+    x1 = min(wins[-1][0] + tile, grid.width)
+    y1 = min(wins[-1][1] + tile, grid.height)
+    sx, sy = source.width / grid.width, source.height / grid.height
+    rgb, valid = source.read(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, out_shape=(y1 - y0, x1 - x0))
+    wins = [(x, y) for x, y in wins if valid[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile].any()]
+    return rgb, (x0, y0), wins
+
+
+def _detect_pixels(
+    pixels: BlockPixels, grid: BlockGrid, predictor: Predictor, batch: int
+) -> tuple[Detections, np.ndarray, int]:
+    """:func:`detect_block` on a block's pixels from :func:`read_block`."""
+    rgb, origin, wins = pixels
+    found = _predict_windows(rgb, wins, origin, predictor, batch, grid.tile, (grid.width, grid.height))
+    if found is None:
+        return Detections.empty(with_confidence=True), np.zeros(0, bool), len(wins)
+    return *found, len(wins)
+
+
 def detect_block(
     source, grid: BlockGrid, row: int, col: int, predictor: Predictor, batch: int = 32, threads: int | None = None
 ) -> tuple[Detections, np.ndarray, int]:
@@ -425,18 +473,42 @@ def detect_block(
     """
     if threads:
         _use_threads(threads)
-    wins = grid.block_windows(row, col)
-    tile = grid.tile
-    x0, y0 = wins[0]
-    x1 = min(wins[-1][0] + tile, grid.width)
-    y1 = min(wins[-1][1] + tile, grid.height)
-    sx, sy = source.width / grid.width, source.height / grid.height
-    rgb, valid = source.read(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, out_shape=(y1 - y0, x1 - x0))
-    wins = [(x, y) for x, y in wins if valid[y - y0 : y - y0 + tile, x - x0 : x - x0 + tile].any()]
-    found = _predict_windows(rgb, wins, (x0, y0), predictor, batch, tile, (grid.width, grid.height))
-    if found is None:
-        return Detections.empty(with_confidence=True), np.zeros(0, bool), len(wins)
-    return *found, len(wins)
+    return _detect_pixels(read_block(source, grid, row, col), grid, predictor, batch)
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Largest buffer glibc keeps in its heap for reuse while detection runs here (its adaptive limit on 64-bit
+#: systems); the heap top is handed back to the system beyond twice that, as glibc's own rule does.
+HEAP_REUSE_BYTES = 32 * 2**20
+
+
+@functools.cache
+def _steady_heap() -> bool:
+    """Let glibc reuse the buffers that every block and forward pass frees instead of unmapping them.
+
+    Each batch allocates and frees activations of several MiB, and GDAL's block cache frees and allocates
+    whole blocks. glibc's default serves buffers over a threshold (128 kiB at first, rising only as large
+    ones are freed; fixed at 128 kiB when the environment sets ``MALLOC_TRIM_THRESHOLD_``, as Dask's nanny
+    does for its workers) with fresh memory maps, and trims the top of its heap beyond twice that: the
+    memory goes back to the kernel after a batch and is faulted in, page by page and zeroed, in the next
+    one, as system time. Fixing the thresholds at :data:`HEAP_REUSE_BYTES` and twice that keeps these
+    buffers in the heap; no result changes. Set once per process; nothing where the C library is not glibc.
+
+    Returns:
+        Whether the thresholds are set.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return False
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, HEAP_REUSE_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_REUSE_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def _use_threads(threads: int) -> None:
@@ -458,25 +530,61 @@ def _job_key(source, model_path: str | Path | None, settings: dict[str, Any], pr
     return {"files": files, "model": model, **settings}
 
 
+def _read_ahead_results(
+    source, grid: BlockGrid, jobs: Sequence[tuple[int, int]], predictor: Predictor, batch: int
+) -> Iterator[tuple[int, int, tuple[Detections, np.ndarray, int]]]:
+    """``(row, col, detect_block(...))`` for each job in this process, reading one block ahead.
+
+    While the detector runs on a block, a second thread reads the next one (GDAL decodes and resamples
+    without holding the GIL), so reading takes no time from the detector's thread where a core is free.
+    Only that thread touches ``source`` meanwhile; blocks come out in order, the same as reading each one
+    when it is detected. An error reading a block is raised where that block's result would be. Closing
+    the generator waits for the block being read. The process' heap is made steady (:func:`_steady_heap`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not jobs:
+        return
+    _steady_heap()  # the detector runs in this process
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aerosynth-read")
+    try:
+        ahead = pool.submit(read_block, source, grid, *jobs[0])
+        for i, (r, c) in enumerate(jobs):
+            pixels = ahead.result()
+            if i + 1 < len(jobs):
+                ahead = pool.submit(read_block, source, grid, *jobs[i + 1])
+            yield r, c, _detect_pixels(pixels, grid, predictor, batch)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _block_results(
-    source, grid: BlockGrid, first_row: int, predictor: Predictor, batch: int, client=None
+    source,
+    grid: BlockGrid,
+    first_row: int,
+    predictor: Predictor,
+    batch: int,
+    client=None,
+    own_workers: bool = False,
 ) -> Iterator[tuple[int, int, tuple[Detections, np.ndarray, int]]]:
     """``(row, col, detect_block(...))`` for every block from ``first_row`` on, in row-major order.
 
-    On Dask, each task is a whole block (``block`` x ``block`` windows, a few forward passes of
-    ``batch`` windows), so scheduling costs little beside it; workers use one torch and OpenCV
-    thread each, and a predictor that loads a model (:class:`aerosynth.detection.prediction.WindowPredictor`)
-    loads it once per worker process, before the first block is submitted, and keeps it.
+    In this process (no ``client``), the next block is read while the detector runs
+    (:func:`_read_ahead_results`). On Dask, each task is a whole block (``block`` x ``block`` windows, a
+    few forward passes of ``batch`` windows), so scheduling costs little beside it; workers use one torch
+    and OpenCV thread each, and a predictor that loads a model
+    (:class:`aerosynth.detection.prediction.WindowPredictor`) loads it once per worker process, before the
+    first block is submitted, and keeps it. Workers started for this run (``own_workers``) also get
+    steady heap settings (:func:`_steady_heap`).
     """
     jobs = [(r, c) for r in range(first_row, grid.rows) for c in range(grid.cols)]
     if client is None:
-        for r, c in jobs:
-            yield r, c, detect_block(source, grid, r, c, predictor, batch)
+        yield from _read_ahead_results(source, grid, jobs, predictor, batch)
         return
     from collections import deque
 
     workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-    client.run(_prepare_worker, predictor)
+    client.run(_prepare_worker, predictor, own_workers)
     src, pred = client.scatter([source, predictor], broadcast=True)
     queue: deque = deque()
     todo = iter(jobs)
@@ -492,9 +600,17 @@ def _block_results(
         yield r, c, fut.result()
 
 
-def _prepare_worker(predictor: Predictor) -> None:
-    """On a Dask worker: one torch and OpenCV thread, and the predictor's model loaded (when it has one)."""
+def _prepare_worker(predictor: Predictor, steady_heap: bool = False) -> None:
+    """On a Dask worker: one torch and OpenCV thread, and the predictor's model loaded (when it has one).
+
+    Args:
+        predictor: the window predictor the worker will run.
+        steady_heap: also fix the worker's heap thresholds (:func:`_steady_heap`); for workers started by
+            this run, not those of a cluster given by address.
+    """
     _use_threads(1)
+    if steady_heap:
+        _steady_heap()
     load = getattr(predictor, "load", None)
     if callable(load):
         load()
@@ -542,7 +658,8 @@ def detect_raster(
 
     The raster is read block by block (:class:`aerosynth.data.rasters.RasterSource`: a GeoTIFF or COG,
     a ``.vrt``, a folder or a list of files on one grid), each block resampled to the detector's GSD
-    as it is read; blocks run in row-major order, in this process or on Dask workers. Boxes are
+    as it is read; blocks run in row-major order, in this process (the next block read in a second
+    thread while the detector runs, :func:`_read_ahead_results`) or on Dask workers. Boxes are
     merged by :class:`BoxMerger` in this process and written as soon as no later window can
     touch them (:mod:`aerosynth.detection.vector_output`). After every block row the output stream
     and a state file (``OUT.state.json``: rows done and the boxes still pending) are saved: a rerun of
@@ -634,9 +751,13 @@ def detect_raster(
         return len(final)
 
     try:
-        with stream, _dask_client(workers, dask_address) as client:
+        with (
+            stream,
+            _dask_client(workers, dask_address) as client,
+            closing(_block_results(source, grid, first_row, predictor, batch, client, not dask_address)) as blocks,
+        ):  # closing: a block still being read ahead is waited for, whatever ends the loop
             row_left = grid.cols
-            for row, col, (dets, cut, _ran) in _block_results(source, grid, first_row, predictor, batch, client):
+            for row, col, (dets, cut, _ran) in blocks:
                 merger.add(dets, cut)
                 windows_done += len(grid.block_windows(row, col))
                 if progress is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import tracemalloc
 
 import numpy as np
@@ -179,6 +180,67 @@ def test_a_killed_run_resumes_and_ends_with_the_same_features(tmp_path, monkeypa
     assert len(seen) == 36 - 6 * state["rows_done"]  # only the rows not done ran again
     assert np.array_equal(feature_boxes(read_lines(out), transform), expected)
     assert not out.with_name(out.name + ".state.json").exists()
+
+
+def _read_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("aerosynth-read")]
+
+
+def test_blocks_read_ahead_are_the_blocks_read_in_turn(tmp_path, monkeypatch):
+    path, _ = _tiled_scene(tmp_path)
+    source = RasterSource(path)
+    grid = slicing.BlockGrid(source.width, source.height, 128, 32, 1)
+    jobs = [(r, c) for r in range(grid.rows) for c in range(grid.cols)]
+    ahead = list(slicing._read_ahead_results(source, grid, jobs, stub_predictor(), 32))
+    assert [(r, c) for r, c, _ in ahead] == jobs
+    for r, c, (dets, cut, ran) in ahead:
+        expected, expected_cut, expected_ran = slicing.detect_block(source, grid, r, c, stub_predictor())
+        assert dets == expected and np.array_equal(cut, expected_cut) and ran == expected_ran
+    assert sum(len(d) for _, _, (d, _, _) in ahead) > 0 and not _read_threads()
+    # an unreadable block fails where its result would be, and the read thread ends with the run
+    read, calls = RasterSource.read, {"n": 0}
+
+    def fails_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise InputError(path, "unreadable block")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(RasterSource, "read", fails_third)
+    got = []
+    with pytest.raises(InputError, match="unreadable block"):
+        for item in slicing._read_ahead_results(source, grid, jobs, stub_predictor(), 32):
+            got.append(item)
+    assert len(got) == 2 and not _read_threads()
+    calls["n"] = 0
+    with pytest.raises(InputError, match="unreadable block"):
+        detect_raster(path, "unused.pt", tmp_path / "v.geojsonl", target_gsd=0.125, block=1, predictor=stub_predictor())
+    assert not _read_threads()
+
+
+def test_a_raster_without_nodata_is_read_without_its_mask(tmp_path):
+    path, _ = _tiled_scene(tmp_path)
+    source = RasterSource(path)
+    assert not source._masked  # GDAL: every band all valid
+    rgb, valid = source.read(10, 20, 300, 200)
+    assert valid.shape == (200, 300) and valid.all()
+    assert np.array_equal(rgb, read_raster(path).rgb[20:220, 10:310])
+    # a mosaic with a gap has a mask, and reads it
+    img, _ = _scene(100, 100)
+    transform = Affine(0.125, 0, ORIGIN[0], 0, -0.125, ORIGIN[1])
+    a = write_geotiff(tmp_path / "a.tif", img, transform, "EPSG:32632")
+    b = write_geotiff(tmp_path / "b.tif", img, transform @ Affine.translation(200, 0), "EPSG:32632")
+    mosaic = RasterSource([a, b])
+    _, valid = mosaic.read(0, 0, mosaic.width, mosaic.height)
+    assert mosaic._masked and valid[:, :100].all() and not valid[:, 100:200].any()
+
+
+def test_the_heap_is_made_steady_once_on_glibc():
+    import ctypes
+
+    glibc = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert slicing._steady_heap() is glibc
+    assert slicing._steady_heap() is glibc  # set once per process
 
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".fgb", ".geojson", ".geojsonl"])
