@@ -106,13 +106,24 @@ def load_model(model_path: str | Path):
 
 @functools.lru_cache(maxsize=4)
 def _inference_model(path: str, mtime: float, device: str):  # mtime in the key: a rewritten file is reloaded
-    """The detector as ultralytics' predictor runs it: a copy of the loaded model, fused, on ``device``, eval mode."""
+    """The detector as ultralytics' predictor runs it: a copy of the loaded model, fused, on ``device``, eval mode.
+
+    ultralytics' ``select_device`` sets torch to one thread fewer than the machine's cores on a CPU (its
+    setting for training beside data loaders); inference here keeps the process' own thread count, so a
+    process on its own uses every core and a worker keeps the one thread it was given.
+    """
+    import torch
     import torchvision  # noqa: F401  (ultralytics' NMS uses torchvision's kernel once it is imported)
     from ultralytics.nn.autobackend import AutoBackend
     from ultralytics.utils.torch_utils import select_device
 
     model = copy.deepcopy(_load(path, mtime).model)
-    return AutoBackend(model, device=select_device(device, verbose=False), fuse=True, verbose=False).eval()
+    threads = torch.get_num_threads()
+    try:
+        chosen = select_device(device, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    return AutoBackend(model, device=chosen, fuse=True, verbose=False).eval()
 
 
 def inference_model(model_path: str | Path, device: str = "cpu"):

@@ -124,3 +124,18 @@ def test_two_dask_workers_load_the_model_once_and_match_one_process(tmp_path, ti
         assert misses == 1 and threads == 1  # loaded once per worker, whatever the blocks it ran
     assert sum(hits for _, hits, _ in states) >= 12  # every block's predictor call found it loaded
     assert np.array_equal(feature_boxes(read_lines(one), transform), feature_boxes(read_lines(two), transform))
+
+
+def test_inference_keeps_the_thread_count_of_its_process(tiny_detector):
+    """ultralytics' ``select_device`` sets torch to cores - 1 threads; loading for inference must not change it."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(9)  # above the 8 that select_device sets at most: a reset cannot go unseen
+        prediction._inference_model.cache_clear()
+        prediction.predict(tiny_detector, [np.zeros((64, 64, 3), np.uint8)], imgsz=64)
+        assert torch.get_num_threads() == 9
+    finally:
+        torch.set_num_threads(before)
+        prediction._inference_model.cache_clear()
