@@ -139,8 +139,9 @@ def oracle_budget(config: AdaptConfig, tiles: Path) -> tuple[int, int]:
     Every target-train tile is in each epoch (its target share, ``1 - mix_source_fraction``, holds them all,
     real source tiles the rest, as for every variant), and its images over all epochs are at least what the
     handed-over recipe spent over all its rounds: ``rounds x finetune.epochs x`` the recipe's images per
-    epoch (``real-heatmap-r3+source``: three fine-tunes). The capped oracle, one fine-tune's budget on a
-    draw of the tiles, is ``oracle-paired`` (``detection.oracle_paired``).
+    epoch (``real-heatmap-r3+source``: three fine-tunes), times ``detection.oracle_budget`` (at least 1).
+    The capped oracle, one fine-tune's budget on a draw of the tiles, is ``oracle-paired``
+    (``detection.oracle_paired``).
     """
     from aerosynth.data.tileset import read_tiles_file
     from aerosynth.flows.adapt_tiles import recipe
@@ -152,7 +153,7 @@ def oracle_budget(config: AdaptConfig, tiles: Path) -> tuple[int, int]:
     recipe_images = int(own.group(1)) if own else ft.images
     target_tiles = len(read_tiles_file(tiles / "target-train")[1])
     images = max(ft.images, math.ceil(target_tiles / (1 - d.mix_source_fraction)))
-    epochs = math.ceil(rounds * ft.epochs * recipe_images / images)
+    epochs = math.ceil(d.oracle_budget * rounds * ft.epochs * recipe_images / images)
     return images, epochs
 
 

@@ -350,6 +350,10 @@ class DetectionSettings(Strict):
     max_train_images: int | None = Field(None, ge=1)
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
+    # the full oracle's images over all its epochs, as a multiple of the handed-over recipe's whole budget
+    # (flows.adapt_detection.oracle_budget): raise it until doubling moves the oracle by < 0.01 AP50
+    # (benchmarks/scoreboard.py checks it)
+    oracle_budget: float = Field(1.0, ge=1)
     oracle_paired: bool = False
     continued: bool = True
     # the detectors a comparison needs beyond the one handed over (continued control, other labelled sets and

@@ -110,6 +110,15 @@ def test_the_full_oracle_sees_every_target_tile_for_the_whole_recipe_budget_and_
         assert full.epochs * full.mix_total >= rounds * 2 * images  # the recipe's whole budget: rounds x one fine-tune
         assert (full.epochs - 1) * full.mix_total < rounds * 2 * images  # and not an epoch more
     assert "oracle-paired" not in {v.name for v in variants(build_config(doc), tiles_dir, {}, {})}
+    # detection.oracle_budget: a multiple of that budget, for an oracle the budget check finds saturated
+    finetune = {"epochs": 2, "images": 32}
+    cfg = build_config({**doc, "detection": {**doc["detection"], "oracle_budget": 2, "finetune": finetune}})
+    oracle = next(v for v in variants(cfg, tiles_dir, {}, {}) if v.name == "oracle")
+    full = detector_config(cfg, oracle, 0, tiles_dir.parent / "detectors" / "source-only" / "seed0")
+    budget = 2 * cfg.annotation.real_target.rounds * 2 * 32  # twice the recipe's whole budget
+    assert full.epochs * full.mix_total >= budget > (full.epochs - 1) * full.mix_total
+    with pytest.raises(ValueError, match="oracle_budget"):
+        build_config({**doc, "detection": {**doc["detection"], "oracle_budget": 0.5}})
 
 
 def test_reference_from_reuses_a_matching_source_only_detector(tiles, tmp_path):
