@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -294,11 +295,16 @@ def detect(
     workers: Annotated[int, typer.Option(help="Run blocks on N local Dask worker processes (0: this process).")] = 0,
     dask_address: Annotated[str | None, typer.Option(help="Run blocks on the Dask scheduler at this address.")] = None,
     block: Annotated[int, typer.Option(help="Windows per block side (a block is read and detected at once).")] = 8,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads of the detector in this process (default: every core).", min=1)
+    ] = None,
 ) -> None:
     """Sliced detection over a raster of any size, block by block, merged by NMS, streamed to a vector file.
 
     A killed run resumes from its last finished block row when run again with the same arguments.
     """
+    import torch
+
     from aerosynth.detection.prediction import check_detector_file
     from aerosynth.detection.slicing import detect_raster
     from aerosynth.flows.progress import stage, terminal_output
@@ -306,6 +312,10 @@ def detect(
     model = run_detector(model, run)
     check_detector_file(model)
     band_list = [int(b) for b in bands.split(",")] if bands else None
+    # every core by default: torch's own default follows OMP_NUM_THREADS, which importing ultralytics sets to
+    # one fewer than the cores (one thread on 2 cores)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads or cores)
     logs = out.parent / ".logs"  # hidden: the folder of OUT is the user's own
     with terminal_output(logs, verbose, announce=False), stage(f"detect {raster[0].name}"):
         n = detect_raster(

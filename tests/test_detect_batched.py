@@ -139,3 +139,26 @@ def test_inference_keeps_the_thread_count_of_its_process(tiny_detector):
     finally:
         torch.set_num_threads(before)
         prediction._inference_model.cache_clear()
+
+
+def test_the_detect_command_runs_the_detector_on_every_core_unless_told(tmp_path, tiny_detector, monkeypatch):
+    """Importing ultralytics sets OMP_NUM_THREADS to cores - 1 (torch then defaults to one thread on 2 cores):
+    ``aerosynth detect`` sets torch to every core the process may use, or to ``--threads``."""
+    import torch
+
+    from aerosynth.detection import slicing
+    from aerosynth.flows.cli import main
+
+    raster, _ = _raster(tmp_path)
+    seen = []
+    real = slicing.detect_raster
+    monkeypatch.setattr(slicing, "detect_raster", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(5)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        base = ["detect", str(raster), "--model", str(tiny_detector), "--gsd", "0.125", "--conf", "0.5"]
+        assert main([*base, "--out", str(tmp_path / "a.geojsonl")]) == 0
+        assert main([*base, "--out", str(tmp_path / "b.geojsonl"), "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [5, 2]
