@@ -1,6 +1,6 @@
 """The one YAML config of an adapt run, validated by pydantic (an unknown key is an error naming it).
 
-Presets ``demo`` (the embedded demo on the tiny model, minutes on a CPU), ``cpu-bench``
+Presets ``demo`` (the embedded demo on the tiny model, for a CPU), ``cpu-bench``
 (protocol aerial-v1 on 2 cores) and ``gpu`` (aerial-v1 with bigger budgets on a CUDA GPU) are
 starting points; a config file names one with ``preset:`` and overrides any field.
 """
@@ -351,8 +351,8 @@ class DetectionSettings(Strict):
     mix_source_fraction: float = Field(0.5, gt=0, lt=1)
     oracle: bool = True
     # the full oracle's images over all its epochs, as a multiple of the handed-over recipe's whole budget
-    # (flows.adapt_detection.oracle_budget): raise it until doubling moves the oracle by < 0.01 AP50
-    # (benchmarks/scoreboard.py checks it)
+    # (flows.adapt_detection.oracle_budget); benchmarks/scoreboard.py checks whether doubling it still moves
+    # the oracle (its check and figures: benchmarks/README.md)
     oracle_budget: float = Field(1.0, ge=1)
     oracle_paired: bool = False
     continued: bool = True
@@ -431,7 +431,7 @@ def _tiny_stage(steps: int, **kw: Any) -> dict:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The main job: the embedded demo, tiny LDM, a few minutes on 2 cores. 78 small scenes per domain;
+    # The main job: the embedded demo on the tiny LDM (its wall time: README.md). 78 small scenes per domain;
     # the detector budget goes to three variants: F_S (source-only, 12 epochs of
     # 208 tiles), then, at once in two worker processes, the real target tiles labelled by F_S with their
     # weak flags and the oracle, each fine-tuned from F_S for 7 epochs of 208 tiles (half source).
@@ -469,7 +469,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "continued": False,
         },
     },
-    # The smallest run that exercises every stage (seconds per stage): `aerosynth demo --quick`, the tests.
+    # The smallest run that exercises every stage: `aerosynth demo --quick`, the tests.
     "smoke": {
         "name": "smoke",
         "work_dir": "runs/smoke",
@@ -499,7 +499,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Protocol aerial-v1 on this 2-core machine (benchmarks/run_aerial_v1.py), TAEF2 autoencoder.
     # aerial-v1 Madison -> Munich (KIT) on 2 CPU cores: the LDM recipe of box_ldm.py's stageA-v, real-tile and
     # synthetic variants, detectors in the paired design (aerial-v1 items 9-10) on three worker processes (the
-    # three F_S seeds at once; plain processes, which train a detector faster than Dask workers here:
+    # three F_S seeds at once; plain processes rather than Dask workers, for the reason in
     # benchmarks/results/detector_workers.json)
     "cpu-bench": {
         "name": "aerial-v1-cpu",
