@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from statistics import fmean
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -55,10 +56,18 @@ def compare(derived: dict[str, bool], truth: dict[str, bool]) -> dict:
     }
 
 
+def true_flags(tiles: Path, split: str) -> dict[str, bool]:
+    """Tile id -> "holds a vehicle" from the split's boxes (ignore regions left out), through the evaluation API."""
+    from aerosynth.data.tileset import open_evaluation_split
+
+    boxes = open_evaluation_split(tiles, split)
+    return {t.tile_id: len(boxes.labels(t.tile_id)) > 0 for t in boxes}
+
+
 def collect(run: Path, target: str) -> dict:
     """The flag-free run's handed-over AP50 per seed against the flagged scoreboard's, and the gain kept."""
     from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE
-    from aerosynth.data.tileset import open_evaluation_split, read_tiles_file
+    from aerosynth.data.tileset import read_tiles_file
 
     board = json.loads((RESULTS / f"scoreboard_{target}.json").read_text())
     handed = json.loads((run / "detector.json").read_text())
@@ -72,9 +81,7 @@ def collect(run: Path, target: str) -> dict:
     so = [board["source_only"]["per_seed"][s] for s in seeds]
     flagged = [board["handed_over"]["per_seed"][s] for s in seeds]
     free = [flag_free[s] for s in seeds]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    truth_split = open_evaluation_split(run / "tiles", "target-train")
-    truth = {t.tile_id: len(truth_split.labels(t.tile_id)) > 0 for t in truth_split}
+    truth = true_flags(run / "tiles", "target-train")
     derived = {t.tile_id: t.has_vehicle for t in read_tiles_file(run / "tiles-flagged" / "target-train")[1]}
     record = json.loads((run / "tiles-flagged" / DERIVED_FLAGS_FILE).read_text())
     return {
@@ -90,7 +97,7 @@ def collect(run: Path, target: str) -> dict:
             "source_only": dict(zip(seeds, so, strict=True)),
             "flagged": dict(zip(seeds, flagged, strict=True)),
             "flag_free": dict(zip(seeds, free, strict=True)),
-            "gain_kept": round((mean(free) - mean(so)) / (mean(flagged) - mean(so)), 3),
+            "gain_kept": round((fmean(free) - fmean(so)) / (fmean(flagged) - fmean(so)), 3),
             "gain_kept_per_seed": {
                 s: round((f - o) / (g - o), 3) for s, f, o, g in zip(seeds, free, so, flagged, strict=True)
             },
@@ -102,7 +109,7 @@ def collect(run: Path, target: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags
-    from aerosynth.data.tileset import open_evaluation_split, read_tiles_file
+    from aerosynth.data.tileset import read_tiles_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a finished run folder (tiles/, detectors/)")
@@ -115,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         path = RESULTS / f"flags_only_{args.target}.json"
         doc = json.loads(path.read_text()) if path.is_file() else {}
         doc.update(collect(args.collect, args.target))
-        path.write_text(json.dumps(doc, indent=2) + "\n")
+        path.write_text(json.dumps(doc, indent=1) + "\n")
         print(json.dumps(doc["flag_free_gain"], indent=1))
         return 0
     if args.run is None:
         parser.error("give --run or --collect")
     tiles = args.run / "tiles"
-    evaluation = open_evaluation_split(tiles, "target-train")
-    truth = {t.tile_id: len(evaluation.labels(t.tile_id)) > 0 for t in evaluation}
+    truth = true_flags(tiles, "target-train")
     per_seed = {}
     for folder in sorted((args.run / "detectors" / "source-only").glob("seed*"), key=lambda p: int(p.name[4:])):
         weights = folder / "train" / "detector.pt"
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision_asked": args.precision,
         "per_seed": per_seed,
     }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     print("wrote", path)
     return 0
 

@@ -70,9 +70,7 @@ def rank_figures(detectors: dict[str, dict]) -> dict:
     from aerosynth.detection.flag_scores import spearman
 
     def rho(keys: list[str], figure: str) -> float:
-        return round(
-            spearman({k: detectors[k][figure] for k in keys}, {k: detectors[k]["ap50"] for k in keys}), 3
-        )
+        return round(spearman({k: detectors[k][figure] for k in keys}, {k: detectors[k]["ap50"] for k in keys}), 3)
 
     keys = sorted(detectors)
     seeds = sorted({k.split("/")[1] for k in keys}, key=lambda s: int(s.removeprefix("seed")))
@@ -91,14 +89,13 @@ def rank_figures(detectors: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aerosynth.data.tileset import open_evaluation_split
+    from flag_free import true_flags
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run folder with target boxes")
     parser.add_argument("--target", required=True, help="names the results file flags_only_<target>.json")
     args = parser.parse_args(argv)
-    test = open_evaluation_split(args.run / "tiles", "target-test")
-    flags = {t.tile_id: len(test.labels(t.tile_id)) > 0 for t in test}
+    flags = true_flags(args.run / "tiles", "target-test")
     detectors = detector_figures(args.run, flags)
     ranking = rank_figures(detectors)
     path = RESULTS / f"flags_only_{args.target}.json"
