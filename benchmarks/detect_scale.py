@@ -7,10 +7,10 @@ packed shelf by shelf into one tiled GeoTIFF in UTM 32N at 0.125 m/px, are writt
 process tree's resident memory is sampled every 0.2 s. The ceiling is the detector's batched inference on
 windows already in memory (``predict`` in batches of 32), measured in the same run. With ``--dask`` the
 1 km² mosaic also runs on two local Dask workers (one torch thread each) and its features are compared with
-the single process'; the same run records the single process twice, with torch's default threads
-(``single_wall_s``) and with one thread (``single_1thread_wall_s``, ``OMP_NUM_THREADS=1`` as Dask gives each
-worker): on a machine with as many cores as workers, the default single process already uses every core,
-and the one-thread run is one worker's share, the figure a scale-out is measured against.
+the single process'; the same run records the single process twice, on every core (``single_wall_s``) and
+with one thread (``single_1thread_wall_s``: ``--threads 1``, and ``OMP_NUM_THREADS=1`` as Dask gives each
+worker): on a machine with as many cores as workers, the default single process already uses every core, and
+the one-thread run is one worker's share, the figure a scale-out is measured against.
 
 Usage::
 
@@ -205,7 +205,8 @@ def main() -> None:
             if code:
                 raise SystemExit("detect failed on 1 km²")
         one_thread_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # what Dask's nanny gives a worker
-        one_thread, _, code = run_measured(detect_cmd(first, args.model, args.conf, one_thread_out), one_thread_env)
+        one_thread_cmd = detect_cmd(first, args.model, args.conf, one_thread_out, ["--threads", "1"])
+        one_thread, _, code = run_measured(one_thread_cmd, one_thread_env)
         if code:
             raise SystemExit("detect failed on 1 km² with one thread")
         wall, peak, code = run_measured(detect_cmd(first, args.model, args.conf, dask_out, ["--workers", "2"]))
