@@ -7,8 +7,13 @@ oracles included) the run already holds its predictions on target-test (``predic
 evaluation's low confidence) and its AP50 (``metrics.json``). The flags are the target-test tiles' own ("a
 vehicle is on this tile", from their boxes, ignore regions left out): tiles no detector trained on, as the
 held-out flags of a user's run are. Spearman's rank correlation is taken over all variants x seeds, and per
-seed over the variants (the choice a user makes within one run). Writes ``flag_rank`` and
-``flag_rank_spearman`` into ``benchmarks/results/flags_only_<target>.json``::
+seed over the variants (the choice a user makes within one run).
+
+What limits that figure is measured beside it (``split_half``): target-test's frames are split at random into
+two halves, and on each split AP50 on one half is ranked against AP50 on the other (how well AP50 on other
+tiles ranks the same detectors) and tile-level AP on one half against AP50 on the other (the flag figure,
+under the same handicap). Writes ``flag_rank`` and ``flag_rank_spearman`` into
+``benchmarks/results/flags_only_<target>.json``::
 
     python benchmarks/flag_rank.py --run benchmarks/work/scoreboard-minsk --target minsk
 """
@@ -88,12 +93,103 @@ def rank_figures(detectors: dict[str, dict]) -> dict:
     }
 
 
+TILE_SCORES = {
+    "best box": lambda conf: float(conf.max()) if len(conf) else 0.0,
+    "noisy-or": lambda conf: float(1 - (1 - conf).prod()) if len(conf) else 0.0,
+    "sum of confidences": lambda conf: float(conf.sum()),
+    "boxes at 0.25": lambda conf: float((conf >= 0.25).sum()),
+}
+
+
+def other_tile_scores(run: Path, flags: dict[str, bool]) -> dict[str, float]:
+    """Spearman against AP50 of tile-level AP when a tile's score is not its best box but another rule.
+
+    The product scores a tile by its best box (:func:`aerosynth.detection.flag_scores.tile_score`); this checks
+    whether a score that counts every box (noisy-or, their sum, how many pass 0.25) ranks detectors better.
+    """
+    import numpy as np
+
+    from aerosynth.detection.flag_scores import spearman, tile_average_precision
+
+    tiles = sorted(flags)
+    truth = [flags[t] for t in tiles]
+    ap50: dict[str, float] = {}
+    by_rule: dict[str, dict[str, float]] = {rule: {} for rule in TILE_SCORES}
+    for metrics_file in sorted((run / "detectors").glob("*/seed*/metrics.json")):
+        raw = json.loads((metrics_file.parent / "predictions.json").read_text())
+        key = f"{metrics_file.parent.parent.name}/{metrics_file.parent.name}"
+        ap50[key] = json.loads(metrics_file.read_text())["ap50"]
+        conf = {t: np.array([a["score"] for a in raw.get(t, [])], dtype=float) for t in tiles}
+        for rule, score in TILE_SCORES.items():
+            by_rule[rule][key] = tile_average_precision([score(conf[t]) for t in tiles], truth)
+    return {rule: round(spearman(figures, ap50), 3) for rule, figures in by_rule.items()}
+
+
+def split_half(run: Path, flags: dict[str, bool], halves: int = 20) -> dict:
+    """Spearman of AP50 on half the frames against AP50 and against tile-level AP on the other half.
+
+    Every detector's saved predictions are scored again on each half of ``halves`` random frame splits (a
+    frame's tiles stay together). Both orders of each split count; the figures are means over them.
+    """
+    import random
+    import statistics
+
+    from aerosynth.data.detections import Detections
+    from aerosynth.data.tileset import open_evaluation_split
+    from aerosynth.detection.evaluation import evaluate_coco
+    from aerosynth.detection.flag_scores import flag_scores, spearman
+
+    split = open_evaluation_split(run / "tiles", "target-test")
+    doc = split.coco
+    image_id = {im["file_name"]: int(im["id"]) for im in doc["images"]}
+    frames = sorted({t.source_image for t in split.tiles})
+    predictions = {}
+    for metrics_file in sorted((run / "detectors").glob("*/seed*/metrics.json")):
+        raw = json.loads((metrics_file.parent / "predictions.json").read_text())
+        key = f"{metrics_file.parent.parent.name}/{metrics_file.parent.name}"
+        predictions[key] = {t.tile_id: Detections.from_coco(raw.get(t.tile_id, [])) for t in split.tiles}
+
+    def figures(tiles: list) -> tuple[dict, dict]:
+        ids = {image_id[f"images/{t.tile_id}.png"] for t in tiles}
+        sub = {
+            "images": [im for im in doc["images"] if im["id"] in ids],
+            "annotations": [a for a in doc["annotations"] if a["image_id"] in ids],
+            "categories": doc["categories"],
+        }
+        ap50, tile_ap = {}, {}
+        for key, by_tile in predictions.items():
+            mine = {t.tile_id: by_tile[t.tile_id] for t in tiles}
+            ap50[key] = evaluate_coco(sub, {image_id[f"images/{t}.png"]: d for t, d in mine.items()}).ap50
+            tile_ap[key] = flag_scores(mine, {t.tile_id: flags[t.tile_id] for t in tiles}).tile_ap
+        return ap50, tile_ap
+
+    ap50_vs_ap50, tile_ap_vs_ap50 = [], []
+    for rep in range(halves):
+        order = frames[:]
+        random.Random(rep).shuffle(order)
+        first = set(order[: len(order) // 2])
+        a = figures([t for t in split.tiles if t.source_image in first])
+        b = figures([t for t in split.tiles if t.source_image not in first])
+        for (ap50_x, tile_ap_x), (ap50_y, _) in ((a, b), (b, a)):
+            ap50_vs_ap50.append(spearman(ap50_x, ap50_y))
+            tile_ap_vs_ap50.append(spearman(tile_ap_x, ap50_y))
+    return {
+        "what": "Spearman over every detector between figures on two halves of target-test's frames "
+        f"({len(frames)} frames, {halves} random splits, both orders, mean): AP50 on one half against AP50 "
+        "on the other, and tile-level AP on one half against AP50 on the other",
+        "frames": len(frames),
+        "ap50_vs_ap50": round(statistics.fmean(ap50_vs_ap50), 3),
+        "tile_ap_vs_ap50": round(statistics.fmean(tile_ap_vs_ap50), 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from flag_free import true_flags
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run folder with target boxes")
     parser.add_argument("--target", required=True, help="names the results file flags_only_<target>.json")
+    parser.add_argument("--halves", type=int, default=20, help="random frame splits for the split-half check")
     args = parser.parse_args(argv)
     flags = true_flags(args.run / "tiles", "target-test")
     detectors = detector_figures(args.run, flags)
@@ -109,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         "tiles": len(flags),
         "flagged": sum(flags.values()),
         **ranking,
+        "split_half": split_half(args.run, flags, args.halves),
+        "spearman_by_tile_score": other_tile_scores(args.run, flags),
         "per_detector": detectors,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")
