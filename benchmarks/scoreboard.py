@@ -43,8 +43,8 @@ CHECK = "oracle-budget-x2"
 
 
 def target_name(config: Path) -> str:
-    """``scoreboard_minsk.yaml`` -> ``minsk``; ``pretrained_kit.yaml`` -> ``kit``."""
-    return config.stem.split("_", 1)[-1]
+    """``scoreboard_minsk.yaml`` -> ``minsk``; ``pretrained_kit.yaml``, ``scoreboard_kit_oracle2.yaml`` -> ``kit``."""
+    return config.stem.split("_")[1]
 
 
 def results_path(config: Path) -> Path:
@@ -170,6 +170,20 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
     }
     if continued:  # the control: the same fine-tuning on source tiles only
         doc["continued"] = {"per_seed": continued, "mean": _mean(continued)}
+    random_start = RESULTS / f"scoreboard_{doc['target']}.json"
+    if not str(cfg.detection.model).endswith(".yaml") and random_start.is_file():  # a pretrained start (issue #34)
+        board = json.loads(random_start.read_text())
+        doc["random_start"] = {
+            "results": str(random_start.relative_to(REPO)),
+            "source_only": board["source_only"],
+            "handed_over": board["handed_over"],
+            "oracle_full": {"mean": board["oracle_full"]["mean"]},
+        }
+        if doc["source_only"]["std"] is not None and board["source_only"].get("std"):
+            doc["source_only_std_ratio"] = round(doc["source_only"]["std"] / board["source_only"]["std"], 3)
+    report = work / "report" / "report.json"
+    if wall_s is None and report.is_file():  # collected apart from its run: the run's own record of its wall time
+        wall_s = json.loads(report.read_text()).get("wall_time", {}).get("run_s")
     if wall_s is not None:
         doc["wall_s"] = wall_s
     out = Path(args.out) if args.out else results_path(args.config)
