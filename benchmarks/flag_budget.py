@@ -1,0 +1,126 @@
+"""How many flags does an analyst need? The flag-budget curve of issue #31 item 5.
+
+Each budget is one ``aerosynth adapt`` run: ``benchmarks/configs/flag_budget_<target>_<pct>.yaml`` is the
+scoreboard's run (defaults frozen, the handed-over recipe, ``relabel_with: own-seed``) on report seeds 5-7 with
+``data.flag_budget`` of target-train's flags (a seeded draw) and the other tiles left out; its LDM, heat-map
+labels and rounds see only those. The 100 % point is the scoreboard run itself (same recipe and seeds), the 0 %
+point its source-only detectors. For each budget the handed-over detector's AP50 per seed and the share of the
+full-flag gain it keeps (ratio of means over the seeds)::
+
+    python benchmarks/flag_budget.py run --target minsk        # every budget, one run after another; resumes
+    python benchmarks/flag_budget.py collect --target minsk    # -> flag_budget in results/flags_only_minsk.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import fmean
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import use_checkout  # noqa: E402
+
+use_checkout()
+
+RESULTS = REPO / "benchmarks" / "results"
+CONFIGS = REPO / "benchmarks" / "configs"
+BUDGETS = ("05", "10", "25", "50")
+
+
+def config_path(target: str, pct: str) -> Path:
+    return CONFIGS / f"flag_budget_{target}_{pct}.yaml"
+
+
+def run(target: str, budgets: list[str]) -> None:
+    """``aerosynth adapt`` on each budget's config in turn (a finished one is skipped stage by stage)."""
+    for pct in budgets:
+        config = config_path(target, pct)
+        log = REPO / "benchmarks" / "work" / f"{config.stem}.log"
+        start = time.perf_counter()
+        with log.open("a") as out:
+            command = ["aerosynth", "adapt", "--config", str(config)]
+            subprocess.run(command, cwd=REPO, stdout=out, stderr=out, check=True)
+        print(f"{config.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def budget_point(work: Path, seeds: list[str]) -> dict | None:
+    """A finished budget run's handed-over AP50 per seed, the flags it was given and its wall time."""
+    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE
+
+    handed = work / "detector.json"
+    if not handed.is_file():
+        return None
+    variant = json.loads(handed.read_text())["variant"]
+    per_seed = {}
+    for s in seeds:
+        metrics = work / "detectors" / variant / f"seed{s}" / "metrics.json"
+        if metrics.is_file():
+            per_seed[s] = round(float(json.loads(metrics.read_text())["ap50"]), 4)
+    flags = json.loads((work / "tiles-flagged" / DERIVED_FLAGS_FILE).read_text())
+    report = work / "report" / "report.json"
+    wall = json.loads(report.read_text()).get("wall_time", {}).get("run_s") if report.is_file() else None
+    return {
+        "variant": variant,
+        "per_seed": per_seed,
+        "mean": round(fmean(per_seed.values()), 4) if per_seed else None,
+        "flags_given": flags.get("given_kept"),
+        "target_train_tiles": flags["target_train"]["tiles"],
+        "wall_s": wall,
+    }
+
+
+def collect(target: str) -> dict:
+    """The curve from the finished budget runs and the scoreboard (100 %, and source-only at 0 %)."""
+    board = json.loads((RESULTS / f"scoreboard_{target}.json").read_text())
+    seeds = ["5", "6", "7"]
+    so = {s: board["source_only"]["per_seed"][s] for s in seeds}
+    full = {s: board["handed_over"]["per_seed"][s] for s in seeds}
+    curve: dict[str, dict] = {}
+    for pct in BUDGETS:
+        point = budget_point(REPO / "benchmarks" / "work" / f"flag-budget-{target}-{pct}", seeds)
+        if point is not None:
+            curve[str(int(pct) / 100)] = point
+    variant = board["handed_over"]["variant"]
+    curve["1.0"] = {"variant": variant, "per_seed": full, "mean": round(fmean(full.values()), 4)}
+    for point in curve.values():
+        common = [s for s in seeds if s in point["per_seed"]]
+        gain = fmean(full[s] for s in common) - fmean(so[s] for s in common) if common else 0.0
+        point["gain_kept"] = (
+            round((fmean(point["per_seed"][s] for s in common) - fmean(so[s] for s in common)) / gain, 3)
+            if common and gain > 0
+            else None
+        )
+    return {
+        "what": "handed-over AP50 on target-test per share of target-train's flags given (seeded draw, the rest "
+        "left out), report seeds 5-7; 1.0 is the scoreboard run; gain_kept = (mean - source-only mean) / "
+        "(full-flag mean - source-only mean) over the seeds the point has",
+        "command": f"python benchmarks/flag_budget.py run --target {target}; "
+        f"python benchmarks/flag_budget.py collect --target {target}",
+        "source_only": so,
+        **curve,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("run", "collect"))
+    parser.add_argument("--target", required=True, choices=("minsk", "kit"))
+    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run(args.target, args.budgets)
+    path = RESULTS / f"flags_only_{args.target}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc["flag_budget"] = collect(args.target)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc["flag_budget"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
