@@ -313,7 +313,8 @@ class DetectionSettings(Strict):
     ``model``: what F_S starts from: an ultralytics model yaml (default ``yolov8n.yaml``: random weights) or a
     local ``.pt`` such as the COCO-pretrained ``yolov8n-coco.pt`` that ``tools/tflite_to_ultralytics.py``
     writes (nothing is downloaded): ultralytics transfers every layer but the three class-logit convolutions,
-    new for ``vehicle``. The relay's detectors start from it too. Example: ``benchmarks/configs/pretrained_minsk.yaml``.
+    new for ``vehicle``. The relay's detectors start from it too. Example: ``benchmarks/configs/pretrained_minsk.yaml``;
+    the ``finetune`` defaults were chosen from random-start detectors (both starts: benchmarks/README.md).
     ``design: paired`` (default): the source-only detector F_S of each seed is trained first (``epochs``,
     ``batch``, ``recipe``, ``checkpoint``, ``max_train_images``); every other variant of that seed, the
     oracle and the ``continued`` control (the same fine-tuning on source tiles only) are fine-tuned from
@@ -532,7 +533,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "seeds": [0, 1, 2],
         },
     },
-    # the same on Madison -> Minsk (protocol item 10): the larger, steadier gap
+    # the same on Madison -> Minsk (protocol item 10)
     "cpu-bench-minsk": {
         "name": "aerial-v1-minsk-cpu",
         "work_dir": "benchmarks/work/aerial-v1-minsk-cpu",
