@@ -15,6 +15,11 @@ product:
    over, and the full run's seed-0 figure of the same recipe from ``adapt_flow_minsk*.json``).
 
     python benchmarks/flags_only_user_run.py            # resumes: a finished run is only scored again
+
+With ``--equivalence`` it then runs the same job on the Minsk folder *with* its boxes
+(``benchmarks/configs/flags_only_minsk_boxes.yaml``: the settings the flags-only run takes by default, set) and
+compares the two handed-over detectors weight for weight (the goal's "byte-identical"; the checkpoint files also
+hold their training dates) -> ``equivalent`` and ``equivalence`` in ``flags_only_minsk.json``.
 """
 
 from __future__ import annotations
@@ -32,15 +37,54 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from flags_only_target import MINSK, MINSK_SCALE, write_flags_only_target  # noqa: E402
 
 CONFIG = REPO / "benchmarks" / "configs" / "flags_only_minsk.yaml"
+BOXES_CONFIG = REPO / "benchmarks" / "configs" / "flags_only_minsk_boxes.yaml"
 TARGET = REPO / "benchmarks" / "work" / "flags_only" / "minsk_drone"
 TILES_WITH_BOXES = REPO / "benchmarks" / "work" / "flags_only" / "minsk-tiles-with-boxes"
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _work_dir() -> Path:
+def _work_dir(config: Path = CONFIG) -> Path:
     from aerosynth.flows.config import load_config
 
-    return REPO / load_config(CONFIG).work_dir
+    return REPO / load_config(config).work_dir
+
+
+def _run(config: Path, log: Path, fresh: bool = False) -> tuple[list[str], float]:
+    """``aerosynth adapt --config CONFIG`` (its output appended to ``log``), and its wall time."""
+    cmd = ["aerosynth", "adapt", "--config", str(config.relative_to(REPO)), *(["--fresh"] if fresh else [])]
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if rc != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({rc}); see {log}")
+    return cmd, round(time.perf_counter() - started, 1)
+
+
+def equivalence(flags_work: Path, boxes_work: Path) -> dict:
+    """The two runs' handed-over detectors compared: variant, tiles held out, weights tensor by tensor."""
+    import torch
+
+    def weights(work: Path) -> dict:
+        return torch.load(work / "detector.pt", map_location="cpu", weights_only=False)["model"].state_dict()
+
+    def ids(work: Path, split: str) -> list[str]:
+        return sorted(t["tile_id"] for t in json.loads((work / "tiles" / split / "tiles.json").read_text())["tiles"])
+
+    mine, theirs = weights(flags_work), weights(boxes_work)
+    same_keys = mine.keys() == theirs.keys()
+    differing = [k for k in mine if not same_keys or not torch.equal(mine[k], theirs[k])]
+    handed = {w.name: json.loads((w / "detector.json").read_text())["variant"] for w in (flags_work, boxes_work)}
+    splits = {s: ids(flags_work, s) == ids(boxes_work, s) for s in ("target-train", "target-holdout")}
+    return {
+        "equivalent": same_keys and not differing and len(set(handed.values())) == 1 and all(splits.values()),
+        "handed_over": handed,
+        "same_tiles": splits,
+        "tensors": len(mine),
+        "tensors_differing": differing[:20],
+        "max_abs_difference": max(
+            (float((mine[k].float() - theirs[k].float()).abs().max()) for k in differing if same_keys), default=0.0
+        ),
+    }
 
 
 def _ap50(model: Path) -> float:
@@ -66,6 +110,7 @@ def _full_run_seed0(variant: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true", help="start the run over")
+    parser.add_argument("--equivalence", action="store_true", help="also run the target with boxes and compare")
     args = parser.parse_args(argv)
     if not (MINSK / "images").is_dir():
         sys.exit(f"{MINSK}: no Minsk imagery (set AEROSYNTH_SHARED)")
@@ -74,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{TARGET}: {len(flags)} tiles flagged, {sum(flags.values())} with a vehicle", flush=True)
     work = _work_dir()
     log = REPO / "benchmarks" / "work" / "flags_only_minsk.log"
-    cmd = ["aerosynth", "adapt", "--config", str(CONFIG.relative_to(REPO)), *(["--fresh"] if args.fresh else [])]
-    started = time.perf_counter()
-    with open(log, "a") as out:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    wall = round(time.perf_counter() - started, 1)
-    if rc != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({rc}); see {log}")
+    cmd, wall = _run(CONFIG, log, args.fresh)
     if not (TILES_WITH_BOXES / "manifest.json").is_file():
         prepare = ["aerosynth", "data", "prepare", "--preset", "aerial-v1-minsk", "--out", str(TILES_WITH_BOXES)]
         subprocess.run(prepare, check=True, cwd=REPO)
@@ -107,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(cmd),
             "machine": "2 CPU cores",
             "wall_s": wall if not previous.get("user_run") or args.fresh else previous["user_run"]["wall_s"],
+            "last_call_wall_s": wall,  # this call's: stages finished before are skipped
             "stage_seconds": stage_seconds,
             "variant": handed["variant"],
             "seed": handed.get("seed"),
@@ -138,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if re.search(r"-r\d+\+source$", handed["variant"]) is None:
         doc["user_run"]["note"] = "the run handed over no relabelling round"
+    if args.equivalence:
+        boxes_cmd, boxes_wall = _run(BOXES_CONFIG, log.with_name("flags_only_minsk_boxes.log"), args.fresh)
+        found = equivalence(work, _work_dir(BOXES_CONFIG))
+        doc["equivalent"] = found.pop("equivalent")
+        doc["equivalence"] = {"command": " ".join(boxes_cmd), "wall_s": boxes_wall, **found}
+        print(json.dumps({"equivalent": doc["equivalent"], **doc["equivalence"]}, indent=1))
     (RESULTS / "flags_only_minsk.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["user_run"], indent=1))
     return 0
