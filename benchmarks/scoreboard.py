@@ -12,8 +12,8 @@ seeds 5-9, once), then a check of the full oracle's budget, then the figures rea
 ``oracle_full`` is the run's ``oracle`` (every target-train tile, at least the recipe's whole budget:
 :func:`aerosynth.flows.adapt_detection.oracle_budget`); ``oracle_paired`` the capped one. The budget check
 fine-tunes the full oracle again at twice its epochs on ``--check-seeds`` (default: the first two report seeds)
-and records the mean AP50 change. The closure is :func:`aerosynth.detection.closure.gap_closure`, the one the
-report uses.
+and records the mean AP50 change over the seeds checked, with a bootstrap 95 % interval. The closure is
+:func:`aerosynth.detection.closure.gap_closure`, the one the report uses.
 
     python benchmarks/scoreboard.py run --config benchmarks/configs/scoreboard_minsk.yaml
     python benchmarks/scoreboard.py collect --config benchmarks/configs/scoreboard_minsk.yaml
@@ -113,6 +113,20 @@ def _std(values: dict[str, float]) -> float | None:
     return round((sum((v - m) ** 2 for v in values.values()) / (len(values) - 1)) ** 0.5, 4)
 
 
+def _mean_difference_ci95(differences: list[float]) -> list[float] | None:
+    """Bootstrap 95 % interval of a mean over seeds (seeds drawn with replacement; ``None`` below two seeds)."""
+    import numpy as np
+
+    from aerosynth.detection.closure import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED
+
+    if len(differences) < 2:
+        return None
+    values = np.asarray(differences, dtype=float)
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(values), size=(BOOTSTRAP_DRAWS, len(values)))
+    lo, hi = np.percentile(values[picks].mean(axis=1), [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def collect(args: argparse.Namespace, command: str | None = None, wall_s: float | None = None) -> dict:
     """The scoreboard JSON from a finished run folder (and its budget check, where run)."""
     from aerosynth.detection.closure import gap_closure
@@ -136,6 +150,7 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         else None
     )
     closure = gap_closure(handed, source, full)
+    check_ci95 = _mean_difference_ci95([check[s] - full[s] for s in check if s in full])
     doc = {
         "target": target_name(args.config),
         "what": "the detector aerosynth adapt hands over, on report seeds that chose no default, against "
@@ -165,6 +180,7 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         "closure": closure.to_dict(),
         "closure_vs_oracle_paired": gap_closure(handed, source, capped).to_dict(),
         "oracle_budget_check": delta,
+        "oracle_budget_check_ci95": check_ci95,
         "oracle_budget_check_per_seed": {s: {"x1": full.get(s), "x2": v} for s, v in check.items()},
         "beats_source_only_every_seed": bool(handed) and all(handed[s] > source.get(s, 1.0) for s in handed),
     }
