@@ -182,6 +182,8 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
         "oracle_budget_check": delta,
         "oracle_budget_check_ci95": check_ci95,
         "oracle_budget_check_per_seed": {s: {"x1": full.get(s), "x2": v} for s, v in check.items()},
+        # against the budget check's oracle, where it ran on every report seed
+        "closure_vs_budget_check": gap_closure(handed, source, check).to_dict() if set(seeds) <= set(check) else None,
         "beats_source_only_every_seed": bool(handed) and all(handed[s] > source.get(s, 1.0) for s in handed),
     }
     if continued:  # the control: the same fine-tuning on source tiles only
@@ -223,6 +225,7 @@ def _note_in_scoreboard(doc: dict, results: Path, budget: float) -> None:
         "its budget check doubles that again",
         **{k: doc[k] for k in ("oracle_full", "closure", "oracle_budget_check", "oracle_budget_check_ci95")},
         "oracle_budget_check_per_seed": doc["oracle_budget_check_per_seed"],
+        "closure_vs_budget_check": doc["closure_vs_budget_check"],
     }
     board_path.write_text(json.dumps(board, indent=2) + "\n")
 
