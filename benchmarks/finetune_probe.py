@@ -27,6 +27,7 @@ from statistics import fmean
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from checkout import use_checkout  # noqa: E402
+from scoreboard import _per_seed  # noqa: E402  (AP50 per seed of a run's variant)
 
 use_checkout()
 
@@ -69,15 +70,6 @@ def run(candidates: list[str]) -> None:
             command = ["aerosynth", "adapt", "--config", str(config.relative_to(REPO))]
             subprocess.run(command, cwd=REPO, stdout=out, stderr=out, check=True)
         print(f"{config.name}: {time.perf_counter() - start:.0f} s", flush=True)
-
-
-def _per_seed(work: Path, variant: str) -> dict[str, float]:
-    out = {}
-    for folder in sorted((work / "detectors" / variant).glob("seed*"), key=lambda p: int(p.name[4:])):
-        metrics = folder / "metrics.json"
-        if metrics.is_file():
-            out[folder.name.removeprefix("seed")] = round(float(json.loads(metrics.read_text())["ap50"]), 4)
-    return out
 
 
 def collect() -> dict:
