@@ -69,10 +69,9 @@ class StageSettings(Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    # None: the stage's own default (stage 0 1e-3, A and B 1e-4, C 1e-5; a higher stage-C rate cost the target
-    # maps: benchmarks/README.md)
+    # None: the stage's own default (stage 0 1e-3, A and B 1e-4, C 1e-5; why: benchmarks/README.md)
     learning_rate: float | None = Field(None, gt=0)
-    # None: stages A and C train the UNet, stage B learns its tokens only (training the UNet there cost the maps)
+    # None: stages A and C train the UNet, stage B learns its tokens only (why: benchmarks/README.md)
     train_unet: bool | None = None
     token_learning_rate: float = Field(5e-3, gt=0)
     lora_rank: int = Field(0, ge=0)
@@ -313,8 +312,8 @@ class DetectionSettings(Strict):
     ``model``: what F_S starts from: an ultralytics model yaml (default ``yolov8n.yaml``: random weights) or a
     local ``.pt`` such as the COCO-pretrained ``yolov8n-coco.pt`` that ``tools/tflite_to_ultralytics.py``
     writes (nothing is downloaded): ultralytics transfers every layer but the three class-logit convolutions,
-    new for ``vehicle``. The relay's detectors start from it too. Example: ``benchmarks/configs/pretrained_minsk.yaml``;
-    the ``finetune`` defaults were chosen from random-start detectors (both starts: benchmarks/README.md).
+    new for ``vehicle``. The relay's detectors start from it too. Example: ``benchmarks/configs/pretrained_minsk.yaml``
+    (how the ``finetune`` defaults were chosen, and both starts: benchmarks/README.md).
     ``design: paired`` (default): the source-only detector F_S of each seed is trained first (``epochs``,
     ``batch``, ``recipe``, ``checkpoint``, ``max_train_images``); every other variant of that seed, the
     oracle and the ``continued`` control (the same fine-tuning on source tiles only) are fine-tuned from
@@ -520,7 +519,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "counts": {"source_cars": 128, "target_cars": 256, "target_empty": 64},
             "translation": {"enabled": True, "strength": 0.5, "max_tiles": 512},
         },
-        # the relay trains two more detectors from scratch per run; it is measured on its own (issue 22)
+        # off: the relay trains two more detectors from scratch per run (benchmarks/README.md)
         "annotation": {"relay": {"enabled": False}},
         "detection": {
             # F_S: the reference recipe (8 epochs of the 5320 source-train tiles, final weights); every other
