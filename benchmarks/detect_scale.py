@@ -225,7 +225,22 @@ def main() -> None:
             "same_features_1thread": features(one_thread_out) == features(single_out),
         }
         print(result["dask"], flush=True)
+    result.update(derived(result))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def derived(result: dict) -> dict:
+    """The goal's ratios from the measured figures: each size's windows per second over the ceiling, 16 over 1 km²."""
+    by_km2 = {r["km2"]: r for r in result.get("rasters", [])}
+    ceiling_rate = result.get("ceiling_windows_per_s")
+    out = {}
+    if ceiling_rate:
+        out["throughput_over_ceiling"] = {
+            str(k): round(r["windows_per_s"] / ceiling_rate, 3) for k, r in sorted(by_km2.items())
+        }
+    if 1 in by_km2 and 16 in by_km2:
+        out["time_16_over_1"] = round(by_km2[16]["wall_s"] / by_km2[1]["wall_s"], 2)
+    return out
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 Each budget is one ``aerosynth adapt`` run: ``benchmarks/configs/flag_budget_<target>_<pct>.yaml`` is the
 scoreboard's run (defaults frozen, the handed-over recipe, ``relabel_with: own-seed``) on report seeds 5-7 with
 ``data.flag_budget`` of target-train's flags (a seeded draw) and the other tiles left out; its LDM, heat-map
-labels and rounds see only those. The 100 % point is the scoreboard run itself (same recipe and seeds), the 0 %
-point its source-only detectors. For each budget the handed-over detector's AP50 per seed and the share of the
-full-flag gain it keeps (ratio of means over the seeds)::
+labels and rounds see only those. ``--rest derived`` runs ``flag_budget_<target>_<pct>_derived.yaml`` instead:
+the other tiles flagged by the first seed's F_S (``flag_budget_rest: derived``, item 3's rule); where a budget
+has both, the curve's point is the one that kept more of the gain, the other beside it. The 100 % point is the
+scoreboard run itself (same recipe and seeds), the 0 % point its source-only detectors. For each budget the
+handed-over detector's AP50 per seed and the share of the full-flag gain it keeps (ratio of means over the
+seeds)::
 
     python benchmarks/flag_budget.py run --target minsk        # every budget, one run after another; resumes
+    python benchmarks/flag_budget.py run --target minsk --budgets 25 --rest derived
     python benchmarks/flag_budget.py collect --target minsk    # -> flag_budget in results/flags_only_minsk.json
 """
 
@@ -30,16 +34,22 @@ use_checkout()
 RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = REPO / "benchmarks" / "configs"
 BUDGETS = ("05", "10", "25", "50")
+#: what the unflagged tiles become: the name's suffix of the config and of the work folder
+RESTS = {"skip": "", "derived": "_derived"}
 
 
-def config_path(target: str, pct: str) -> Path:
-    return CONFIGS / f"flag_budget_{target}_{pct}.yaml"
+def config_path(target: str, pct: str, rest: str = "skip") -> Path:
+    return CONFIGS / f"flag_budget_{target}_{pct}{RESTS[rest]}.yaml"
 
 
-def run(target: str, budgets: list[str]) -> None:
+def work_path(target: str, pct: str, rest: str = "skip") -> Path:
+    return REPO / "benchmarks" / "work" / f"flag-budget-{target}-{pct}{RESTS[rest].replace('_', '-')}"
+
+
+def run(target: str, budgets: list[str], rest: str = "skip") -> None:
     """``aerosynth adapt`` on each budget's config in turn (a finished one is skipped stage by stage)."""
     for pct in budgets:
-        config = config_path(target, pct)
+        config = config_path(target, pct, rest)
         log = REPO / "benchmarks" / "work" / f"{config.stem}.log"
         start = time.perf_counter()
         with log.open("a") as out:
@@ -80,25 +90,34 @@ def collect(target: str) -> dict:
     seeds = ["5", "6", "7"]
     so = {s: board["source_only"]["per_seed"][s] for s in seeds}
     full = {s: board["handed_over"]["per_seed"][s] for s in seeds}
+
+    def gain_kept(point: dict) -> float | None:
+        common = [s for s in seeds if s in point["per_seed"]]
+        if not common:
+            return None
+        gain = fmean(full[s] for s in common) - fmean(so[s] for s in common)
+        mean = fmean(point["per_seed"][s] for s in common)
+        return round((mean - fmean(so[s] for s in common)) / gain, 3) if gain > 0 else None
+
     curve: dict[str, dict] = {}
     for pct in BUDGETS:
-        point = budget_point(REPO / "benchmarks" / "work" / f"flag-budget-{target}-{pct}", seeds)
-        if point is not None:
-            curve[str(int(pct) / 100)] = point
+        points = {}
+        for rest in RESTS:
+            point = budget_point(work_path(target, pct, rest), seeds)
+            if point is not None:
+                points[rest] = {"rest": rest, **point, "gain_kept": gain_kept(point)}
+        if points:  # the rest rule that kept more of the gain; the other beside it
+            best = max(points, key=lambda r: points[r]["gain_kept"] if points[r]["gain_kept"] is not None else -1e9)
+            others = {r: p for r, p in points.items() if r != best}
+            curve[str(int(pct) / 100)] = {**points[best], **({"other_rest": others} if others else {})}
     variant = board["handed_over"]["variant"]
-    curve["1.0"] = {"variant": variant, "per_seed": full, "mean": round(fmean(full.values()), 4)}
-    for point in curve.values():
-        common = [s for s in seeds if s in point["per_seed"]]
-        gain = fmean(full[s] for s in common) - fmean(so[s] for s in common) if common else 0.0
-        point["gain_kept"] = (
-            round((fmean(point["per_seed"][s] for s in common) - fmean(so[s] for s in common)) / gain, 3)
-            if common and gain > 0
-            else None
-        )
+    full_point = {"variant": variant, "per_seed": full, "mean": round(fmean(full.values()), 4)}
+    curve["1.0"] = {**full_point, "gain_kept": gain_kept(full_point)}
     return {
-        "what": "handed-over AP50 on target-test per share of target-train's flags given (seeded draw, the rest "
-        "left out), report seeds 5-7; 1.0 is the scoreboard run; gain_kept = (mean - source-only mean) / "
-        "(full-flag mean - source-only mean) over the seeds the point has",
+        "what": "handed-over AP50 on target-test per share of target-train's flags given (seeded draw; the rest "
+        "left out, rest: skip, or flagged by F_S, rest: derived; the point is the rule that kept more of the gain, "
+        "the other under other_rest), report seeds 5-7; 1.0 is the scoreboard run; "
+        "gain_kept = (mean - source-only mean) / (full-flag mean - source-only mean) over the seeds the point has",
         "command": f"python benchmarks/flag_budget.py run --target {target}; "
         f"python benchmarks/flag_budget.py collect --target {target}",
         "source_only": so,
@@ -111,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("run", "collect"))
     parser.add_argument("--target", required=True, choices=("minsk", "kit"))
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
+    parser.add_argument("--rest", choices=tuple(RESTS), default="skip", help="what the unflagged tiles become")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.target, args.budgets)
+        run(args.target, args.budgets, args.rest)
     path = RESULTS / f"flags_only_{args.target}.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc["flag_budget"] = collect(args.target)

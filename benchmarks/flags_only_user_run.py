@@ -18,8 +18,8 @@ product:
 
 With ``--equivalence`` it then runs the same job on the Minsk folder *with* its boxes
 (``benchmarks/configs/flags_only_minsk_boxes.yaml``: the settings the flags-only run takes by default, set) and
-compares the two handed-over detectors weight for weight (the goal's "byte-identical"; the checkpoint files also
-hold their training dates) -> ``equivalent`` and ``equivalence`` in ``flags_only_minsk.json``.
+compares the two handed-over files byte for byte (``byte_identical``, their sha256) and weight for weight
+-> ``equivalent`` and ``equivalence`` in ``flags_only_minsk.json``.
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ def _run(config: Path, log: Path, fresh: bool = False) -> tuple[list[str], float
 
 
 def equivalence(flags_work: Path, boxes_work: Path) -> dict:
-    """The two runs' handed-over detectors compared: variant, tiles held out, weights tensor by tensor."""
+    """The two runs' handed-over detectors compared: variant, tiles held out, the files, weights tensor by tensor."""
     import torch
+
+    from aerosynth.data.manifest import file_sha256
 
     def weights(work: Path) -> dict:
         return torch.load(work / "detector.pt", map_location="cpu", weights_only=False)["model"].state_dict()
@@ -75,8 +77,11 @@ def equivalence(flags_work: Path, boxes_work: Path) -> dict:
     differing = [k for k in mine if not same_keys or not torch.equal(mine[k], theirs[k])]
     handed = {w.name: json.loads((w / "detector.json").read_text())["variant"] for w in (flags_work, boxes_work)}
     splits = {s: ids(flags_work, s) == ids(boxes_work, s) for s in ("target-train", "target-holdout")}
+    sha = {w.name: file_sha256(w / "detector.pt") for w in (flags_work, boxes_work)}
     return {
-        "equivalent": same_keys and not differing and len(set(handed.values())) == 1 and all(splits.values()),
+        "equivalent": len(set(sha.values())) == 1 and len(set(handed.values())) == 1 and all(splits.values()),
+        "byte_identical": len(set(sha.values())) == 1,
+        "sha256": sha,
         "handed_over": handed,
         "same_tiles": splits,
         "tensors": len(mine),
@@ -180,9 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         doc["user_run"]["note"] = "the run handed over no relabelling round"
     if args.equivalence:
         boxes_cmd, boxes_wall = _run(BOXES_CONFIG, log.with_name("flags_only_minsk_boxes.log"), args.fresh)
-        found = equivalence(work, _work_dir(BOXES_CONFIG))
+        boxes_work = _work_dir(BOXES_CONFIG)
+        found = equivalence(work, boxes_work)
         doc["equivalent"] = found.pop("equivalent")
-        doc["equivalence"] = {"command": " ".join(boxes_cmd), "wall_s": boxes_wall, **found}
+        doc["equivalence"] = {
+            "command": " ".join(boxes_cmd),
+            "last_call_wall_s": boxes_wall,  # this call's: stages finished before are skipped
+            "wall_time": json.loads((boxes_work / "report" / "report.json").read_text()).get("wall_time"),
+            **found,
+        }
         print(json.dumps({"equivalent": doc["equivalent"], **doc["equivalence"]}, indent=1))
     (RESULTS / "flags_only_minsk.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["user_run"], indent=1))

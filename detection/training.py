@@ -33,10 +33,14 @@ Output folder::
                          datasets declare one and agree), epochs, metrics, sha256, image-level images
       view/              the YOLO view (symlinks) trained on
       ultralytics/       ultralytics' own run folder (last.pt, results.csv)
+
+:func:`write_portable_detector` writes the copy a run hands over: the same weights without the date, the
+timings and the local paths ultralytics records in a checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import time
@@ -55,6 +59,11 @@ from aerosynth.detection.datasets import DatasetSpec, build_yolo_view, dataset_g
 WEIGHTS_FILE = "detector.pt"
 MANIFEST_FILE = "detector.json"
 HEATMAP_DIR = "heatmaps"
+
+#: What ultralytics writes into a checkpoint about the run that trained it rather than about its weights:
+#: the hour, wall times, the repository's git state, and training arguments naming local files and folders.
+_RUN_FIELDS = ("date", "train_results", "git")
+_RUN_ARGS = ("model", "data", "project", "save_dir", "name")
 
 
 @dataclass
@@ -303,6 +312,44 @@ def train_detector(
         },
     )
     return weights
+
+
+def write_portable_detector(weights: str | Path, out: str | Path) -> Path:
+    """Write a detector checkpoint that depends only on its weights and its recipe.
+
+    ultralytics records in every checkpoint when it was written, how long each epoch took, the git state of
+    the working folder and the paths of the model, data and output folders it trained with. The copy drops
+    those (``date`` becomes ``None``; the training arguments keep their values, without paths), so two runs
+    that trained the same weights hand over byte-identical files, and a file shared with others names no
+    folder of the machine that trained it. ultralytics loads, predicts with and fine-tunes from the copy as
+    from the original.
+
+    Args:
+        weights: an ultralytics detector checkpoint (``train_detector``'s ``detector.pt``).
+        out: where to write the copy (atomically).
+
+    Returns:
+        ``out``.
+    """
+    import torch
+
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    for name in _RUN_FIELDS:
+        checkpoint.pop(name, None)
+    checkpoint["date"] = None  # ultralytics' loaders expect the key
+    model = checkpoint.get("model")
+    if model is not None and hasattr(model, "pt_path"):  # the file ultralytics loaded it from, set again on load
+        del model.pt_path
+    for found in (checkpoint.get("train_args"), getattr(model, "args", None)):
+        if isinstance(found, dict):
+            for name in _RUN_ARGS:
+                found.pop(name, None)
+    buffer = io.BytesIO()  # saved to a file, torch names the archive's folder after the (temporary) file
+    torch.save(checkpoint, buffer)
+    out = Path(out)
+    with atomic_output_path(out, ".pt") as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return out
 
 
 def _built_optimizer(trainer) -> dict | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aerosynth.data.atomic import atomic_output_path, atomic_write_json
+from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.errors import InputError
 from aerosynth.data.manifest import file_sha256
 from aerosynth.data.prepare import HOLDOUT_SPLIT
@@ -410,8 +410,11 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
     """Write the recommended detector as ``WORK/detector.pt`` with ``WORK/detector.json`` (its provenance).
 
     The variant is the first of ``detection.recommend`` this run built, else source-only; its first seed's
-    detector is taken. Nothing about target labels enters the choice.
+    detector is taken. Nothing about target labels enters the choice. The file is a portable copy
+    (:func:`~aerosynth.detection.training.write_portable_detector`): the same inputs give the same bytes.
     """
+    from aerosynth.detection.training import write_portable_detector
+
     d = config.detection
     order = [v for v in d.recommend if runs.get(v)]
     name = order[0] if order else SOURCE_ONLY
@@ -438,7 +441,7 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
         "how_chosen": how,
         "recommend_order": list(d.recommend),
         "from": _key_path(weights, work),
-        "sha256": file_sha256(weights),
+        "trained_sha256": file_sha256(weights),
         "imgsz": d.imgsz,
         "gsd_m": trained.get("gsd"),
         "training": trained.get("config"),
@@ -446,7 +449,7 @@ def deliver_detector(config: AdaptConfig, work: Path, runs: dict[str, list[Path]
     }
     if "flag_scores" in metrics:
         doc["holdout_tile_ap"] = metrics["flag_scores"]["tile_ap"]
-    with atomic_output_path(work / "detector.pt") as tmp:
-        shutil.copyfile(weights, tmp)
+    write_portable_detector(weights, work / "detector.pt")  # the weights, without this machine's paths and hour
+    doc["sha256"] = file_sha256(work / "detector.pt")
     atomic_write_json(work / "detector.json", doc)
     return work / "detector.pt"

@@ -206,3 +206,46 @@ def test_heatmap_detector_trains_on_heatmap_images(tmp_path, no_network):
     linked = sorted((tmp_path / "out" / "view" / "train" / "images").iterdir())
     assert all(Path(os.readlink(p)).parent.name == "heatmaps" for p in linked)
     assert no_network == []
+
+
+def test_a_portable_detector_is_the_same_file_whichever_run_trained_it(tiny_detector, tmp_path):
+    """``write_portable_detector`` drops the hour, timings and local paths; the copy loads, predicts and fine-tunes."""
+    from aerosynth.detection.prediction import predict
+    from aerosynth.detection.training import write_portable_detector
+
+    # the same weights as another run on another machine would have written them: its hour, its folders
+    theirs = torch.load(tiny_detector, map_location="cpu", weights_only=False)
+    theirs["date"], theirs["train_results"] = "2031-01-01T00:00:00+00:00", {"time": [1.0]}
+    elsewhere = "/home/analyst/runs/city/detectors/real-heatmap+source/seed0/train"
+    paths = {"project": elsewhere, "save_dir": elsewhere + "/ultralytics", "data": elsewhere + "/data.yaml"}
+    for args in (theirs["train_args"], theirs["model"].args):
+        args.update({k: v for k, v in paths.items() if k in args})
+    theirs["model"].pt_path = elsewhere + "/detector.pt"  # set when ultralytics loaded the weights it fine-tuned
+    other = tmp_path / "other" / "detector.pt"
+    other.parent.mkdir()
+    torch.save(theirs, other)
+    assert other.read_bytes() != tiny_detector.read_bytes()
+
+    mine = write_portable_detector(tiny_detector, tmp_path / "mine.pt")
+    yours = write_portable_detector(other, tmp_path / "yours.pt")
+    assert mine.read_bytes() == yours.read_bytes()
+    for folder in (str(tiny_detector.parent), str(tmp_path), elsewhere):
+        assert folder.encode() not in mine.read_bytes()
+    before = torch.load(tiny_detector, map_location="cpu", weights_only=False)["model"].state_dict()
+    after = torch.load(mine, map_location="cpu", weights_only=False)["model"].state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    images = [write_png(tmp_path / "scene.png", toy_scene(64, 64, 3, seed=5)[0])]
+    original, portable = (
+        predict(tiny_detector, images, conf=0.001, imgsz=64),
+        predict(mine, images, conf=0.001, imgsz=64),
+    )
+    assert len(original[0]) > 0 and np.array_equal(original[0].xyxy, portable[0].xyxy)
+    split = write_toy_split(tmp_path / "train", 4, tile_size=64)
+    tuned = train_detector(
+        DetectorTrainConfig(model=str(mine), epochs=1, imgsz=64, batch=4),
+        [DatasetSpec(split)],
+        DatasetSpec(split),
+        tmp_path / "tuned",
+    )
+    assert len(predict(tuned, images, imgsz=64)) == 1
