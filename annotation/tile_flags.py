@@ -8,7 +8,7 @@ precision). Target tiles at or above it are flagged "vehicle", the others "empty
 :func:`derive_target_flags` writes a tile folder like the one ``data prepare`` writes, whose ``target-train``
 carries those flags and whose other splits are the original ones (links), so every later stage reads it as it
 reads given flags. With a flag budget (``data.flag_budget``: an analyst flagged a share of the tiles,
-:func:`flag_budget_tiles`) the given flags of those tiles stay and the others are derived, or left out.
+:func:`aerosynth.data.flags.sample_tiles`) the given flags of those tiles stay and the others are derived, or left out.
 """
 
 from __future__ import annotations
@@ -102,16 +102,6 @@ def _predict_split(detector: Path, split, imgsz: int, device: str) -> list[Detec
     return predict(detector, [split.image_path(t.tile_id) for t in split], conf=0.001, imgsz=imgsz, device=device)
 
 
-def flag_budget_tiles(tile_ids: Sequence[str], budget: float, seed: int = 0) -> list[str]:
-    """The tiles an analyst flags when flagging a share ``budget`` of them: a seeded draw of
-    ``round(budget * n)`` tiles (at least one), in the order given."""
-    if not 0 < budget <= 1:
-        raise InputError("flag_budget", f"a share in (0, 1], got {budget}")
-    ids = sorted(tile_ids)
-    chosen = set(np.random.default_rng(seed).permutation(ids)[: max(1, round(budget * len(ids)))].tolist())
-    return [t for t in tile_ids if t in chosen]
-
-
 def derive_target_flags(
     detector: str | Path | None,
     tiles: str | Path,
@@ -133,8 +123,8 @@ def derive_target_flags(
         precision: the tile-level precision the threshold keeps on source-val.
         imgsz: the detector's input size.
         device: inference device.
-        keep: target-train tiles whose given flags stay (a flag budget, :func:`flag_budget_tiles`); ``None``:
-            no given flag stays (``data.flags: none``).
+        keep: target-train tiles whose given flags stay (a flag budget,
+            :func:`aerosynth.data.flags.sample_tiles`); ``None``: no given flag stays (``data.flags: none``).
         rest: what the tiles outside ``keep`` become: ``derived`` (flagged by the detector) or ``skip`` (left
             out of target-train).
 

@@ -68,6 +68,20 @@ def check_unflagged_rule(rule: str, where: str = "--unflagged") -> str:
     return rule
 
 
+def sample_tiles(tile_ids: Sequence[str], share: float, seed: int = 0, where: str = "flag_budget") -> list[str]:
+    """The tiles an analyst flags when flagging a share of them: a seeded draw of ``round(share * n)`` tiles
+    (at least one), in the order given. The draw depends on the ids and the seed, not on their order.
+
+    Raises:
+        InputError: ``share`` outside (0, 1] (naming ``where``, the setting that gave it).
+    """
+    if not 0 < share <= 1:
+        raise InputError(where, f"a share in (0, 1], got {share}")
+    ids = sorted(tile_ids)
+    chosen = set(np.random.default_rng(seed).permutation(ids)[: max(1, round(share * len(ids)))].tolist())
+    return [t for t in tile_ids if t in chosen]
+
+
 def read_flags_file(path: str | Path) -> dict[str, bool]:
     """``flags.json``: tile id or image name -> has a vehicle (``{}`` when the file is absent).
 

@@ -109,7 +109,8 @@ def derive_flags(config: AdaptConfig, work: Path, tiles: Path, source_only: Path
     a seeded draw of that share of the tiles stay, the others are left out or derived
     (``flag_budget_rest``). No target label is read; every later step reads this folder as it reads given flags.
     """
-    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags, flag_budget_tiles
+    from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags
+    from aerosynth.data.flags import sample_tiles
     from aerosynth.data.tileset import read_tiles_file
 
     d = config.data
@@ -117,7 +118,7 @@ def derive_flags(config: AdaptConfig, work: Path, tiles: Path, source_only: Path
     key: dict = {"flags": "derived from the source-only detector", "flag_precision": d.flag_precision}
     if d.flags == "given":
         ids = [t.tile_id for t in read_tiles_file(tiles / "target-train")[1]]
-        keep = flag_budget_tiles(ids, d.flag_budget, config.seed)
+        keep = sample_tiles(ids, d.flag_budget, config.seed)
         key = {"flag_budget": d.flag_budget, "rest": d.flag_budget_rest, "seed": config.seed}
         if d.flag_budget_rest == "derived":
             key["flag_precision"] = d.flag_precision

@@ -30,7 +30,7 @@ import numpy as np
 
 from aerosynth.data.domains import Domain, open_domain
 from aerosynth.data.errors import InputError
-from aerosynth.data.flags import FLAGS_FILE, read_flags_file, write_flags_file
+from aerosynth.data.flags import FLAGS_FILE, read_flags_file, sample_tiles, write_flags_file
 from aerosynth.data.prepare import CutImage, cut_image
 from aerosynth.flows.run_lock import work_lock
 
@@ -106,6 +106,10 @@ class FlagSession:
         tile_size: tile side in pixels (``data prepare --tile-size``).
         target_gsd: metres per pixel of plain target images (``data prepare --target-gsd``).
         bands: band selection of rasters with other than three bands.
+        sample: the share of the tiles the page shows (a seeded draw, :func:`aerosynth.data.flags.sample_tiles`,
+            the same at every start): flagging a random share of a region instead of all of it. The other tiles
+            stay unflagged; ``data prepare --unflagged skip`` (``data.unflagged: skip``) leaves them out.
+        seed: the draw's seed.
         progress: called with ``(images read, images)`` while the tiles are listed.
 
     Raises:
@@ -119,6 +123,8 @@ class FlagSession:
         tile_size: int = 128,
         target_gsd: float | None = None,
         bands: list[int] | None = None,
+        sample: float = 1.0,
+        seed: int = 0,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.target = Path(target)
@@ -139,6 +145,10 @@ class FlagSession:
                 progress(i + 1, len(images))
         if not self.tiles:
             raise InputError(self.target, f"no tile of {tile_size} px at {gsd} m/px can be cut from these images")
+        self.all_tiles = len(self.tiles)
+        if sample < 1:
+            shown = set(sample_tiles([t.tile_id for t in self.tiles], sample, seed, "--sample"))
+            self.tiles = [t for t in self.tiles if t.tile_id in shown]
         self.by_id = {t.tile_id: t for t in self.tiles}
 
     def _cut(self, image: int) -> CutImage:
@@ -164,6 +174,7 @@ class FlagSession:
             "tile_size": self.tile_size,
             "page_size": PAGE_SIZE,
             "tiles": [[t.tile_id, names[t.image], t.x0, t.y0] for t in self.tiles],
+            "all_tiles": self.all_tiles,
             "flags": flags,
             **self.counts(),
         }
@@ -354,7 +365,8 @@ function paint(){
     d.classList.toggle("vehicle",f===true);d.classList.toggle("empty",f===false);d.classList.toggle("cursor",i===cursor);
     d.dataset.flag=f===null?"":String(f);d.querySelector(".mark").textContent=f===true?"vehicle":f===false?"empty":""}
   const done=Object.keys(S.flags).length,veh=Object.values(S.flags).filter(v=>v).length;
-  $("progress").textContent=done+" / "+S.tiles.length+" tiles flagged ("+veh+" vehicle)";
+  const of=S.all_tiles>S.tiles.length?" (a random sample of "+S.all_tiles+")":"";
+  $("progress").textContent=done+" / "+S.tiles.length+" tiles flagged ("+veh+" vehicle)"+of;
   $("progress").dataset.done=done;
   showContext(cursor)}
 function showContext(i){const t=S.tiles[i];$("context").src="/context/"+encodeURIComponent(t[0])+".png";

@@ -86,16 +86,16 @@ def test_a_target_without_any_flag_is_flagged_by_the_source_only_detector(prefec
 
 
 def test_a_flag_budget_draws_that_share_of_the_tiles_with_a_seed():
-    from aerosynth.annotation.tile_flags import flag_budget_tiles
+    from aerosynth.data.flags import sample_tiles
 
     ids = [f"t{i:03d}" for i in range(40)]
-    quarter = flag_budget_tiles(ids, 0.25, seed=0)
+    quarter = sample_tiles(ids, 0.25, seed=0)
     assert len(quarter) == 10 and quarter == sorted(quarter) and set(quarter) <= set(ids)
-    assert quarter == flag_budget_tiles(list(reversed(ids)), 0.25, seed=0)[::-1]  # the draw, not the order
-    assert quarter != flag_budget_tiles(ids, 0.25, seed=1)
-    assert flag_budget_tiles(ids, 1.0) == ids and len(flag_budget_tiles(ids, 0.001)) == 1
+    assert quarter == sample_tiles(list(reversed(ids)), 0.25, seed=0)[::-1]  # the draw, not the order
+    assert quarter != sample_tiles(ids, 0.25, seed=1)
+    assert sample_tiles(ids, 1.0) == ids and len(sample_tiles(ids, 0.001)) == 1
     with pytest.raises(InputError, match="flag_budget"):
-        flag_budget_tiles(ids, 0.0)
+        sample_tiles(ids, 0.0)
 
 
 @pytest.mark.parametrize("rest", ["skip", "derived"])
@@ -104,7 +104,7 @@ def test_a_flag_budget_keeps_the_given_flags_of_its_tiles_and_leaves_out_or_deri
 ):
     """``data.flag_budget``: the drawn tiles keep their given flags; the others are left out of target-train,
     or flagged by F_S (then the source-only detector must come first)."""
-    from aerosynth.annotation.tile_flags import flag_budget_tiles
+    from aerosynth.data.flags import sample_tiles
     from aerosynth.data.tileset import read_tiles_file
     from aerosynth.flows.adapt_tiles import derive_flags, needs_flag_step, prepare_tiles
     from aerosynth.flows.config import build_config
@@ -117,7 +117,7 @@ def test_a_flag_budget_keeps_the_given_flags_of_its_tiles_and_leaves_out_or_deri
     tiles = prepare_tiles(cfg, tmp_path / "run")
     given = {t.tile_id: t.has_vehicle for t in read_tiles_file(tiles / "target-train")[1]}
     assert any(given.values()) and not all(given.values())  # the fixture's flags, read from flags.json
-    kept = flag_budget_tiles(list(given), 0.5, cfg.seed)
+    kept = sample_tiles(list(given), 0.5, cfg.seed)
     if rest == "skip":  # the flow's step (no detector needed)
         out = derive_flags(cfg, tmp_path / "run", tiles, None)
     else:  # the flow's step with F_S is tests above; here a small real detector stands in for F_S

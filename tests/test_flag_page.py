@@ -245,3 +245,40 @@ def test_the_page_shows_the_tiles_data_prepare_cuts(tmp_path, capsys):
         png = cv2.imread(str(out / split / "images" / f"{t['tile_id']}.png"))
         shown = cv2.imdecode(np.frombuffer(session.tile_png(t["tile_id"]), np.uint8), cv2.IMREAD_COLOR)
         assert np.array_equal(png, shown)
+
+
+def test_a_random_sample_of_the_tiles_is_shown_and_the_rest_left_out(tmp_path, capsys):
+    """``--sample 0.25``: a seeded quarter of the tiles, the same at every start; data prepare keeps only those."""
+    from aerosynth.data.errors import InputError
+    from aerosynth.flows.flag_page import FlagSession, FolderLock
+
+    target = tmp_path / "target"
+    write_flag_target(target)
+    every = [t.tile_id for t in FlagSession(target, 0.25, 32).tiles]
+    with FolderLock(target):
+        session = FlagSession(target, 0.25, 32, sample=0.25)
+        shown = [t.tile_id for t in session.tiles]
+        assert len(shown) == 50 and shown == [t for t in every if t in set(shown)]  # the page's order kept
+        assert {g.split("_")[0] + "_" + g.split("_")[1] for g in shown} == {"scene_0", "scene_1"}
+        assert [t.tile_id for t in FlagSession(target, 0.25, 32, sample=0.25).tiles] == shown  # resumes the same
+        state = session.state()
+        assert (state["all_tiles"], state["total"], len(state["tiles"])) == (200, 50, 50)
+        outside = next(t for t in every if t not in set(shown))
+        with pytest.raises(InputError, match="not a tile of this page"):
+            session.set_flags({outside: True})
+        flags = {t: i % 3 == 0 for i, t in enumerate(shown)}
+        assert session.set_flags(flags) == {"done": 50, "vehicles": sum(flags.values()), "total": 50}
+    assert main(["flag", str(target), *TILE_ARGS, "--sample", "0"]) != 0
+    assert "--sample: a share of the tiles in (0, 1], got 0.0" in capsys.readouterr().err
+    args = ["data", "prepare", "--source", FIXTURES / "yolo_domain", "--source-gsd", "0.25", "--target", target]
+    args = [str(a) for a in [*args, *TILE_ARGS, "--test-groups", "scene_1"]]
+    assert main([*args, "--out", str(tmp_path / "refused")]) != 0  # the unflagged tiles are not silently empty
+    assert "--unflagged empty|skip" in capsys.readouterr().err.splitlines()[-1]
+    out = tmp_path / "tiles"
+    assert main([*args, "--unflagged", "skip", "--out", str(out)]) == 0, capsys.readouterr().err
+    prepared = {
+        t["tile_id"]: t["has_vehicle"]
+        for s in ("target-train", "target-test")
+        for t in json.loads((out / s / "tiles.json").read_text())["tiles"]
+    }
+    assert prepared == flags
