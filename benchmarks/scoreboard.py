@@ -127,6 +127,15 @@ def _mean_difference_ci95(differences: list[float]) -> list[float] | None:
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
+def _std_ratio_ci95(ratio: float, n_mine: int, n_theirs: int) -> list[float]:
+    """95 % interval of a ratio of two standard deviations over ``n_mine`` and ``n_theirs`` seeds (the F test's,
+    seeds independent and AP50 normal over seeds): how far five seeds each can tell two spreads apart."""
+    from scipy.stats import f
+
+    lo, hi = f.ppf([0.025, 0.975], n_mine - 1, n_theirs - 1)
+    return [round(ratio / float(hi) ** 0.5, 3), round(ratio / float(lo) ** 0.5, 3)]
+
+
 def collect(args: argparse.Namespace, command: str | None = None, wall_s: float | None = None) -> dict:
     """The scoreboard JSON from a finished run folder (and its budget check, where run)."""
     from aerosynth.detection.closure import gap_closure
@@ -198,7 +207,10 @@ def collect(args: argparse.Namespace, command: str | None = None, wall_s: float 
             "oracle_full": {"mean": board["oracle_full"]["mean"]},
         }
         if doc["source_only"]["std"] is not None and board["source_only"].get("std"):
-            doc["source_only_std_ratio"] = round(doc["source_only"]["std"] / board["source_only"]["std"], 3)
+            ratio = doc["source_only"]["std"] / board["source_only"]["std"]
+            doc["source_only_std_ratio"] = round(ratio, 3)
+            sizes = (len(doc["source_only"]["per_seed"]), len(board["source_only"]["per_seed"]))
+            doc["source_only_std_ratio_ci95"] = _std_ratio_ci95(ratio, *sizes)
     report = work / "report" / "report.json"
     if wall_s is None and report.is_file():  # collected apart from its run: the run's own record of its wall time
         wall_s = json.loads(report.read_text()).get("wall_time", {}).get("run_s")
