@@ -28,7 +28,7 @@ def flag(
     sample: Annotated[
         float,
         typer.Option(
-            help="Show a seeded random share of the tiles, e.g. 0.25; leave the rest out with --unflagged skip."
+            help="Show a seeded random share of the tiles, e.g. 0.25; data prepare --unflagged skip drops the rest."
         ),
     ] = 1.0,
 ) -> None:
