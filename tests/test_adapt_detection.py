@@ -164,6 +164,22 @@ def test_detect_takes_the_run_detector_by_default(tmp_path):
         run_detector(tmp_path / "x.pt", run)
 
 
+def _variant_weights(tiny_detector: Path, path: Path, variant: str) -> None:
+    """A real checkpoint (the tiny detector's) that carries its variant's name, as each variant's weights."""
+    import torch
+
+    checkpoint = torch.load(tiny_detector, map_location="cpu", weights_only=False)
+    checkpoint["train_metrics"] = {"variant": variant}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+
+
+def _handed_variant(work: Path) -> str:
+    import torch
+
+    return torch.load(work / "detector.pt", map_location="cpu", weights_only=False)["train_metrics"]["variant"]
+
+
 @pytest.mark.parametrize(
     ("built", "handed_over"),
     [
@@ -175,27 +191,31 @@ def test_detect_takes_the_run_detector_by_default(tmp_path):
         (["threshold+source"], "source-only"),
     ],
 )
-def test_the_run_hands_over_the_deepest_round_then_heat_maps_fused_and_f_s_labels(tmp_path, built, handed_over):
+def test_the_run_hands_over_the_deepest_round_then_heat_maps_fused_and_f_s_labels(
+    tmp_path, tiny_detector, built, handed_over
+):
+    from aerosynth.data.manifest import file_sha256
     from aerosynth.flows.adapt_detection import deliver_detector
 
     work = tmp_path / "run"
     runs = {}
     for variant in ["source-only", "oracle", *built]:
         folder = work / "detectors" / variant / "seed0"
-        (folder / "train").mkdir(parents=True)
-        (folder / "train" / "detector.pt").write_bytes(variant.encode())
+        _variant_weights(tiny_detector, folder / "train" / "detector.pt", variant)
         (folder / "metrics.json").write_text(json.dumps({"ap50": 0.5}))
         runs[variant] = [folder]
     doc = copy.deepcopy(TINY_ADAPT)
     doc["work_dir"] = str(work)
     assert "recommend" not in doc["detection"]  # the default order
     assert deliver_detector(build_config(doc), work, runs) == work / "detector.pt"
-    assert (work / "detector.pt").read_bytes() == handed_over.encode()
+    assert _handed_variant(work) == handed_over
     handed = json.loads((work / "detector.json").read_text())
     assert handed["variant"] == handed_over and handed["seed"] == 0
+    trained = work / "detectors" / handed_over / "seed0" / "train" / "detector.pt"
+    assert handed["trained_sha256"] == file_sha256(trained) and handed["sha256"] == file_sha256(work / "detector.pt")
 
 
-def test_the_report_names_the_detector_handed_over_and_lists_the_order_below(tmp_path):
+def test_the_report_names_the_detector_handed_over_and_lists_the_order_below(tmp_path, tiny_detector):
     """detector.json -> the report's opening (variant, seed, path) and its "How it was chosen" section."""
     from types import SimpleNamespace
 
@@ -209,8 +229,7 @@ def test_the_report_names_the_detector_handed_over_and_lists_the_order_below(tmp
         runs[variant] = []
         for seed, ap in enumerate(scores):
             folder = work / "detectors" / variant / f"seed{seed}"
-            (folder / "train").mkdir(parents=True)
-            (folder / "train" / "detector.pt").write_bytes(variant.encode())
+            _variant_weights(tiny_detector, folder / "train" / "detector.pt", variant)
             (folder / "metrics.json").write_text(json.dumps({"ap50": ap}))
             runs[variant].append(folder)
     doc = copy.deepcopy(TINY_ADAPT)
@@ -238,7 +257,7 @@ def test_the_report_names_the_detector_handed_over_and_lists_the_order_below(tmp
     del runs["real-fused-r2+source"]
     deliver_detector(config, work, runs)
     handed = handed_over_doc(work)
-    assert handed["variant"] == "source-only"
+    assert handed["variant"] == "source-only" == _handed_variant(work)
     assert how_chosen_lines(config, handed, results)[0].startswith("No variant of `detection.recommend` was built")
 
 

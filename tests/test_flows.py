@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from aerosynth.data.manifest import file_sha256
 from aerosynth.flows.config import build_config, load_config
 from aerosynth.flows.stage_cache import STAGE_RECORD
 from tests.conftest import TINY_ADAPT
@@ -112,9 +114,11 @@ def test_adapt_writes_every_stage_and_a_report(tiny_run):
     recommend = build_config(tiny_config).detection.recommend
     handed_over = next(v for v in recommend if v in variants)  # the first of the fixed order the run built
     assert handed["variant"] == handed_over and handed["seed"] == 0
-    assert (work / "detector.pt").read_bytes() == (
-        work / "detectors" / handed_over / "seed0" / "train" / "detector.pt"
-    ).read_bytes()
+    trained = work / "detectors" / handed_over / "seed0" / "train" / "detector.pt"
+    assert handed["trained_sha256"] == file_sha256(trained)  # its weights, as a portable copy
+    given, own = (torch.load(f, map_location="cpu", weights_only=False) for f in (work / "detector.pt", trained))
+    assert given["date"] is None and str(work).encode() not in (work / "detector.pt").read_bytes()
+    assert all(torch.equal(v, own["model"].state_dict()[k]) for k, v in given["model"].state_dict().items())
     # the report opens with it: variant and AP50 against source-only (means over seeds) in one short line
     first = report.read_text().splitlines()[0]
     rows = {r["variant"]: r["ap50"]["mean"] for r in doc["variants"]}
@@ -360,7 +364,6 @@ def test_detect_takes_the_detector_the_run_handed_over(tiny_run, tmp_path):
 
 def test_request_real_detector_labels_the_run_tiles_with_the_handed_over_detector(tiny_run, tmp_path):
     from aerosynth.data.export_validation import validate_export
-    from aerosynth.data.manifest import file_sha256
     from aerosynth.flows.request import request_tiles
 
     work, _, _ = tiny_run
