@@ -192,11 +192,11 @@ class RealTargetSettings(Strict):
     proposes boxes; ``heatmap``: the LDM's "cars" map of the real tile (one UNet pass at a noise level), read
     by the readout with the best AP50 on real source-val unless ``heatmap_options`` fixes one (needs the LDM,
     ``generation.enabled``); ``fused``: both proposers' boxes fused tile by tile by weighted boxes fusion
-    (boxes overlapping at IoU >= ``fusion_iou``, default 0.55, are one vehicle; a box only one proposer
+    (boxes overlapping at IoU >= ``fusion_iou`` are one vehicle; a box only one proposer
     found keeps half its confidence). Without an LDM only ``self-training`` runs.
 
     ``heatmap_models`` (default ``chosen``): the model (each trained LDM stage: A, B, C) and the noise level
-    (a list in ``noise_fraction``, default 0.1, 0.3, 0.5) are chosen on real source-val; ``last`` reads the
+    (a list in ``noise_fraction``) are chosen on real source-val; ``last`` reads the
     last stage's model only (the noise level still chosen): fewer maps to compute on a slow machine.
 
     ``threshold_on`` (default ``flagged``): each proposer's threshold is chosen on the source-val tiles that
@@ -206,9 +206,9 @@ class RealTargetSettings(Strict):
     ``rounds`` (default 3): self-training rounds. From round 2 the adapted detector of the round before
     (``relabel_with``) relabels each method's tiles (flags applied, threshold chosen again on source-val) and a variant
     ``real-<method>-r<k>+source`` is fine-tuned from F_S on those labels. The rounds stop early when a
-    round's labels agree with the previous round's at box F1 >= ``stop_agreement`` (default 0.95; the
+    round's labels agree with the previous round's at box F1 >= ``stop_agreement`` (the
     labels have stopped changing, no target label read). Each round costs one more detector per method and
-    seed: lower it for a quick run, raise it (4) when the labels still change at the last round.
+    seed: lower it for a quick run, raise it when the labels still change at the last round.
 
     ``relabel_with`` (default ``own-seed``): which detectors of the round before relabel. ``own-seed``: each
     seed's detector relabels for that seed alone (``annotation/<set>-r<k>/seed<s>/``; with one seed, the first
@@ -283,8 +283,8 @@ class AnnotationSettings(Strict):
 class FinetuneSettings(Strict):
     """Fine-tuning of the seed's source-only detector (the paired design): one budget for every variant.
 
-    Defaults are the paired benchmark's (aerial-v1 items 9-10): 3 epochs of 1280 images (half real
-    source, half the variant's target data), lr0 0.002, no warm-up, mosaic off in the last epoch.
+    Defaults are the paired benchmark's (aerial-v1 items 9-10): ``epochs`` of ``images`` images (half real
+    source, half the variant's target data) at ``lr0``, no warm-up, mosaic off in the last epoch.
     """
 
     epochs: int = Field(3, ge=1)
