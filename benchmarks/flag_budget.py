@@ -28,6 +28,7 @@ from statistics import fmean
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from checkout import use_checkout  # noqa: E402
+from scoreboard import _per_seed  # noqa: E402  (AP50 per seed of a run's variant)
 
 use_checkout()
 
@@ -42,8 +43,12 @@ def config_path(target: str, pct: str, rest: str = "skip") -> Path:
     return CONFIGS / f"flag_budget_{target}_{pct}{RESTS[rest]}.yaml"
 
 
-def work_path(target: str, pct: str, rest: str = "skip") -> Path:
-    return REPO / "benchmarks" / "work" / f"flag-budget-{target}-{pct}{RESTS[rest].replace('_', '-')}"
+def work_path(target: str, pct: str, rest: str = "skip") -> Path | None:
+    """The run folder the budget's config names (``None`` where that config does not exist)."""
+    from aerosynth.flows.config import load_config
+
+    config = config_path(target, pct, rest)
+    return REPO / load_config(config).work_dir if config.is_file() else None
 
 
 def run(target: str, budgets: list[str], rest: str = "skip") -> None:
@@ -66,11 +71,7 @@ def budget_point(work: Path, seeds: list[str]) -> dict | None:
     if not handed.is_file():
         return None
     variant = json.loads(handed.read_text())["variant"]
-    per_seed = {}
-    for s in seeds:
-        metrics = work / "detectors" / variant / f"seed{s}" / "metrics.json"
-        if metrics.is_file():
-            per_seed[s] = round(float(json.loads(metrics.read_text())["ap50"]), 4)
+    per_seed = {s: ap for s, ap in _per_seed(work, variant).items() if s in seeds}
     flags = json.loads((work / "tiles-flagged" / DERIVED_FLAGS_FILE).read_text())
     report = work / "report" / "report.json"
     wall = json.loads(report.read_text()).get("wall_time", {}).get("run_s") if report.is_file() else None
@@ -103,11 +104,13 @@ def collect(target: str) -> dict:
     for pct in BUDGETS:
         points = {}
         for rest in RESTS:
-            point = budget_point(work_path(target, pct, rest), seeds)
+            work = work_path(target, pct, rest)
+            point = budget_point(work, seeds) if work is not None else None
             if point is not None:
                 points[rest] = {"rest": rest, **point, "gain_kept": gain_kept(point)}
         if points:  # the rest rule that kept more of the gain; the other beside it
-            best = max(points, key=lambda r: points[r]["gain_kept"] if points[r]["gain_kept"] is not None else -1e9)
+            kept = {r: -float("inf") if p["gain_kept"] is None else p["gain_kept"] for r, p in points.items()}
+            best = max(kept, key=kept.get)
             others = {r: p for r, p in points.items() if r != best}
             curve[str(int(pct) / 100)] = {**points[best], **({"other_rest": others} if others else {})}
     variant = board["handed_over"]["variant"]
