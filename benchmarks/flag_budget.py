@@ -73,8 +73,7 @@ def budget_point(work: Path, seeds: list[str]) -> dict | None:
     variant = json.loads(handed.read_text())["variant"]
     per_seed = {s: ap for s, ap in _per_seed(work, variant).items() if s in seeds}
     flags = json.loads((work / "tiles-flagged" / DERIVED_FLAGS_FILE).read_text())
-    report = work / "report" / "report.json"
-    wall = json.loads(report.read_text()).get("wall_time", {}).get("run_s") if report.is_file() else None
+    wall, calls = run_wall(work)
     return {
         "variant": variant,
         "per_seed": per_seed,
@@ -82,7 +81,28 @@ def budget_point(work: Path, seeds: list[str]) -> dict | None:
         "flags_given": flags.get("given_kept"),
         "target_train_tiles": flags["target_train"]["tiles"],
         "wall_s": wall,
+        "calls": calls,
     }
+
+
+def run_wall(work: Path) -> tuple[float | None, int]:
+    """Seconds the run's processes were running (the union of their spans in ``logs/progress.jsonl``, so parallel
+    workers count once and the gaps between a stopped call and its resume not at all) and how many calls it took."""
+    progress = work / "logs" / "progress.jsonl"
+    if not progress.is_file():
+        return None, 0
+    spans: dict[int, list[float]] = {}
+    for line in progress.read_text().splitlines():
+        event = json.loads(line)
+        lo, hi = spans.setdefault(event["pid"], [event["t"], event["t"]])
+        spans[event["pid"]] = [min(lo, event["t"]), max(hi, event["t"])]
+    total, calls, end = 0.0, 0, float("-inf")
+    for lo, hi in sorted(spans.values()):
+        if lo > end:
+            calls += 1
+        total += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    return round(total, 1), calls
 
 
 def collect(target: str) -> dict:
