@@ -24,6 +24,7 @@ import numpy as np
 from aerosynth.data.atomic import atomic_write_json
 from aerosynth.data.detections import Detections
 from aerosynth.data.errors import InputError
+from aerosynth.data.flags import UNFLAGGED_FILE
 from aerosynth.data.manifest import read_manifest, write_manifest
 from aerosynth.data.tileset import TILES_FILE, open_split, read_tiles_file, tiles_document
 
@@ -162,8 +163,8 @@ def derive_target_flags(
             continue
         os.symlink(entry.resolve(), out / entry.name, target_is_directory=entry.is_dir())
     (out / "target-train").mkdir()
-    for entry in train_dir.iterdir():
-        if entry.name != TILES_FILE:
+    for entry in train_dir.iterdir():  # every tile flagged now: no unflagged list
+        if entry.name not in (TILES_FILE, UNFLAGGED_FILE):
             os.symlink(entry.resolve(), out / "target-train" / entry.name, target_is_directory=entry.is_dir())
     atomic_write_json(out / "target-train" / TILES_FILE, tiles_document(info, records))
     flagged = sum(r.has_vehicle for r in records)

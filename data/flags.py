@@ -38,9 +38,12 @@ FLAGS_CSV = "flags.csv"
 FLAGS_GEOJSON = "flags.geojson"
 #: The flag files a target folder may hold, in the order they are read.
 FLAG_FILES = (FLAGS_FILE, FLAGS_CSV, FLAGS_GEOJSON)
-#: What a tile no flag covers becomes in a target without boxes: refused, empty, or left out.
-UnflaggedRule = Literal["error", "empty", "skip"]
-UNFLAGGED_RULES: tuple[str, ...] = ("error", "empty", "skip")
+#: What a tile no flag covers becomes in a target without boxes: refused, empty, left out, or flagged later by
+#: the source-only detector (``derived``: ``aerosynth adapt`` only, which trains that detector first).
+UnflaggedRule = Literal["error", "empty", "skip", "derived"]
+UNFLAGGED_RULES: tuple[str, ...] = ("error", "empty", "skip", "derived")
+#: A weak split's tiles no flag covered under the ``derived`` rule (their flag in ``tiles.json`` is a placeholder).
+UNFLAGGED_FILE = "unflagged.json"
 
 _CSV_VALUES = {"1": True, "true": True, "vehicle": True, "0": False, "false": False, "empty": False}
 _TILE_ID = re.compile(r"^(.+)_(\d+)_(\d+)$")
@@ -66,6 +69,12 @@ def check_unflagged_rule(rule: str, where: str = "--unflagged") -> str:
     if rule not in UNFLAGGED_RULES:
         raise InputError(where, f"unknown rule {rule!r} for unflagged tiles ({', '.join(UNFLAGGED_RULES)})")
     return rule
+
+
+def read_unflagged(split_dir: str | Path) -> set[str]:
+    """The tile ids of a prepared split that no flag covered (``derived`` rule); empty when there are none."""
+    path = Path(split_dir) / UNFLAGGED_FILE
+    return set(json.loads(path.read_text())["tiles"]) if path.is_file() else set()
 
 
 def sample_tiles(tile_ids: Sequence[str], share: float, seed: int = 0, where: str = "flag_budget") -> list[str]:

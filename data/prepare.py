@@ -3,9 +3,10 @@
 A target split is weak: one flag per tile (vehicle or empty). Each flag comes from, in this order, the
 target's flag files (:mod:`aerosynth.data.flags`: a tile entry, an image entry, ``flags.geojson``), else its
 boxes (a tile with a kept box has a vehicle), else the rule for unflagged tiles (``unflagged``: refuse,
-empty, or leave the tile out). The boxes of a target, when it has any, go to ``evaluation/<split>`` only;
-a target without boxes has no ``evaluation/`` folder and its manifest says ``"target_boxes": false`` (a
-target with boxes has no such key; with flag files, each weak split counts its ``flag_sources``).
+empty, leave the tile out, or keep it for the source-only detector to flag: ``derived``). The boxes of a
+target, when it has any, go to ``evaluation/<split>`` only; a target without boxes has no ``evaluation/``
+folder and its manifest says ``"target_boxes": false`` (a target with boxes has no such key; with flag files,
+each weak split counts its ``flag_sources``).
 
 With ``PrepareSpec.flags_holdout`` > 0 a share of target-train is held out as the weak split ``target-holdout``
 (:func:`holdout_tiles`: whole groups where target-train has several, else tiles of each flag with a fixed
@@ -31,7 +32,14 @@ from aerosynth.data.detections import Detections
 from aerosynth.data.domains import RASTER_SUFFIXES, Domain, DomainImage, check_image_headers
 from aerosynth.data.errors import InputError
 from aerosynth.data.exporters import LabelledImage, write_coco
-from aerosynth.data.flags import FLAG_FILES, FLAGS_GEOJSON, UnflaggedRule, check_unflagged_rule, tile_id
+from aerosynth.data.flags import (
+    FLAG_FILES,
+    FLAGS_GEOJSON,
+    UNFLAGGED_FILE,
+    UnflaggedRule,
+    check_unflagged_rule,
+    tile_id,
+)
 from aerosynth.data.geo import crs_to_string
 from aerosynth.data.imageio import write_png
 from aerosynth.data.manifest import tree_sha256, write_manifest
@@ -98,7 +106,9 @@ class PrepareSpec:
     """A whole dataset: target GSD, tile size, splits, and what a target tile without flag becomes.
 
     ``unflagged`` applies to tiles of a target without boxes that no flag covers: ``"error"`` refuses
-    them (naming the tile), ``"empty"`` flags them empty, ``"skip"`` leaves them out of the split.
+    them (naming the tile), ``"empty"`` flags them empty, ``"skip"`` leaves them out of the split,
+    ``"derived"`` keeps them with a placeholder flag, listed in the split's :data:`UNFLAGGED_FILE` for the
+    source-only detector to flag (``aerosynth adapt``); none of them is held out.
     ``flags_holdout``: the share of ``target-train`` tiles written to :data:`HOLDOUT_SPLIT` instead.
     """
 
@@ -403,7 +413,7 @@ def open_cut(
 #: How to give the flags that are missing (the end of every "no flag" message).
 FLAG_HINT = (
     "flag its tiles (aerosynth flag TARGET), or choose what unflagged tiles are: --unflagged empty|skip "
-    "(data.unflagged in a config)"
+    "(data.unflagged in a config, where derived lets the source-only detector flag them)"
 )
 
 
@@ -480,6 +490,7 @@ def build_split(
     coco_items: list[LabelledImage] = []
     sources: dict[str, int] = {}
     tile_source: dict[str, str] = {}
+    unflagged: set[str] = set()
     tile_boxes: dict[str, tuple[int, int]] = {}
     n_dropped = 0
     unlabelled = False
@@ -519,6 +530,8 @@ def build_split(
                     if spec.unflagged == "skip":
                         sources[source] = sources.get(source, 0) + 1
                         continue
+                    if spec.unflagged == "derived":  # a placeholder: adapt's F_S flags it (UNFLAGGED_FILE)
+                        unflagged.add(tid)
                     flag = False
             else:
                 flag, source = bool(len(tile.boxes)), "boxes"
@@ -564,9 +577,18 @@ def build_split(
         domain.class_names if not spec.single_class else ["vehicle"],
     )
     held: set[str] = set()
-    if split.holdout > 0:
-        held, by = holdout_tiles(records, split.holdout)
+    if split.holdout > 0:  # held-out tiles are scored against their flags: none is drawn among the unflagged
+        held, by = holdout_tiles([r for r in records if r.tile_id not in unflagged], split.holdout)
+        if by == "group" and unflagged:  # an unflagged tile of a held-out group: in neither part
+            held_groups = {r.group for r in records if r.tile_id in held}
+            dropped = {r.tile_id for r in records if r.tile_id in unflagged and r.group in held_groups}
+            for tid in dropped:
+                (split_dir / "images" / f"{tid}.png").unlink()
+            records = [r for r in records if r.tile_id not in dropped]
+            unflagged -= dropped
         _move_tiles(held, split_dir, out_root / HOLDOUT_SPLIT, labels_dir if domain.has_labels else None)
+    if unflagged:
+        atomic_write_json(split_dir / UNFLAGGED_FILE, {"rule": "derived", "tiles": sorted(unflagged)})
     parts = {split.name: [r for r in records if r.tile_id not in held]}
     if held:
         parts[HOLDOUT_SPLIT] = [r for r in records if r.tile_id in held]

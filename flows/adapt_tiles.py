@@ -94,9 +94,10 @@ def prepare_tiles(config: AdaptConfig, work: Path) -> Path:
 
 def needs_flag_step(config: AdaptConfig) -> tuple[bool, bool]:
     """Whether the run rewrites the target's flags (``tiles-flagged/``), and whether F_S must come first for it
-    (``data.flags: none``, or a flag budget whose other tiles are derived)."""
+    (``data.flags: none``, ``data.unflagged: derived``, or a flag budget whose other tiles are derived)."""
     d = config.data
-    derived = d.flags == "none" or (d.flag_budget < 1 and d.flag_budget_rest == "derived")
+    budget_derived = d.flag_budget < 1 and d.flag_budget_rest == "derived"
+    derived = d.flags == "none" or d.unflagged == "derived" or budget_derived
     return derived or d.flag_budget < 1, derived
 
 
@@ -105,24 +106,31 @@ def derive_flags(config: AdaptConfig, work: Path, tiles: Path, source_only: Path
 
     ``data.flags: none``: every flag from the first seed's source-only detector
     (:func:`aerosynth.annotation.tile_flags.derive_target_flags`, at the threshold that keeps
-    ``data.flag_precision`` of the flagged source-val tiles right). ``data.flag_budget`` < 1: the given flags of
-    a seeded draw of that share of the tiles stay, the others are left out or derived
-    (``flag_budget_rest``). No target label is read; every later step reads this folder as it reads given flags.
+    ``data.flag_precision`` of the flagged source-val tiles right). ``data.unflagged: derived``: the given flags
+    stay, the tiles no flag covered (the split's :data:`~aerosynth.data.flags.UNFLAGGED_FILE`) are derived.
+    ``data.flag_budget`` < 1: the given flags of a seeded draw of that share of the flagged tiles stay, the others
+    are left out or derived (``flag_budget_rest``; derived with ``unflagged: derived``). No target label is read;
+    every later step reads this folder as it reads given flags.
     """
     from aerosynth.annotation.tile_flags import DERIVED_FLAGS_FILE, derive_target_flags
-    from aerosynth.data.flags import sample_tiles
+    from aerosynth.data.flags import read_unflagged, sample_tiles
     from aerosynth.data.tileset import read_tiles_file
 
     d = config.data
     keep = None
     key: dict = {"flags": "derived from the source-only detector", "flag_precision": d.flag_precision}
+    rest = "derived"
     if d.flags == "given":
-        ids = [t.tile_id for t in read_tiles_file(tiles / "target-train")[1]]
-        keep = sample_tiles(ids, d.flag_budget, config.seed)
+        unflagged = read_unflagged(tiles / "target-train")
+        ids = [t.tile_id for t in read_tiles_file(tiles / "target-train")[1] if t.tile_id not in unflagged]
+        keep = sample_tiles(ids, d.flag_budget, config.seed) if d.flag_budget < 1 else ids
         key = {"flag_budget": d.flag_budget, "rest": d.flag_budget_rest, "seed": config.seed}
-        if d.flag_budget_rest == "derived":
+        if d.unflagged == "derived":
+            key["unflagged"] = "derived"  # which tiles: the tiles folder's unflagged.json, an input
+        if d.unflagged != "derived" and d.flag_budget_rest == "skip":
+            rest = "skip"
+        else:
             key["flag_precision"] = d.flag_precision
-    rest = "skip" if keep is not None and d.flag_budget_rest == "skip" else "derived"
     out, _ = run_stage(
         "tiles-flagged",
         work / "tiles-flagged",

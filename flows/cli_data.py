@@ -84,7 +84,8 @@ def data_prepare(
         str,
         typer.Option(
             help="A tile of a target without boxes that no flag covers (flags.json, flags.csv, flags.geojson): "
-            "error (refuse, naming it), empty, or skip (leave it out)."
+            "error (refuse, naming it), empty, or skip (leave it out); "
+            "`aerosynth adapt` also takes derived (data.unflagged: flagged by the source-only detector)."
         ),
     ] = "error",
 ) -> None:
@@ -98,6 +99,12 @@ def data_prepare(
         raise InputError("--classes", "a preset chooses its own classes; use --source/--target to choose others")
     tokens = parse_classes(classes) if classes is not None else None  # given, even empty: "" is refused
     rule = check_unflagged_rule(unflagged)
+    if rule == "derived":
+        raise InputError(
+            "--unflagged",
+            "derived: the source-only detector flags them, which aerosynth adapt trains first: set "
+            "data: {unflagged: derived} in its config (here: error, empty or skip)",
+        )
     if preset in AERIAL_V1_PRESETS:
         from aerosynth.data.presets import aerial_v1, default_aerial_root
 

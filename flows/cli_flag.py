@@ -28,7 +28,8 @@ def flag(
     sample: Annotated[
         float,
         typer.Option(
-            help="Show a seeded random share of the tiles, e.g. 0.25; data prepare --unflagged skip drops the rest."
+            help="Show a seeded random share of the tiles, e.g. 0.25; data.unflagged: derived in the adapt config "
+            "lets the source-only detector flag the rest (skip: leaves them out)."
         ),
     ] = 1.0,
 ) -> None:
@@ -62,6 +63,6 @@ def flag(
     console.print(f"stopped: {counts['done']} of {counts['total']} tiles flagged in {session.flags_path}")
     if sample < 1:
         console.print(
-            f"the other {session.all_tiles - counts['total']} tiles are unflagged: `data prepare --unflagged skip` "
-            "(or `data: {unflagged: skip}` in the adapt config) leaves them out"
+            f"the other {session.all_tiles - counts['total']} tiles are unflagged: `data: {{unflagged: derived}}` in "
+            "the adapt config lets the source-only detector flag them, `{unflagged: skip}` leaves them out"
         )

@@ -45,8 +45,10 @@ class DataSettings(Strict):
     gsd: float = Field(0.125, gt=0)
     tile_size: int = Field(128, ge=32)
     # a tile of a target without boxes that no flag covers (flags.json/.csv/.geojson in the target folder):
-    # refused (naming it), flagged empty, or left out (as `aerosynth data prepare --unflagged`)
-    unflagged: Literal["error", "empty", "skip"] = "error"
+    # refused (naming it), flagged empty, or left out (as `aerosynth data prepare --unflagged`), or `derived`:
+    # flagged by the source-only detector as with `flags: none` (an analyst who flagged a share of the tiles);
+    # no such tile is held out
+    unflagged: Literal["error", "empty", "skip", "derived"] = "error"
     # the share of target-train flags held out of every training and labelling step (split tiles/target-holdout,
     # by group where target-train has several, else by tile with a fixed seed), on which each detector is scored
     # against the flags; None: 0.2 for a target without boxes, 0 for one with boxes
@@ -58,7 +60,7 @@ class DataSettings(Strict):
     flag_precision: float = Field(0.9, gt=0, le=1)
     # the share of target-train tiles whose given flags are used (an analyst who flagged that many: a seeded
     # draw); the others are left out (`flag_budget_rest: skip`) or flagged by the source-only detector as with
-    # `flags: none` (`derived`)
+    # `flags: none` (`derived`; with `unflagged: derived` they are derived too)
     flag_budget: float = Field(1.0, gt=0, le=1)
     flag_budget_rest: Literal["skip", "derived"] = "skip"
 

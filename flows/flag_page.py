@@ -108,7 +108,8 @@ class FlagSession:
         bands: band selection of rasters with other than three bands.
         sample: the share of the tiles the page shows (a seeded draw, :func:`aerosynth.data.flags.sample_tiles`,
             the same at every start): flagging a random share of a region instead of all of it. The other tiles
-            stay unflagged; ``data prepare --unflagged skip`` (``data.unflagged: skip``) leaves them out.
+            stay unflagged; ``data.unflagged: derived`` lets the source-only detector flag them,
+            ``data prepare --unflagged skip`` (``data.unflagged: skip``) leaves them out.
         seed: the draw's seed.
         progress: called with ``(images read, images)`` while the tiles are listed.
 

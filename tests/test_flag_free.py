@@ -134,3 +134,53 @@ def test_a_flag_budget_keeps_the_given_flags_of_its_tiles_and_leaves_out_or_deri
             t: record["scores"][t] >= threshold for t in now if t not in kept
         }
     assert record["given_kept"] == len(kept)
+
+
+def test_tiles_no_flag_covers_are_flagged_by_the_source_only_detector_with_unflagged_derived(
+    domains, tiny_detector, tmp_path
+):
+    """``data.unflagged: derived`` (an analyst who flagged a share): the tiles no flag covers are kept with a
+    placeholder, listed in ``unflagged.json``, never held out, and flagged by F_S; the given flags stay."""
+    from aerosynth.data.flags import UNFLAGGED_FILE, read_unflagged
+    from aerosynth.data.tileset import read_tiles_file
+    from aerosynth.flows.adapt_tiles import derive_flags, needs_flag_step, prepare_tiles
+    from aerosynth.flows.config import build_config
+    from aerosynth.flows.stage_cache import run_stage
+
+    source, _, flagged = domains
+    partial = tmp_path / "partial"
+    shutil.copytree(flagged, partial)
+    every = json.loads((flagged / "flags.json").read_text())
+    given = {t: f for i, (t, f) in enumerate(sorted(every.items())) if i % 2 == 0}  # half the tiles flagged
+    (partial / "flags.json").write_text(json.dumps(given))
+    work = tmp_path / "run"
+    cfg = build_config(_config(work, source, partial, data={"unflagged": "derived"}))
+    assert needs_flag_step(cfg) == (True, True)
+    tiles = prepare_tiles(cfg, work)
+    train = {t.tile_id: t.has_vehicle for t in read_tiles_file(tiles / "target-train")[1]}
+    held = {t.tile_id: t.has_vehicle for t in read_tiles_file(tiles / "target-holdout")[1]}
+    unflagged = read_unflagged(tiles / "target-train")
+    assert unflagged == {t for t in train if t not in given} and unflagged and len(unflagged) < len(train)
+    assert held and all(t in given for t in held) and held == {t: given[t] for t in held}  # scored on real flags
+    assert {t: f for t, f in train.items() if t not in unflagged} == {t: given[t] for t in train if t in given}
+    # an unflagged tile of the held-out group is in neither part (its image removed too)
+    held_groups = {t.rsplit("_", 2)[0] for t in held}
+    lost = {t for t in every if t not in given and t.rsplit("_", 2)[0] in held_groups}
+    assert lost and not lost & set(train)
+    assert not any((tiles / "target-train" / "images" / f"{t}.png").exists() for t in lost)
+    manifest = json.loads((tiles / "manifest.json").read_text())
+    assert manifest["splits"]["target-train"]["flag_sources"]["unflagged (derived)"] == len(unflagged)
+
+    def stand_in(out):  # the flow's F_S stage folder; a small real detector stands in for F_S
+        (out / "train").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_detector, out / "train" / "detector.pt")
+
+    source_only, _ = run_stage("source-only", tmp_path / "source-only", {}, {}, stand_in)
+    out = derive_flags(cfg, work, tiles, source_only)
+    now = {t.tile_id: t.has_vehicle for t in read_tiles_file(out / "target-train")[1]}
+    record = json.loads((out / DERIVED_FLAGS_FILE).read_text())
+    threshold = record["source_val"]["threshold"]
+    assert set(now) == set(train) and record["given_kept"] == len(train) - len(unflagged)
+    assert {t: now[t] for t in train if t not in unflagged} == {t: given[t] for t in train if t not in unflagged}
+    assert {t: now[t] for t in unflagged} == {t: record["scores"][t] >= threshold for t in unflagged}
+    assert not (out / "target-train" / UNFLAGGED_FILE).exists()  # every tile has its flag now

@@ -282,3 +282,7 @@ def test_a_random_sample_of_the_tiles_is_shown_and_the_rest_left_out(tmp_path, c
         for t in json.loads((out / s / "tiles.json").read_text())["tiles"]
     }
     assert prepared == flags
+    # derived needs the source-only detector: adapt's rule, refused here with one line saying where it goes
+    assert main([*args, "--unflagged", "derived", "--out", str(tmp_path / "derived")]) != 0
+    assert "data: {unflagged: derived}" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "derived").exists()
