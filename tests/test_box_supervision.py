@@ -75,13 +75,13 @@ def test_box_attention_loss_uses_valid_rows_every_layer_and_learned_tokens():
         store.layer_maps.append(maps)
         store.layer_sides.append((side, side))
     valid = torch.tensor([True, False])
-    assert float(box_attention_loss(store, masks, valid, learned_tokens=True)) < 1e-6
+    assert float(box_attention_loss(store, masks, valid, learned_tokens=True).detach()) < 1e-6
     store.layer_maps[0] = torch.rand(2, 3, 64, requires_grad=True)
     loss = box_attention_loss(store, masks, valid, learned_tokens=True)
-    assert float(loss) > 0.05
+    assert float(loss.detach()) > 0.05
     loss.backward()
     assert store.layer_maps[0].grad[1].abs().sum() == 0  # an invalid row takes no gradient
-    assert float(box_attention_loss(store, masks, torch.tensor([False, False]))) == 0
+    assert float(box_attention_loss(store, masks, torch.tensor([False, False])).detach()) == 0
 
 
 def test_source_tiles_carry_box_masks_target_tiles_none(splits):
