@@ -211,7 +211,7 @@ def adapt_flow(config: dict, until: str | None = None) -> str:
     def source_only() -> list[Path]:  # F_S of every seed at once (Dask workers, or one after another in process)
         return resolve(submit_detectors(cfg, work, prepared, variants(cfg, prepared, {}, {})[0], d.seeds))
 
-    rewrite, fs_first = needs_flag_step(cfg)  # data.flags none, or a flag budget: tiles-flagged/
+    rewrite, fs_first = needs_flag_step(cfg)  # flags none, unflagged derived, or a flag budget: tiles-flagged/
     if fs_first:  # F_S first: its boxes flag the target tiles (every later step reads those)
         runs[SOURCE_ONLY] = source_only()
     if rewrite:
