@@ -98,10 +98,10 @@ class StageSettings(Strict):
 class SamplingSettings(Strict):
     """How synthetic images are sampled from the LDM.
 
-    ``steps`` (25) denoising steps of ``scheduler`` (``ddim``); ``guidance_scale`` (4.0) classifier-free
-    guidance, ``guidance_rescale`` (0: off) its rescaling; ``batch_size`` (8) images per UNet batch and
-    ``shard_size`` (32) images per shard (the unit a resumed run skips). Fewer steps make a quicker, rougher
-    set (the CPU presets use 10); lower ``batch_size`` when memory runs short.
+    ``steps`` denoising steps of ``scheduler``; ``guidance_scale`` classifier-free guidance,
+    ``guidance_rescale`` (0: off) its rescaling; ``batch_size`` images per UNet batch and ``shard_size``
+    images per shard (the unit a resumed run skips). Fewer steps make a quicker, rougher set (the CPU presets
+    use fewer); lower ``batch_size`` when memory runs short.
     """
 
     steps: int = Field(25, ge=1)
@@ -113,8 +113,8 @@ class SamplingSettings(Strict):
 
 
 class SetCounts(Strict):
-    """How many synthetic images of each set are generated: source-style tiles with cars (32), target-style
-    tiles with cars (32), target-style tiles without (16). More images give the synthetic variants more to
+    """How many synthetic images of each set are generated: source-style tiles with cars, target-style
+    tiles with cars, target-style tiles without. More images give the synthetic variants more to
     train on at a proportional synthesis cost."""
 
     source_cars: int = Field(32, ge=1)
@@ -123,7 +123,7 @@ class SetCounts(Strict):
 
 
 class TranslationSettings(Strict):
-    """Source-train tiles translated to the target style (noised to ``strength`` of the schedule, 0.5, and
+    """Source-train tiles translated to the target style (noised to ``strength`` of the schedule and
     denoised with the target prompt), their boxes kept: variant ``translation+source``. ``max_tiles``
     (all by default) caps the tiles translated, for a quicker run; ``enabled: false`` skips the set."""
 
@@ -300,7 +300,7 @@ class MixBudget(Strict):
     """A mix with a training budget of its own (``detection.mixes``): each set's share of ``images``.
 
     E.g. ``{shares: {real-heatmap-r3: 0.3333, copy-paste-blended: 0.3333}, images: 1920}`` adds the
-    synthetic set on top of the 1280 images of the real labels and source tiles instead of resharing them;
+    synthetic set on top of the ``finetune.images`` of the real labels and source tiles instead of resharing them;
     named ``<set>@<percent>+...+source-<images>img``.
     """
 
@@ -433,10 +433,10 @@ def _tiny_stage(steps: int, **kw: Any) -> dict:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The main job: the embedded demo on the tiny LDM (its wall time: README.md). 78 small scenes per domain;
-    # the detector budget goes to three variants: F_S (source-only, 12 epochs of
-    # 208 tiles), then, at once in two worker processes, the real target tiles labelled by F_S with their
-    # weak flags and the oracle, each fine-tuned from F_S for 7 epochs of 208 tiles (half source).
+    # The main job: the embedded demo on the tiny LDM (its wall time: README.md), small scenes per domain;
+    # the detector budget goes to three variants: F_S (source-only), then, at once in two worker processes,
+    # the real target tiles labelled by F_S with their weak flags and the oracle, each fine-tuned from F_S
+    # (half source).
     "demo": {
         "name": "demo",
         "work_dir": "runs/demo",
@@ -524,8 +524,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # off: the relay trains two more detectors from scratch per run (benchmarks/README.md)
         "annotation": {"relay": {"enabled": False}},
         "detection": {
-            # F_S: the reference recipe (8 epochs of the 5320 source-train tiles, final weights); every other
-            # variant fine-tunes from it with the `finetune` defaults (3 epochs of 1280 images)
+            # F_S: the reference recipe (every source-train tile each epoch, final weights); every other
+            # variant fine-tunes from it with the `finetune` defaults
             "epochs": 8,
             "patience": 100,
             "batch": 32,

@@ -62,6 +62,7 @@ def test_config_docs_say_what_options_do_not_what_they_measured():
         r"(AP50|F1|closure)\s*[=:]?\s*[01]\.\d+|\d(\.\d+)?x (slower|faster)|about [\d.]+ (s|min|minutes)\b"
         r"|\d+ of \d+ seeds|\(\d+ seeds"
         r"|[<>]=? ?0\.\d+ ?AP50|(a few|several) minutes|(faster|slower) than|minutes on"
+        r"|\d+ epochs of|\d+ (small )?(scenes|tiles|images)\b"  # a dataset's counts, a budget's size
     )
     found = [m.group(0) for m in measured.finditer(text)]
     assert not found, found
