@@ -88,14 +88,16 @@ def budget_point(work: Path, seeds: list[str]) -> dict | None:
 def run_wall(work: Path) -> tuple[float | None, int]:
     """Seconds the run's processes were running (the union of their spans in ``logs/progress.jsonl``, so parallel
     workers count once and the gaps between a stopped call and its resume not at all) and how many calls it took."""
-    progress = work / "logs" / "progress.jsonl"
-    if not progress.is_file():
+    from aerosynth.flows.progress import EVENTS_FILE
+
+    events = work / "logs" / EVENTS_FILE
+    if not events.is_file():
         return None, 0
-    spans: dict[int, list[float]] = {}
-    for line in progress.read_text().splitlines():
-        event = json.loads(line)
-        lo, hi = spans.setdefault(event["pid"], [event["t"], event["t"]])
-        spans[event["pid"]] = [min(lo, event["t"]), max(hi, event["t"])]
+    spans: dict[int, tuple[float, float]] = {}
+    for line in events.read_text().splitlines():
+        pid, t = (event := json.loads(line))["pid"], event["t"]
+        lo, hi = spans.get(pid, (t, t))
+        spans[pid] = (min(lo, t), max(hi, t))
     total, calls, end = 0.0, 0, float("-inf")
     for lo, hi in sorted(spans.values()):
         if lo > end:
