@@ -18,6 +18,8 @@ fi
 "$PYTHON" -c 'import torch; print("gpu_check.sh:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)'
 echo "== 1/2 python -m pytest -m gpu -q ${GPU_CHECK_TESTS:-tests}"
 # shellcheck disable=SC2086
-timeout "${GPU_CHECK_TEST_TIMEOUT:-180}" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests}
+# one process on the one GPU (no xdist workers; pyproject's addopts ask for two), whether or not xdist is installed
+timeout "${GPU_CHECK_TEST_TIMEOUT:-180}" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist -o addopts=-ra \
+    ${GPU_CHECK_TESTS:-tests}
 echo "== 2/2 benchmarks/gpu_check.py $*"
 timeout "${GPU_CHECK_BENCH_TIMEOUT:-300}" "$PYTHON" benchmarks/gpu_check.py "$@"

@@ -11,7 +11,9 @@ import pytest
 from aerosynth.data.offline import apply_offline_settings
 from aerosynth.flows.config import PRESETS
 
-_CFG = Path(os.environ.get("AEROSYNTH_TEST_HOME", "/tmp/aerosynth-test-home"))
+#: One settings folder per pytest-xdist worker (``PYTEST_XDIST_WORKER``: gw0, gw1 ...), so that no two write it at once.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_CFG = Path(os.environ.get("AEROSYNTH_TEST_HOME", "/tmp/aerosynth-test-home" + (f"-{_WORKER}" if _WORKER else "")))
 os.environ.setdefault("AEROSYNTH_HOME", str(_CFG))
 apply_offline_settings(_CFG / "yolo_config")
 
@@ -19,6 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AEROSYNTH_SHARED", REPO.parent / "shared"))
 AERIAL = SHARED / "data" / "aerial"
 TAEF2 = SHARED / "weights" / "taef2"
+
+
+#: Modules that share one expensive session fixture run on one xdist worker, so that it is built once.
+SHARED_FIXTURE_GROUPS = {"test_readme_commands": "readme_demo", "test_terminal_output": "readme_demo"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups into the test ids
+def pytest_collection_modifyitems(config, items) -> None:
+    """Give every test its module as xdist group (``--dist loadgroup``): a module's fixtures are built once.
+
+    The suite runs on two workers (``-n 2`` in pyproject.toml); modules in :data:`SHARED_FIXTURE_GROUPS` share one.
+    """
+    if not config.pluginmanager.hasplugin("xdist"):  # -p no:xdist (benchmarks/gpu_check.sh): one process
+        return
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(module, module)))
 
 
 @pytest.fixture(scope="session")

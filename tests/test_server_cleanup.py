@@ -44,7 +44,9 @@ def test_only_servers_of_dead_aerosynth_processes_are_stopped():
     procs = [orphan, owned, unmarked, not_a_server]
     try:
         time.sleep(0.3)  # environments are readable once the interpreters run
-        assert stop_orphan_servers() == [orphan.pid]
+        # (machine-wide: another killed run's orphan servers, e.g. of a test on the other xdist worker, go too)
+        stopped = stop_orphan_servers()
+        assert orphan.pid in stopped and not {owned.pid, unmarked.pid, not_a_server.pid} & set(stopped)
         assert orphan.wait(timeout=10) is not None
         assert all(p.poll() is None for p in (owned, unmarked, not_a_server))
     finally:
@@ -107,8 +109,9 @@ def test_killed_run_leaves_a_server_that_the_next_command_stops(tmp_path):
         assert server is not None, "the run started no temporary Prefect server"
         run.send_signal(signal.SIGKILL)
         run.wait()
-        time.sleep(1)
-        assert server.is_running()  # the orphan this fixes
+        # the orphan this fixes, checked at once: any aerosynth command that starts now stops it (with -n 2, one of
+        # the other xdist worker's commands may be the one)
+        assert server.is_running()
         out = subprocess.run(
             [sys.executable, "-m", "aerosynth.flows.cli", "--help"], env=env, cwd=REPO, capture_output=True
         )
