@@ -25,6 +25,8 @@ TAEF2 = SHARED / "weights" / "taef2"
 
 #: Modules that share one expensive session fixture run on one xdist worker, so that it is built once.
 SHARED_FIXTURE_GROUPS = {"test_readme_commands": "readme_demo", "test_terminal_output": "readme_demo"}
+#: The longest groups (full adapt runs), handed out first so that neither worker ends on one alone.
+LONG_GROUPS = ("readme_demo", "test_flows", "test_kill_resume", "test_boxless_target", "test_box_supervision")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups into the test ids
@@ -35,9 +37,13 @@ def pytest_collection_modifyitems(config, items) -> None:
     """
     if not config.pluginmanager.hasplugin("xdist"):  # -p no:xdist (benchmarks/gpu_check.sh): one process
         return
+    group = {}
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(module, module)))
+        group[item] = SHARED_FIXTURE_GROUPS.get(module, module)
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    rank = {name: k for k, name in enumerate(LONG_GROUPS)}
+    items.sort(key=lambda item: rank.get(group[item], len(LONG_GROUPS)))  # stable: a module keeps its order
 
 
 @pytest.fixture(scope="session")
