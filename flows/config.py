@@ -51,7 +51,7 @@ class DataSettings(Strict):
     unflagged: Literal["error", "empty", "skip", "derived"] = "error"
     # the share of target-train flags held out of every training and labelling step (split tiles/target-holdout,
     # by group where target-train has several, else by tile with a fixed seed), on which each detector is scored
-    # against the flags; None: 0.2 for a target without boxes, 0 for one with boxes
+    # against the flags; None: flows.adapt_tiles.DEFAULT_FLAGS_HOLDOUT for a target without boxes, none with boxes
     flags_holdout: float | None = Field(None, ge=0, lt=1)
     # where the target's flags come from: `given` (flag files, the flagging page, or boxes), or `none` (the
     # source-free setting): the source-only detector's best box per tile, at the threshold that keeps
@@ -71,7 +71,7 @@ class StageSettings(Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    # None: the stage's own default (stage 0 1e-3, A and B 1e-4, C 1e-5; why: benchmarks/README.md)
+    # None: the stage's own default (generation.training's stage configs; why: benchmarks/README.md)
     learning_rate: float | None = Field(None, gt=0)
     # None: stages A and C train the UNet, stage B learns its tokens only (why: benchmarks/README.md)
     train_unet: bool | None = None
@@ -139,7 +139,7 @@ class GenerationSettings(Strict):
     """The latent diffusion model and what it synthesises.
 
     ``model`` is a preset built from config; ``pretrained_dir`` a local Stable Diffusion 1.x folder
-    to start stage A from (``image_size``: its training side, default 512; tiles are resized);
+    to start stage A from (``image_size``: its training side; tiles are resized);
     ``init_model`` an aerosynth model folder to continue from (e.g. one fine-tuned on several GPUs
     with ``aerosynth.generation.train_cli``). ``enabled: false`` runs without an LDM: no synthetic sets and no
     heat-map labels; the real target tiles are labelled by F_S and their weak flags only.
@@ -205,7 +205,7 @@ class RealTargetSettings(Strict):
     hold a vehicle, the condition under which a target tile keeps proposals (its flag says "vehicle");
     ``all`` uses every source-val tile (when the source-val tiles with vehicles are too few to choose on).
 
-    ``rounds`` (default 3): self-training rounds. From round 2 the adapted detector of the round before
+    ``rounds``: self-training rounds. From round 2 the adapted detector of the round before
     (``relabel_with``) relabels each method's tiles (flags applied, threshold chosen again on source-val) and a variant
     ``real-<method>-r<k>+source`` is fine-tuned from F_S on those labels. The rounds stop early when a
     round's labels agree with the previous round's at box F1 >= ``stop_agreement`` (the

@@ -63,6 +63,7 @@ def test_config_docs_say_what_options_do_not_what_they_measured():
         r"|\d+ of \d+ seeds|\(\d+ seeds"
         r"|[<>]=? ?0\.\d+ ?AP50|(a few|several) minutes|(faster|slower) than|minutes on"
         r"|\d+ epochs of|\d+ (small )?(scenes|tiles|images)\b"  # a dataset's counts, a budget's size
+        r"|default [\d.]+\b|None: [\d.]+ for"  # a default restated beside the field that holds it
     )
     found = [m.group(0) for m in measured.finditer(text)]
     assert not found, found
