@@ -39,8 +39,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     group = {}
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
-        group[item] = SHARED_FIXTURE_GROUPS.get(module, module)
+        group[item] = SHARED_FIXTURE_GROUPS.get(item.path.stem, item.path.stem)
         item.add_marker(pytest.mark.xdist_group(group[item]))
     rank = {name: k for k, name in enumerate(LONG_GROUPS)}
     items.sort(key=lambda item: rank.get(group[item], len(LONG_GROUPS)))  # stable: a module keeps its order
